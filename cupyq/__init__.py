@@ -1,0 +1,22 @@
+"""cupyq: GPTQ and EXL2 quantized linear layers on NVIDIA GPUs, compiled at run time by NVRTC."""
+
+__version__ = "0.1.0"
+
+__all__ = ["QMatrix", "gemm", "patch_model", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy imports keep `import cupyq` cheap and free of CuPy/torch imports.
+    if name == "QMatrix":
+        from cupyq.qmatrix import QMatrix
+
+        return QMatrix
+    if name == "gemm":
+        from cupyq.gemm import gemm
+
+        return gemm
+    if name == "patch_model":
+        from cupyq.model import patch_model
+
+        return patch_model
+    raise AttributeError(f"module 'cupyq' has no attribute {name!r}")
