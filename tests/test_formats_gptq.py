@@ -1,0 +1,246 @@
+"""GPTQ layouts: qweight/qzeros packing (v1 and v2 zeros), g_idx, validation."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cupyq.formats import (
+    GPTQ_BITS,
+    GPTQLayout,
+    check_gptq,
+    default_g_idx,
+    pack_qweight,
+    pack_qzeros,
+    unpack_qweight,
+    unpack_qzeros,
+)
+
+
+def oracle_unpack_rows(words, bits, rows):
+    """Per element: 2/4/8-bit as 32/bits fields per word; 3-bit as a 96-bit stream per 32 rows."""
+    w = words.view(np.uint32)
+    out = np.zeros((rows, w.shape[1]), dtype=np.uint8)
+    mask = (1 << bits) - 1
+    for n in range(w.shape[1]):
+        for k in range(rows):
+            if bits == 3:
+                unit = k // 32
+                stream = int(w[3 * unit, n]) | int(w[3 * unit + 1, n]) << 32 | int(w[3 * unit + 2, n]) << 64
+                out[k, n] = (stream >> (3 * (k % 32))) & mask
+            else:
+                per_word = 32 // bits
+                out[k, n] = (int(w[k // per_word, n]) >> (bits * (k % per_word))) & mask
+    return out
+
+
+def random_layer(rng, bits, k, n, groups, fmt="gptq"):
+    q = rng.integers(0, 1 << bits, size=(k, n))
+    zeros = rng.integers(0, 1 << bits, size=(groups, n))
+    scales = (rng.random((groups, n)) * 0.02 + 0.001).astype(np.float16)
+    return pack_qweight(q, bits), pack_qzeros(zeros, bits, checkpoint_format=fmt), scales, q, zeros
+
+
+@pytest.mark.parametrize("bits", GPTQ_BITS)
+def test_qweight_round_trip_and_oracle(bits):
+    rng = np.random.default_rng(bits)
+    q = rng.integers(0, 1 << bits, size=(64, 6)).astype(np.int32)
+    qweight = pack_qweight(q, bits)
+    assert qweight.dtype == np.int32 and qweight.shape == (64 * bits // 32, 6)
+    np.testing.assert_array_equal(oracle_unpack_rows(qweight, bits, 64), q)
+    unpacked = unpack_qweight(qweight, bits)
+    assert unpacked.dtype == np.uint8 and unpacked.shape == (64, 6)
+    np.testing.assert_array_equal(unpacked, q)
+
+
+@pytest.mark.parametrize("bits", GPTQ_BITS)
+def test_unpack_qweight_of_random_words(bits):
+    rng = np.random.default_rng(10 + bits)
+    rows = 3 * bits if bits == 3 else 5
+    qweight = rng.integers(-(2**31), 2**31, size=(rows, 4)).astype(np.int32)
+    k = rows * 32 // bits
+    np.testing.assert_array_equal(unpack_qweight(qweight, bits), oracle_unpack_rows(qweight, bits, k))
+    np.testing.assert_array_equal(pack_qweight(unpack_qweight(qweight, bits), bits), qweight)
+
+
+def test_four_bit_nibble_order():
+    q = np.arange(8, dtype=np.int32)[:, None] + 1  # rows 0..7 hold 1..8
+    assert pack_qweight(q, 4).view(np.uint32)[0, 0] == 0x87654321
+
+
+@pytest.mark.parametrize("bits", GPTQ_BITS)
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_qzeros_round_trip(bits, fmt):
+    rng = np.random.default_rng(20 + bits)
+    n = 64
+    zeros = rng.integers(0, 1 << bits, size=(5, n))
+    zeros[0, :4] = [0, (1 << bits) - 1, 0, 1 << (bits - 1)]  # the extremes are always present
+    qzeros = pack_qzeros(zeros, bits, checkpoint_format=fmt)
+    assert qzeros.dtype == np.int32 and qzeros.shape == (5, n * bits // 32)
+    np.testing.assert_array_equal(unpack_qzeros(qzeros, bits, n, checkpoint_format=fmt), zeros)
+    stored = oracle_unpack_rows(np.ascontiguousarray(qzeros.T), bits, n).T
+    mask = (1 << bits) - 1
+    expected_stored = (zeros - 1) & mask if fmt == "gptq" else zeros
+    np.testing.assert_array_equal(stored, expected_stored)
+
+
+def test_v1_true_zero_0_is_stored_as_15_without_carry():
+    zeros = np.array([[0, 8, 8, 8, 8, 8, 8, 8, 15, 1, 0, 0, 0, 0, 0, 0]])
+    qzeros = pack_qzeros(zeros, 4)
+    # v1 stores z - 1 per nibble: 0 -> F, 8 -> 7, 15 -> E, 1 -> 0; no borrow into the neighbour nibble
+    assert qzeros.view(np.uint32)[0].tolist() == [0x7777777F, 0xFFFFFF0E]
+    np.testing.assert_array_equal(unpack_qzeros(qzeros, 4, 16), zeros)
+    # the same words read as v2 are the stored values themselves
+    np.testing.assert_array_equal(unpack_qzeros(qzeros, 4, 16, checkpoint_format="gptq_v2"), (zeros - 1) & 15)
+
+
+def test_v2_true_zero_15_and_0():
+    zeros = np.array([[15, 0, 15, 0, 8, 8, 8, 8]])
+    qzeros = pack_qzeros(zeros, 4, checkpoint_format="gptq_v2")
+    assert qzeros.view(np.uint32)[0, 0] == 0x88880F0F
+    np.testing.assert_array_equal(unpack_qzeros(qzeros, 4, 8, checkpoint_format="gptq_v2"), zeros)
+    # read as v1, every stored field is one below the true zero: stored 15 -> 0, stored 0 -> 1
+    np.testing.assert_array_equal(unpack_qzeros(qzeros, 4, 8), [[0, 1, 0, 1, 9, 9, 9, 9]])
+
+
+def test_v1_eight_bit_zero_wraps_per_field():
+    zeros = np.array([[0, 255, 128, 1]])
+    qzeros = pack_qzeros(zeros, 8)
+    assert qzeros.view(np.uint32)[0, 0] == 0x007FFEFF
+    np.testing.assert_array_equal(unpack_qzeros(qzeros, 8, 4), zeros)
+
+
+def test_qzeros_three_bit_columns_are_a_stream():
+    zeros = np.zeros((1, 32), dtype=np.int64)
+    zeros[0, 10] = 0b110  # column 10 straddles words 0 and 1
+    stored = pack_qzeros(zeros, 3, checkpoint_format="gptq_v2").view(np.uint32)[0]
+    assert stored.tolist() == [1 << 31, 1, 0]
+
+
+def test_unpack_does_not_mutate():
+    rng = np.random.default_rng(3)
+    qweight, qzeros, _, _, _ = random_layer(rng, 4, 64, 16, 2)
+    before = (qweight.copy(), qzeros.copy())
+    unpack_qweight(qweight, 4)
+    unpack_qzeros(qzeros, 4, 16)
+    np.testing.assert_array_equal(qweight, before[0])
+    np.testing.assert_array_equal(qzeros, before[1])
+
+
+def test_default_g_idx():
+    np.testing.assert_array_equal(default_g_idx(10, 4), [0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    g = default_g_idx(300, -1)
+    assert g.dtype == np.int32 and g.shape == (300,) and not g.any()
+    assert default_g_idx(256, 128).dtype == np.int32
+    with pytest.raises(ValueError, match="group_size: expected a positive size or -1, got 0"):
+        default_g_idx(10, 0)
+
+
+@pytest.mark.parametrize("bits", GPTQ_BITS)
+def test_check_gptq_accepts_valid_layers(bits):
+    rng = np.random.default_rng(30 + bits)
+    qweight, qzeros, scales, _, _ = random_layer(rng, bits, 128, 64, 4)
+    g_idx = rng.permutation(default_g_idx(128, 32))
+    assert check_gptq(qweight, qzeros, scales, g_idx, bits) == GPTQLayout(128, 64, 4, bits)
+    assert check_gptq(qweight, qzeros, scales.astype(np.float32), None, bits).groups == 4
+    assert check_gptq(qweight, qzeros, scales, g_idx.astype(np.int64), bits).in_features == 128
+
+
+def test_check_gptq_accepts_torch_tensors():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    qweight, qzeros, scales, _, _ = random_layer(rng, 4, 64, 32, 2)
+    layout = check_gptq(torch.from_numpy(qweight), torch.from_numpy(qzeros),
+                        torch.from_numpy(scales).to(torch.bfloat16), torch.from_numpy(default_g_idx(64, 32)), 4)
+    assert layout == GPTQLayout(64, 32, 2, 4)
+    with pytest.raises(TypeError, match="qzeros: expected dtype int32, got float32"):
+        check_gptq(torch.from_numpy(qweight), torch.from_numpy(qzeros).float(), torch.from_numpy(scales), None, 4)
+
+
+def _bad_cases():
+    rng = np.random.default_rng(99)
+    qweight, qzeros, scales, _, _ = random_layer(rng, 4, 256, 64, 2)
+    q3, z3, s3, _, _ = random_layer(rng, 3, 64, 64, 2)
+    g = default_g_idx(256, 128)
+    g_bad_hi = g.copy()
+    g_bad_hi[7] = 2
+    g_bad_lo = g.copy()
+    g_bad_lo[3] = -1
+    return [
+        ((qweight.astype(np.float32), qzeros, scales, g, 4), TypeError, "qweight: expected dtype int32, got float32"),
+        ((qweight, qzeros.astype(np.int64), scales, g, 4), TypeError, "qzeros: expected dtype int32, got int64"),
+        ((qweight, qzeros, scales.astype(np.int32), g, 4), TypeError, "scales: expected dtype float16, float32, bfloat16 or float64, got int32"),
+        ((qweight, qzeros, scales, g.astype(np.float32), 4), TypeError, "g_idx: expected dtype int32 or int64, got float32"),
+        ((qweight, qzeros[:, :7], scales, g, 4), ValueError, r"qzeros: expected shape \(2, 8\), got \(2, 7\)"),
+        ((qweight, qzeros, scales[:, :63], g, 4), ValueError, r"scales: expected shape \(2, 64\), got \(2, 63\)"),
+        ((qweight, qzeros, scales[:1], g, 4), ValueError, r"scales: expected shape \(2, 64\), got \(1, 64\)"),
+        ((qweight, qzeros, scales, g[:255], 4), ValueError, r"g_idx: expected shape \(256,\), got \(255,\)"),
+        ((qweight, qzeros, scales, g_bad_hi, 4), ValueError, r"g_idx: values must lie in \[0, 2\) .* got range \[0, 2\]"),
+        ((qweight, qzeros, scales, g_bad_lo, 4), ValueError, r"g_idx: values must lie in \[0, 2\) .* got range \[-1, 1\]"),
+        ((qweight, qzeros, scales, g, 5), ValueError, r"bits: expected one of \(2, 3, 4, 8\), got 5"),
+        ((qweight[0], qzeros, scales, g, 4), ValueError, "qweight: expected a 2-D array"),
+        ((q3[:4], z3, s3, None, 3), ValueError, "qweight: 3-bit rows come in units of 3 words, got 4 rows"),
+        ((qweight, qzeros[:0], scales[:0], None, 4), ValueError, "qzeros: expected at least one group"),
+    ]
+
+
+@pytest.mark.parametrize("args, exc, match", _bad_cases())
+def test_check_gptq_rejects_malformed_input(args, exc, match):
+    with pytest.raises(exc, match=match):
+        check_gptq(*args)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: unpack_qweight(np.ones((4, 8), np.float16), 4), TypeError, "qweight: expected dtype int32 or uint32, got float16"),
+        (lambda: unpack_qweight(np.ones((4, 8), np.int32), 3), ValueError, "qweight: 3-bit rows come in units of 3 words"),
+        (lambda: pack_qweight(np.ones((12, 8), np.int32), 4), ValueError, "q: 4-bit GPTQ packing needs a multiple of 8 rows, got 12"),
+        (lambda: pack_qweight(np.full((8, 8), 16), 4), ValueError, r"q: values must lie in \[0, 16\)"),
+        (lambda: unpack_qzeros(np.ones((2, 8), np.int32), 4, 72), ValueError, r"qzeros: expected shape \(\*, 9\), got \(2, 8\)"),
+        (lambda: unpack_qzeros(np.ones((2, 8), np.int32), 4, 64, checkpoint_format="v3"), ValueError, "checkpoint_format: expected one of"),
+        (lambda: pack_qzeros(np.full((2, 8), 16), 4), ValueError, r"zeros: values must lie in \[0, 16\)"),
+        (lambda: pack_qzeros(np.ones((2, 8), np.float32), 4), TypeError, "zeros: expected dtype int8"),
+    ],
+)
+def test_pack_unpack_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@settings(max_examples=30)
+@given(
+    bits=st.sampled_from(GPTQ_BITS),
+    k_units=st.integers(1, 4),
+    n=st.integers(1, 40),
+    groups=st.integers(1, 5),
+    fmt=st.sampled_from(["gptq", "gptq_v2"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_gptq_round_trip(bits, k_units, n, groups, fmt, seed):
+    rng = np.random.default_rng(seed)
+    k = k_units * (32 if bits == 3 else 32 // bits)
+    qweight, qzeros, scales, q, zeros = random_layer(rng, bits, k, n, groups, fmt)
+    np.testing.assert_array_equal(unpack_qweight(qweight, bits), q)
+    np.testing.assert_array_equal(unpack_qzeros(qzeros, bits, n, checkpoint_format=fmt), zeros)
+    g_idx = rng.integers(0, groups, size=k).astype(np.int32)
+    assert check_gptq(qweight, qzeros, scales, g_idx, bits) == GPTQLayout(k, n, groups, bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", GPTQ_BITS)
+def test_cupy_matches_numpy(bits):
+    cupy = pytest.importorskip("cupy")
+    rng = np.random.default_rng(40 + bits)
+    qweight, qzeros, scales, q, zeros = random_layer(rng, bits, 256, 96, 3)
+    for fmt in ("gptq", "gptq_v2"):
+        got = pack_qzeros(cupy.asarray(zeros), bits, checkpoint_format=fmt)
+        np.testing.assert_array_equal(got.get(), pack_qzeros(zeros, bits, checkpoint_format=fmt))
+        np.testing.assert_array_equal(unpack_qzeros(got, bits, 96, checkpoint_format=fmt).get(), zeros)
+    np.testing.assert_array_equal(pack_qweight(cupy.asarray(q), bits).get(), qweight)
+    np.testing.assert_array_equal(unpack_qweight(cupy.asarray(qweight), bits).get(), q)
+    g = default_g_idx(256, 128, xp=cupy)
+    assert isinstance(g, cupy.ndarray)
+    np.testing.assert_array_equal(g.get(), default_g_idx(256, 128))
+    layout = check_gptq(cupy.asarray(qweight), cupy.asarray(qzeros), cupy.asarray(scales), g % 3, bits)
+    assert layout == GPTQLayout(256, 96, 3, bits)
