@@ -12,7 +12,7 @@ def __getattr__(name):
 
         return QMatrix
     if name == "gemm":
-        from cupyq.gemm import gemm
+        from cupyq.dispatch import gemm
 
         return gemm
     if name == "patch_model":

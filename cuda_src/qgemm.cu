@@ -1,0 +1,345 @@
+// Quantized GEMM for GPTQ and EXL2 matrices: out[m, n] = sum_k x[m, k] W[k, n] (+ bias[n]).
+//
+// Weights stay quantized in device memory (layout in qdq.cuh) and are dequantised in registers straight into
+// tensor-core A fragments; activations are staged in shared memory per 256-row step (gathered through row_src
+// when the matrix is permuted or padded) and read as B fragments with ldmatrix. Accumulation is fp32.
+//
+// Grid: x = blocks of 128 output columns (8 warps, 16 columns each), y = split-K slices of the sorted rows,
+// z = blocks of MT*8 activation rows. With more than one split, every CTA writes fp32 partial sums to `ws`
+// and the last CTA of a column block (counted in `counters`) adds them in split order, so results do not
+// depend on scheduling. The counter is reset by that CTA, so the kernel can be replayed in a CUDA graph.
+#include "qdq.cuh"
+
+namespace cupyq {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kCtaCols = kWarps * 16;
+constexpr int kStepChunks = 4;                      // 64-row chunks per step
+constexpr int kStepRows = kStepChunks * 64;         // 256
+constexpr int kStepTiles = kStepRows / 16;          // 16
+constexpr int kXsLd = kStepRows + 8;                // shared-memory row stride of x (halves), conflict-free ldmatrix
+
+template <typename T, int MT>
+struct QgemmSmem {
+    T xs[MT * 8][kXsLd];
+    uint2 zs[kStepTiles][kCtaCols];  // per tile and column: half2(s, s), half2(zc, zc)
+};
+
+template <bool HAS8>
+struct StepWeights {
+    uint4 v[kStepChunks][HAS8 ? 2 : 1];
+};
+
+template <bool HAS8, bool HAS4>
+__device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __restrict__ w8,
+                                          const uint4* __restrict__ w4, int tile, int chunk, int chunk_end,
+                                          int C8, int C4, int lane) {
+#pragma unroll
+    for (int i = 0; i < kStepChunks; ++i) {
+        const int c = chunk + i;
+        if (c < chunk_end) {
+            if (HAS8 && (!HAS4 || c < C8)) {
+                const uint4* p = w8 + ((size_t)(tile * C8 + c) * 2) * 32 + lane;
+                r.v[i][0] = __ldg(p);
+                if constexpr (HAS8) r.v[i][HAS8 ? 1 : 0] = __ldg(p + 32);
+            } else {
+                r.v[i][0] = __ldg(w4 + (size_t)(tile * C4 + (c - C8)) * 32 + lane);
+            }
+        }
+    }
+}
+
+template <typename T, int MT, bool HAS8, bool HAS4>
+__device__ __forceinline__ void fill_step(QgemmSmem<T, MT>& sm, const T* __restrict__ x,
+                                          const int* __restrict__ row_src, const int* __restrict__ tile_group,
+                                          const unsigned* __restrict__ zs, int chunk, int chunk_end, int m0,
+                                          int M, int K, int Npad, int col0, int C8, int x_vec) {
+    const int row0 = chunk * 64;
+    const int nrows = min(kStepChunks, chunk_end - chunk) * 64;
+    // Activations: rows m0 .. m0 + MT*8 - 1, sorted rows row0 .. row0 + kStepRows - 1.
+    if (x_vec) {
+        // Identity order, K % 8 == 0, 16-byte aligned rows: one uint4 (8 values) per load.
+        for (int i = threadIdx.x; i < MT * 8 * (kStepRows / 8); i += kThreads) {
+            const int m = i / (kStepRows / 8);
+            const int kk = (i % (kStepRows / 8)) * 8;
+            const int k = row0 + kk;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (m0 + m < M && kk < nrows && k < K) v = *reinterpret_cast<const uint4*>(x + (size_t)(m0 + m) * K + k);
+            *reinterpret_cast<uint4*>(&sm.xs[m][kk]) = v;
+        }
+    } else {
+        for (int i = threadIdx.x; i < MT * 8 * kStepRows; i += kThreads) {
+            const int m = i / kStepRows;
+            const int kk = i % kStepRows;
+            const int j = row0 + kk;
+            T v = from_float<T>(0.0f);
+            if (m0 + m < M && kk < nrows) {
+                const int src = row_src ? row_src[j] : j;
+                if (src >= 0 && src < K) v = x[(size_t)(m0 + m) * K + src];
+            }
+            sm.xs[m][kk] = v;
+        }
+    }
+    // Scales and zeros of every tile of the step for this CTA's columns.
+    const int tile0 = row0 / 16;
+    const bool is8 = HAS8 && (!HAS4 || chunk < C8);
+    for (int i = threadIdx.x; i < kStepTiles * kCtaCols; i += kThreads) {
+        const int t = i / kCtaCols;
+        const int col = i % kCtaCols;
+        const int n = col0 + col;
+        unsigned word = 0;
+        if (t * 16 < nrows && n < Npad) word = __ldg(zs + (size_t)__ldg(tile_group + tile0 + t) * Npad + n);
+        __half2 sz = as_half2(word);
+        __half s = __low2half(sz);
+        __half zc = __high2half(sz);
+        if (is8 && (col & 15) >= 8) zc = __hsub(__ushort_as_half(0x6380), zc);  // 960 - (-(64 + z)) = 1024 + z
+        sm.zs[t][col] = make_uint2(as_u32(__half2half2(s)), as_u32(__half2half2(zc)));
+    }
+}
+
+template <typename T, int MT, bool HAS8, bool HAS4>
+__device__ __forceinline__ void compute_step(const StepWeights<HAS8>& r, const QgemmSmem<T, MT>& sm, int chunk,
+                                             int chunk_end, int C8, int warp, int lane, float acc[MT][4]) {
+    const bool is8 = HAS8 && (!HAS4 || chunk < C8);
+    const int nchunks = min(kStepChunks, chunk_end - chunk);
+#pragma unroll
+    for (int i = 0; i < kStepChunks; ++i) {
+        if (i < nchunks) {
+            // B fragments of the chunk's four 16-row tiles for every m8 tile.
+            unsigned b[MT][4][2];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                unsigned q[4];
+                const T* base = &sm.xs[mt * 8 + (lane & 7)][i * 64 + (lane >> 3) * 8];
+                ldmatrix_x4(q, base);
+                b[mt][0][0] = q[0]; b[mt][0][1] = q[1]; b[mt][1][0] = q[2]; b[mt][1][1] = q[3];
+                ldmatrix_x4(q, base + 32);
+                b[mt][2][0] = q[0]; b[mt][2][1] = q[1]; b[mt][3][0] = q[2]; b[mt][3][1] = q[3];
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int t = i * 4 + j;
+                const uint2 zlo = sm.zs[t][warp * 16 + (lane >> 2)];
+                const uint2 zhi = sm.zs[t][warp * 16 + 8 + (lane >> 2)];
+                __half2 d[4];
+                if (HAS8 && is8) {
+                    const uint4& v = r.v[i][(j >> 1) & (HAS8 ? 1 : 0)];
+                    const unsigned w0 = (j & 1) ? v.z : v.x;
+                    const unsigned w1 = (j & 1) ? v.w : v.y;
+                    dequant8_exact(w0, w1, as_half2(zlo.y), as_half2(zhi.y), d);
+                } else {
+                    const uint4& v = r.v[i][0];
+                    const unsigned w = j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+                    dequant4_exact(w, as_half2(zlo.y), as_half2(zhi.y), d);
+                }
+                unsigned a[4];
+                Frag<T>::scale(d, as_half2(zlo.x), as_half2(zhi.x), a);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) Mma<T>::run(acc[mt], a, b[mt][j][0], b[mt][j][1]);
+            }
+        }
+    }
+}
+
+template <typename T, int MT, bool HAS8, bool HAS4>
+__device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* __restrict__ row_src,
+                                           const uint4* __restrict__ w8, const uint4* __restrict__ w4,
+                                           const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
+                                           const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws,
+                                           int* __restrict__ counters, int M, int K, int N, int Npad, int C8,
+                                           int C4, int chunks_per_split, int x_vec) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    QgemmSmem<T, MT>& sm = *reinterpret_cast<QgemmSmem<T, MT>*>(smem_raw);
+    __shared__ int is_last;
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int T16 = Npad / 16;
+    const int tile = blockIdx.x * kWarps + warp;
+    const bool active = tile < T16;
+    const int col0 = blockIdx.x * kCtaCols;
+    const int m0 = blockIdx.z * MT * 8;
+    const int C = C8 + C4;
+    const int chunk_begin = blockIdx.y * chunks_per_split;
+    const int chunk_end = min(C, chunk_begin + chunks_per_split);
+
+    float acc[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+
+    StepWeights<HAS8> cur, nxt;
+    if (active) load_step<HAS8, HAS4>(cur, w8, w4, tile, chunk_begin, chunk_end, C8, C4, lane);
+    for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
+        __syncthreads();
+        fill_step<T, MT, HAS8, HAS4>(sm, x, row_src, tile_group, zs, chunk, chunk_end, m0, M, K, Npad, col0, C8,
+                                     x_vec);
+        __syncthreads();
+        const bool more = chunk + kStepChunks < chunk_end;
+        if (active && more) load_step<HAS8, HAS4>(nxt, w8, w4, tile, chunk + kStepChunks, chunk_end, C8, C4, lane);
+        if (active) compute_step<T, MT, HAS8, HAS4>(cur, sm, chunk, chunk_end, C8, warp, lane, acc);
+        if (more) cur = nxt;
+    }
+
+    // Accumulator element (mt, e): column n = tile*16 + lane/4 + 8*(e/2), row m = m0 + mt*8 + 2*(lane%4) + e%2.
+    const int n_lo = tile * 16 + (lane >> 2);
+    if (gridDim.y == 1) {
+        if (!active) return;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int n = n_lo + 8 * (e >> 1);
+                const int m = m0 + mt * 8 + 2 * (lane & 3) + (e & 1);
+                if (m < M && n < N) {
+                    float v = acc[mt][e];
+                    if (bias) v += to_float<T>(bias[n]);
+                    out[(size_t)m * N + n] = from_float<T>(v);
+                }
+            }
+        }
+        return;
+    }
+
+    const int Mtot = gridDim.z * MT * 8;
+    if (active) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int n = n_lo + 8 * (e >> 1);
+                const int m = m0 + mt * 8 + 2 * (lane & 3) + (e & 1);
+                ws[((size_t)blockIdx.y * Mtot + m) * Npad + n] = acc[mt][e];
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    int* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < MT * 8 * kCtaCols; i += kThreads) {
+        const int m = m0 + i / kCtaCols;
+        const int n = col0 + i % kCtaCols;
+        if (m < M && n < N) {
+            float v = 0.0f;
+            for (int s = 0; s < (int)gridDim.y; ++s) v += __ldcg(ws + ((size_t)s * Mtot + m) * Npad + n);
+            if (bias) v += to_float<T>(bias[n]);
+            out[(size_t)m * N + n] = from_float<T>(v);
+        }
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+
+}  // namespace cupyq
+
+template <typename T, int MT, bool HAS8, bool HAS4>
+__global__ void __launch_bounds__(cupyq::kThreads)
+    qgemm(const T* __restrict__ x, const int* __restrict__ row_src, const uint4* __restrict__ w8,
+          const uint4* __restrict__ w4, const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
+          const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
+          int M, int K, int N, int Npad, int C8, int C4, int chunks_per_split, int x_vec) {
+    cupyq::qgemm_body<T, MT, HAS8, HAS4>(x, row_src, w8, w4, tile_group, zs, bias, out, ws, counters, M, K, N,
+                                         Npad, C8, C4, chunks_per_split, x_vec);
+}
+
+// Dequantise sorted chunks [chunk_begin, chunk_end) into `out` (row stride ld_out elements).
+// scatter != 0: row j goes to out row row_src[j] (or j without row_src), padding rows are skipped; this
+//               writes the whole matrix in original row order.
+// scatter == 0: row j goes to out row j - 64*chunk_begin and padding rows are written as zeros; this writes a
+//               slice of the sorted matrix, to be multiplied by the matching gathered activation columns.
+template <typename T, bool HAS8, bool HAS4>
+__global__ void __launch_bounds__(cupyq::kThreads)
+    dequant(const uint4* __restrict__ w8, const uint4* __restrict__ w4, const int* __restrict__ tile_group,
+            const unsigned* __restrict__ zs, const int* __restrict__ row_src, T* __restrict__ out, int ld_out,
+            int N, int Npad, int C8, int C4, int chunk_begin, int scatter) {
+    using namespace cupyq;
+    constexpr int kLd = 16 + 8;
+    __shared__ __align__(16) T tiles[kWarps][64][kLd];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int tile = blockIdx.x * kWarps + warp;
+    const int chunk = chunk_begin + blockIdx.y;
+    if (tile >= Npad / 16) return;
+    const bool is8 = HAS8 && (!HAS4 || chunk < C8);
+    uint4 v0, v1 = make_uint4(0, 0, 0, 0);
+    if (is8) {
+        const uint4* p = w8 + ((size_t)(tile * C8 + chunk) * 2) * 32 + lane;
+        v0 = __ldg(p);
+        v1 = __ldg(p + 32);
+    } else {
+        v0 = __ldg(w4 + (size_t)(tile * C4 + (chunk - C8)) * 32 + lane);
+    }
+    const int n_lo = tile * 16 + (lane >> 2);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int g = __ldg(tile_group + chunk * 4 + j);
+        __half2 slo_zlo = as_half2(__ldg(zs + (size_t)g * Npad + n_lo));
+        __half2 shi_zhi = as_half2(__ldg(zs + (size_t)g * Npad + n_lo + 8));
+        __half2 zlo = __half2half2(__high2half(slo_zlo));
+        __half2 zhi = __half2half2(__high2half(shi_zhi));
+        __half2 d[4];
+        if (is8) {
+            const uint4& v = (j >> 1) ? v1 : v0;
+            const unsigned w0 = (j & 1) ? v.z : v.x;
+            const unsigned w1 = (j & 1) ? v.w : v.y;
+            zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi);
+            dequant8_exact(w0, w1, zlo, zhi, d);
+        } else {
+            const unsigned w = j == 0 ? v0.x : j == 1 ? v0.y : j == 2 ? v0.z : v0.w;
+            dequant4_exact(w, zlo, zhi, d);
+        }
+        unsigned a[4];
+        Frag<T>::scale(d, __half2half2(__low2half(slo_zlo)), __half2half2(__low2half(shi_zhi)), a);
+        const int r = j * 16 + 2 * (lane & 3);
+        const int c = lane >> 2;
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            const T* e = reinterpret_cast<const T*>(&a[p]);
+            const int rr = r + 8 * (p >> 1);
+            const int cc = c + 8 * (p & 1);
+            tiles[warp][rr][cc] = e[0];
+            tiles[warp][rr + 1][cc] = e[1];
+        }
+    }
+    __syncwarp();
+    // 64 rows x 16 columns: two 16-byte pieces per row, 4 per lane.
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const int rr = p * 16 + (lane >> 1);
+        const int half_idx = lane & 1;
+        const int j = chunk * 64 + rr;
+        int dst;
+        bool zero = false;
+        if (scatter) {
+            dst = row_src ? __ldg(row_src + j) : j;
+            if (dst < 0) continue;
+        } else {
+            dst = j - chunk_begin * 64;
+            zero = row_src ? __ldg(row_src + j) < 0 : false;
+        }
+        const int n = tile * 16 + half_idx * 8;
+        uint4 val = zero ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(&tiles[warp][rr][half_idx * 8]);
+        T* dp = out + (size_t)dst * ld_out + n;
+        if (n + 8 <= N && (ld_out & 7) == 0) {
+            *reinterpret_cast<uint4*>(dp) = val;
+        } else {
+            const T* e = reinterpret_cast<const T*>(&val);
+            for (int q = 0; q < 8; ++q)
+                if (n + q < N) dp[q] = e[q];
+        }
+    }
+}
+
+// x_sorted[m, j] = x[m, row_src[j]] (zero for padding rows), j in [0, Kp).
+template <typename T>
+__global__ void gather_columns(const T* __restrict__ x, const int* __restrict__ row_src, T* __restrict__ out,
+                               int M, int K, int Kp) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int m = blockIdx.y;
+    if (j >= Kp || m >= M) return;
+    const int src = row_src[j];
+    out[(size_t)m * Kp + j] = (src >= 0 && src < K) ? x[(size_t)m * K + src] : cupyq::from_float<T>(0.0f);
+}

@@ -1,0 +1,271 @@
+"""Kernel benchmark: cupyq GPTQ / EXL2 against fp16 matmul and torch's int4 kernel.
+
+Method: for each (K, N, m, implementation) a CUDA graph of ``iters`` calls is captured, each call using the
+next of several copies of the weights (rotating over at least ``rotate_bytes``, so the 60 MB L2 never holds
+them), replayed ``repeats`` times after warm-up, and timed with CUDA events; the figure is the median replay
+time divided by ``iters``. It counts the GPU time of every kernel a call launches plus the short gaps between
+graph nodes, so it is an upper bound of the summed kernel time. Host overhead of eager calls is measured
+separately (:func:`host_overhead`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+
+# The original ExLlama v2 runtime (0.3.2, built from source) on one H200 with torch 2.11 / CUDA 13, summed
+# kernel time per call from the torch profiler (µs): GPTQ group 128, GPTQ act-order, EXL2 all 4-bit g32.
+UPSTREAM_US = {
+    (4096, 4096): {1: (10.4, 10.9, 9.0), 2: (11.1, 11.6, 11.2), 4: (12.9, 13.6, 15.9), 8: (14.8, 15.7, 24.0),
+                   16: (25.8, 27.1, 35.3), 32: (37.1, 38.7, 62.8), 64: (26.5, 28.2, 24.7), 128: (30.1, 32.2, 28.6),
+                   256: (32.3, 34.1, 31.6), 1024: (62.5, 63.8, 61.1), 4096: (189.9, 191.9, 189.0)},
+    (4096, 14336): {1: (13.3, 14.0, 18.4), 2: (14.9, 15.9, 24.0), 4: (19.9, 20.9, 33.5), 8: (32.4, 33.7, 53.9),
+                    16: (57.5, 58.6, 98.0), 32: (105.1, 106.5, 187.1), 64: (80.4, 85.0, 85.6),
+                    128: (78.8, 84.8, 83.2), 256: (86.9, 91.6, 91.7), 1024: (206.7, 212.1, 211.2),
+                    4096: (658.9, 671.5, 668.5)},
+    (14336, 4096): {1: (15.8, 14.8, 23.9), 2: (19.4, 17.8, 32.1), 4: (21.8, 22.9, 39.9), 8: (33.1, 35.5, 55.2),
+                    16: (58.5, 60.7, 100.0), 32: (106.8, 110.4, 189.6), 64: (79.6, 84.2, 84.8),
+                    128: (85.7, 90.4, 90.6), 256: (95.1, 100.5, 101.3), 1024: (189.8, 193.9, 195.3),
+                    4096: (637.0, 642.6, 648.0)},
+    (8192, 8192): {1: (21.1, 21.9, 20.7), 2: (22.9, 24.1, 27.1), 4: (28.3, 29.8, 39.2), 8: (40.7, 42.4, 65.6),
+                   16: (66.2, 68.0, 121.6), 32: (120.4, 123.1, 234.2), 64: (89.9, 100.2, 91.9),
+                   128: (96.8, 107.2, 99.0), 256: (104.7, 114.8, 106.9), 1024: (253.2, 264.5, 254.9),
+                   4096: (778.6, 790.3, 777.5)},
+    (8192, 28672): {1: (46.4, 47.2, 57.4), 2: (52.0, 53.0, 77.5), 4: (64.4, 66.0, 108.6), 8: (112.6, 114.7, 192.7),
+                    16: (207.7, 210.9, 371.6), 32: (396.9, 402.2, 730.3), 64: (280.9, 315.8, 289.7),
+                    128: (285.9, 322.2, 296.0), 256: (335.8, 371.1, 343.1), 1024: (786.1, 831.4, 802.3),
+                    4096: (2893.0, 2978.2, 2893.0)},
+    (28672, 8192): {1: (46.9, 48.6, 58.5), 2: (52.4, 54.2, 79.5), 4: (69.2, 71.3, 111.7), 8: (115.6, 117.8, 195.2),
+                    16: (211.1, 216.9, 375.4), 32: (403.1, 413.3, 736.0), 64: (289.8, 323.5, 298.3),
+                    128: (287.8, 321.5, 296.8), 256: (338.5, 372.8, 347.0), 1024: (787.8, 820.8, 788.8),
+                    4096: (2994.4, 3033.1, 3022.9)},
+}
+UPSTREAM_IMPLS = ("gptq", "gptq_act", "exl2")
+
+
+def _random_gptq(rng, k, n, act_order):
+    from cupyq.formats import gptq as G
+
+    groups = k // 128
+    q = rng.integers(0, 16, size=(k, n), dtype=np.int64)
+    zeros = rng.integers(1, 15, size=(groups, n))
+    t = dict(
+        qweight=G.pack_qweight(q, 4),
+        qzeros=G.pack_qzeros(zeros, 4),
+        scales=(rng.uniform(0.5, 1.5, size=(groups, n)) * 0.003).astype(np.float16),
+        g_idx=((rng.permutation(k) if act_order else np.arange(k)) // 128).astype(np.int32),
+    )
+    return t
+
+
+def _random_exl2(rng, k, n):
+    from cupyq.formats import exl2 as E
+
+    groups = k // 32
+    q = rng.integers(0, 16, size=(k, n), dtype=np.int64)
+    q_weight, q_groups = E.pack_q_weight(q, [4] * groups, [32] * groups)
+    return dict(
+        q_weight=q_weight,
+        q_invperm=np.argsort(rng.permutation(k)).astype(np.int32),
+        q_scale=E.encode_scale_codes(rng.integers(0, 16, size=(groups, n))),
+        q_scale_max=(rng.uniform(0.5, 1.5, size=groups) * 0.003).astype(np.float16),
+        q_groups=q_groups,
+    )
+
+
+def _make_qmatrices(impl, k, n, copies, rng, device):
+    from cupyq.qmatrix import QMatrix
+
+    if impl in ("gptq", "gptq_act"):
+        t = _random_gptq(rng, k, n, impl == "gptq_act")
+        return [QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], device=device)
+                for _ in range(copies)]
+    t = _random_exl2(rng, k, n)
+    return [QMatrix.from_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"],
+                              device=device) for _ in range(copies)]
+
+
+def _int4_weights(torch, k, n, copies, device):
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
+    packed = torch.ops.aten._convert_weight_to_int4pack(w, 8)
+    sz = (torch.rand(k // 128, n, 2, device=device) * 0.01).to(torch.bfloat16)
+    return [(packed.clone(), sz.clone()) for _ in range(copies)]
+
+
+def _time_graph(torch, fn, iters, repeats):
+    """Median µs per call of ``fn(i)`` for i in range(iters), captured in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(min(iters, 3)):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(iters):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / iters)
+    del g
+    return float(np.median(times))
+
+
+def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"), baselines=("fp16", "int4"),
+                  iters=40, repeats=5, rotate_bytes=256 << 20, device=0, progress=None):
+    """Time cupyq and baselines; returns rows {"K", "N", "m", "impl", "us"} (plus "upstream_us" where known).
+
+    formats: any of "gptq" (4-bit, group 128), "gptq_act" (the same with act-order), "exl2" (all 4-bit, groups
+    of 32, random row permutation); baselines: "fp16" (torch.matmul) and "int4" (torch's
+    _weight_int4pack_mm, bf16, group 128). Needs torch with CUDA and a GPU.
+    """
+    import torch
+
+    import cupyq
+
+    shapes = SHAPES if shapes is None else [tuple(s) for s in shapes]
+    ms = MS if ms is None else list(ms)
+    rng = np.random.default_rng(0)
+    rows = []
+    dev = torch.device("cuda", device)
+    for k, n in shapes:
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in ms}
+        for impl in tuple(formats) + tuple(baselines):
+            if impl in ("gptq", "gptq_act", "exl2"):
+                copies = max(1, -(-rotate_bytes // (k * n // 2)))
+                qms = _make_qmatrices(impl, k, n, copies, rng, device)
+                for qm in qms:
+                    qm.warmup(max_m=64)
+                fn_of = lambda m: (lambda i: cupyq.gemm(xs[m], qms[i % len(qms)]))  # noqa: E731
+            elif impl == "fp16":
+                copies = max(1, -(-rotate_bytes // (k * n * 2)))
+                ws = [torch.randn(k, n, device=dev, dtype=torch.float16) for _ in range(copies)]
+                fn_of = lambda m: (lambda i: torch.matmul(xs[m], ws[i % len(ws)]))  # noqa: E731
+            elif impl == "int4":
+                copies = max(1, -(-rotate_bytes // (k * n // 2)))
+                try:
+                    w4 = _int4_weights(torch, k, n, copies, dev)
+                except Exception as exc:  # the op is optional in some torch builds
+                    rows.append({"K": k, "N": n, "m": None, "impl": impl, "us": None, "error": str(exc)})
+                    continue
+                xb = {m: x.to(torch.bfloat16) for m, x in xs.items()}
+                fn_of = lambda m: (lambda i: torch.ops.aten._weight_int4pack_mm(  # noqa: E731
+                    xb[m], w4[i % len(w4)][0], 128, w4[i % len(w4)][1]))
+            else:
+                raise ValueError(f"impl: unknown implementation {impl!r}")
+            for m in ms:
+                us = _time_graph(torch, fn_of(m), iters, repeats)
+                row = {"K": k, "N": n, "m": m, "impl": impl, "us": round(us, 2)}
+                if impl in UPSTREAM_IMPLS and (k, n) in UPSTREAM_US and m in UPSTREAM_US[(k, n)]:
+                    row["upstream_us"] = UPSTREAM_US[(k, n)][m][UPSTREAM_IMPLS.index(impl)]
+                rows.append(row)
+                if progress:
+                    progress(row)
+            if impl in ("gptq", "gptq_act", "exl2"):
+                for qm in qms:
+                    qm.close()
+                del qms
+            torch.cuda.empty_cache()
+    return rows
+
+
+def host_overhead(k=4096, n=4096, m=1, calls=2000, device=0) -> dict:
+    """Median host µs per eager ``cupyq.gemm`` call (torch tensors) on a small layer, and per tiny torch op."""
+    import torch
+
+    import cupyq
+
+    rng = np.random.default_rng(1)
+    t = _random_gptq(rng, k, n, False)
+    qm = cupyq.QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], device=device)
+    x = torch.randn(m, k, device=f"cuda:{device}", dtype=torch.float16)
+    out = torch.empty(m, n, device=f"cuda:{device}", dtype=torch.float16)
+    for _ in range(50):
+        cupyq.gemm(x, qm, out=out)
+    torch.cuda.synchronize()
+    res = {}
+    for label, fn in (("gemm_out", lambda: cupyq.gemm(x, qm, out=out)), ("gemm_alloc", lambda: cupyq.gemm(x, qm)),
+                      ("torch_add_", lambda: x.add_(0))):
+        samples = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls // 5):
+                fn()
+            samples.append((time.perf_counter() - t0) / (calls // 5) * 1e6)
+            torch.cuda.synchronize()
+        res[label] = round(float(np.median(samples)), 2)
+    return res
+
+
+def summarize(rows) -> str:
+    """Markdown table: one line per (shape, m) with every implementation's µs and cupyq's speed-ups."""
+    by = {}
+    for r in rows:
+        if r.get("m") is None:
+            continue
+        by.setdefault((r["K"], r["N"], r["m"]), {})[r["impl"]] = r
+    impls = [i for i in ("gptq", "gptq_act", "exl2", "fp16", "int4") if any(i in v for v in by.values())]
+    head = ["K×N", "m"] + [f"{i} µs" for i in impls] + ["upstream gptq/act/exl2 µs", "gptq vs upstream",
+                                                        "exl2 vs upstream", "gptq vs fp16"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (k, n, m), v in sorted(by.items()):
+        cells = [f"{k}×{n}", str(m)] + [f"{v[i]['us']:.1f}" if i in v and v[i]["us"] is not None else "-"
+                                        for i in impls]
+        up = UPSTREAM_US.get((k, n), {}).get(m)
+        cells.append("/".join(f"{u:.1f}" for u in up) if up else "-")
+
+        def ratio(a, b):
+            return f"{b / a:.2f}×" if a and b else "-"
+
+        cells.append(ratio(v.get("gptq", {}).get("us"), up[0] if up else None))
+        cells.append(ratio(v.get("exl2", {}).get("us"), up[2] if up else None))
+        cells.append(ratio(v.get("gptq", {}).get("us"), v.get("fp16", {}).get("us")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=None, help="comma list KxN (default: the six standard shapes)")
+    p.add_argument("--ms", default=None, help="comma list of m (default: 1,2,4,...,4096)")
+    p.add_argument("--formats", default="gptq,gptq_act,exl2")
+    p.add_argument("--baselines", default="fp16,int4")
+    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--json", default=None, help="write rows to this JSON file")
+    p.add_argument("--markdown", default=None, help="write the summary table to this file")
+    a = p.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
+    ms = [int(v) for v in a.ms.split(",")] if a.ms else None
+    rows = run_benchmark(shapes, ms, formats=[f for f in a.formats.split(",") if f],
+                         baselines=[b for b in a.baselines.split(",") if b], iters=a.iters,
+                         progress=lambda r: print(json.dumps(r), flush=True))
+    host = host_overhead()
+    result = {"rows": rows, "host_us": host}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    table = summarize(rows)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(table + "\n")
+    print(table)
+    print("host µs per eager call:", host)
+
+
+if __name__ == "__main__":
+    main()

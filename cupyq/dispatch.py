@@ -1,0 +1,380 @@
+"""``gemm(x, qm)``: x @ W + bias for a quantized matrix, on the GPU kernels or the float32 reference."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from cupyq import runtime
+from cupyq.qmatrix import QMatrix, _kind
+from cupyq.scratch import default_scratch, workspace
+
+# Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given.
+DENSE_THRESHOLD = int(os.environ.get("CUPYQ_DENSE_THRESHOLD", 64))
+# Split-K aims at this many CTAs per multiprocessor.
+CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 2))
+
+_THREADS = 256
+_STEP_CHUNKS = 4
+_XS_LD = 256 + 8
+_STATIC_SMEM_LIMIT = 48 * 1024
+
+_warned_cpu = False
+
+
+def gemm(x, qm: QMatrix, out=None, *, force_cuda: bool = False):
+    """``x @ W + bias`` for a quantized matrix.
+
+    x: [..., K] float16 or bfloat16 (GPU), contiguous; torch CUDA tensor or CuPy array on the matrix's device.
+       NumPy arrays (or CPU torch tensors) with a CPU matrix run the float32 reference; the result has x's dtype.
+    qm: a :class:`~cupyq.QMatrix`.
+    out: optional output [..., N] of x's dtype and kind (contiguous), written in place and returned.
+    force_cuda: always use the quantized kernel, for any number of rows (default: batches of more than
+       ``DENSE_THRESHOLD`` rows dequantise into scratch and call the dense matmul).
+    Returns [..., N] of the same kind (torch -> torch, CuPy -> CuPy, NumPy -> NumPy) and dtype as x. GPU kernels
+    launch on torch's current stream for torch tensors and on CuPy's current stream for CuPy arrays.
+    """
+    if not isinstance(qm, QMatrix):
+        raise TypeError(f"qm: expected a cupyq.QMatrix, got {type(qm).__name__}")
+    kind = _kind(x)
+    if kind == "torch":
+        if x.device.type != "cuda":
+            return _gemm_reference(x, qm, out, kind)
+        return _gemm_torch(x, qm, out, force_cuda)
+    if kind == "cupy":
+        return _gemm_cupy(x, qm, out, force_cuda)
+    return _gemm_reference(x, qm, out, kind)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check_input(x, qm: QMatrix, on_gpu: bool):
+    if qm.device_id is None and on_gpu:
+        raise ValueError("qm: the matrix lives on the CPU but x is on a GPU; build it with device='cuda:N'")
+    if x.ndim < 1 or x.shape[-1] != qm.in_features:
+        raise ValueError(f"x: expected shape (..., {qm.in_features}), got {tuple(x.shape)}")
+
+
+def _check_out(out, x, qm: QMatrix, is_contiguous):
+    expected = tuple(x.shape[:-1]) + (qm.out_features,)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"out: expected shape {expected}, got {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out: expected dtype {x.dtype}, got {out.dtype}")
+    if not is_contiguous(out):
+        raise ValueError("out: expected a contiguous array")
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+def _gemm_reference(x, qm: QMatrix, out, kind):
+    global _warned_cpu
+    if qm.device_id is not None:
+        raise ValueError(f"x: the matrix lives on cuda:{qm.device_id}; expected a CUDA tensor or CuPy array")
+    _check_input(x, qm, on_gpu=False)
+    if not _warned_cpu:
+        warnings.warn("cupyq: no GPU kernel ran; the product was computed by the float32 reference", RuntimeWarning,
+                      stacklevel=3)
+        _warned_cpu = True
+    from cupyq import reference
+
+    w = qm._cpu.get("_w")
+    if w is None:
+        w = qm._cpu["_w"] = qm.reference_weight()
+    if kind == "torch":
+        import torch
+
+        x_np = x.detach().float().numpy()
+        y = torch.from_numpy(reference.matmul(x_np, w, qm._bias_host)).to(x.dtype)
+        if out is not None:
+            _check_out(out, x, qm, lambda t: t.is_contiguous())
+            out.copy_(y)
+            return out
+        return y
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
+    y = reference.matmul(x, w, qm._bias_host).astype(x.dtype, copy=False)
+    if out is not None:
+        _check_out(out, x, qm, lambda a: a.flags.c_contiguous)
+        out[...] = y
+        return out
+    return y
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+_CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+def _gemm_torch(x, qm: QMatrix, out, force_cuda):
+    import torch
+
+    _check_input(x, qm, on_gpu=True)
+    ctype = _CTYPES.get(str(x.dtype).removeprefix("torch."))
+    if ctype is None:
+        raise TypeError(f"x: expected dtype float16 or bfloat16, got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError("x: expected a contiguous tensor (call .contiguous())")
+    dev = x.device.index or 0
+    if dev != qm.device_id:
+        raise ValueError(f"x: expected a tensor on cuda:{qm.device_id}, got {x.device}")
+    n = qm.out_features
+    m = x.numel() // qm.in_features
+    if out is None:
+        out = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, x, qm, lambda t: t.is_contiguous())
+        if out.device != x.device:
+            raise ValueError(f"out: expected a tensor on {x.device}, got {out.device}")
+    if m == 0:
+        return out
+    stream = runtime.torch_stream(dev)
+    if m > DENSE_THRESHOLD and not force_cuda:
+        _dense_torch(x.view(m, qm.in_features), out.view(m, n), qm, ctype, stream)
+    else:
+        capturing = torch.cuda.is_current_stream_capturing()
+        _launch_qgemm(qm, x.data_ptr(), out.data_ptr(), m, ctype, stream, capturing)
+    return out
+
+
+def _gemm_cupy(x, qm: QMatrix, out, force_cuda):
+    import cupy
+
+    _check_input(x, qm, on_gpu=True)
+    ctype = _CTYPES.get(str(x.dtype))
+    if ctype is None:
+        raise TypeError(f"x: expected dtype float16 (CuPy), got {x.dtype}")
+    if not x.flags.c_contiguous:
+        raise ValueError("x: expected a C-contiguous array (cupy.ascontiguousarray)")
+    if x.device.id != qm.device_id:
+        raise ValueError(f"x: expected an array on device {qm.device_id}, got device {x.device.id}")
+    n = qm.out_features
+    m = x.size // qm.in_features
+    with cupy.cuda.Device(qm.device_id):
+        if out is None:
+            out = cupy.empty(x.shape[:-1] + (n,), dtype=x.dtype)
+        else:
+            _check_out(out, x, qm, lambda a: a.flags.c_contiguous)
+        if m == 0:
+            return out
+        stream = cupy.cuda.get_current_stream()
+        if m > DENSE_THRESHOLD and not force_cuda:
+            _dense_cupy(x.reshape(m, qm.in_features), out.reshape(m, n), qm, stream)
+        else:
+            _launch_qgemm(qm, x.data.ptr, out.data.ptr, m, ctype, stream, stream.is_capturing())
+    return out
+
+
+class _Plan:
+    __slots__ = ("fn", "grid", "block", "smem", "splits", "partial_floats", "counters", "head", "tail",
+                 "ws_ptrs", "ws_args")
+
+
+def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
+    lay = qm.layout
+    mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    mblocks = -(-m // (mt * 8))
+    tiles = lay.padded_cols // 16
+    col_blocks = -(-tiles // 8)
+    chunks = lay.chunks8 + lay.chunks4
+    steps = -(-chunks // _STEP_CHUNKS)
+    target = CTAS_PER_SM * runtime.sm_count(qm.device_id)
+    splits = max(1, min(steps, int(round(target / (col_blocks * mblocks)))))
+    steps_per_split = -(-steps // splits)
+    splits = -(-steps // steps_per_split)
+    p = _Plan()
+    p.fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
+                                qm.device_id)
+    p.smem = mt * 8 * _XS_LD * 2 + 16 * 128 * 8
+    if p.smem > _STATIC_SMEM_LIMIT:
+        p.fn.max_dynamic_shared_size_bytes = p.smem
+    p.grid = (col_blocks, splits, mblocks)
+    p.block = (_THREADS, 1, 1)
+    p.splits = splits
+    p.partial_floats = splits * mblocks * mt * 8 * lay.padded_cols if splits > 1 else 0
+    p.counters = col_blocks * mblocks
+    bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
+    x_vec = np.int32(1 if lay.row_src is None and qm.in_features % 8 == 0 else 0)
+    p.head = (
+        _ptr(lay.row_src), _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(bias),
+    )
+    p.tail = (
+        np.int32(m), np.int32(qm.in_features), np.int32(qm.out_features), np.int32(lay.padded_cols),
+        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(steps_per_split * _STEP_CHUNKS), x_vec,
+    )
+    p.ws_ptrs = None
+    p.ws_args = (0, 0)
+    return p
+
+
+def _ptr(a) -> int:
+    return 0 if a is None or a.size == 0 else int(a.data.ptr)
+
+
+def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing: bool):
+    plan = qm._plans.get((m, ctype))
+    if plan is None:
+        plan = qm._plans[(m, ctype)] = _qgemm_plan(qm, m, ctype)
+    if plan.splits > 1:
+        partials, counters = workspace(qm.device_id).ensure(plan.partial_floats, plan.counters, capturing)
+        ptrs = (partials.data.ptr, counters.data.ptr)
+        if ptrs != plan.ws_ptrs:
+            plan.ws_ptrs = ptrs
+            plan.ws_args = ptrs
+    tail = plan.tail
+    if x_ptr & 15 and tail[-1]:
+        tail = tail[:-1] + (np.int32(0),)
+    plan.fn(plan.grid, plan.block, (x_ptr,) + plan.head + (out_ptr,) + plan.ws_args + tail,
+            shared_mem=plan.smem, stream=stream)
+
+
+def dequantize_into(qm: QMatrix, buf, ctype: str, stream, *, chunk_begin: int = 0, chunk_end: int | None = None,
+                    scatter: bool = True):
+    """Dequantise sorted chunks [chunk_begin, chunk_end) of ``qm`` into ``buf`` (a CuPy 2-D array of 2-byte
+    elements, row stride buf.shape[1] >= padded columns): with scatter, whole matrix in original row order;
+    otherwise a block of sorted rows starting at row 0 of buf, padding rows zero."""
+    lay = qm.layout
+    chunks = lay.chunks8 + lay.chunks4
+    chunk_end = chunks if chunk_end is None else chunk_end
+    fn = runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
+                              qm.device_id)
+    grid = (-(-(lay.padded_cols // 16) // 8), chunk_end - chunk_begin, 1)
+    args = (
+        _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(lay.row_src), int(buf.data.ptr),
+        np.int32(buf.shape[1]), np.int32(min(buf.shape[1], lay.padded_cols)), np.int32(lay.padded_cols),
+        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(chunk_begin), np.int32(1 if scatter else 0),
+    )
+    fn(grid, (_THREADS, 1, 1), args, stream=stream)
+
+
+def _gather_columns(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, stream):
+    lay = qm.layout
+    fn = runtime.get_function("qgemm.cu", runtime.gather_name(ctype), qm.device_id)
+    grid = (-(-lay.padded_rows // 256), m, 1)
+    fn(grid, (256, 1, 1), (x_ptr, _ptr(lay.row_src), out_ptr, np.int32(m), np.int32(qm.in_features),
+                           np.int32(lay.padded_rows)), stream=stream)
+
+
+def _dense_buffers(qm: QMatrix, m: int):
+    """(scratch uint8 CuPy buffer, rows per chunk or None when the whole matrix fits)."""
+    lay = qm.layout
+    full = qm.in_features * lay.padded_cols * 2
+    buf = qm._scratch if qm._scratch is not None else default_scratch(qm.device_id, full)
+    if buf.size >= full:
+        return buf, None
+    gathered = m * lay.padded_rows * 2 if lay.row_src is not None else 0
+    rows = (buf.size - gathered - 256) // (lay.padded_cols * 2) // 64 * 64
+    if rows < 64:
+        raise ValueError(
+            f"scratch: {buf.size} bytes cannot hold 64 dequantised rows of {lay.padded_cols} columns plus the "
+            f"gathered activations ({gathered} bytes) for m={m}; give the matrix a larger scratch"
+        )
+    return buf, rows
+
+
+def _half_view(buf, offset: int, rows: int, cols: int):
+    return buf[offset: offset + rows * cols * 2].view(np.float16).reshape(rows, cols)
+
+
+def _dense_torch(x2, out2, qm: QMatrix, ctype: str, stream):
+    import torch
+
+    lay = qm.layout
+    n = qm.out_features
+    m = x2.shape[0]
+    buf, rows = _dense_buffers(qm, m)
+    tdtype = x2.dtype
+
+    def as_torch(a):
+        t = torch.from_dlpack(a)
+        return t.view(tdtype) if tdtype == torch.bfloat16 else t
+
+    bias = None
+    if qm._bias_host is not None:
+        bias = as_torch(qm.bias16 if ctype == "__half" else qm.bias_bf16.view(np.float16))
+    if rows is None:
+        w = _half_view(buf, 0, qm.in_features, lay.padded_cols)
+        dequantize_into(qm, w, ctype, stream)
+        wt = as_torch(w)[:, :n]
+        if bias is not None:
+            torch.addmm(bias, x2, wt, out=out2)
+        else:
+            torch.mm(x2, wt, out=out2)
+        return
+    xs = x2
+    offset = 0
+    if lay.row_src is not None:
+        g = _half_view(buf, 0, m, lay.padded_rows)
+        _gather_columns(qm, x2.data_ptr(), int(g.data.ptr), m, ctype, stream)
+        xs = as_torch(g)
+        offset = -(-(m * lay.padded_rows * 2) // 256) * 256
+    chunks = lay.chunks8 + lay.chunks4
+    step = rows // 64
+    for c0 in range(0, chunks, step):
+        c1 = min(chunks, c0 + step)
+        w = _half_view(buf, offset, (c1 - c0) * 64, lay.padded_cols)
+        dequantize_into(qm, w, ctype, stream, chunk_begin=c0, chunk_end=c1, scatter=False)
+        r0, r1 = c0 * 64, min(c1 * 64, xs.shape[1])
+        wt = as_torch(w)[: r1 - r0, :n]
+        if c0 == 0:
+            torch.mm(xs[:, r0:r1], wt, out=out2)
+        else:
+            out2.addmm_(xs[:, r0:r1], wt)
+    if bias is not None:
+        out2.add_(bias)
+
+
+def _dense_cupy(x2, out2, qm: QMatrix, stream):
+    import cupy
+
+    lay = qm.layout
+    n = qm.out_features
+    m = x2.shape[0]
+    buf, rows = _dense_buffers(qm, m)
+    bias = qm.bias16
+    if rows is None:
+        w = _half_view(buf, 0, qm.in_features, lay.padded_cols)
+        dequantize_into(qm, w, "__half", stream)
+        cupy.matmul(x2, w[:, :n], out=out2)
+    else:
+        xs = x2
+        offset = 0
+        if lay.row_src is not None:
+            xs = _half_view(buf, 0, m, lay.padded_rows)
+            _gather_columns(qm, x2.data.ptr, int(xs.data.ptr), m, "__half", stream)
+            offset = -(-(m * lay.padded_rows * 2) // 256) * 256
+        chunks = lay.chunks8 + lay.chunks4
+        step = rows // 64
+        for c0 in range(0, chunks, step):
+            c1 = min(chunks, c0 + step)
+            w = _half_view(buf, offset, (c1 - c0) * 64, lay.padded_cols)
+            dequantize_into(qm, w, "__half", stream, chunk_begin=c0, chunk_end=c1, scatter=False)
+            r0, r1 = c0 * 64, min(c1 * 64, xs.shape[1])
+            part = cupy.matmul(xs[:, r0:r1], w[: r1 - r0, :n])
+            if c0 == 0:
+                out2[...] = part
+            else:
+                out2 += part
+    if bias is not None:
+        out2 += bias
+
+
+def warmup_matrix(qm: QMatrix, *, max_m: int = 64, dtypes=("float16",)):
+    """Compile the kernels ``qm`` uses for batches up to max_m and size the shared workspace."""
+    import cupy
+
+    with cupy.cuda.Device(qm.device_id):
+        for dt in dtypes:
+            ctype = _CTYPES[str(dt).removeprefix("torch.")]
+            # The largest batch of each kernel variant needs the largest workspace of that variant.
+            for m in sorted({8, 16, 32, 64, max_m}):
+                if m > max_m:
+                    continue
+                plan = qm._plans.get((m, ctype)) or _qgemm_plan(qm, m, ctype)
+                qm._plans[(m, ctype)] = plan
+                if plan.splits > 1:
+                    workspace(qm.device_id).ensure(plan.partial_floats, plan.counters, False)
+            runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, qm.layout.chunks8 > 0,
+                                                                  qm.layout.chunks4 > 0), qm.device_id)
+            if qm.layout.row_src is not None:
+                runtime.get_function("qgemm.cu", runtime.gather_name(ctype), qm.device_id)

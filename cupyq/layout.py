@@ -1,0 +1,201 @@
+"""Device layout of a quantized matrix for the cupyq kernels (see cuda_src/qdq.cuh).
+
+Both formats are brought to one form before they reach the GPU:
+
+* rows in *sorted* order (GPTQ: stable sort by ``g_idx``; EXL2: the order stored in ``q_weight``), so each
+  quantisation group is a contiguous run of rows;
+* every run padded to a multiple of 16 rows (one tensor-core tile) and every storage segment (8-bit storage
+  first, then 4-bit storage) padded to a multiple of 256 rows (one kernel step); padding rows have
+  ``row_src == -1`` and read a zero activation;
+* values of 2, 3 and 4 bits are stored in 4-bit fields, values of 5, 6 and 8 bits in bytes, in the order in
+  which each lane of a warp consumes them as an mma A fragment;
+* one 32-bit word per (group, column) holds half2(scale, zero constant).
+
+All functions take NumPy or CuPy arrays (``xp``); the packing runs on the GPU when given CuPy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+TILE_ROWS = 16
+CHUNK_ROWS = 64
+STEP_ROWS = 256
+CTA_COLS = 128
+
+
+@dataclasses.dataclass
+class DeviceLayout:
+    """Arrays and sizes the kernels read. ``w8``/``w4`` are uint32 arrays (possibly empty)."""
+
+    in_features: int  # K, original rows
+    out_features: int  # N, stored columns
+    padded_rows: int  # Kp
+    padded_cols: int  # Npad, a multiple of 16
+    chunks8: int  # 64-row chunks of 8-bit storage
+    chunks4: int  # 64-row chunks of 4-bit storage
+    w8: object
+    w4: object
+    tile_group: object  # int32 [Kp / 16]
+    zs: object  # uint32 [G, Npad]
+    row_src: object  # int32 [Kp] (sorted padded row -> original row, -1 for padding) or None for identity
+
+
+@dataclasses.dataclass
+class RowPlan:
+    """Where each sorted row goes in the padded order (host NumPy arrays)."""
+
+    position: np.ndarray  # int64 [K]: padded row of sorted row j
+    padded_rows: int
+    rows8: int  # padded rows of 8-bit storage (a multiple of STEP_ROWS)
+    tile_group: np.ndarray  # int32 [Kp / 16]
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def plan_rows(row_group: np.ndarray, storage8: np.ndarray) -> RowPlan:
+    """Pad runs of equal group to 16 rows and storage segments to 256 rows.
+
+    row_group: int [K], group of each sorted row (runs of equal values are contiguous).
+    storage8: bool [K], True for rows stored in bytes; all True rows must come first.
+    """
+    row_group = np.asarray(row_group, dtype=np.int64)
+    storage8 = np.asarray(storage8, dtype=bool)
+    k = row_group.shape[0]
+    rows8 = int(storage8.sum())
+    if rows8 and not storage8[:rows8].all():
+        raise ValueError("rows stored in 8-bit fields must precede the 4-bit ones (widths in descending order)")
+    position = np.empty(k, dtype=np.int64)
+    tile_groups = []
+    offset = 0
+    padded8 = 0
+    for seg_start, seg_end in ((0, rows8), (rows8, k)):
+        if seg_end == seg_start:
+            continue
+        g = row_group[seg_start:seg_end]
+        starts = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
+        lengths = np.diff(np.append(starts, g.shape[0]))
+        padded = (lengths + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS
+        run_offset = offset + np.concatenate(([0], np.cumsum(padded)[:-1]))
+        run_id = np.repeat(np.arange(starts.shape[0]), lengths)
+        position[seg_start:seg_end] = run_offset[run_id] + (np.arange(g.shape[0]) - starts[run_id])
+        tile_groups.append(np.repeat(g[starts], padded // TILE_ROWS))
+        seg_rows = int(padded.sum())
+        seg_padded = _round_up(seg_rows, STEP_ROWS)
+        tile_groups.append(np.full((seg_padded - seg_rows) // TILE_ROWS, g[-1], dtype=np.int64))
+        offset += seg_padded
+        if seg_start == 0 and rows8:
+            padded8 = seg_padded
+    tile_group = np.concatenate(tile_groups).astype(np.int32) if tile_groups else np.zeros(0, np.int32)
+    return RowPlan(position, offset, padded8, tile_group)
+
+
+def pack_fragments4(q, xp):
+    """Pack uint8 values [R, Npad] (R % 64 == 0, values < 16) into the 4-bit fragment order: uint32 words
+    [Npad/16, R/64, 32 lanes, 4 tiles]."""
+    r, n = q.shape
+    c, t = r // CHUNK_ROWS, n // 16
+    # k = c*64 + j*16 + kh*8 + l4*2 + kodd ; n = t*16 + dnh*8 + lg
+    v = q.reshape(c, 4, 2, 4, 2, t, 2, 8)  # c, j, kh, l4, kodd, t, dnh, lg
+    v = v.transpose(5, 0, 7, 3, 1, 4, 2, 6)  # t, c, lg, l4, j, kodd, kh, dnh  -> nibble p = kodd*4 + kh*2 + dnh
+    v = v.reshape(t, c, 32, 4, 8).astype(xp.uint32)
+    shifts = (xp.arange(8, dtype=xp.uint32) * 4).reshape(1, 1, 1, 1, 8)
+    return (v << shifts).sum(axis=4, dtype=xp.uint32)  # fields do not overlap: the sum is the bitwise or
+
+
+def pack_fragments8(q, xp):
+    """Pack uint8 values [R, Npad] (R % 64 == 0) into the 8-bit fragment order: uint32 words
+    [Npad/16, R/64, 2 halves, 32 lanes, 4 words]."""
+    r, n = q.shape
+    c, t = r // CHUNK_ROWS, n // 16
+    # k = c*64 + (h*2 + jj)*16 + kh*8 + l4*2 + kodd ; n = t*16 + dnh*8 + lg
+    v = q.reshape(c, 2, 2, 2, 4, 2, t, 2, 8)  # c, h, jj, kh, l4, kodd, t, dnh, lg
+    v = v.transpose(6, 0, 1, 8, 4, 2, 3, 7, 5)  # t, c, h, lg, l4, jj, kh, dnh, kodd
+    v = xp.ascontiguousarray(v.astype(xp.uint8))
+    return v.reshape(-1).view(xp.uint32).reshape(t, c, 2, 32, 4)
+
+
+def pack_scale_zero(scales, zeros, padded_cols: int, xp):
+    """half2(scale, zc) words [G, Npad]: zc = 1024 + z for columns n % 16 < 8, -(64 + z) otherwise.
+
+    scales: float [G, N]; zeros: integer [G, N] (true zero points).
+    """
+    g, n = scales.shape
+    s = xp.zeros((g, padded_cols), dtype=xp.float16)
+    s[:, :n] = scales.astype(xp.float16)
+    z = xp.zeros((g, padded_cols), dtype=xp.float32)
+    z[:, :n] = zeros.astype(xp.float32)
+    low_half = (xp.arange(padded_cols) % 16) < 8
+    zc = xp.where(low_half[None, :], 1024.0 + z, -(64.0 + z)).astype(xp.float16)
+    return s.view(xp.uint16).astype(xp.uint32) | (zc.view(xp.uint16).astype(xp.uint32) << 16)
+
+
+def build_layout(q_sorted, row_perm, row_group, storage8, scales, zeros, xp) -> DeviceLayout:
+    """Build the device layout.
+
+    q_sorted: uint8 [K, N] quantized values in sorted row order (xp array).
+    row_perm: int [K] original row of each sorted row, or None when sorted order is the original order.
+    row_group: int [K] group of each sorted row; storage8: bool [K] (host or xp arrays).
+    scales: float [G, N]; zeros: integer [G, N] true zero points (xp arrays).
+    """
+    k, n = q_sorted.shape
+    to_host = (lambda a: a.get()) if hasattr(row_group, "get") else np.asarray
+    plan = plan_rows(to_host(row_group), to_host(storage8))
+    kp = plan.padded_rows
+    npad = _round_up(n, 16)
+    position = xp.asarray(plan.position)
+    q_pad = xp.zeros((kp, npad), dtype=xp.uint8)
+    q_pad[position, :n] = q_sorted
+    w8 = pack_fragments8(q_pad[: plan.rows8], xp).reshape(-1) if plan.rows8 else xp.zeros(0, xp.uint32)
+    w4 = pack_fragments4(q_pad[plan.rows8 :], xp).reshape(-1) if kp > plan.rows8 else xp.zeros(0, xp.uint32)
+    del q_pad
+
+    perm = None if row_perm is None else to_host(row_perm).astype(np.int64)
+    identity = (perm is None or np.array_equal(perm, np.arange(k))) and kp == k
+    row_src = None
+    if not identity:
+        src = np.full(kp, -1, dtype=np.int32)
+        src[plan.position] = np.arange(k) if perm is None else perm
+        row_src = xp.asarray(src)
+    return DeviceLayout(
+        in_features=k,
+        out_features=n,
+        padded_rows=kp,
+        padded_cols=npad,
+        chunks8=plan.rows8 // CHUNK_ROWS,
+        chunks4=(kp - plan.rows8) // CHUNK_ROWS,
+        w8=xp.ascontiguousarray(w8),
+        w4=xp.ascontiguousarray(w4),
+        tile_group=xp.asarray(plan.tile_group),
+        zs=xp.ascontiguousarray(pack_scale_zero(scales, zeros, npad, xp)),
+        row_src=row_src,
+    )
+
+
+def unpack_layout(layout: DeviceLayout, xp=np):
+    """Inverse of the packing, for tests: returns (q_pad uint8 [Kp, Npad], scale float32 [Kp, Npad] of each row's
+    group, zero float32 [Kp, Npad]) in sorted padded order. Pure array code; slow for large matrices."""
+    kp, npad = layout.padded_rows, layout.padded_cols
+    t = npad // 16
+    rows8 = layout.chunks8 * CHUNK_ROWS
+    q = xp.zeros((kp, npad), dtype=xp.uint8)
+    if layout.chunks8:
+        v = xp.asarray(layout.w8).view(xp.uint8).reshape(t, layout.chunks8, 2, 8, 4, 2, 2, 2, 2)
+        # t, c, h, lg, l4, jj, kh, dnh, kodd -> c, h, jj, kh, l4, kodd, t, dnh, lg
+        q[:rows8] = v.transpose(1, 2, 5, 6, 4, 8, 0, 7, 3).reshape(rows8, npad)
+    if layout.chunks4:
+        words = xp.asarray(layout.w4).reshape(t, layout.chunks4, 8, 4, 4)  # t, c, lg, l4, j
+        nib = xp.stack([(words >> (4 * p)) & 15 for p in range(8)], axis=-1).astype(xp.uint8)
+        nib = nib.reshape(t, layout.chunks4, 8, 4, 4, 2, 2, 2)  # t, c, lg, l4, j, kodd, kh, dnh
+        q[rows8:] = nib.transpose(1, 4, 6, 3, 5, 0, 7, 2).reshape(kp - rows8, npad)
+    zs = xp.asarray(layout.zs)
+    s = (zs & 0xFFFF).astype(xp.uint16).view(xp.float16).astype(xp.float32)
+    zc = (zs >> 16).astype(xp.uint16).view(xp.float16).astype(xp.float32)
+    low_half = (xp.arange(npad) % 16) < 8
+    z = xp.where(low_half[None, :], zc - 1024.0, -zc - 64.0)
+    groups = xp.asarray(layout.tile_group).repeat(16)
+    return q, s[groups], z[groups]

@@ -1,0 +1,349 @@
+"""QMatrix: a prepared quantized matrix (GPTQ or EXL2), on a GPU or on the CPU for the reference path."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cupyq import layout as _layout
+from cupyq import reference
+from cupyq.formats import exl2 as _exl2
+from cupyq.formats import gptq as _gptq
+from cupyq.formats.common import dtype_name
+
+
+def _kind(a) -> str:
+    mod = type(a).__module__.split(".", 1)[0]
+    if mod == "torch":
+        return "torch"
+    if mod == "cupy":
+        return "cupy"
+    return "numpy"
+
+
+def _resolve_device(arrays, device):
+    """(device_id or None for CPU, kind of the input arrays)."""
+    present = [a for a in arrays if a is not None]
+    kinds = {_kind(a) for a in present}
+    kind = "torch" if "torch" in kinds else "cupy" if "cupy" in kinds else "numpy"
+    if device is not None:
+        text = str(device)
+        if text == "cpu":
+            return None, kind
+        from cupyq.scratch import _device_index
+
+        return _device_index(device), kind
+    for a in present:
+        k = _kind(a)
+        if k == "cupy":
+            return int(a.device.id), kind
+        if k == "torch" and a.device.type == "cuda":
+            return int(a.device.index or 0), kind
+    return None, kind
+
+
+def _to_numpy(a):
+    if a is None:
+        return None
+    if _kind(a) == "torch":
+        import torch
+
+        t = a.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.cpu().numpy()
+    if _kind(a) == "cupy":
+        return a.get()
+    return np.asarray(a)
+
+
+def _to_cupy(a, device_id):
+    """A CuPy array on device_id holding the data of a (zero-copy for CUDA torch/CuPy arrays on that device)."""
+    import cupy
+
+    if a is None:
+        return None
+    with cupy.cuda.Device(device_id):
+        if _kind(a) == "torch":
+            import torch
+
+            t = a.detach()
+            if t.dtype == torch.bfloat16:
+                t = t.float()
+            if t.device.type == "cuda" and (t.device.index or 0) == device_id:
+                return cupy.from_dlpack(t.contiguous())
+            return cupy.asarray(t.cpu().numpy())
+        if _kind(a) == "cupy":
+            return a if a.device.id == device_id else cupy.asarray(a.get())
+        return cupy.asarray(np.asarray(a))
+
+
+class QMatrix:
+    """A quantized weight W [in_features, out_features] ready for :func:`cupyq.gemm`.
+
+    Build it with :meth:`from_gptq` or :meth:`from_exl2`. On a GPU the matrix owns a device copy of its
+    weights in the kernels' layout (the caller's arrays are never modified and need not stay alive); on the
+    CPU it keeps the checkpoint tensors as NumPy arrays for the float32 reference path.
+    """
+
+    def __init__(self):
+        raise TypeError("use QMatrix.from_gptq(...) or QMatrix.from_exl2(...)")
+
+    # -------------------------------------------------------------------------------------------- builders
+    @classmethod
+    def from_gptq(
+        cls,
+        qweight,
+        qzeros,
+        scales,
+        g_idx=None,
+        bias=None,
+        *,
+        bits: int = 4,
+        checkpoint_format: str = "gptq",
+        device=None,
+    ) -> "QMatrix":
+        """Prepare a GPTQ matrix.
+
+        qweight: int32 [K*bits/32, N], input rows packed down the columns (3-bit: bit stream).
+        qzeros: int32 [G, N*bits/32], zero points packed along the columns; v1 ("gptq") stores zero - 1,
+            v2 ("gptq_v2") the zero itself.
+        scales: float16/bfloat16/float32 [G, N].
+        g_idx: int32/int64 [K] group of each input row (act-order when not monotonic), or None for k // (K/G).
+        bias: float [N] or None.
+        bits: 2, 3, 4 or 8. device: None (where the tensors are; NumPy -> CPU), "cpu", an int or "cuda:N".
+        Arrays may be NumPy, CuPy or torch; none is modified.
+        """
+        layout = _gptq.check_gptq(qweight, qzeros, scales, g_idx, bits)
+        if checkpoint_format not in ("gptq", "gptq_v2"):
+            raise ValueError(f"checkpoint_format: expected 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+        self = object.__new__(cls)
+        self.format = "gptq"
+        self.in_features = layout.in_features
+        self.out_features = layout.out_features
+        self.bits = (int(bits),)
+        self.checkpoint_format = checkpoint_format
+        self._bpw = float(bits)
+        groups = layout.groups
+        self.device_id, self.input_kind = _resolve_device((qweight, qzeros, scales, g_idx, bias), device)
+        g_host = _to_numpy(g_idx)
+        if g_host is None:
+            g_host = _gptq.default_g_idx(self.in_features, -(-self.in_features // groups) if groups > 1 else -1)
+        g_host = g_host.astype(np.int64)
+        self.act_order = bool(np.any(np.diff(g_host) < 0))
+        self.group_size = -1 if groups == 1 else -(-self.in_features // groups)
+        self._init_bias(bias)
+        if self.device_id is None:
+            self._cpu = dict(
+                qweight=_to_numpy(qweight),
+                qzeros=_to_numpy(qzeros),
+                scales=_to_numpy(scales).astype(np.float32),
+                g_idx=g_host.astype(np.int32),
+            )
+            return self
+        import cupy
+
+        with cupy.cuda.Device(self.device_id):
+            perm = np.argsort(g_host, kind="stable")
+            q = _gptq.unpack_qweight(_to_cupy(qweight, self.device_id), bits, xp=cupy)
+            zeros = _gptq.unpack_qzeros(
+                _to_cupy(qzeros, self.device_id), bits, self.out_features, checkpoint_format=checkpoint_format,
+                xp=cupy,
+            )
+            s = _to_cupy(scales, self.device_id)
+            identity = np.array_equal(perm, np.arange(self.in_features))
+            q_sorted = q if identity else q[cupy.asarray(perm)]
+            self._build(
+                q_sorted,
+                None if identity else perm,
+                g_host[perm],
+                np.full(self.in_features, bits == 8),
+                s,
+                zeros,
+            )
+        return self
+
+    @classmethod
+    def from_exl2(cls, q_weight, q_invperm, q_scale, q_scale_max, q_groups, bias=None, *, device=None) -> "QMatrix":
+        """Prepare an EXL2 matrix.
+
+        q_weight: int32 [Q, N] rows in sorted order, each group a little-endian bit stream of its width.
+        q_invperm: int16/int32/int64 [K], sorted position of each original row.
+        q_scale: int32 [G, N/8] 4-bit scale codes packed along the columns; q_scale_max: float16 [G] (as
+        stored, before any division by 256); q_groups: int16 [2G] pairs (bits, first packed row), widths in
+        descending order. bias: float [N] or None. Arrays may be NumPy, CuPy or torch; none is modified.
+        """
+        layout = _exl2.check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups)
+        self = object.__new__(cls)
+        self.format = "exl2"
+        self.in_features = layout.in_features
+        self.out_features = layout.out_features
+        groups = list(layout.groups)
+        self.bits = tuple(sorted({g.bits for g in groups}, reverse=True))
+        self._bpw = sum(g.rows * g.bits for g in groups) / self.in_features
+        self.group_size = {}
+        for g in groups:
+            self.group_size.setdefault(g.bits, g.rows)
+        self.device_id, self.input_kind = _resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device)
+        perm = _exl2.perm_from_invperm(_to_numpy(q_invperm)).astype(np.int64)
+        self.act_order = not np.array_equal(perm, np.arange(self.in_features))
+        self._init_bias(bias)
+        if self.device_id is None:
+            self._cpu = dict(
+                q_weight=_to_numpy(q_weight),
+                q_invperm=_to_numpy(q_invperm),
+                q_scale=_to_numpy(q_scale),
+                q_scale_max=_to_numpy(q_scale_max),
+                q_groups=_to_numpy(q_groups),
+            )
+            return self
+        import cupy
+
+        with cupy.cuda.Device(self.device_id):
+            q_sorted = _exl2.unpack_q_weight(_to_cupy(q_weight, self.device_id), groups, xp=cupy)
+            scales = _exl2.decode_scales(
+                _to_cupy(q_scale, self.device_id), _to_cupy(q_scale_max, self.device_id), xp=cupy
+            )[:, : self.out_features]
+            row_group = np.repeat(np.arange(len(groups)), [g.rows for g in groups])
+            row_bits = np.repeat([g.bits for g in groups], [g.rows for g in groups])
+            zero_of_group = cupy.asarray([1 << (g.bits - 1) for g in groups], dtype=cupy.int32)
+            zeros = cupy.broadcast_to(zero_of_group[:, None], scales.shape)
+            self._build(q_sorted, perm, row_group, row_bits > 4, scales, zeros)
+        return self
+
+    def _init_bias(self, bias):
+        self._bias_host = None
+        if bias is not None:
+            b = _to_numpy(bias).astype(np.float32).reshape(-1)
+            if b.shape[0] != self.out_features:
+                raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(b.shape)}")
+            self._bias_host = b
+
+    def _build(self, q_sorted, perm, row_group, storage8, scales, zeros):
+        import cupy
+
+        self.layout = _layout.build_layout(q_sorted, perm, row_group, storage8, scales, zeros, cupy)
+        self.bias16 = self.bias_bf16 = None
+        if self._bias_host is not None:
+            self.bias16 = cupy.asarray(self._bias_host.astype(np.float16))
+            self.bias_bf16 = cupy.asarray(_to_bf16_bits(self._bias_host))
+        self._plans = {}
+        self._scratch = None
+        self._torch_views = {}
+
+    # -------------------------------------------------------------------------------------------- facts
+    @property
+    def is_cuda(self) -> bool:
+        """True when the matrix lives on a GPU."""
+        return self.device_id is not None
+
+    @property
+    def bias(self):
+        """float32 NumPy [N] copy of the bias, or None."""
+        return None if self._bias_host is None else self._bias_host.copy()
+
+    @property
+    def shape(self) -> tuple:
+        """(in_features, out_features)."""
+        return (self.in_features, self.out_features)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average stored bits per weight (EXL2 mixes widths; GPTQ: ``bits``)."""
+        return self._bpw
+
+    @property
+    def dequant_scratch_bytes(self) -> int:
+        """Bytes of a full fp16 dequantised copy as the large-batch path stores it, plus 128."""
+        if self.device_id is None:
+            return self.in_features * self.out_features * 2 + 128
+        return self.in_features * self.layout.padded_cols * 2 + 128
+
+    def __repr__(self):
+        where = "cpu" if self.device_id is None else f"cuda:{self.device_id}"
+        return (
+            f"QMatrix(format={self.format!r}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, act_order={self.act_order}, device={where!r})"
+        )
+
+    # -------------------------------------------------------------------------------------------- data
+    def reference_weight(self) -> np.ndarray:
+        """float32 NumPy [K, N] dequantised weight from the float32 reference (original row order)."""
+        if self.device_id is not None:
+            return self.dequantize_cupy(np.float16).get().astype(np.float32)
+        c = self._cpu
+        if self.format == "gptq":
+            return reference.dequantize_gptq(
+                c["qweight"], c["qzeros"], c["scales"], c["g_idx"], bits=self.bits[0],
+                checkpoint_format=self.checkpoint_format,
+            )
+        return reference.dequantize_exl2(c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"])
+
+    def dequantize(self, dtype="float16"):
+        """The dequantised weight [K, N] in original row order, float16 (or bfloat16 on a GPU).
+
+        Returns the kind of array the matrix was built from: torch in -> torch tensor, CuPy -> CuPy array,
+        NumPy -> NumPy array (CPU matrices: the float32 reference rounded to float16).
+        """
+        if self.device_id is None:
+            w = self.reference_weight().astype(np.float16)
+            if self.input_kind == "torch":
+                import torch
+
+                return torch.from_numpy(w)
+            return w
+        w = self.dequantize_cupy(dtype)
+        if self.input_kind == "torch":
+            import torch
+
+            t = torch.from_dlpack(w.view(np.int16) if str(dtype) == "bfloat16" else w)
+            return t.view(torch.bfloat16) if str(dtype) == "bfloat16" else t
+        return w
+
+    def dequantize_cupy(self, dtype="float16"):
+        """The dequantised weight as a CuPy array [K, N] (bfloat16 returned as its int16 bit pattern)."""
+        from cupyq.dispatch import dequantize_into
+
+        import cupy
+
+        with cupy.cuda.Device(self.device_id):
+            ctype = "__nv_bfloat16" if str(dtype) in ("bfloat16", "torch.bfloat16") else "__half"
+            buf = cupy.empty((self.in_features, self.layout.padded_cols), dtype=np.float16 if ctype == "__half" else np.int16)
+            dequantize_into(self, buf, ctype, cupy.cuda.get_current_stream())
+            return cupy.ascontiguousarray(buf[:, : self.out_features])
+
+    def set_scratch(self, buf):
+        """Use ``buf`` (CuPy uint8 array or CUDA torch tensor) as scratch for the large-batch path."""
+        if self.device_id is None:
+            return
+        if buf is None:
+            self._scratch = None
+            return
+        if _kind(buf) == "torch":
+            import cupy
+
+            buf = cupy.from_dlpack(buf.detach().view(-1).view(__import__("torch").uint8))
+        self._scratch = buf.view(np.uint8).reshape(-1)
+        self._torch_views = {}
+
+    def warmup(self, *, max_m: int = 64, dtypes=("float16",)):
+        """Compile and load every kernel this matrix uses for batches up to ``max_m`` and size the workspace."""
+        if self.device_id is None:
+            return
+        from cupyq.dispatch import warmup_matrix
+
+        warmup_matrix(self, max_m=max_m, dtypes=dtypes)
+
+    def close(self):
+        """Release the device buffers now (the matrix is unusable afterwards)."""
+        for name in ("layout", "bias16", "bias_bf16", "_scratch"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        self._plans = {}
+        self._torch_views = {}
+
+
+def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (int16) of float32 values, rounded to nearest even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16).view(np.int16)

@@ -1,0 +1,131 @@
+"""Device scratch memory: one contiguous buffer from CuPy's memory pool, handed out in aligned slices."""
+
+from __future__ import annotations
+
+import os
+
+ALIGNMENT = 128
+DEFAULT_SCRATCH_BYTES = int(os.environ.get("CUPYQ_SCRATCH_BYTES", 512 * 1024 * 1024))
+
+
+def _round_up(n: int, m: int = ALIGNMENT) -> int:
+    return -(-int(n) // m) * m
+
+
+class Scratch:
+    """One contiguous device buffer of ``scratch_bytes`` on ``device``, taken lazily from CuPy's memory pool.
+
+    ``get_scratch_slice`` hands out distinct 128-byte-aligned slices (a bump allocator); ``reset`` starts over.
+    """
+
+    def __init__(self, device, scratch_bytes: int):
+        if int(scratch_bytes) <= 0:
+            raise ValueError(f"scratch_bytes: expected a positive size, got {scratch_bytes}")
+        self.device = _device_index(device)
+        self.scratch_bytes = _round_up(scratch_bytes)
+        self.used_bytes = 0
+        self.buffer = None
+
+    def prepare(self):
+        """Allocate the buffer now (uint8 CuPy array of ``scratch_bytes``); later calls do nothing."""
+        if self.buffer is None:
+            import cupy
+
+            with cupy.cuda.Device(self.device):
+                self.buffer = cupy.empty(self.scratch_bytes, dtype=cupy.uint8)
+        return self.buffer
+
+    def get_scratch_slice(self, size_bytes: int):
+        """A distinct slice of at least ``size_bytes`` (rounded up to 128 bytes), as a uint8 CuPy array whose
+        start is 128-byte aligned. Raises ValueError when fewer bytes are left than asked for."""
+        size = _round_up(size_bytes)
+        if size <= 0:
+            raise ValueError(f"size_bytes: expected a positive size, got {size_bytes}")
+        if self.used_bytes + size > self.scratch_bytes:
+            raise ValueError(
+                f"scratch: asked for {size} bytes but only {self.scratch_bytes - self.used_bytes} of "
+                f"{self.scratch_bytes} are left"
+            )
+        buf = self.prepare()
+        view = buf[self.used_bytes : self.used_bytes + size]
+        self.used_bytes += size
+        return view
+
+    def reset(self):
+        """Hand out slices from offset 0 again (earlier slices may then be overwritten)."""
+        self.used_bytes = 0
+
+    def __repr__(self):
+        return f"Scratch(device={self.device}, scratch_bytes={self.scratch_bytes}, used_bytes={self.used_bytes})"
+
+
+def _device_index(device) -> int:
+    if device is None:
+        import cupy
+
+        return cupy.cuda.runtime.getDevice()
+    if isinstance(device, int):
+        return device
+    index = getattr(device, "index", None)  # torch.device
+    if index is not None:
+        return int(index)
+    text = str(device)
+    if text.startswith("cuda"):
+        return int(text.split(":", 1)[1]) if ":" in text else 0
+    raise ValueError(f"device: expected a CUDA device (int, 'cuda:N' or torch.device), got {device!r}")
+
+
+class Workspace:
+    """Per-device buffers of the quantized GEMM: fp32 split-K partial sums and the zeroed tile counters the
+    kernel resets itself. Grows outside of graph capture only."""
+
+    def __init__(self, device: int):
+        self.device = device
+        self.partials = None
+        self.counters = None
+
+    def ensure(self, partial_floats: int, counters: int, capturing: bool):
+        import cupy
+
+        grow_p = self.partials is None or self.partials.size < partial_floats
+        grow_c = self.counters is None or self.counters.size < counters
+        if not (grow_p or grow_c):
+            return self.partials, self.counters
+        if capturing:
+            raise RuntimeError(
+                "cupyq: the GEMM workspace must grow while a CUDA graph is being captured; run the layer once "
+                "(or QMatrix.warmup) with the largest batch before capturing"
+            )
+        with cupy.cuda.Device(self.device):
+            if grow_p:
+                self.partials = cupy.empty(max(partial_floats, 1 << 16), dtype=cupy.float32)
+            if grow_c:
+                self.counters = cupy.zeros(max(counters, 1024), dtype=cupy.int32)
+            cupy.cuda.Device(self.device).synchronize()
+        return self.partials, self.counters
+
+
+_workspaces: dict = {}
+_default_scratch: dict = {}
+
+
+def workspace(device: int) -> Workspace:
+    """The GEMM workspace of a device."""
+    ws = _workspaces.get(device)
+    if ws is None:
+        ws = _workspaces[device] = Workspace(device)
+    return ws
+
+
+def default_scratch(device: int, needed_bytes: int):
+    """A uint8 CuPy buffer of min(needed_bytes, DEFAULT_SCRATCH_BYTES) bytes on ``device`` for the dequantise
+    path of matrices that were given no scratch of their own (grown on demand up to the bound)."""
+    import cupy
+
+    size = min(_round_up(needed_bytes), _round_up(DEFAULT_SCRATCH_BYTES))
+    buf = _default_scratch.get(device)
+    if buf is None or buf.size < size:
+        with cupy.cuda.Device(device):
+            buf = cupy.empty(size, dtype=cupy.uint8)
+        _default_scratch[device] = buf
+    return buf
