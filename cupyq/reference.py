@@ -34,19 +34,23 @@ def to_numpy(a):
     return np.asarray(a)
 
 
-def _fields(words, bits, offsets):
+def _fields(words, bits, offsets, chunk=1024):
     """Values of width ``bits`` starting at bit ``offsets[i]`` of each column's little-endian bit stream.
 
     words: int32/uint32 [Q, N]; offsets: int64 [R] (bit positions, ``offsets // 32`` < Q);
-    bits: int or int64 [R]. Returns int64 [R, N].
+    bits: int or int64 [R]. Returns uint8 [R, N]. Rows are read ``chunk`` at a time to bound the 64-bit
+    temporaries.
     """
-    w = np.ascontiguousarray(words).view(np.uint32).astype(np.uint64)
-    w = np.concatenate([w, np.zeros((1, w.shape[1]), dtype=np.uint64)])  # the word after the last one reads as 0
-    word, shift = offsets // 32, (offsets % 32).astype(np.uint64)
-    both = w[word] | (w[word + 1] << np.uint64(32))
-    mask = (np.uint64(1) << np.asarray(bits, dtype=np.uint64)) - np.uint64(1)
-    mask = mask[:, None] if mask.ndim else mask
-    return ((both >> shift[:, None]) & mask).astype(np.int64)
+    w = np.ascontiguousarray(words).view(np.uint32)
+    w = np.concatenate([w, np.zeros((1, w.shape[1]), dtype=np.uint32)])  # the word after the last one reads as 0
+    mask = (np.uint64(1) << np.broadcast_to(np.asarray(bits, dtype=np.uint64), offsets.shape)) - np.uint64(1)
+    out = np.empty((offsets.shape[0], w.shape[1]), dtype=np.uint8)
+    for lo in range(0, offsets.shape[0], chunk):
+        off = offsets[lo : lo + chunk]
+        word, shift = off // 32, (off % 32).astype(np.uint64)
+        both = w[word].astype(np.uint64) | (w[word + 1].astype(np.uint64) << np.uint64(32))
+        out[lo : lo + chunk] = (both >> shift[:, None]) & mask[lo : lo + chunk, None]
+    return out
 
 
 def dequantize_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4, checkpoint_format="gptq"):
@@ -66,8 +70,10 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4, checkpoint_f
     k_rows, n_cols, groups, bits = check_gptq(qweight, qzeros, scales, g_idx, bits)
     q = _fields(qweight, bits, bits * np.arange(k_rows, dtype=np.int64))
     z = _fields(qzeros.T, bits, bits * np.arange(n_cols, dtype=np.int64)).T
+    z = z.astype(np.int32)
     if checkpoint_format == "gptq":
         z = (z + 1) & ((1 << bits) - 1)
+    z = z.astype(np.float32)
     if g_idx is None:
         if k_rows % groups:
             raise ValueError(
@@ -77,7 +83,7 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4, checkpoint_f
     else:
         g = g_idx.astype(np.int64)
     s = scales.astype(np.float32)
-    return (q - z[g]).astype(np.float32) * s[g]
+    return (q.astype(np.float32) - z[g]) * s[g]
 
 
 def dequantize_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups):
@@ -105,7 +111,8 @@ def dequantize_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups):
     n = np.arange(n_cols)
     codes = (q_scale.view(np.uint32)[:, n // 8] >> (4 * (n % 8)).astype(np.uint32)) & 15
     scale = (codes.astype(np.float32) + 1) ** 2 * q_scale_max.astype(np.float32)[:, None] / 256
-    w_sorted = (q - (1 << (bits - 1))[:, None]).astype(np.float32) * scale[gid]
+    zero = (1 << (bits - 1)).astype(np.float32)
+    w_sorted = (q.astype(np.float32) - zero[:, None]) * scale[gid]
     inv = q_invperm.astype(np.int64)
     if dtype_name(q_invperm) == "int16":
         inv &= 0xFFFF

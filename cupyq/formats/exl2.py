@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from cupyq.formats.bitstream import (
     pack_bitstream,
     pack_bitstream_columns,
@@ -147,14 +149,12 @@ def make_group_map(q_groups, num_qrows, xp=None):
     rows = [nq * 32 // b for b, nq in zip(widths, qrows)]
     if max(rows) > _INT16_MAX:
         raise ValueError(f"q_groups: a group of {max(rows)} rows does not fit the int16 group map")
-    total = sum(rows)
-    group = xp.repeat(xp.arange(len(rows), dtype=xp.int32), rows)
-    first = [0]
-    for r in rows[:-1]:
-        first.append(first[-1] + r)
-    end = xp.asarray([f + r for f, r in zip(first, rows)], dtype=xp.int32)
-    left = end[group] - xp.arange(total, dtype=xp.int32)
-    return xp.stack([group, left], axis=1).astype(xp.int16).reshape(-1)
+    # Built on the host (at most 2 * 65535 entries) and moved to xp once.
+    rows = np.asarray(rows, dtype=np.int32)
+    group = np.repeat(np.arange(len(rows), dtype=np.int32), rows)
+    end = np.cumsum(rows, dtype=np.int32)
+    left = end[group] - np.arange(int(end[-1]), dtype=np.int32)
+    return xp.asarray(np.stack([group, left], axis=1).astype(np.int16).reshape(-1))
 
 
 def _host_or_self(a):
