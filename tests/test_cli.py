@@ -1,0 +1,324 @@
+"""The ``cupyq`` command line: help, exit codes, tables, --json, and each command's CPU behaviour."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cupyq import cli, runtime
+from cupyq.checkpoint import save_exl2, save_gptq
+from cupyq.quantize import quantize_exl2, quantize_gptq
+
+HAS_GPU = runtime.gpu_available()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small_ckpt(tmp_path):
+    """A small mixed directory: a GPTQ and an EXL2 layer, an fp16 head and a norm."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 128)).astype(np.float32) * 0.05
+    gptq = quantize_gptq(w, bits=4, group_size=64, act_order=True, bias=rng.standard_normal(128))
+    exl2 = quantize_exl2(w.T.copy(), bits=(8, 4), proportions=(0.5, 0.5))
+    extra = {f"model.layers.0.mlp.down_proj.{k}": v for k, v in exl2.items()}
+    extra["lm_head.weight"] = rng.standard_normal((64, 256)).astype(np.float16)
+    extra["model.norm.weight"] = np.ones(256, np.float16)
+    return save_gptq(tmp_path / "ckpt", {"model.layers.0.mlp.up_proj": gptq}, bits=4, group_size=64, desc_act=True,
+                     sym=True, extra_tensors=extra)
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------------------ help
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["inspect"], ["verify"], ["bench"], ["warmup"], ["compile"]])
+def test_help_everywhere(command, capsys):
+    code, out, _ = run(command + ["--help"], capsys)
+    assert code == 0
+    assert out.startswith("usage: cupyq")
+    assert "--json" in out or not command
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = run([], capsys)
+    assert code == 2 and "usage: cupyq" in err
+    code, _, err = run(["frobnicate"], capsys)
+    assert code == 2 and "invalid choice" in err
+    code, _, err = run(["verify", "--m", "0"], capsys)
+    assert code == 2 and "positive integer" in err
+    code, _, err = run(["inspect"], capsys)
+    assert code == 2 and "path" in err
+
+
+def test_version(capsys):
+    import cupyq
+
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"cupyq {cupyq.__version__}"
+
+
+# ------------------------------------------------------------------------------------------------ info
+
+
+def test_info_text_and_json(capsys):
+    code, out, _ = run(["info"], capsys)
+    assert code == 0
+    assert "kernel cache:" in out and str(runtime.kernel_cache_dir()) in out
+    if not HAS_GPU:
+        assert "GPU: none found" in out
+    code, out, _ = run(["info", "--json"], capsys)
+    payload = json.loads(out)
+    assert code == 0
+    assert payload["gpu_available"] == HAS_GPU
+    assert payload["kernel_cache_dir"] == str(runtime.kernel_cache_dir())
+    assert isinstance(payload["cached_kernel_files"], list)
+    assert "cupy" in payload["device_summary"]
+
+
+def test_info_lists_cached_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    (tmp_path / "abc123.cubin").write_bytes(b"x" * 2048)
+    code, out, _ = run(["info"], capsys)
+    assert code == 0 and "1 file(s), 2.0 KiB" in out and "abc123.cubin" in out
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_table(small_ckpt, capsys):
+    code, out, _ = run(["inspect", str(small_ckpt)], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert "quantization config: gptq (from quantize_config.json): bits 4, group_size 64, desc_act True" in out
+    header = next(line for line in lines if line.startswith("layer"))
+    for col in ("format", "bits", "bits/weight", "group", "act-order", "in x out", "bytes"):
+        assert col in header
+    row = next(line for line in lines if line.startswith("model.layers.0.mlp.down_proj"))
+    assert "exl2" in row and "8:50% 4:50%" in row and "128 x 256" in row
+    row = next(line for line in lines if line.startswith("model.layers.0.mlp.up_proj"))
+    assert "gptq" in row and "256 x 128" in row and " 64 " in row
+    assert "total: 3 layers (1 exl2, 1 fp16, 1 gptq)" in out
+
+
+def test_inspect_json(small_ckpt, capsys, tmp_path):
+    code, out, _ = run(["inspect", str(small_ckpt), "--json"], capsys)
+    payload = json.loads(out)
+    assert code == 0
+    layers = {entry["name"]: entry for entry in payload["layers"]}
+    assert layers["model.layers.0.mlp.down_proj"]["bit_mix"] == [[8, 64], [4, 64]]
+    assert layers["model.layers.0.mlp.up_proj"]["act_order"] is True
+    assert layers["lm_head"]["format"] == "fp16"
+    assert payload["totals"]["quantized_layers"] == 2
+    assert payload["totals"]["quantized_weights"] == 2 * 256 * 128
+    assert payload["quantization_config"]["group_size"] == 64
+    # --json FILE keeps the table on stdout and writes the JSON to the file
+    target = tmp_path / "inspect.json"
+    code, out, _ = run(["inspect", str(small_ckpt), "--json", str(target)], capsys)
+    assert code == 0 and out.startswith(str(small_ckpt)) and json.loads(target.read_text())["totals"]["layers"] == 3
+
+
+def test_inspect_bad_input_exit_2(tmp_path, small_ckpt, capsys):
+    code, _, err = run(["inspect", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "no such checkpoint" in err
+    (small_ckpt / "quantize_config.json").write_text('{"bits": 5}')
+    code, _, err = run(["inspect", str(small_ckpt)], capsys)
+    assert code == 2 and "quantize_config.json" in err and "'bits'" in err
+
+
+# ------------------------------------------------------------------------------------------------ verify
+
+
+def test_verify_cpu_path(small_ckpt, capsys):
+    code, out, _ = run(["verify", str(small_ckpt), "--cpu", "--m", "1", "5"], capsys)
+    assert code == 0, out
+    assert "NO GPU KERNEL RAN" in out
+    assert "all 2 layers passed" in out
+    for name in ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"):
+        assert any(line.startswith(name) for line in out.splitlines())
+    assert "rel err m=1" in out and "rel err m=5" in out
+
+
+def test_verify_json(small_ckpt, capsys):
+    code, out, _ = run(["verify", str(small_ckpt), "--cpu", "--m", "3", "--json"], capsys)
+    payload = json.loads(out)
+    assert code == 0 and payload["passed"] and payload["gpu"] is False and payload["ms"] == [3]
+    assert payload["tolerance"] == cli.DEFAULT_TOLERANCE
+    for row in payload["layers"]:
+        # the CPU path computes in float32 and rounds the output to the input's fp16
+        assert 0 < row["max_rel_error"] < 1e-3 and row["ok"]
+
+
+def test_verify_failure_exit_1(small_ckpt, capsys, monkeypatch):
+    import cupyq.dispatch
+
+    real = cupyq.dispatch.gemm
+    monkeypatch.setattr(cupyq.dispatch, "gemm", lambda x, qm, *a, **k: real(x, qm) * 1.05)
+    code, out, _ = run(["verify", str(small_ckpt), "--cpu", "--m", "2"], capsys)
+    assert code == 1
+    assert "2 of 2 layers FAILED" in out
+    code, out, _ = run(["verify", str(small_ckpt), "--cpu", "--m", "2", "--tolerance", "0.1"], capsys)
+    assert code == 0
+
+
+def test_verify_without_quantized_layers_exit_2(tmp_path, capsys):
+    save_gptq(tmp_path, {}, bits=4, group_size=64, desc_act=False, sym=True,
+              extra_tensors={"lm_head.weight": np.ones((8, 32), np.float16)})
+    code, _, err = run(["verify", str(tmp_path)], capsys)
+    assert code == 2 and "no GPTQ or EXL2 layers" in err
+
+
+def test_verify_builtin_sample_cpu(capsys):
+    code, out, _ = run(["verify", "--cpu", "--m", "1"], capsys)
+    assert code == 0, out
+    for name in ("sample gptq-4bit-g128-act", "sample gptq-3bit-g64-asym-v2", "sample exl2-mixed"):
+        assert name in out
+    assert "all 9 layers passed" in out
+
+
+def test_python_dash_m_entry_point(small_ckpt):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cupyq", "verify", str(small_ckpt), "--cpu", "--m", "1", "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["passed"] is True
+
+
+# ------------------------------------------------------------------------------------------------ bench / warmup
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU message")
+@pytest.mark.parametrize("command", [["bench"], ["warmup"]])
+def test_gpu_commands_without_gpu_exit_2(command, capsys):
+    code, _, err = run(command, capsys)
+    assert code == 2 and "none was found" in err
+
+
+def test_bench_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = run(["bench", "--plot", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and "--plot needs matplotlib" in err
+
+
+def test_bench_pivot_and_speedups():
+    rows = [
+        {"K": 64, "N": 32, "m": 1, "impl": "gptq", "us": 5.0},
+        {"K": 64, "N": 32, "m": 1, "impl": "fp16", "us": 10.0},
+        {"K": 64, "N": 32, "m": 8, "impl": "gptq", "us": 8.0},
+        {"K": 64, "N": 32, "m": 8, "impl": "fp16", "us": 4.0},
+        {"K": 64, "N": 32, "m": None, "impl": "int4", "us": None, "error": "not built"},
+    ]
+    table, impls = cli._speedup_rows(rows)
+    assert impls == ["gptq", "fp16"]
+    assert [(r["m"], r["x_gptq"]) for r in table] == [(1, 2.0), (8, 0.5)]
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+
+def test_compile_table_and_json(monkeypatch, capsys):
+    calls = []
+
+    def fake(archs, *, sources=None):
+        calls.append((list(archs), sources))
+        return [runtime.CompileReport("qgemm.cu", "sm_80", 1.5, 123456, [("k1", "_Z2k1"), ("k2", "_Z2k2")])]
+
+    monkeypatch.setattr(runtime, "compile_sources", fake)
+    code, out, _ = run(["compile", "--arch", "sm_80", "--arch", "90", "--source", "qgemm.cu"], capsys)
+    assert code == 0 and calls == [(["sm_80", "90"], ["qgemm.cu"])]
+    assert "qgemm.cu" in out and "123456" in out and "compiled 1 module(s)" in out
+    code, out, _ = run(["compile", "--json"], capsys)
+    assert calls[-1] == (["sm_80", "sm_90"], None)
+    payload = json.loads(out)
+    assert payload["ok"] and payload["reports"][0]["cubin_bytes"] == 123456
+
+
+def test_compile_error_exit_1_with_log(monkeypatch, capsys):
+    def fake(archs, *, sources=None):
+        raise runtime.CompileError('qgemm.cu for sm_80 failed:\nqgemm.cu(12): error: identifier "x" is undefined')
+
+    monkeypatch.setattr(runtime, "compile_sources", fake)
+    code, _, err = run(["compile", "--arch", "sm_80"], capsys)
+    assert code == 1 and 'identifier "x" is undefined' in err
+
+
+@pytest.mark.slow
+def test_compile_real_sources(capsys):
+    code, out, err = run(["compile", "--arch", "sm_80", "--json"], capsys)
+    assert code == 0, err
+    reports = json.loads(out)["reports"]
+    sources = sorted(p.name for p in (REPO / "cuda_src").glob("*.cu"))
+    assert sorted(r["source"] for r in reports) == sources
+    assert all(r["arch"] == "sm_80" and r["cubin_bytes"] > 0 for r in reports)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def test_progress_only_on_terminal_and_after_delay():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    quiet = io.StringIO()
+    with cli.Progress(3, "x", stream=quiet, delay=0.0) as bar:
+        bar.update("a")
+    assert quiet.getvalue() == ""
+    tty = Tty()
+    with cli.Progress(2, "verify", stream=tty, delay=0.0) as bar:
+        bar.update("layer one")
+        assert "verify [" in tty.getvalue() and "1/2 layer one" in tty.getvalue()
+    slow = Tty()
+    with cli.Progress(2, "verify", stream=slow, delay=60.0) as bar:
+        bar.update()
+    assert slow.getvalue() == ""
+
+
+def test_format_table_alignment():
+    text = cli.format_table([{"a": "xx", "b": 1.5}, {"a": "y", "b": 10000.0}], [("name", "a"), ("value", "b")])
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "value"]
+    assert lines[2].endswith("  1.5") and lines[3].endswith("10000.0")
+    assert len({len(line) for line in lines[1:]}) == 1
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+def test_verify_gpu_sample(capsys):
+    code, out, _ = run(["verify", "--json"], capsys)
+    payload = json.loads(out)
+    assert payload["gpu"] is True and payload["ms"] == list(cli.DEFAULT_MS)
+    for row in payload["layers"]:
+        print(row["layer"], row["format"], row["bits"], f"{row['max_rel_error']:.2e}")
+    assert code == 0 and payload["passed"]
+
+
+@pytest.mark.gpu
+def test_warmup_gpu(small_ckpt, capsys):
+    code, out, _ = run(["warmup", str(small_ckpt), "--json"], capsys)
+    payload = json.loads(out)
+    assert code == 0 and payload["layers"] == 2 and payload["warmup_seconds"] >= 0
+
+
+@pytest.mark.gpu
+def test_bench_gpu_small(small_ckpt, capsys, tmp_path):
+    target = tmp_path / "bench.json"
+    code, out, err = run(["bench", str(small_ckpt), "--m", "1", "16", "--iters", "5", "--repeats", "1",
+                          "--json", str(target)], capsys)
+    assert code == 0, err
+    payload = json.loads(target.read_text())
+    impls = {r["impl"] for r in payload["rows"]}
+    assert {"fp16", "exl2", "gptq_act"} <= impls
+    assert "speed-up" in out

@@ -1,0 +1,222 @@
+"""patch_model on a small Llama-shaped torch module (CPU reference path; a GPU variant for the device)."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from cupyq.checkpoint import open_checkpoint, save_exl2, save_gptq  # noqa: E402
+from cupyq.model import patch_model  # noqa: E402
+from cupyq.quantize import quantize_exl2, quantize_gptq  # noqa: E402
+from cupyq.torch_ops import QuantizedLinear  # noqa: E402
+
+VOCAB, HIDDEN, MLP = 64, 128, 256
+LINEARS = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj")
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.Module()
+        self.self_attn.q_proj = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.mlp = nn.Module()
+        self.mlp.up_proj = nn.Linear(HIDDEN, MLP, bias=True)
+        self.mlp.down_proj = nn.Linear(MLP, HIDDEN, bias=False)
+        self.norm = nn.Parameter(torch.ones(HIDDEN))
+
+    def forward(self, h):
+        h = h + self.self_attn.q_proj(h)
+        h = h + self.mlp.down_proj(torch.relu(self.mlp.up_proj(h)))
+        return h * self.norm
+
+
+class Tiny(nn.Module):
+    """Module names as in Hugging Face Llama checkpoints."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
+        self.model.layers = nn.ModuleList([Block()])
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, ids):
+        return self.lm_head(self.model.layers[0](self.model.embed_tokens(ids)))
+
+
+def _modules(model):
+    return dict(model.named_modules())
+
+
+def _extras(source):
+    return {
+        "model.embed_tokens.weight": source.model.embed_tokens.weight.detach().numpy().astype(np.float16),
+        "model.layers.0.norm": (1 + 0.1 * torch.randn(HIDDEN)).numpy().astype(np.float16),
+        "lm_head.weight": source.lm_head.weight.detach().numpy().astype(np.float16),
+    }
+
+
+def _quantize(source, kind):
+    layers = {}
+    for name in LINEARS:
+        lin = _modules(source)[name]
+        w = lin.weight.detach().numpy().T  # nn.Linear is [out, in]; checkpoints are [in, out]
+        bias = None if lin.bias is None else lin.bias.detach().numpy()
+        if kind == "gptq":
+            layers[name] = quantize_gptq(w, bits=4, group_size=32, act_order=True, bias=bias)
+        else:
+            layers[name] = quantize_exl2(w, bits=(6, 4), proportions=(0.5, 0.5), bias=bias)
+    return layers
+
+
+def _write(tmp_path, kind, seed=0):
+    source = Tiny(seed)
+    layers, extras = _quantize(source, kind), _extras(source)
+    if kind == "gptq":
+        save_gptq(tmp_path, layers, bits=4, group_size=32, desc_act=True, sym=True, extra_tensors=extras)
+    else:
+        save_exl2(tmp_path, layers, extra_tensors=extras)
+    return tmp_path
+
+
+def _dense_twin(ckpt_dir):
+    """The same model with every weight taken from the checkpoint, quantized ones dequantised (float32)."""
+    ckpt = open_checkpoint(ckpt_dir)
+    model = Tiny(123)
+    with torch.no_grad():
+        for name in ckpt.quantized_layers:
+            lin = _modules(model)[name]
+            lin.weight.copy_(torch.from_numpy(ckpt.dequantize(name).T.copy()))
+            bias = ckpt.load_layer(name).get("bias")
+            if lin.bias is not None:
+                lin.bias.copy_(torch.zeros(lin.out_features) if bias is None else torch.from_numpy(bias.astype(np.float32)))
+        state = model.state_dict()
+        for t in ckpt.extra_tensor_names():
+            state[t].copy_(torch.from_numpy(ckpt.load_tensor(t).astype(np.float32)))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gptq", "exl2"])
+def test_patch_model_cpu_matches_dequantised_model(tmp_path, kind):
+    ckpt_dir = _write(tmp_path, kind)
+    model = Tiny(7)  # different random init: everything must come from the checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "no GPU kernel ran"
+        out = patch_model(model, ckpt_dir, device="cpu")
+        assert out is model
+        for name in LINEARS:
+            m = _modules(model)[name]
+            assert isinstance(m, QuantizedLinear) and not m.qmatrix.is_cuda and m.qmatrix.format == kind
+        assert isinstance(model.lm_head, nn.Linear)  # an fp16 head stays a plain Linear, loaded
+        ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got = model(ids)
+            ref = _dense_twin(ckpt_dir)(ids)
+    assert got.dtype == torch.float32 and got.shape == (2, 9, VOCAB)
+    # Both sides are float32 with identical weights; only summation order differs.
+    rel = (got - ref).norm() / ref.norm()
+    print(f"patch_model {kind} CPU: max |logit diff| {(got - ref).abs().max():.3g}, relative {rel:.3g}")
+    assert rel < 1e-5
+
+
+def test_default_device_follows_the_model(tmp_path):
+    ckpt_dir = _write(tmp_path, "gptq")
+    model = patch_model(Tiny(1), ckpt_dir)
+    assert all(not _modules(model)[n].qmatrix.is_cuda for n in LINEARS)
+
+
+def test_layouts_transposed_correctly(tmp_path):
+    """A non-square layer proves the [out, in] vs [in, out] bookkeeping: up_proj is 128 -> 256."""
+    ckpt_dir = _write(tmp_path, "gptq")
+    model = patch_model(Tiny(1), ckpt_dir, device="cpu")
+    up = model.model.layers[0].mlp.up_proj
+    assert (up.in_features, up.out_features) == (HIDDEN, MLP)
+    x = torch.randn(3, HIDDEN)
+    ckpt = open_checkpoint(ckpt_dir)
+    w = torch.from_numpy(ckpt.dequantize("model.layers.0.mlp.up_proj"))
+    b = torch.from_numpy(ckpt.load_layer("model.layers.0.mlp.up_proj")["bias"].astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.testing.assert_close(up(x), x @ w + b, rtol=1e-5, atol=1e-5)
+
+
+def test_loaded_extras_cast_to_model_dtype(tmp_path):
+    ckpt_dir = _write(tmp_path, "gptq")
+    model = patch_model(Tiny(1), ckpt_dir, device="cpu")
+    stored = torch.from_numpy(open_checkpoint(ckpt_dir).load_tensor("lm_head.weight"))
+    assert model.lm_head.weight.dtype == torch.float32
+    assert torch.equal(model.lm_head.weight, stored.float())
+
+
+def test_missing_linear_is_an_error_and_model_untouched(tmp_path):
+    ckpt_dir = _write(tmp_path, "gptq")
+    model = Tiny(1)
+    del model.model.layers[0].mlp.up_proj
+    model.model.layers[0].mlp.up_proj = nn.Identity()
+    before = model.lm_head.weight.clone()
+    with pytest.raises(ValueError, match=r"quantized layer\(s\) match no torch.nn.Linear.*'model.layers.0.mlp.up_proj'"):
+        patch_model(model, ckpt_dir)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    assert torch.equal(model.lm_head.weight, before)
+
+
+def test_feature_mismatch_is_an_error(tmp_path):
+    ckpt_dir = _write(tmp_path, "exl2")
+    model = Tiny(1)
+    model.model.layers[0].mlp.up_proj = nn.Linear(HIDDEN, MLP // 2)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj' is exl2 with in_features=128, out_features=256, "
+                                         r"but the model's Linear has in_features=128, out_features=128"):
+        patch_model(model, ckpt_dir)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_extra_tensor_shape_mismatch_is_an_error(tmp_path):
+    ckpt_dir = _write(tmp_path, "gptq")
+    model = Tiny(1)
+    model.lm_head = nn.Linear(HIDDEN, VOCAB + 1, bias=False)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'lm_head.weight' has shape \[64, 128\], "
+                                         r"but the model's lm_head.weight has shape \[65, 128\]"):
+        patch_model(model, ckpt_dir)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_warns_about_unused_and_untouched_tensors(tmp_path):
+    source = Tiny(0)
+    extras = {"model.embed_tokens.weight": _extras(source)["model.embed_tokens.weight"],
+              "rotary.inv_freq": np.ones(8, np.float32)}
+    save_gptq(tmp_path, _quantize(source, "gptq"), bits=4, group_size=32, desc_act=True, sym=True, extra_tensors=extras)
+    with pytest.warns(UserWarning) as record:
+        patch_model(Tiny(1), tmp_path)
+    messages = [str(w.message) for w in record]
+    assert any("not used by the model: rotary.inv_freq" in m for m in messages)
+    assert any("not in the checkpoint keep their values" in m and "lm_head.weight" in m for m in messages)
+
+
+def test_bad_device(tmp_path):
+    ckpt_dir = _write(tmp_path, "gptq")
+    with pytest.raises(ValueError, match="device: expected a CPU or CUDA device, got meta"):
+        patch_model(Tiny(1), ckpt_dir, device="meta")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gptq", "exl2"])
+def test_patch_model_gpu_fp16(tmp_path, kind):
+    ckpt_dir = _write(tmp_path, kind)
+    model = Tiny(7).half().cuda()
+    patch_model(model, ckpt_dir)
+    assert all(_modules(model)[n].qmatrix.is_cuda for n in LINEARS)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    twin = _dense_twin(ckpt_dir)
+    with torch.no_grad():
+        got = model(ids.cuda()).float().cpu()
+        ref = twin(ids)
+        ref16 = twin.half().cuda()(ids.cuda()).float().cpu()
+    err = ((got - ref).norm() / ref.norm()).item()
+    err16 = ((ref16 - ref).norm() / ref.norm()).item()
+    print(f"patch_model {kind} GPU fp16: relative logit error {err:.3g} (dense fp16 model: {err16:.3g})")
+    # The dense model run in fp16 is the yardstick for fp16 rounding; allow twice it plus a floor.
+    assert err <= 2 * err16 + 2e-3
