@@ -17,24 +17,26 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kCtaCols = kWarps * 16;
 constexpr int kStepChunks = 4;                      // 64-row chunks per step
 constexpr int kStepRows = kStepChunks * 64;         // 256
-constexpr int kStepTiles = kStepRows / 16;          // 16
 constexpr int kXsLd = kStepRows + 8;                // shared-memory row stride of x (halves), conflict-free ldmatrix
 
 template <typename T, int MT>
 struct QgemmSmem {
     T xs[MT * 8][kXsLd];
-    uint2 zs[kStepTiles][kCtaCols];  // per tile and column: half2(s, s), half2(zc, zc)
 };
 
+// Raw data of one step (4 chunks) for one lane: weights and the (scale, zero) words of its two columns.
 template <bool HAS8>
 struct StepWeights {
     uint4 v[kStepChunks][HAS8 ? 2 : 1];
+    unsigned zlo[kStepChunks], zhi[kStepChunks];
 };
 
 template <bool HAS8, bool HAS4>
 __device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __restrict__ w8,
-                                          const uint4* __restrict__ w4, int tile, int chunk, int chunk_end,
-                                          int C8, int C4, int lane) {
+                                          const uint4* __restrict__ w4, const int* __restrict__ tile_group,
+                                          const unsigned* __restrict__ zs, int tile, int chunk, int chunk_end,
+                                          int C8, int C4, int Npad, int lane) {
+    const int n_lo = tile * 16 + (lane >> 2);
 #pragma unroll
     for (int i = 0; i < kStepChunks; ++i) {
         const int c = chunk + i;
@@ -46,18 +48,21 @@ __device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __r
             } else {
                 r.v[i][0] = __ldg(w4 + (size_t)(tile * C4 + (c - C8)) * 32 + lane);
             }
+            // The lane's rows of this chunk form one 16-row tile: c*4 + lane%4.
+            const int g = __ldg(tile_group + c * 4 + (lane & 3));
+            r.zlo[i] = __ldg(zs + (size_t)g * Npad + n_lo);
+            r.zhi[i] = __ldg(zs + (size_t)g * Npad + n_lo + 8);
         }
     }
 }
 
-template <typename T, int MT, bool HAS8, bool HAS4>
+// Stage activations of sorted rows [64*chunk, 64*chunk + 256) for rows m0 .. m0 + MT*8 - 1 in shared memory.
+template <typename T, int MT>
 __device__ __forceinline__ void fill_step(QgemmSmem<T, MT>& sm, const T* __restrict__ x,
-                                          const int* __restrict__ row_src, const int* __restrict__ tile_group,
-                                          const unsigned* __restrict__ zs, int chunk, int chunk_end, int m0,
-                                          int M, int K, int Npad, int col0, int C8, int x_vec) {
+                                          const int* __restrict__ row_src, int chunk, int chunk_end, int m0,
+                                          int M, int K, int x_vec) {
     const int row0 = chunk * 64;
     const int nrows = min(kStepChunks, chunk_end - chunk) * 64;
-    // Activations: rows m0 .. m0 + MT*8 - 1, sorted rows row0 .. row0 + kStepRows - 1.
     if (x_vec) {
         // Identity order, K % 8 == 0, 16-byte aligned rows: one uint4 (8 values) per load.
         for (int i = threadIdx.x; i < MT * 8 * (kStepRows / 8); i += kThreads) {
@@ -81,62 +86,65 @@ __device__ __forceinline__ void fill_step(QgemmSmem<T, MT>& sm, const T* __restr
             sm.xs[m][kk] = v;
         }
     }
-    // Scales and zeros of every tile of the step for this CTA's columns.
-    const int tile0 = row0 / 16;
-    const bool is8 = HAS8 && (!HAS4 || chunk < C8);
-    for (int i = threadIdx.x; i < kStepTiles * kCtaCols; i += kThreads) {
-        const int t = i / kCtaCols;
-        const int col = i % kCtaCols;
-        const int n = col0 + col;
-        unsigned word = 0;
-        if (t * 16 < nrows && n < Npad) word = __ldg(zs + (size_t)__ldg(tile_group + tile0 + t) * Npad + n);
-        __half2 sz = as_half2(word);
-        __half s = __low2half(sz);
-        __half zc = __high2half(sz);
-        if (is8 && (col & 15) >= 8) zc = __hsub(__ushort_as_half(0x6380), zc);  // 960 - (-(64 + z)) = 1024 + z
-        sm.zs[t][col] = make_uint2(as_u32(__half2half2(s)), as_u32(__half2half2(zc)));
-    }
 }
 
+// Inside a 64-row chunk the lane with lane%4 == r owns rows r*16 .. r*16 + 15: for tile j its A fragment holds
+// rows r*16 + 8*kh + 2*j + {0, 1}, and its B fragment the activations of the same rows, which are the j-th
+// 32-bit words of two 16-byte vectors x[m][r*16 .. +7] and x[m][r*16 + 8 .. +15].
 template <typename T, int MT, bool HAS8, bool HAS4>
-__device__ __forceinline__ void compute_step(const StepWeights<HAS8>& r, const QgemmSmem<T, MT>& sm, int chunk,
-                                             int chunk_end, int C8, int warp, int lane, float acc[MT][4]) {
+__device__ __forceinline__ void compute_step(const StepWeights<HAS8>& r, const QgemmSmem<T, MT>* sm,
+                                             const T* __restrict__ x, int chunk, int chunk_end, int C8, int m0,
+                                             int M, int K, int lane, float acc[MT][4]) {
     const bool is8 = HAS8 && (!HAS4 || chunk < C8);
     const int nchunks = min(kStepChunks, chunk_end - chunk);
 #pragma unroll
     for (int i = 0; i < kStepChunks; ++i) {
         if (i < nchunks) {
-            // B fragments of the chunk's four 16-row tiles for every m8 tile.
-            unsigned b[MT][4][2];
+            uint4 bx[MT][2];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                unsigned q[4];
-                const T* base = &sm.xs[mt * 8 + (lane & 7)][i * 64 + (lane >> 3) * 8];
-                ldmatrix_x4(q, base);
-                b[mt][0][0] = q[0]; b[mt][0][1] = q[1]; b[mt][1][0] = q[2]; b[mt][1][1] = q[3];
-                ldmatrix_x4(q, base + 32);
-                b[mt][2][0] = q[0]; b[mt][2][1] = q[1]; b[mt][3][0] = q[2]; b[mt][3][1] = q[3];
+                if (sm) {
+                    const T* row = &sm->xs[mt * 8 + (lane >> 2)][i * 64 + (lane & 3) * 16];
+                    bx[mt][0] = *reinterpret_cast<const uint4*>(row);
+                    bx[mt][1] = *reinterpret_cast<const uint4*>(row + 8);
+                } else {
+                    // Direct loads (one m8 tile, identity order, aligned rows): padding rows past K read zero.
+                    const int m = m0 + mt * 8 + (lane >> 2);
+                    const int k = (chunk + i) * 64 + (lane & 3) * 16;
+                    bx[mt][0] = bx[mt][1] = make_uint4(0, 0, 0, 0);
+                    if (m < M && k < K) {
+                        const uint4* p = reinterpret_cast<const uint4*>(x + (size_t)m * K + k);
+                        bx[mt][0] = __ldg(p);
+                        bx[mt][1] = __ldg(p + 1);
+                    }
+                }
             }
+            __half2 slo = __low2half2(as_half2(r.zlo[i]));
+            __half2 shi = __low2half2(as_half2(r.zhi[i]));
+            __half2 zlo = __high2half2(as_half2(r.zlo[i]));
+            __half2 zhi = __high2half2(as_half2(r.zhi[i]));
+            if (HAS8 && is8) zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi);  // 960 + 64 + z
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const int t = i * 4 + j;
-                const uint2 zlo = sm.zs[t][warp * 16 + (lane >> 2)];
-                const uint2 zhi = sm.zs[t][warp * 16 + 8 + (lane >> 2)];
                 __half2 d[4];
                 if (HAS8 && is8) {
                     const uint4& v = r.v[i][(j >> 1) & (HAS8 ? 1 : 0)];
                     const unsigned w0 = (j & 1) ? v.z : v.x;
                     const unsigned w1 = (j & 1) ? v.w : v.y;
-                    dequant8_exact(w0, w1, as_half2(zlo.y), as_half2(zhi.y), d);
+                    dequant8_exact(w0, w1, zlo, zhi, d);
                 } else {
                     const uint4& v = r.v[i][0];
                     const unsigned w = j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-                    dequant4_exact(w, as_half2(zlo.y), as_half2(zhi.y), d);
+                    dequant4_exact(w, zlo, zhi, d);
                 }
                 unsigned a[4];
-                Frag<T>::scale(d, as_half2(zlo.x), as_half2(zhi.x), a);
+                Frag<T>::scale(d, slo, shi, a);
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) Mma<T>::run(acc[mt], a, b[mt][j][0], b[mt][j][1]);
+                for (int mt = 0; mt < MT; ++mt) {
+                    const unsigned* b0 = reinterpret_cast<const unsigned*>(&bx[mt][0]);
+                    const unsigned* b1 = reinterpret_cast<const unsigned*>(&bx[mt][1]);
+                    Mma<T>::run(acc[mt], a, b0[j], b1[j]);
+                }
             }
         }
     }
@@ -163,21 +171,29 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
     const int C = C8 + C4;
     const int chunk_begin = blockIdx.y * chunks_per_split;
     const int chunk_end = min(C, chunk_begin + chunks_per_split);
+    // One m8 tile in identity order reads activations straight from global memory (L1 keeps them for the
+    // other warps); otherwise they are staged (and gathered) in shared memory once per step for all warps.
+    const bool direct = MT == 1 && x_vec && row_src == nullptr;
 
     float acc[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
 
     StepWeights<HAS8> cur, nxt;
-    if (active) load_step<HAS8, HAS4>(cur, w8, w4, tile, chunk_begin, chunk_end, C8, C4, lane);
+    if (active) load_step<HAS8, HAS4>(cur, w8, w4, tile_group, zs, tile, chunk_begin, chunk_end, C8, C4, Npad, lane);
     for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
-        __syncthreads();
-        fill_step<T, MT, HAS8, HAS4>(sm, x, row_src, tile_group, zs, chunk, chunk_end, m0, M, K, Npad, col0, C8,
-                                     x_vec);
-        __syncthreads();
+        if (!direct) {
+            __syncthreads();
+            fill_step<T, MT>(sm, x, row_src, chunk, chunk_end, m0, M, K, x_vec);
+            __syncthreads();
+        }
         const bool more = chunk + kStepChunks < chunk_end;
-        if (active && more) load_step<HAS8, HAS4>(nxt, w8, w4, tile, chunk + kStepChunks, chunk_end, C8, C4, lane);
-        if (active) compute_step<T, MT, HAS8, HAS4>(cur, sm, chunk, chunk_end, C8, warp, lane, acc);
+        if (active && more)
+            load_step<HAS8, HAS4>(nxt, w8, w4, tile_group, zs, tile, chunk + kStepChunks, chunk_end, C8, C4, Npad,
+                                  lane);
+        if (active)
+            compute_step<T, MT, HAS8, HAS4>(cur, direct ? nullptr : &sm, x, chunk, chunk_end, C8, m0, M, K, lane,
+                                            acc);
         if (more) cur = nxt;
     }
 
@@ -273,9 +289,9 @@ __global__ void __launch_bounds__(cupyq::kThreads)
         v0 = __ldg(w4 + (size_t)(tile * C4 + (chunk - C8)) * 32 + lane);
     }
     const int n_lo = tile * 16 + (lane >> 2);
+    const int g = __ldg(tile_group + chunk * 4 + (lane & 3));  // the lane's rows: one 16-row tile
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        const int g = __ldg(tile_group + chunk * 4 + j);
         __half2 slo_zlo = as_half2(__ldg(zs + (size_t)g * Npad + n_lo));
         __half2 shi_zhi = as_half2(__ldg(zs + (size_t)g * Npad + n_lo + 8));
         __half2 zlo = __half2half2(__high2half(slo_zlo));
@@ -293,7 +309,7 @@ __global__ void __launch_bounds__(cupyq::kThreads)
         }
         unsigned a[4];
         Frag<T>::scale(d, __half2half2(__low2half(slo_zlo)), __half2half2(__low2half(shi_zhi)), a);
-        const int r = j * 16 + 2 * (lane & 3);
+        const int r = (lane & 3) * 16 + 2 * j;
         const int c = lane >> 2;
 #pragma unroll
         for (int p = 0; p < 4; ++p) {

@@ -185,7 +185,8 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     p = _Plan()
     p.fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
                                 qm.device_id)
-    p.smem = mt * 8 * _XS_LD * 2 + 16 * 128 * 8
+    direct = mt == 1 and lay.row_src is None and qm.in_features % 8 == 0  # activations read without staging
+    p.smem = 0 if direct else mt * 8 * _XS_LD * 2
     if p.smem > _STATIC_SMEM_LIMIT:
         p.fn.max_dynamic_shared_size_bytes = p.smem
     p.grid = (col_blocks, splits, mblocks)
@@ -222,10 +223,12 @@ def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, str
             plan.ws_ptrs = ptrs
             plan.ws_args = ptrs
     tail = plan.tail
-    if x_ptr & 15 and tail[-1]:
+    smem = plan.smem
+    if x_ptr & 15 and tail[-1]:  # misaligned activations: the gathering (scalar) loads through shared memory
         tail = tail[:-1] + (np.int32(0),)
+        smem = 8 * _XS_LD * 2 if plan.smem == 0 else plan.smem
     plan.fn(plan.grid, plan.block, (x_ptr,) + plan.head + (out_ptr,) + plan.ws_args + tail,
-            shared_mem=plan.smem, stream=stream)
+            shared_mem=smem, stream=stream)
 
 
 def dequantize_into(qm: QMatrix, buf, ctype: str, stream, *, chunk_begin: int = 0, chunk_end: int | None = None,
@@ -276,6 +279,22 @@ def _half_view(buf, offset: int, rows: int, cols: int):
     return buf[offset: offset + rows * cols * 2].view(np.float16).reshape(rows, cols)
 
 
+class _CudaArray:
+    """Exposes a CuPy array through ``__cuda_array_interface__`` version 2 (no stream field): torch wraps it
+    without the cross-stream synchronisation DLPack performs, which would break CUDA-graph capture."""
+
+    def __init__(self, a):
+        self.__cuda_array_interface__ = {
+            "shape": tuple(a.shape), "typestr": a.dtype.str, "data": (int(a.data.ptr), False),
+            "strides": tuple(a.strides), "version": 2,
+        }
+
+
+def _torch_view(torch, a, dtype):
+    t = torch.as_tensor(_CudaArray(a), device=torch.device("cuda", a.device.id))
+    return t.view(dtype) if dtype == torch.bfloat16 else t
+
+
 def _dense_torch(x2, out2, qm: QMatrix, ctype: str, stream):
     import torch
 
@@ -286,8 +305,7 @@ def _dense_torch(x2, out2, qm: QMatrix, ctype: str, stream):
     tdtype = x2.dtype
 
     def as_torch(a):
-        t = torch.from_dlpack(a)
-        return t.view(tdtype) if tdtype == torch.bfloat16 else t
+        return _torch_view(torch, a, tdtype)
 
     bias = None
     if qm._bias_host is not None:

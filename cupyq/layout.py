@@ -99,9 +99,9 @@ def pack_fragments4(q, xp):
     [Npad/16, R/64, 32 lanes, 4 tiles]."""
     r, n = q.shape
     c, t = r // CHUNK_ROWS, n // 16
-    # k = c*64 + j*16 + kh*8 + l4*2 + kodd ; n = t*16 + dnh*8 + lg
-    v = q.reshape(c, 4, 2, 4, 2, t, 2, 8)  # c, j, kh, l4, kodd, t, dnh, lg
-    v = v.transpose(5, 0, 7, 3, 1, 4, 2, 6)  # t, c, lg, l4, j, kodd, kh, dnh  -> nibble p = kodd*4 + kh*2 + dnh
+    # k = c*64 + l4*16 + kh*8 + j*2 + kodd ; n = t*16 + dnh*8 + lg
+    v = q.reshape(c, 4, 2, 4, 2, t, 2, 8)  # c, l4, kh, j, kodd, t, dnh, lg
+    v = v.transpose(5, 0, 7, 1, 3, 4, 2, 6)  # t, c, lg, l4, j, kodd, kh, dnh  -> nibble p = kodd*4 + kh*2 + dnh
     v = v.reshape(t, c, 32, 4, 8).astype(xp.uint32)
     shifts = (xp.arange(8, dtype=xp.uint32) * 4).reshape(1, 1, 1, 1, 8)
     return (v << shifts).sum(axis=4, dtype=xp.uint32)  # fields do not overlap: the sum is the bitwise or
@@ -112,9 +112,9 @@ def pack_fragments8(q, xp):
     [Npad/16, R/64, 2 halves, 32 lanes, 4 words]."""
     r, n = q.shape
     c, t = r // CHUNK_ROWS, n // 16
-    # k = c*64 + (h*2 + jj)*16 + kh*8 + l4*2 + kodd ; n = t*16 + dnh*8 + lg
-    v = q.reshape(c, 2, 2, 2, 4, 2, t, 2, 8)  # c, h, jj, kh, l4, kodd, t, dnh, lg
-    v = v.transpose(6, 0, 1, 8, 4, 2, 3, 7, 5)  # t, c, h, lg, l4, jj, kh, dnh, kodd
+    # k = c*64 + l4*16 + kh*8 + (h*2 + jj)*2 + kodd ; n = t*16 + dnh*8 + lg
+    v = q.reshape(c, 4, 2, 2, 2, 2, t, 2, 8)  # c, l4, kh, h, jj, kodd, t, dnh, lg
+    v = v.transpose(6, 0, 3, 8, 1, 4, 2, 7, 5)  # t, c, h, lg, l4, jj, kh, dnh, kodd
     v = xp.ascontiguousarray(v.astype(xp.uint8))
     return v.reshape(-1).view(xp.uint32).reshape(t, c, 2, 32, 4)
 
@@ -185,13 +185,14 @@ def unpack_layout(layout: DeviceLayout, xp=np):
     q = xp.zeros((kp, npad), dtype=xp.uint8)
     if layout.chunks8:
         v = xp.asarray(layout.w8).view(xp.uint8).reshape(t, layout.chunks8, 2, 8, 4, 2, 2, 2, 2)
-        # t, c, h, lg, l4, jj, kh, dnh, kodd -> c, h, jj, kh, l4, kodd, t, dnh, lg
-        q[:rows8] = v.transpose(1, 2, 5, 6, 4, 8, 0, 7, 3).reshape(rows8, npad)
+        # t, c, h, lg, l4, jj, kh, dnh, kodd -> c, l4, kh, h, jj, kodd, t, dnh, lg
+        q[:rows8] = v.transpose(1, 4, 6, 2, 5, 8, 0, 7, 3).reshape(rows8, npad)
     if layout.chunks4:
         words = xp.asarray(layout.w4).reshape(t, layout.chunks4, 8, 4, 4)  # t, c, lg, l4, j
         nib = xp.stack([(words >> (4 * p)) & 15 for p in range(8)], axis=-1).astype(xp.uint8)
         nib = nib.reshape(t, layout.chunks4, 8, 4, 4, 2, 2, 2)  # t, c, lg, l4, j, kodd, kh, dnh
-        q[rows8:] = nib.transpose(1, 4, 6, 3, 5, 0, 7, 2).reshape(kp - rows8, npad)
+        # -> c, l4, kh, j, kodd, t, dnh, lg
+        q[rows8:] = nib.transpose(1, 3, 6, 4, 5, 0, 7, 2).reshape(kp - rows8, npad)
     zs = xp.asarray(layout.zs)
     s = (zs & 0xFFFF).astype(xp.uint16).view(xp.float16).astype(xp.float32)
     zc = (zs >> 16).astype(xp.uint16).view(xp.float16).astype(xp.float32)

@@ -17,7 +17,6 @@ def _decode_like_kernel(lay):
     zc_all = (zs >> 16).astype(np.uint16).view(np.float16)
     lanes = np.arange(32)
     n_lo = lanes // 4
-    k_base = 2 * (lanes % 4)
 
     def halves(u):  # uint32 [...] -> two float16 lanes
         u = np.asarray(u, dtype=np.uint32)
@@ -28,9 +27,8 @@ def _decode_like_kernel(lay):
     w4 = lay.w4.reshape(t16, lay.chunks4, 32, 4) if lay.chunks4 else None
     for t in range(t16):
         for c in range(c8 + lay.chunks4):
+            g = lay.tile_group[c * 4 + lanes % 4]  # each lane's rows of the chunk form one 16-row tile
             for j in range(4):
-                tile = c * 4 + j
-                g = lay.tile_group[tile]
                 nl, nh = t * 16 + n_lo, t * 16 + n_lo + 8
                 slo, shi = s_all[g, nl], s_all[g, nh]
                 zlo, zhi = zc_all[g, nl], zc_all[g, nh]
@@ -66,7 +64,7 @@ def _decode_like_kernel(lay):
                 for p in range(4):
                     s = slo if p % 2 == 0 else shi
                     n = nl if p % 2 == 0 else nh
-                    k = c * 64 + j * 16 + k_base + 8 * (p // 2)
+                    k = c * 64 + (lanes % 4) * 16 + 8 * (p // 2) + 2 * j
                     out[k, n] = (d[p][0] * s).astype(np.float16)
                     out[k + 1, n] = (d[p][1] * s).astype(np.float16)
     return out
