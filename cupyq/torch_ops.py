@@ -1,0 +1,227 @@
+"""PyTorch front end: the ``cupyq::qgemm`` custom op and the ``QuantizedLinear`` module.
+
+``torch.ops.cupyq.qgemm(x, handle, force_cuda)`` computes ``x @ W + bias`` for the quantized matrix
+registered under the integer ``handle``. To ``torch.compile`` it is one opaque node with a fake
+(meta) implementation, so ``fullgraph=True`` works and inductor never looks inside; to CUDA-graph
+capture it is a plain sequence of kernels on torch's current stream with a torch-allocated output.
+
+A handle is an int key into a module-level registry of weak references: registering never keeps a
+matrix alive, the owner (``QuantizedLinear``, ``cupyq.exllamav2.QuantLinear``) does. Once the matrix
+is garbage collected its handle is gone and calling the op with it raises ``ValueError``.
+
+The op is defined with ``torch.library.custom_op`` (torch >= 2.4). On an older torch ``qgemm`` is a
+plain Python function with the same signature (no ``torch.compile`` support, eager and graph capture
+still work).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+
+import torch
+
+__all__ = [
+    "HAS_CUSTOM_OP",
+    "QuantizedLinear",
+    "lookup_qmatrix",
+    "qgemm",
+    "register_qmatrix",
+    "registered_handles",
+    "unregister_qmatrix",
+]
+
+# --------------------------------------------------------------------------------------------
+# handle registry
+# --------------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_counter = itertools.count(1)  # handles are never reused, so a stale int can never name a new matrix
+_by_handle: dict[int, weakref.ref] = {}
+_by_object: dict[int, int] = {}  # id(qm) -> handle, valid while the weak reference is alive
+
+
+class _StrongRef:
+    """Callable holding a plain reference, for objects that cannot be weakly referenced."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __call__(self):
+        return self.obj
+
+
+def _forget(handle: int, key: int) -> None:
+    with _lock:
+        _by_handle.pop(handle, None)
+        if _by_object.get(key) == handle:
+            del _by_object[key]
+
+
+def register_qmatrix(qm) -> int:
+    """Register a quantized matrix and return its int handle (the same handle on every call for one object).
+
+    qm: a ``cupyq.QMatrix`` (anything with ``in_features``/``out_features`` and accepted by
+    ``cupyq.gemm``). Only a weak reference is kept: the caller must keep ``qm`` alive for as long as
+    it uses the handle. The entry disappears when ``qm`` is garbage collected.
+    """
+    for attr in ("in_features", "out_features"):
+        if not isinstance(getattr(qm, attr, None), int):
+            raise TypeError(f"qm: expected a cupyq.QMatrix with an int {attr!r}, got {type(qm).__name__}")
+    key = id(qm)
+    with _lock:
+        handle = _by_object.get(key)
+        if handle is not None:
+            ref = _by_handle.get(handle)
+            if ref is not None and ref() is qm:
+                return handle
+        handle = next(_counter)
+        try:
+            ref = weakref.ref(qm, lambda _ref, h=handle, k=key: _forget(h, k))
+        except TypeError:  # an object without weak-reference support stays registered until unregistered
+            ref = _StrongRef(qm)
+        _by_handle[handle] = ref
+        _by_object[key] = handle
+    return handle
+
+
+def unregister_qmatrix(handle: int) -> None:
+    """Drop ``handle`` from the registry (no error if it is already gone)."""
+    with _lock:
+        ref = _by_handle.pop(int(handle), None)
+        obj = ref() if ref is not None else None
+        if obj is not None and _by_object.get(id(obj)) == handle:
+            del _by_object[id(obj)]
+
+
+def lookup_qmatrix(handle: int):
+    """The matrix registered under ``handle``; ``ValueError`` if unknown or already garbage collected."""
+    ref = _by_handle.get(int(handle))
+    qm = ref() if ref is not None else None
+    if qm is None:
+        raise ValueError(
+            f"handle: no live quantized matrix is registered under handle {int(handle)} "
+            "(its QMatrix was garbage collected or never registered)"
+        )
+    return qm
+
+
+def registered_handles() -> list[int]:
+    """Handles whose matrices are still alive (for diagnostics and tests)."""
+    with _lock:
+        return [h for h, ref in _by_handle.items() if ref() is not None]
+
+
+# --------------------------------------------------------------------------------------------
+# the op
+# --------------------------------------------------------------------------------------------
+
+
+def _check_input(x: torch.Tensor, qm) -> None:
+    if x.dim() < 1 or x.shape[-1] != qm.in_features:
+        raise ValueError(f"x: expected shape [..., {qm.in_features}] (in_features), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
+
+
+def _qgemm_impl(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
+    from cupyq.gemm import gemm
+
+    qm = lookup_qmatrix(handle)
+    _check_input(x, qm)
+    y = gemm(x, qm, force_cuda=force_cuda)
+    if not isinstance(y, torch.Tensor):  # pragma: no cover - gemm returns torch for torch input
+        raise TypeError(f"cupyq.gemm returned {type(y).__name__} for a torch tensor input")
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    # The op's contract (checked by the fake) is a fresh contiguous tensor, never a view of x.
+    return y.contiguous()
+
+
+def _qgemm_fake(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
+    qm = lookup_qmatrix(handle)
+    _check_input(x, qm)
+    return x.new_empty(tuple(x.shape[:-1]) + (qm.out_features,))
+
+
+HAS_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
+
+if HAS_CUSTOM_OP:
+
+    # An explicit schema: the handle is a plain int (never symbolic), so compiled graphs specialise on it.
+    @torch.library.custom_op(
+        "cupyq::qgemm", mutates_args=(), schema="(Tensor x, int handle, bool force_cuda) -> Tensor"
+    )
+    def _qgemm_def(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
+        """``x @ W + bias`` for the matrix registered under ``handle``.
+
+        x: float tensor ``[..., in_features]`` (float16 on CUDA; any float dtype on the CPU, where the
+        float32 reference path runs). handle: from :func:`register_qmatrix`. force_cuda: always use
+        the quantized kernel, never the dequantise + dense matmul path (CUDA only).
+        Returns a new tensor ``[..., out_features]`` with ``x``'s dtype and device.
+        """
+        return _qgemm_impl(x, handle, force_cuda)
+
+    _qgemm_def.register_fake(_qgemm_fake)
+    # The OpOverload itself: what torch.compile and CUDA-graph capture see as one node.
+    qgemm = torch.ops.cupyq.qgemm.default
+
+else:  # pragma: no cover - torch < 2.4
+
+    def qgemm(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
+        """``x @ W + bias`` for the matrix registered under ``handle`` (plain function on torch < 2.4)."""
+        return _qgemm_impl(x, handle, force_cuda)
+
+
+# --------------------------------------------------------------------------------------------
+# module
+# --------------------------------------------------------------------------------------------
+
+
+class QuantizedLinear(torch.nn.Module):
+    """``y = x @ W + bias`` with a quantized ``W`` held by a ``cupyq.QMatrix``.
+
+    qm: the matrix (GPTQ or EXL2, CUDA or CPU); the module keeps it alive. ``forward(x)``:
+    x ``[..., in_features]`` -> ``[..., out_features]`` with x's dtype, always through
+    ``torch.ops.cupyq.qgemm``: CUDA tensors run the cupyq kernels on torch's current stream (float16),
+    CPU tensors the float32 reference path. Inference only (the op has no autograd formula).
+
+    The weights are not parameters or buffers: ``.to()`` / ``.cuda()`` do not move them and
+    ``state_dict()`` is empty. Build the QMatrix on the device it is used on.
+    """
+
+    def __init__(self, qm, *, force_cuda: bool = False):
+        super().__init__()
+        self.handle = register_qmatrix(qm)
+        self.qmatrix = qm
+        self.in_features = int(qm.in_features)
+        self.out_features = int(qm.out_features)
+        self.force_cuda = bool(force_cuda)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qgemm(x, self.handle, self.force_cuda)
+
+    def extra_repr(self) -> str:
+        qm = self.qmatrix
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}"]
+        for attr in ("format", "bits", "group_size", "act_order"):
+            value = getattr(qm, attr, None)
+            if value is not None:
+                parts.append(f"{attr}={value}")
+        device = _qmatrix_device(qm)
+        if device is not None:
+            parts.append(f"device={device}")
+        return ", ".join(parts)
+
+
+def _qmatrix_device(qm) -> str | None:
+    is_cuda = getattr(qm, "is_cuda", None)
+    if is_cuda is None:
+        return None
+    if not is_cuda:
+        return "cpu"
+    device_id = getattr(qm, "device_id", None)
+    return "cuda" if device_id is None else f"cuda:{device_id}"
