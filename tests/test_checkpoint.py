@@ -777,3 +777,37 @@ def test_public_exl2_conventions(tmp_path):
         assert info.bits_per_weight == pytest.approx(4 + 4 / 32 + 16 * groups / (k * n))
         np.testing.assert_allclose(ckpt.dequantize(name), w, rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(ckpt.load_layer(name)["q_perm"], np.argsort(arrays[f"{name}.q_invperm"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# the built-in sample
+# ------------------------------------------------------------------------------------------------
+
+
+def test_make_sample(tmp_path):
+    import time
+
+    from cupyq.sample import SAMPLE_RECIPES, make_sample
+
+    start = time.perf_counter()
+    made = make_sample(tmp_path, seed=3)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0  # about 0.5 s on one core; generous for loaded CI machines
+    assert set(made) == set(SAMPLE_RECIPES)
+    gptq4 = open_checkpoint(made["gptq-4bit-g128-act"])
+    for name in gptq4.quantized_layers:
+        info = gptq4.layers[name]
+        assert (info.bits, info.group_size, info.act_order, info.checkpoint_format) == ((4,), 128, True, "gptq")
+    gptq3 = open_checkpoint(made["gptq-3bit-g64-asym-v2"])
+    assert {gptq3.layers[n].bits for n in gptq3.quantized_layers} == {(3,)}
+    assert not gptq3.quant_config.sym and gptq3.quant_config.checkpoint_format == "gptq_v2"
+    exl2 = open_checkpoint(made["exl2-mixed"])
+    mixes = {exl2.layer_info(n).bits for n in exl2.quantized_layers}
+    assert mixes == {(8, 4), (6, 5, 4), (4, 3, 2)}
+    shapes = {(i.in_features, i.out_features) for c in (gptq4, gptq3, exl2) for i in c.layers.values() if i.quantized}
+    assert all(256 <= min(s) and max(s) <= 2048 for s in shapes) and len(shapes) >= 3
+    # same seed, same tensors
+    again = make_sample(tmp_path / "again", seed=3)
+    a = open_checkpoint(again["exl2-mixed"]).load_layer("model.layers.0.mlp.gate_proj")
+    b = exl2.load_layer("model.layers.0.mlp.gate_proj")
+    assert all(np.array_equal(a[k], b[k]) for k in a)

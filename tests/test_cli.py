@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cupyq import cli, runtime
-from cupyq.checkpoint import save_exl2, save_gptq
+from cupyq.checkpoint import save_gptq
 from cupyq.quantize import quantize_exl2, quantize_gptq
 
 HAS_GPU = runtime.gpu_available()
