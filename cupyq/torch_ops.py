@@ -132,13 +132,24 @@ def _qgemm_impl(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
 
     qm = lookup_qmatrix(handle)
     _check_input(x, qm)
-    y = gemm(x, qm, force_cuda=force_cuda)
+    # The kernels read x densely; compiled graphs may hand the op a strided view.
+    y = gemm(x.contiguous(), qm, force_cuda=force_cuda)
     if not isinstance(y, torch.Tensor):  # pragma: no cover - gemm returns torch for torch input
         raise TypeError(f"cupyq.gemm returned {type(y).__name__} for a torch tensor input")
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     # The op's contract (checked by the fake) is a fresh contiguous tensor, never a view of x.
     return y.contiguous()
+
+
+def _dequantized(qm, like: torch.Tensor) -> torch.Tensor:
+    """W [K, N] as a torch tensor on ``like``'s device: float32 on the CPU, ``like``'s dtype on a GPU."""
+    w = qm.dequantize()
+    if not isinstance(w, torch.Tensor):  # NumPy (CPU matrix) or CuPy (matrix built from CuPy arrays)
+        w = torch.from_numpy(w) if type(w).__module__.startswith("numpy") else torch.from_dlpack(w)
+    if like.device.type == "cpu":
+        return w.to(device="cpu", dtype=torch.float32)
+    return w.to(device=like.device, dtype=like.dtype)
 
 
 def _qgemm_fake(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
@@ -158,7 +169,7 @@ if HAS_CUSTOM_OP:
     def _qgemm_def(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
         """``x @ W + bias`` for the matrix registered under ``handle``.
 
-        x: float tensor ``[..., in_features]`` (float16 on CUDA; any float dtype on the CPU, where the
+        x: float tensor ``[..., in_features]`` (float16/bfloat16 on CUDA; any float dtype on the CPU, where the
         float32 reference path runs). handle: from :func:`register_qmatrix`. force_cuda: always use
         the quantized kernel, never the dequantise + dense matmul path (CUDA only).
         Returns a new tensor ``[..., out_features]`` with ``x``'s dtype and device.
@@ -166,6 +177,16 @@ if HAS_CUSTOM_OP:
         return _qgemm_impl(x, handle, force_cuda)
 
     _qgemm_def.register_fake(_qgemm_fake)
+
+    def _qgemm_setup_context(ctx, inputs, output):
+        ctx.handle = inputs[1]
+
+    def _qgemm_backward(ctx, grad):
+        # d(x @ W)/dx: grad @ W^T, with W dequantised for the occasion (W itself is frozen).
+        w = _dequantized(lookup_qmatrix(ctx.handle), grad)
+        return (grad.to(w.dtype) @ w.t()).to(grad.dtype), None, None
+
+    _qgemm_def.register_autograd(_qgemm_backward, setup_context=_qgemm_setup_context)
     # The OpOverload itself: what torch.compile and CUDA-graph capture see as one node.
     qgemm = torch.ops.cupyq.qgemm.default
 
@@ -186,8 +207,9 @@ class QuantizedLinear(torch.nn.Module):
 
     qm: the matrix (GPTQ or EXL2, CUDA or CPU); the module keeps it alive. ``forward(x)``:
     x ``[..., in_features]`` -> ``[..., out_features]`` with x's dtype, always through
-    ``torch.ops.cupyq.qgemm``: CUDA tensors run the cupyq kernels on torch's current stream (float16),
-    CPU tensors the float32 reference path. Inference only (the op has no autograd formula).
+    ``torch.ops.cupyq.qgemm``: CUDA tensors run the cupyq kernels on torch's current stream (float16/bfloat16),
+    CPU tensors the float32 reference path. Gradients flow to ``x`` (``grad @ W^T``, with ``W``
+    dequantised during backward); the quantized weights themselves are frozen.
 
     The weights are not parameters or buffers: ``.to()`` / ``.cuda()`` do not move them and
     ``state_dict()`` is empty. Build the QMatrix on the device it is used on.

@@ -164,13 +164,27 @@ def test_fake_shapes_and_dtype():
             torch.ops.cupyq.qgemm(torch.empty(4, 63), h, False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_opcheck(dtype):
+@pytest.mark.parametrize("dtype,requires_grad", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
+def test_opcheck(dtype, requires_grad):
     qm, _, _ = _layer("gptq", 64, 32, seed=1)
     h = torch_ops.register_qmatrix(qm)
-    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_(requires_grad)
     result = torch.library.opcheck(torch.ops.cupyq.qgemm.default, (x, h, False))
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "exl2"])
+def test_gradient_flows_to_x(fmt):
+    qm, w, b = _layer(fmt, 64, 32, seed=8)
+    layer = torch_ops.QuantizedLinear(qm)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 64, generator=gen, requires_grad=True)
+    g = torch.randn(4, 32, generator=gen)
+    (layer(x) * g).sum().backward()
+    # Backward uses W dequantised to float16: each weight off by at most 2**-11 relative.
+    expected = g @ torch.from_numpy(w).t()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(x.grad, expected, rtol=2e-3, atol=2e-3 * scale)
 
 
 def test_op_rejects_bad_input():
@@ -361,3 +375,14 @@ def test_non_default_stream():
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     _assert_close_fp16(y, _expected(x2, w, b))
+
+
+@pytest.mark.gpu
+def test_gradient_flows_to_x_cuda():
+    qm, w, _ = _layer("exl2", 256, 128, seed=15, device="cuda")
+    layer = torch_ops.QuantizedLinear(qm)
+    x = _cuda_x((5, 256), seed=15).requires_grad_()
+    g = _cuda_x((5, 128), seed=16)
+    (layer(x) * g).sum().backward()
+    assert x.grad.dtype == torch.float16
+    _assert_close_fp16(x.grad, g.float().cpu() @ torch.from_numpy(w).t())
