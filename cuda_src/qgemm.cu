@@ -31,9 +31,16 @@ struct StepWeights {
     unsigned zlo[kStepChunks], zhi[kStepChunks];
 };
 
+// Group of the lane's 16-row tile in each chunk of a step (loaded a step ahead of the scales that need it).
+__device__ __forceinline__ void load_groups(int g[kStepChunks], const int* __restrict__ tile_group, int chunk,
+                                            int chunk_end, int lane) {
+#pragma unroll
+    for (int i = 0; i < kStepChunks; ++i) g[i] = chunk + i < chunk_end ? __ldg(tile_group + (chunk + i) * 4 + (lane & 3)) : 0;
+}
+
 template <bool HAS8, bool HAS4>
 __device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __restrict__ w8,
-                                          const uint4* __restrict__ w4, const int* __restrict__ tile_group,
+                                          const uint4* __restrict__ w4, const int gid[kStepChunks],
                                           const unsigned* __restrict__ zs, int tile, int chunk, int chunk_end,
                                           int C8, int C4, int Npad, int lane) {
     const int n_lo = tile * 16 + (lane >> 2);
@@ -48,8 +55,7 @@ __device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __r
             } else {
                 r.v[i][0] = __ldg(w4 + (size_t)(tile * C4 + (c - C8)) * 32 + lane);
             }
-            // The lane's rows of this chunk form one 16-row tile: c*4 + lane%4.
-            const int g = __ldg(tile_group + c * 4 + (lane & 3));
+            const int g = gid[i];  // the lane's rows of this chunk form one 16-row tile: c*4 + lane%4
             r.zlo[i] = __ldg(zs + (size_t)g * Npad + n_lo);
             r.zhi[i] = __ldg(zs + (size_t)g * Npad + n_lo + 8);
         }
@@ -180,7 +186,12 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
 
     StepWeights<HAS8> cur, nxt;
-    if (active) load_step<HAS8, HAS4>(cur, w8, w4, tile_group, zs, tile, chunk_begin, chunk_end, C8, C4, Npad, lane);
+    int gid[kStepChunks], gid_next[kStepChunks];
+    if (active) {
+        load_groups(gid, tile_group, chunk_begin, chunk_end, lane);
+        load_step<HAS8, HAS4>(cur, w8, w4, gid, zs, tile, chunk_begin, chunk_end, C8, C4, Npad, lane);
+        load_groups(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
+    }
     for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
         if (!direct) {
             __syncthreads();
@@ -188,9 +199,12 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
             __syncthreads();
         }
         const bool more = chunk + kStepChunks < chunk_end;
-        if (active && more)
-            load_step<HAS8, HAS4>(nxt, w8, w4, tile_group, zs, tile, chunk + kStepChunks, chunk_end, C8, C4, Npad,
-                                  lane);
+        if (active && more) {
+            load_groups(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
+            load_step<HAS8, HAS4>(nxt, w8, w4, gid, zs, tile, chunk + kStepChunks, chunk_end, C8, C4, Npad, lane);
+#pragma unroll
+            for (int i = 0; i < kStepChunks; ++i) gid[i] = gid_next[i];
+        }
         if (active)
             compute_step<T, MT, HAS8, HAS4>(cur, direct ? nullptr : &sm, x, chunk, chunk_end, C8, m0, M, K, lane,
                                             acc);

@@ -14,7 +14,7 @@ from cupyq.scratch import default_scratch, workspace
 # Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given.
 DENSE_THRESHOLD = int(os.environ.get("CUPYQ_DENSE_THRESHOLD", 64))
 # Split-K aims at this many CTAs per multiprocessor.
-CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 2))
+CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
 
 _THREADS = 256
 _STEP_CHUNKS = 4
@@ -132,8 +132,7 @@ def _gemm_torch(x, qm: QMatrix, out, force_cuda):
     if m > DENSE_THRESHOLD and not force_cuda:
         _dense_torch(x.view(m, qm.in_features), out.view(m, n), qm, ctype, stream)
     else:
-        capturing = torch.cuda.is_current_stream_capturing()
-        _launch_qgemm(qm, x.data_ptr(), out.data_ptr(), m, ctype, stream, capturing)
+        _launch_qgemm(qm, x.data_ptr(), out.data_ptr(), m, ctype, stream, torch.cuda.is_current_stream_capturing)
     return out
 
 
@@ -161,13 +160,13 @@ def _gemm_cupy(x, qm: QMatrix, out, force_cuda):
         if m > DENSE_THRESHOLD and not force_cuda:
             _dense_cupy(x.reshape(m, qm.in_features), out.reshape(m, n), qm, stream)
         else:
-            _launch_qgemm(qm, x.data.ptr, out.data.ptr, m, ctype, stream, stream.is_capturing())
+            _launch_qgemm(qm, x.data.ptr, out.data.ptr, m, ctype, stream, stream.is_capturing)
     return out
 
 
 class _Plan:
     __slots__ = ("fn", "grid", "block", "smem", "splits", "partial_floats", "counters", "head", "tail",
-                 "ws_ptrs", "ws_args")
+                 "ws_ptrs", "ws_args", "gather")
 
 
 def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
@@ -182,9 +181,13 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     splits = max(1, min(steps, int(round(target / (col_blocks * mblocks)))))
     steps_per_split = -(-steps // splits)
     splits = -(-steps // steps_per_split)
-    p = _Plan()
     p.fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
                                 qm.device_id)
+    # Permuted activations of more than one m8 tile are gathered once into sorted order by a separate kernel
+    # (cheaper than gathering element by element in every CTA).
+    p = _Plan()
+    p.gather = lay.row_src is not None and mt > 1
+    k_x = lay.padded_rows if p.gather else qm.in_features
     direct = mt == 1 and lay.row_src is None and qm.in_features % 8 == 0  # activations read without staging
     p.smem = 0 if direct else mt * 8 * _XS_LD * 2
     if p.smem > _STATIC_SMEM_LIMIT:
@@ -195,12 +198,12 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     p.partial_floats = splits * mblocks * mt * 8 * lay.padded_cols if splits > 1 else 0
     p.counters = col_blocks * mblocks
     bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
-    x_vec = np.int32(1 if lay.row_src is None and qm.in_features % 8 == 0 else 0)
+    x_vec = np.int32(1 if p.gather or (lay.row_src is None and qm.in_features % 8 == 0) else 0)
     p.head = (
-        _ptr(lay.row_src), _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(bias),
+        0 if p.gather else _ptr(lay.row_src), _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(bias),
     )
     p.tail = (
-        np.int32(m), np.int32(qm.in_features), np.int32(qm.out_features), np.int32(lay.padded_cols),
+        np.int32(m), np.int32(k_x), np.int32(qm.out_features), np.int32(lay.padded_cols),
         np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(steps_per_split * _STEP_CHUNKS), x_vec,
     )
     p.ws_ptrs = None
@@ -222,6 +225,10 @@ def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, str
         if ptrs != plan.ws_ptrs:
             plan.ws_ptrs = ptrs
             plan.ws_args = ptrs
+    if plan.gather:
+        gathered = workspace(qm.device_id).gather_buffer(m * qm.layout.padded_rows, capturing)
+        _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
+        x_ptr = gathered.data.ptr
     tail = plan.tail
     smem = plan.smem
     if x_ptr & 15 and tail[-1]:  # misaligned activations: the gathering (scalar) loads through shared memory
@@ -391,7 +398,9 @@ def warmup_matrix(qm: QMatrix, *, max_m: int = 64, dtypes=("float16",)):
                 plan = qm._plans.get((m, ctype)) or _qgemm_plan(qm, m, ctype)
                 qm._plans[(m, ctype)] = plan
                 if plan.splits > 1:
-                    workspace(qm.device_id).ensure(plan.partial_floats, plan.counters, False)
+                    workspace(qm.device_id).ensure(plan.partial_floats, plan.counters, lambda: False)
+                if plan.gather:
+                    workspace(qm.device_id).gather_buffer(m * qm.layout.padded_rows, lambda: False)
             runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, qm.layout.chunks8 > 0,
                                                                   qm.layout.chunks4 > 0), qm.device_id)
             if qm.layout.row_src is not None:

@@ -248,11 +248,18 @@ def sm_count(device_id: int) -> int:
 _external_streams: dict = {}
 
 
-def torch_stream(device_id: int):
-    """A CuPy view of torch's current stream on ``device_id``, read now (never cached across calls)."""
+def _raw_torch_stream(device_id: int) -> int:
     import torch
 
-    ptr = torch.cuda.current_stream(device_id).cuda_stream
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # an int, without building a Stream object
+    if raw is not None:
+        return raw(device_id)
+    return torch.cuda.current_stream(device_id).cuda_stream
+
+
+def torch_stream(device_id: int):
+    """A CuPy view of torch's current stream on ``device_id``, read now (never cached across calls)."""
+    ptr = _raw_torch_stream(device_id)
     s = _external_streams.get((ptr, device_id))
     if s is None:
         import cupy

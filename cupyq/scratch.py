@@ -84,14 +84,16 @@ class Workspace:
         self.partials = None
         self.counters = None
 
-    def ensure(self, partial_floats: int, counters: int, capturing: bool):
+    def ensure(self, partial_floats: int, counters: int, capturing):
+        """(partials, counters) CuPy arrays of at least the given sizes; ``capturing()`` tells whether a CUDA
+        graph is being captured (asked only when the buffers must grow)."""
         import cupy
 
         grow_p = self.partials is None or self.partials.size < partial_floats
         grow_c = self.counters is None or self.counters.size < counters
         if not (grow_p or grow_c):
             return self.partials, self.counters
-        if capturing:
+        if capturing():
             raise RuntimeError(
                 "cupyq: the GEMM workspace must grow while a CUDA graph is being captured; run the layer once "
                 "(or QMatrix.warmup) with the largest batch before capturing"
@@ -103,6 +105,22 @@ class Workspace:
                 self.counters = cupy.zeros(max(counters, 1024), dtype=cupy.int32)
             cupy.cuda.Device(self.device).synchronize()
         return self.partials, self.counters
+
+
+    def gather_buffer(self, halves: int, capturing):
+        """A CuPy float16 buffer of at least ``halves`` elements for activations in sorted row order."""
+        import cupy
+
+        buf = getattr(self, "gathered", None)
+        if buf is None or buf.size < halves:
+            if capturing():
+                raise RuntimeError(
+                    "cupyq: the activation buffer must grow while a CUDA graph is being captured; run the layer "
+                    "once (or QMatrix.warmup) with the largest batch before capturing"
+                )
+            with cupy.cuda.Device(self.device):
+                buf = self.gathered = cupy.empty(max(halves, 1 << 16), dtype=cupy.float16)
+        return buf
 
 
 _workspaces: dict = {}
