@@ -444,7 +444,7 @@ def ext_gemm_half_q_half(x, q_handle, q4_width, force_cuda=False):
     width = int(q4_width)
     if width < qm.out_features:
         raise ValueError(f"q4_width: expected at least out_features={qm.out_features}, got {width}")
-    y = torch_ops.qgemm(x, handle, bool(force_cuda))
+    y = torch_ops.apply_qgemm(x, handle, bool(force_cuda))
     if width > qm.out_features:
         y = F.pad(y, (0, width - qm.out_features))
     return y
@@ -653,7 +653,7 @@ class QuantLinear(nn.Module):
     def forward(self, x, force_cuda=False):
         if self._op_handle is None:
             self._ensure_handle()
-        return torch_ops.qgemm(x, self._op_handle, force_cuda)
+        return torch_ops.apply_qgemm(x, self._op_handle, force_cuda)
 
     # -- sizes (bytes), as the original ---------------------------------------------------
 

@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "HAS_CUSTOM_OP",
     "QuantizedLinear",
+    "apply_qgemm",
     "lookup_qmatrix",
     "qgemm",
     "register_qmatrix",
@@ -127,13 +128,18 @@ def _check_input(x: torch.Tensor, qm) -> None:
         raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
 
 
+_gemm = None
+
+
 def _qgemm_impl(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
-    from cupyq.gemm import gemm
+    global _gemm
+    if _gemm is None:  # resolved once: this runs per decode step, where microseconds count
+        from cupyq import gemm as _gemm
 
     qm = lookup_qmatrix(handle)
     _check_input(x, qm)
     # The kernels read x densely; compiled graphs may hand the op a strided view.
-    y = gemm(x.contiguous(), qm, force_cuda=force_cuda)
+    y = _gemm(x.contiguous(), qm, force_cuda=force_cuda)
     if not isinstance(y, torch.Tensor):  # pragma: no cover - gemm returns torch for torch input
         raise TypeError(f"cupyq.gemm returned {type(y).__name__} for a torch tensor input")
     if y.dtype != x.dtype:
@@ -197,6 +203,26 @@ else:  # pragma: no cover - torch < 2.4
         return _qgemm_impl(x, handle, force_cuda)
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False  # pragma: no cover - torch without torch.compiler
+
+
+def apply_qgemm(x: torch.Tensor, handle: int, force_cuda: bool = False) -> torch.Tensor:
+    """``qgemm`` as modules call it: the op node when traced, a direct call in plain eager inference.
+
+    Under ``torch.compile``/export tracing, for tensor subclasses (fake, functional) and when a
+    gradient is needed, this is ``torch.ops.cupyq.qgemm``. Otherwise it calls the same implementation
+    without the dispatcher's per-call cost (several microseconds, a large share of a decode-sized
+    GEMM); results, streams and graph-capture behaviour are identical.
+    """
+    if _is_compiling() or type(x) is not torch.Tensor or (x.requires_grad and torch.is_grad_enabled()):
+        return qgemm(x, handle, force_cuda)
+    return _qgemm_impl(x, handle, force_cuda)
+
+
 # --------------------------------------------------------------------------------------------
 # module
 # --------------------------------------------------------------------------------------------
@@ -206,10 +232,11 @@ class QuantizedLinear(torch.nn.Module):
     """``y = x @ W + bias`` with a quantized ``W`` held by a ``cupyq.QMatrix``.
 
     qm: the matrix (GPTQ or EXL2, CUDA or CPU); the module keeps it alive. ``forward(x)``:
-    x ``[..., in_features]`` -> ``[..., out_features]`` with x's dtype, always through
-    ``torch.ops.cupyq.qgemm``: CUDA tensors run the cupyq kernels on torch's current stream (float16/bfloat16),
-    CPU tensors the float32 reference path. Gradients flow to ``x`` (``grad @ W^T``, with ``W``
-    dequantised during backward); the quantized weights themselves are frozen.
+    x ``[..., in_features]`` -> ``[..., out_features]`` with x's dtype, through
+    ``torch.ops.cupyq.qgemm`` (see :func:`apply_qgemm` for the eager shortcut): CUDA tensors run the
+    cupyq kernels on torch's current stream (float16/bfloat16), CPU tensors the float32 reference path.
+    Gradients flow to ``x`` (``grad @ W^T``, with ``W`` dequantised during backward); the quantized
+    weights themselves are frozen.
 
     The weights are not parameters or buffers: ``.to()`` / ``.cuda()`` do not move them and
     ``state_dict()`` is empty. Build the QMatrix on the device it is used on.
@@ -224,7 +251,7 @@ class QuantizedLinear(torch.nn.Module):
         self.force_cuda = bool(force_cuda)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qgemm(x, self.handle, self.force_cuda)
+        return apply_qgemm(x, self.handle, self.force_cuda)
 
     def extra_repr(self) -> str:
         qm = self.qmatrix

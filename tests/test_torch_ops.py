@@ -162,6 +162,16 @@ def test_fake_shapes_and_dtype():
             assert y.dtype == dtype
         with pytest.raises(ValueError, match="x: expected shape"):
             torch.ops.cupyq.qgemm(torch.empty(4, 63), h, False)
+        # The modules' entry point routes fake tensors through the op (its fake), never the real path.
+        y = torch_ops.apply_qgemm(torch.empty(3, 64, dtype=torch.float16), h, False)
+        assert tuple(y.shape) == (3, 48) and y.dtype == torch.float16
+
+
+def test_apply_qgemm_matches_op():
+    qm, _, _ = _layer("exl2", 64, 32, seed=9)
+    h = torch_ops.register_qmatrix(qm)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(torch_ops.apply_qgemm(x, h, False), torch.ops.cupyq.qgemm(x, h, False))
 
 
 @pytest.mark.parametrize("dtype,requires_grad", [(torch.float32, False), (torch.float16, False), (torch.float32, True)])
