@@ -22,6 +22,8 @@ compiled ``exllamav2_kernels`` extension is not needed. Differences that matter:
 * **Correct results instead of shape errors.** Layers whose output width is not a multiple of 32 work
   (``forward`` returns the true width); GPTQ zero points decode with the ``& 0xF`` mask; any
   ``g_idx`` (None, trivial, act-order, all zero) gives ``x @ W`` for the ``W`` the checkpoint means.
+* **Memory.** The ``QMatrix`` holds its own prepared copy of the weights. A layer keeps its
+  checkpoint tensors too (the original's attributes) until ``release_checkpoint_tensors()``.
 * CPU tensors are accepted too: they run the float32 reference path (slow, for tests and tools).
 
 Both calling conventions exist: LoRAX's ``QuantLinear(qweight, qzeros, scales, g_idx, bias, bits,
@@ -465,6 +467,10 @@ def create_exllama_buffers(max_total_tokens=None):
     made before such a call). Builds every layer's matrix if not done yet. Safe to call again, e.g.
     after more layers were created. Returns ``{device: ExLlamaV2DeviceTensors}`` (empty without
     CUDA layers).
+
+    A forward with more rows than ``max_total_tokens`` can need more scratch than budgeted (a layer
+    with a row permutation gathers all its input rows first); the large-m path then raises
+    ``ValueError`` naming the sizes. Call again with the larger bound.
     """
     by_device: dict = {}
     for layer in list(LAYERS):
