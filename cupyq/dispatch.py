@@ -171,6 +171,7 @@ class _Plan:
 
 def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     lay = qm.layout
+    p = _Plan()
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     mblocks = -(-m // (mt * 8))
     tiles = lay.padded_cols // 16
@@ -185,7 +186,6 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
                                 qm.device_id)
     # Permuted activations of more than one m8 tile are gathered once into sorted order by a separate kernel
     # (cheaper than gathering element by element in every CTA).
-    p = _Plan()
     p.gather = lay.row_src is not None and mt > 1
     k_x = lay.padded_rows if p.gather else qm.in_features
     direct = mt == 1 and lay.row_src is None and qm.in_features % 8 == 0  # activations read without staging
