@@ -96,6 +96,25 @@ def dense_twin(ckpt_dir):
     return model
 
 
+def check_dequantised_weights(ckpt_dir, source):
+    """The dequantised weights are the source weights to within the quantisation grid (independent of cupyq's
+    dequantiser: a wrong group, zero, bit field or permutation moves weights by far more than a step)."""
+    ckpt = open_checkpoint(ckpt_dir)
+    linears = quantized_linears(source)
+    worst = 0.0
+    for name in ckpt.quantized_layers:
+        w = linears[name].weight.detach().numpy().T
+        dq = ckpt.dequantize(name)
+        if ckpt.layers[name].format == "gptq":
+            t = ckpt.load_layer(name)
+            step = t["scales"].astype(np.float32)[t["g_idx"]]
+            # round to nearest: half a step; an asymmetric grid may clip one step at its top end
+            assert np.all(np.abs(dq - w) <= step * (1 + 1e-3) + 1e-7), name
+        worst = max(worst, float(np.linalg.norm(dq - w) / np.linalg.norm(w)))
+    assert worst < 0.8  # 2-bit round to nearest is coarse; a permuted or misread layer is ~1.4
+    return worst
+
+
 def token_ids():
     return torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -124,10 +143,12 @@ def test_patched_llama_matches_dequantised_model_cpu(tmp_path, source_model, cas
             got = model(ids).logits
             ref = dense_twin(ckpt_dir)(ids).logits
             original = source_model(ids).logits
+    worst_weight = check_dequantised_weights(ckpt_dir, source_model)
     diff = (got - ref).abs().max().item()
     rel = relative(got, ref)
     print(f"\n{case} CPU: patched vs dequantised float32 model: max |logit diff| {diff:.3g}, relative {rel:.3g}; "
-          f"quantisation error vs the unquantised model: relative {relative(got, original):.3g}")
+          f"quantisation error vs the unquantised model: relative {relative(got, original):.3g} "
+          f"(worst layer weight error {worst_weight:.3g})")
     # Same float32 weights on both sides; only the order of summation differs (~1e-7 per product).
     assert got.shape == (2, 12, CONFIG["vocab_size"])
     assert rel < 1e-5
