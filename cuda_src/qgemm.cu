@@ -10,6 +10,11 @@
 // depend on scheduling. The counter is reset by that CTA, so the kernel can be replayed in a CUDA graph.
 #include "qdq.cuh"
 
+// Minimum resident CTAs per multiprocessor the compiler must allow for (caps registers per thread).
+#ifndef CUPYQ_MIN_BLOCKS
+#define CUPYQ_MIN_BLOCKS 1
+#endif
+
 namespace cupyq {
 
 constexpr int kWarps = 8;
@@ -239,7 +244,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
             for (int e = 0; e < 4; ++e) {
                 const int n = n_lo + 8 * (e >> 1);
                 const int m = m0 + mt * 8 + 2 * (lane & 3) + (e & 1);
-                ws[((size_t)blockIdx.y * Mtot + m) * Npad + n] = acc[mt][e];
+                if (m < M) ws[((size_t)blockIdx.y * Mtot + m) * Npad + n] = acc[mt][e];
             }
         }
     }
@@ -266,7 +271,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
 }  // namespace cupyq
 
 template <typename T, int MT, bool HAS8, bool HAS4>
-__global__ void __launch_bounds__(cupyq::kThreads)
+__global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_MIN_BLOCKS)
     qgemm(const T* __restrict__ x, const int* __restrict__ row_src, const uint4* __restrict__ w8,
           const uint4* __restrict__ w4, const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
           const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,

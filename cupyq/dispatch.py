@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 
@@ -164,9 +165,30 @@ def _gemm_cupy(x, qm: QMatrix, out, force_cuda):
     return out
 
 
+class _Launcher:
+    """Launches one kernel with a fixed argument list through the driver API, rewriting only the argument
+    slots that change between calls (CuPy's generic launcher converts every argument on every call)."""
+
+    def __init__(self, kernel, grid, block, smem, args):
+        self.f = kernel.kernel.ptr
+        self.grid = tuple(int(v) for v in grid)
+        self.block = tuple(int(v) for v in block)
+        self.smem = int(smem)
+        self.slots = [ctypes.c_int32(int(a)) if isinstance(a, np.int32) else ctypes.c_uint64(int(a)) for a in args]
+        self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(v) for v in self.slots])
+        self.params_ptr = ctypes.addressof(self.params)
+
+    def launch(self, stream_ptr: int, smem: int | None = None):
+        from cupy_backends.cuda.api import driver
+
+        g, b = self.grid, self.block
+        driver.launchKernel(self.f, g[0], g[1], g[2], b[0], b[1], b[2], self.smem if smem is None else smem,
+                            stream_ptr, self.params_ptr, 0)
+
+
 class _Plan:
     __slots__ = ("fn", "grid", "block", "smem", "splits", "partial_floats", "counters", "head", "tail",
-                 "ws_ptrs", "ws_args", "gather")
+                 "ws_ptrs", "ws_args", "gather", "launcher")
 
 
 def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
@@ -208,6 +230,7 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     )
     p.ws_ptrs = None
     p.ws_args = (0, 0)
+    p.launcher = _Launcher(p.fn, p.grid, p.block, p.smem, (0,) + p.head + (0,) + p.ws_args + p.tail)
     return p
 
 
@@ -215,27 +238,47 @@ def _ptr(a) -> int:
     return 0 if a is None or a.size == 0 else int(a.data.ptr)
 
 
-def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing: bool):
+_X_SLOT, _OUT_SLOT, _WS_SLOT = 0, 7, 8
+
+
+def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing):
+    """Launch the quantized GEMM; ``stream`` is a CuPy stream object, ``capturing()`` tells whether a CUDA graph
+    is being captured on it (asked only when a buffer must grow)."""
     plan = qm._plans.get((m, ctype))
     if plan is None:
         plan = qm._plans[(m, ctype)] = _qgemm_plan(qm, m, ctype)
+    slots = plan.launcher.slots
     if plan.splits > 1:
         partials, counters = workspace(qm.device_id).ensure(plan.partial_floats, plan.counters, capturing)
         ptrs = (partials.data.ptr, counters.data.ptr)
         if ptrs != plan.ws_ptrs:
-            plan.ws_ptrs = ptrs
-            plan.ws_args = ptrs
+            plan.ws_ptrs = plan.ws_args = ptrs
+            slots[_WS_SLOT].value, slots[_WS_SLOT + 1].value = ptrs
     if plan.gather:
         gathered = workspace(qm.device_id).gather_buffer(m * qm.layout.padded_rows, capturing)
         _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
         x_ptr = gathered.data.ptr
-    tail = plan.tail
-    smem = plan.smem
-    if x_ptr & 15 and tail[-1]:  # misaligned activations: the gathering (scalar) loads through shared memory
-        tail = tail[:-1] + (np.int32(0),)
+    if x_ptr & 15 and plan.tail[-1]:  # misaligned activations: scalar loads through shared memory
+        tail = plan.tail[:-1] + (np.int32(0),)
         smem = 8 * _XS_LD * 2 if plan.smem == 0 else plan.smem
-    plan.fn(plan.grid, plan.block, (x_ptr,) + plan.head + (out_ptr,) + plan.ws_args + tail,
-            shared_mem=smem, stream=stream)
+        plan.fn(plan.grid, plan.block, (x_ptr,) + plan.head + (out_ptr,) + plan.ws_args + tail,
+                shared_mem=smem, stream=stream)
+        return
+    slots[_X_SLOT].value = x_ptr
+    slots[_OUT_SLOT].value = out_ptr
+    if _get_device() != qm.device_id:  # the driver launches in the current device's context
+        import cupy
+
+        with cupy.cuda.Device(qm.device_id):
+            plan.launcher.launch(stream.ptr)
+        return
+    plan.launcher.launch(stream.ptr)
+
+
+def _get_device() -> int:
+    from cupy_backends.cuda.api import runtime as cuda_runtime
+
+    return cuda_runtime.getDevice()
 
 
 def dequantize_into(qm: QMatrix, buf, ctype: str, stream, *, chunk_begin: int = 0, chunk_end: int | None = None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cupyq.sources import cuda_source_dir, read_cuda_source
 
-NVRTC_OPTIONS = ("--std=c++17",)
+NVRTC_OPTIONS = ("--std=c++17",) + tuple(os.environ.get("CUPYQ_NVRTC_OPTIONS", "").split())
 
 _DTYPES = ("__half", "__nv_bfloat16")
 _MTS = (1, 2, 4, 8)
