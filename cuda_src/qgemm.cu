@@ -12,7 +12,7 @@
 
 // Minimum resident CTAs per multiprocessor the compiler must allow for (caps registers per thread).
 #ifndef CUPYQ_MIN_BLOCKS
-#define CUPYQ_MIN_BLOCKS 1
+#define CUPYQ_MIN_BLOCKS 2
 #endif
 
 namespace cupyq {
@@ -20,37 +20,41 @@ namespace cupyq {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kCtaCols = kWarps * 16;
-constexpr int kStepChunks = 4;                      // 64-row chunks per step
-constexpr int kStepRows = kStepChunks * 64;         // 256
-constexpr int kXsLd = kStepRows + 8;                // shared-memory row stride of x (halves), conflict-free ldmatrix
+#ifndef CUPYQ_MT1_STEP_CHUNKS
+#define CUPYQ_MT1_STEP_CHUNKS 8
+#endif
+// 64-row chunks per step: one step of weights is in flight while the previous one is computed. A single m8
+// tile needs few registers for accumulators, so it can afford a longer step (more bytes in flight per warp).
+template <int MT> __host__ __device__ constexpr int step_chunks() { return MT == 1 ? CUPYQ_MT1_STEP_CHUNKS : 4; }
 
 template <typename T, int MT>
 struct QgemmSmem {
-    T xs[MT * 8][kXsLd];
+    T xs[MT * 8][step_chunks<MT>() * 64 + 8];  // +8: rows land on different banks
 };
 
 // Raw data of one step (4 chunks) for one lane: weights and the (scale, zero) words of its two columns.
-template <bool HAS8>
+template <bool HAS8, int S>
 struct StepWeights {
-    uint4 v[kStepChunks][HAS8 ? 2 : 1];
-    unsigned zlo[kStepChunks], zhi[kStepChunks];
+    uint4 v[S][HAS8 ? 2 : 1];
+    unsigned zlo[S], zhi[S];
 };
 
 // Group of the lane's 16-row tile in each chunk of a step (loaded a step ahead of the scales that need it).
-__device__ __forceinline__ void load_groups(int g[kStepChunks], const int* __restrict__ tile_group, int chunk,
+template <int S>
+__device__ __forceinline__ void load_groups(int g[S], const int* __restrict__ tile_group, int chunk,
                                             int chunk_end, int lane) {
 #pragma unroll
-    for (int i = 0; i < kStepChunks; ++i) g[i] = chunk + i < chunk_end ? __ldg(tile_group + (chunk + i) * 4 + (lane & 3)) : 0;
+    for (int i = 0; i < S; ++i) g[i] = chunk + i < chunk_end ? __ldg(tile_group + (chunk + i) * 4 + (lane & 3)) : 0;
 }
 
-template <bool HAS8, bool HAS4>
-__device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __restrict__ w8,
-                                          const uint4* __restrict__ w4, const int gid[kStepChunks],
+template <bool HAS8, bool HAS4, int S>
+__device__ __forceinline__ void load_step(StepWeights<HAS8, S>& r, const uint4* __restrict__ w8,
+                                          const uint4* __restrict__ w4, const int* gid,
                                           const unsigned* __restrict__ zs, int tile, int chunk, int chunk_end,
                                           int C8, int C4, int Npad, int lane) {
     const int n_lo = tile * 16 + (lane >> 2);
 #pragma unroll
-    for (int i = 0; i < kStepChunks; ++i) {
+    for (int i = 0; i < S; ++i) {
         const int c = chunk + i;
         if (c < chunk_end) {
             if (HAS8 && (!HAS4 || c < C8)) {
@@ -72,8 +76,9 @@ template <typename T, int MT>
 __device__ __forceinline__ void fill_step(QgemmSmem<T, MT>& sm, const T* __restrict__ x,
                                           const int* __restrict__ row_src, int chunk, int chunk_end, int m0,
                                           int M, int K, int x_vec) {
+    constexpr int kStepRows = step_chunks<MT>() * 64;
     const int row0 = chunk * 64;
-    const int nrows = min(kStepChunks, chunk_end - chunk) * 64;
+    const int nrows = min(step_chunks<MT>(), chunk_end - chunk) * 64;
     if (x_vec) {
         // Identity order, K % 8 == 0, 16-byte aligned rows: one uint4 (8 values) per load.
         for (int i = threadIdx.x; i < MT * 8 * (kStepRows / 8); i += kThreads) {
@@ -103,13 +108,14 @@ __device__ __forceinline__ void fill_step(QgemmSmem<T, MT>& sm, const T* __restr
 // rows r*16 + 8*kh + 2*j + {0, 1}, and its B fragment the activations of the same rows, which are the j-th
 // 32-bit words of two 16-byte vectors x[m][r*16 .. +7] and x[m][r*16 + 8 .. +15].
 template <typename T, int MT, bool HAS8, bool HAS4>
-__device__ __forceinline__ void compute_step(const StepWeights<HAS8>& r, const QgemmSmem<T, MT>* sm,
+__device__ __forceinline__ void compute_step(const StepWeights<HAS8, step_chunks<MT>()>& r, const QgemmSmem<T, MT>* sm,
                                              const T* __restrict__ x, int chunk, int chunk_end, int C8, int m0,
                                              int M, int K, int lane, float acc[MT][4]) {
     const bool is8 = HAS8 && (!HAS4 || chunk < C8);
-    const int nchunks = min(kStepChunks, chunk_end - chunk);
+    constexpr int S = step_chunks<MT>();
+    const int nchunks = min(S, chunk_end - chunk);
 #pragma unroll
-    for (int i = 0; i < kStepChunks; ++i) {
+    for (int i = 0; i < S; ++i) {
         if (i < nchunks) {
             uint4 bx[MT][2];
 #pragma unroll
@@ -190,12 +196,13 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
 
-    StepWeights<HAS8> cur, nxt;
+    constexpr int kStepChunks = step_chunks<MT>();
+    StepWeights<HAS8, kStepChunks> cur, nxt;
     int gid[kStepChunks], gid_next[kStepChunks];
     if (active) {
-        load_groups(gid, tile_group, chunk_begin, chunk_end, lane);
+        load_groups<kStepChunks>(gid, tile_group, chunk_begin, chunk_end, lane);
         load_step<HAS8, HAS4>(cur, w8, w4, gid, zs, tile, chunk_begin, chunk_end, C8, C4, Npad, lane);
-        load_groups(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
+        load_groups<kStepChunks>(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
     }
     for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
         if (!direct) {
@@ -205,7 +212,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
         }
         const bool more = chunk + kStepChunks < chunk_end;
         if (active && more) {
-            load_groups(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
+            load_groups<kStepChunks>(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
             load_step<HAS8, HAS4>(nxt, w8, w4, gid, zs, tile, chunk + kStepChunks, chunk_end, C8, C4, Npad, lane);
 #pragma unroll
             for (int i = 0; i < kStepChunks; ++i) gid[i] = gid_next[i];
@@ -271,7 +278,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
 }  // namespace cupyq
 
 template <typename T, int MT, bool HAS8, bool HAS4>
-__global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_MIN_BLOCKS)
+__global__ void __launch_bounds__(cupyq::kThreads, MT == 1 ? 1 : CUPYQ_MIN_BLOCKS)
     qgemm(const T* __restrict__ x, const int* __restrict__ row_src, const uint4* __restrict__ w8,
           const uint4* __restrict__ w4, const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
           const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,

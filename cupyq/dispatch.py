@@ -19,7 +19,6 @@ CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
 
 _THREADS = 256
 _STEP_CHUNKS = 4
-_XS_LD = 256 + 8
 _STATIC_SMEM_LIMIT = 48 * 1024
 
 _warned_cpu = False
@@ -199,7 +198,8 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     tiles = lay.padded_cols // 16
     col_blocks = -(-tiles // 8)
     chunks = lay.chunks8 + lay.chunks4
-    steps = -(-chunks // _STEP_CHUNKS)
+    step_chunks = runtime.MT1_STEP_CHUNKS if mt == 1 else _STEP_CHUNKS
+    steps = -(-chunks // step_chunks)
     target = CTAS_PER_SM * runtime.sm_count(qm.device_id)
     splits = max(1, min(steps, int(round(target / (col_blocks * mblocks)))))
     steps_per_split = -(-steps // splits)
@@ -211,7 +211,7 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     p.gather = lay.row_src is not None and mt > 1
     k_x = lay.padded_rows if p.gather else qm.in_features
     direct = mt == 1 and lay.row_src is None and qm.in_features % 8 == 0  # activations read without staging
-    p.smem = 0 if direct else mt * 8 * _XS_LD * 2
+    p.smem = 0 if direct else mt * 8 * (step_chunks * 64 + 8) * 2
     if p.smem > _STATIC_SMEM_LIMIT:
         p.fn.max_dynamic_shared_size_bytes = p.smem
     p.grid = (col_blocks, splits, mblocks)
@@ -226,7 +226,7 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     )
     p.tail = (
         np.int32(m), np.int32(k_x), np.int32(qm.out_features), np.int32(lay.padded_cols),
-        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(steps_per_split * _STEP_CHUNKS), x_vec,
+        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(steps_per_split * step_chunks), x_vec,
     )
     p.ws_ptrs = None
     p.ws_args = (0, 0)
@@ -260,7 +260,7 @@ def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, str
         x_ptr = gathered.data.ptr
     if x_ptr & 15 and plan.tail[-1]:  # misaligned activations: scalar loads through shared memory
         tail = plan.tail[:-1] + (np.int32(0),)
-        smem = 8 * _XS_LD * 2 if plan.smem == 0 else plan.smem
+        smem = 8 * (runtime.MT1_STEP_CHUNKS * 64 + 8) * 2 if plan.smem == 0 else plan.smem
         plan.fn(plan.grid, plan.block, (x_ptr,) + plan.head + (out_ptr,) + plan.ws_args + tail,
                 shared_mem=smem, stream=stream)
         return
