@@ -10,7 +10,8 @@
 // depend on scheduling. The counter is reset by that CTA, so the kernel can be replayed in a CUDA graph.
 #include "qdq.cuh"
 
-// Minimum resident CTAs per multiprocessor the compiler must allow for (caps registers per thread).
+// Minimum resident CTAs per multiprocessor the compiler must allow for (caps registers per thread) for the
+// kernels that handle more than one m8 tile.
 #ifndef CUPYQ_MIN_BLOCKS
 #define CUPYQ_MIN_BLOCKS 2
 #endif
@@ -20,49 +21,82 @@ namespace cupyq {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kCtaCols = kWarps * 16;
-#ifndef CUPYQ_MT1_STEP_CHUNKS
-#define CUPYQ_MT1_STEP_CHUNKS 8
-#endif
-// 64-row chunks per step: one step of weights is in flight while the previous one is computed. A single m8
-// tile needs few registers for accumulators, so it can afford a longer step (more bytes in flight per warp).
-template <int MT> __host__ __device__ constexpr int step_chunks() { return MT == 1 ? CUPYQ_MT1_STEP_CHUNKS : 4; }
+constexpr int kStepChunks = 4;                      // 64-row chunks per step (one step of weights in flight)
+constexpr int kStepRows = kStepChunks * 64;
 
-template <typename T, int MT>
-struct QgemmSmem {
-    T xs[MT * 8][step_chunks<MT>() * 64 + 8];  // +8: rows land on different banks
-};
-
-// Raw data of one step (4 chunks) for one lane: weights and the (scale, zero) words of its two columns.
-template <bool HAS8, int S>
-struct StepWeights {
-    uint4 v[S][HAS8 ? 2 : 1];
-    unsigned zlo[S], zhi[S];
-};
-
-// Group of the lane's 16-row tile in each chunk of a step (loaded a step ahead of the scales that need it).
-template <int S>
-__device__ __forceinline__ void load_groups(int g[S], const int* __restrict__ tile_group, int chunk,
-                                            int chunk_end, int lane) {
-#pragma unroll
-    for (int i = 0; i < S; ++i) g[i] = chunk + i < chunk_end ? __ldg(tile_group + (chunk + i) * 4 + (lane & 3)) : 0;
+// Activations in shared memory: MT*8 rows of `ld` elements (ld % 8 == 0, and ld/8 odd so that the rows of
+// one 16-byte column fall on different banks). Batches of one m8 tile stage the CTA's whole row range at
+// once; larger batches stage one step at a time.
+template <typename T>
+__device__ __forceinline__ void stage_x(T* xs, int ld, int ncols, const T* __restrict__ x,
+                                        const int* __restrict__ row_src, int row0, int nrows, int m0, int rows,
+                                        int M, int K, int x_vec) {
+    if (x_vec) {
+        // Identity order, K % 8 == 0, 16-byte aligned rows: one uint4 (8 values) per load.
+        const int per_row = ncols / 8;
+        for (int i = threadIdx.x; i < rows * per_row; i += kThreads) {
+            const int m = i / per_row;
+            const int kk = (i % per_row) * 8;
+            const int k = row0 + kk;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (m0 + m < M && kk < nrows && k < K) v = *reinterpret_cast<const uint4*>(x + (size_t)(m0 + m) * K + k);
+            *reinterpret_cast<uint4*>(xs + m * ld + kk) = v;
+        }
+    } else {
+        for (int i = threadIdx.x; i < rows * ncols; i += kThreads) {
+            const int m = i / ncols;
+            const int kk = i % ncols;
+            const int j = row0 + kk;
+            T v = from_float<T>(0.0f);
+            if (m0 + m < M && kk < nrows) {
+                const int src = row_src ? row_src[j] : j;
+                if (src >= 0 && src < K) v = x[(size_t)(m0 + m) * K + src];
+            }
+            xs[m * ld + kk] = v;
+        }
+    }
 }
 
-template <bool HAS8, bool HAS4, int S>
-__device__ __forceinline__ void load_step(StepWeights<HAS8, S>& r, const uint4* __restrict__ w8,
+// Raw data of one step (4 chunks) for one lane: weights and the (scale, zero) words of its two columns.
+template <bool HAS8>
+struct StepWeights {
+    uint4 v[kStepChunks][HAS8 ? 2 : 1];
+    unsigned zlo[kStepChunks], zhi[kStepChunks];
+};
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+    // Weights are read once: keep them out of L1 so the small tables stay there.
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+// Group of the lane's 16-row tile in each chunk of a step (loaded a step ahead of the scales that need it).
+__device__ __forceinline__ void load_groups(int g[kStepChunks], const int* __restrict__ tile_group, int chunk,
+                                            int chunk_end, int lane) {
+#pragma unroll
+    for (int i = 0; i < kStepChunks; ++i)
+        g[i] = chunk + i < chunk_end ? __ldg(tile_group + (chunk + i) * 4 + (lane & 3)) : 0;
+}
+
+template <bool HAS8, bool HAS4>
+__device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __restrict__ w8,
                                           const uint4* __restrict__ w4, const int* gid,
                                           const unsigned* __restrict__ zs, int tile, int chunk, int chunk_end,
                                           int C8, int C4, int Npad, int lane) {
     const int n_lo = tile * 16 + (lane >> 2);
 #pragma unroll
-    for (int i = 0; i < S; ++i) {
+    for (int i = 0; i < kStepChunks; ++i) {
         const int c = chunk + i;
         if (c < chunk_end) {
             if (HAS8 && (!HAS4 || c < C8)) {
                 const uint4* p = w8 + ((size_t)(tile * C8 + c) * 2) * 32 + lane;
-                r.v[i][0] = __ldg(p);
-                if constexpr (HAS8) r.v[i][HAS8 ? 1 : 0] = __ldg(p + 32);
+                r.v[i][0] = load_stream(p);
+                if constexpr (HAS8) r.v[i][HAS8 ? 1 : 0] = load_stream(p + 32);
             } else {
-                r.v[i][0] = __ldg(w4 + (size_t)(tile * C4 + (c - C8)) * 32 + lane);
+                r.v[i][0] = load_stream(w4 + (size_t)(tile * C4 + (c - C8)) * 32 + lane);
             }
             const int g = gid[i];  // the lane's rows of this chunk form one 16-row tile: c*4 + lane%4
             r.zlo[i] = __ldg(zs + (size_t)g * Npad + n_lo);
@@ -71,70 +105,24 @@ __device__ __forceinline__ void load_step(StepWeights<HAS8, S>& r, const uint4* 
     }
 }
 
-// Stage activations of sorted rows [64*chunk, 64*chunk + 256) for rows m0 .. m0 + MT*8 - 1 in shared memory.
-template <typename T, int MT>
-__device__ __forceinline__ void fill_step(QgemmSmem<T, MT>& sm, const T* __restrict__ x,
-                                          const int* __restrict__ row_src, int chunk, int chunk_end, int m0,
-                                          int M, int K, int x_vec) {
-    constexpr int kStepRows = step_chunks<MT>() * 64;
-    const int row0 = chunk * 64;
-    const int nrows = min(step_chunks<MT>(), chunk_end - chunk) * 64;
-    if (x_vec) {
-        // Identity order, K % 8 == 0, 16-byte aligned rows: one uint4 (8 values) per load.
-        for (int i = threadIdx.x; i < MT * 8 * (kStepRows / 8); i += kThreads) {
-            const int m = i / (kStepRows / 8);
-            const int kk = (i % (kStepRows / 8)) * 8;
-            const int k = row0 + kk;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (m0 + m < M && kk < nrows && k < K) v = *reinterpret_cast<const uint4*>(x + (size_t)(m0 + m) * K + k);
-            *reinterpret_cast<uint4*>(&sm.xs[m][kk]) = v;
-        }
-    } else {
-        for (int i = threadIdx.x; i < MT * 8 * kStepRows; i += kThreads) {
-            const int m = i / kStepRows;
-            const int kk = i % kStepRows;
-            const int j = row0 + kk;
-            T v = from_float<T>(0.0f);
-            if (m0 + m < M && kk < nrows) {
-                const int src = row_src ? row_src[j] : j;
-                if (src >= 0 && src < K) v = x[(size_t)(m0 + m) * K + src];
-            }
-            sm.xs[m][kk] = v;
-        }
-    }
-}
-
 // Inside a 64-row chunk the lane with lane%4 == r owns rows r*16 .. r*16 + 15: for tile j its A fragment holds
 // rows r*16 + 8*kh + 2*j + {0, 1}, and its B fragment the activations of the same rows, which are the j-th
 // 32-bit words of two 16-byte vectors x[m][r*16 .. +7] and x[m][r*16 + 8 .. +15].
+// xs points at the staged activations of the step's first row (row stride ld).
 template <typename T, int MT, bool HAS8, bool HAS4>
-__device__ __forceinline__ void compute_step(const StepWeights<HAS8, step_chunks<MT>()>& r, const QgemmSmem<T, MT>* sm,
-                                             const T* __restrict__ x, int chunk, int chunk_end, int C8, int m0,
-                                             int M, int K, int lane, float acc[MT][4]) {
+__device__ __forceinline__ void compute_step(const StepWeights<HAS8>& r, const T* xs, int ld, int chunk,
+                                             int chunk_end, int C8, int lane, float acc[MT][4]) {
     const bool is8 = HAS8 && (!HAS4 || chunk < C8);
-    constexpr int S = step_chunks<MT>();
-    const int nchunks = min(S, chunk_end - chunk);
+    const int nchunks = min(kStepChunks, chunk_end - chunk);
 #pragma unroll
-    for (int i = 0; i < S; ++i) {
+    for (int i = 0; i < kStepChunks; ++i) {
         if (i < nchunks) {
             uint4 bx[MT][2];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                if (sm) {
-                    const T* row = &sm->xs[mt * 8 + (lane >> 2)][i * 64 + (lane & 3) * 16];
-                    bx[mt][0] = *reinterpret_cast<const uint4*>(row);
-                    bx[mt][1] = *reinterpret_cast<const uint4*>(row + 8);
-                } else {
-                    // Direct loads (one m8 tile, identity order, aligned rows): padding rows past K read zero.
-                    const int m = m0 + mt * 8 + (lane >> 2);
-                    const int k = (chunk + i) * 64 + (lane & 3) * 16;
-                    bx[mt][0] = bx[mt][1] = make_uint4(0, 0, 0, 0);
-                    if (m < M && k < K) {
-                        const uint4* p = reinterpret_cast<const uint4*>(x + (size_t)m * K + k);
-                        bx[mt][0] = __ldg(p);
-                        bx[mt][1] = __ldg(p + 1);
-                    }
-                }
+                const T* row = xs + (mt * 8 + (lane >> 2)) * ld + i * 64 + (lane & 3) * 16;
+                bx[mt][0] = *reinterpret_cast<const uint4*>(row);
+                bx[mt][1] = *reinterpret_cast<const uint4*>(row + 8);
             }
             __half2 slo = __low2half2(as_half2(r.zlo[i]));
             __half2 shi = __low2half2(as_half2(r.zhi[i]));
@@ -175,7 +163,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
                                            int* __restrict__ counters, int M, int K, int N, int Npad, int C8,
                                            int C4, int chunks_per_split, int x_vec) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    QgemmSmem<T, MT>& sm = *reinterpret_cast<QgemmSmem<T, MT>*>(smem_raw);
+    T* xs = reinterpret_cast<T*>(smem_raw);
     __shared__ int is_last;
 
     const int lane = threadIdx.x & 31;
@@ -188,38 +176,42 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
     const int C = C8 + C4;
     const int chunk_begin = blockIdx.y * chunks_per_split;
     const int chunk_end = min(C, chunk_begin + chunks_per_split);
-    // One m8 tile in identity order reads activations straight from global memory (L1 keeps them for the
-    // other warps); otherwise they are staged (and gathered) in shared memory once per step for all warps.
-    const bool direct = MT == 1 && x_vec && row_src == nullptr;
+    // One m8 tile: the whole row range of the CTA is staged once (no barrier inside the loop).
+    constexpr bool kWhole = MT == 1;
+    const int ld = kWhole ? chunks_per_split * 64 + 8 : kStepRows + 8;
 
     float acc[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
 
-    constexpr int kStepChunks = step_chunks<MT>();
-    StepWeights<HAS8, kStepChunks> cur, nxt;
+    StepWeights<HAS8> cur, nxt;
     int gid[kStepChunks], gid_next[kStepChunks];
     if (active) {
-        load_groups<kStepChunks>(gid, tile_group, chunk_begin, chunk_end, lane);
+        load_groups(gid, tile_group, chunk_begin, chunk_end, lane);
         load_step<HAS8, HAS4>(cur, w8, w4, gid, zs, tile, chunk_begin, chunk_end, C8, C4, Npad, lane);
-        load_groups<kStepChunks>(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
+        load_groups(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
+    }
+    if (kWhole) {
+        stage_x<T>(xs, ld, ld - 8, x, row_src, chunk_begin * 64, (chunk_end - chunk_begin) * 64, m0, 8, M, K, x_vec);
+        __syncthreads();
     }
     for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
-        if (!direct) {
+        if (!kWhole) {
             __syncthreads();
-            fill_step<T, MT>(sm, x, row_src, chunk, chunk_end, m0, M, K, x_vec);
+            stage_x<T>(xs, ld, kStepRows, x, row_src, chunk * 64, min(kStepChunks, chunk_end - chunk) * 64, m0,
+                       MT * 8, M, K, x_vec);
             __syncthreads();
         }
         const bool more = chunk + kStepChunks < chunk_end;
         if (active && more) {
-            load_groups<kStepChunks>(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
+            load_groups(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
             load_step<HAS8, HAS4>(nxt, w8, w4, gid, zs, tile, chunk + kStepChunks, chunk_end, C8, C4, Npad, lane);
 #pragma unroll
             for (int i = 0; i < kStepChunks; ++i) gid[i] = gid_next[i];
         }
         if (active)
-            compute_step<T, MT, HAS8, HAS4>(cur, direct ? nullptr : &sm, x, chunk, chunk_end, C8, m0, M, K, lane,
-                                            acc);
+            compute_step<T, MT, HAS8, HAS4>(cur, xs + (kWhole ? (chunk - chunk_begin) * 64 : 0), ld, chunk,
+                                            chunk_end, C8, lane, acc);
         if (more) cur = nxt;
     }
 
@@ -278,7 +270,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
 }  // namespace cupyq
 
 template <typename T, int MT, bool HAS8, bool HAS4>
-__global__ void __launch_bounds__(cupyq::kThreads, MT == 1 ? 1 : CUPYQ_MIN_BLOCKS)
+__global__ void __launch_bounds__(cupyq::kThreads, MT == 1 ? 2 : CUPYQ_MIN_BLOCKS)
     qgemm(const T* __restrict__ x, const int* __restrict__ row_src, const uint4* __restrict__ w8,
           const uint4* __restrict__ w4, const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
           const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,

@@ -19,6 +19,7 @@ CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
 
 _THREADS = 256
 _STEP_CHUNKS = 4
+_WHOLE_STEPS = 8  # 2048 rows: 8 x 2056 fp16 values = 33 KB of shared memory
 _STATIC_SMEM_LIMIT = 48 * 1024
 
 _warned_cpu = False
@@ -198,10 +199,11 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     tiles = lay.padded_cols // 16
     col_blocks = -(-tiles // 8)
     chunks = lay.chunks8 + lay.chunks4
-    step_chunks = runtime.MT1_STEP_CHUNKS if mt == 1 else _STEP_CHUNKS
-    steps = -(-chunks // step_chunks)
+    steps = -(-chunks // _STEP_CHUNKS)
     target = CTAS_PER_SM * runtime.sm_count(qm.device_id)
     splits = max(1, min(steps, int(round(target / (col_blocks * mblocks)))))
+    if mt == 1:  # one m8 tile stages its whole row range in shared memory: at most _WHOLE_STEPS steps
+        splits = max(splits, -(-steps // _WHOLE_STEPS))
     steps_per_split = -(-steps // splits)
     splits = -(-steps // steps_per_split)
     p.fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
@@ -210,8 +212,8 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     # (cheaper than gathering element by element in every CTA).
     p.gather = lay.row_src is not None and mt > 1
     k_x = lay.padded_rows if p.gather else qm.in_features
-    direct = mt == 1 and lay.row_src is None and qm.in_features % 8 == 0  # activations read without staging
-    p.smem = 0 if direct else mt * 8 * (step_chunks * 64 + 8) * 2
+    rows_staged = steps_per_split * _STEP_CHUNKS * 64 if mt == 1 else _STEP_CHUNKS * 64
+    p.smem = mt * 8 * (rows_staged + 8) * 2
     if p.smem > _STATIC_SMEM_LIMIT:
         p.fn.max_dynamic_shared_size_bytes = p.smem
     p.grid = (col_blocks, splits, mblocks)
@@ -226,7 +228,7 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     )
     p.tail = (
         np.int32(m), np.int32(k_x), np.int32(qm.out_features), np.int32(lay.padded_cols),
-        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(steps_per_split * step_chunks), x_vec,
+        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(steps_per_split * _STEP_CHUNKS), x_vec,
     )
     p.ws_ptrs = None
     p.ws_args = (0, 0)
@@ -258,12 +260,7 @@ def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, str
         gathered = workspace(qm.device_id).gather_buffer(m * qm.layout.padded_rows, capturing)
         _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
         x_ptr = gathered.data.ptr
-    if x_ptr & 15 and plan.tail[-1]:  # misaligned activations: scalar loads through shared memory
-        tail = plan.tail[:-1] + (np.int32(0),)
-        smem = 8 * (runtime.MT1_STEP_CHUNKS * 64 + 8) * 2 if plan.smem == 0 else plan.smem
-        plan.fn(plan.grid, plan.block, (x_ptr,) + plan.head + (out_ptr,) + plan.ws_args + tail,
-                shared_mem=smem, stream=stream)
-        return
+    slots[-1].value = 0 if x_ptr & 15 else int(plan.tail[-1])  # misaligned rows: element-wise staging
     slots[_X_SLOT].value = x_ptr
     slots[_OUT_SLOT].value = out_ptr
     if _get_device() != qm.device_id:  # the driver launches in the current device's context

@@ -15,11 +15,8 @@ from pathlib import Path
 
 from cupyq.sources import cuda_source_dir, read_cuda_source
 
-# 64-row chunks per kernel step for batches of at most 8 rows (the host plans splits in whole steps).
-MT1_STEP_CHUNKS = int(os.environ.get("CUPYQ_MT1_STEP_CHUNKS", 8))
-NVRTC_OPTIONS = ("--std=c++17", f"-DCUPYQ_MT1_STEP_CHUNKS={MT1_STEP_CHUNKS}") + tuple(
-    os.environ.get("CUPYQ_NVRTC_OPTIONS", "").split()
-)
+# CUPYQ_NVRTC_OPTIONS adds compiler options (e.g. -D tuning macros of cuda_src) for experiments.
+NVRTC_OPTIONS = ("--std=c++17",) + tuple(os.environ.get("CUPYQ_NVRTC_OPTIONS", "").split())
 
 _DTYPES = ("__half", "__nv_bfloat16")
 _MTS = (1, 2, 4, 8)
