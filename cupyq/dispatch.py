@@ -12,8 +12,19 @@ from cupyq import runtime
 from cupyq.qmatrix import QMatrix, _kind
 from cupyq.scratch import default_scratch, workspace
 
-# Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given.
+# Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given. Measured on an
+# H200 (BENCHMARKS.md): the quantized kernel wins up to m = 64 on layers of 32 M weights or more, and up to
+# m = 32 on smaller ones, where the dense product is cheap and the quantized kernel's work per weight dominates.
 DENSE_THRESHOLD = int(os.environ.get("CUPYQ_DENSE_THRESHOLD", 64))
+SMALL_LAYER_WEIGHTS = 1 << 25
+SMALL_LAYER_THRESHOLD = min(32, DENSE_THRESHOLD)
+
+
+def dense_threshold(qm: QMatrix) -> int:
+    """Largest batch (rows of x) that :func:`gemm` sends to the quantized kernel for this matrix."""
+    if qm.in_features * qm.out_features < SMALL_LAYER_WEIGHTS:
+        return SMALL_LAYER_THRESHOLD
+    return DENSE_THRESHOLD
 # Split-K aims at this many CTAs per multiprocessor.
 CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
 
@@ -33,7 +44,7 @@ def gemm(x, qm: QMatrix, out=None, *, force_cuda: bool = False):
     qm: a :class:`~cupyq.QMatrix`.
     out: optional output [..., N] of x's dtype and kind (contiguous), written in place and returned.
     force_cuda: always use the quantized kernel, for any number of rows (default: batches of more than
-       ``DENSE_THRESHOLD`` rows dequantise into scratch and call the dense matmul).
+       :func:`dense_threshold` rows dequantise into scratch and call the dense matmul).
     Returns [..., N] of the same kind (torch -> torch, CuPy -> CuPy, NumPy -> NumPy) and dtype as x. GPU kernels
     launch on torch's current stream for torch tensors and on CuPy's current stream for CuPy arrays.
     """
@@ -130,7 +141,7 @@ def _gemm_torch(x, qm: QMatrix, out, force_cuda):
     if m == 0:
         return out
     stream = runtime.torch_stream(dev)
-    if m > DENSE_THRESHOLD and not force_cuda:
+    if m > dense_threshold(qm) and not force_cuda:
         _dense_torch(x.view(m, qm.in_features), out.view(m, n), qm, ctype, stream)
     else:
         _launch_qgemm(qm, x.data_ptr(), out.data_ptr(), m, ctype, stream, torch.cuda.is_current_stream_capturing)
@@ -158,7 +169,7 @@ def _gemm_cupy(x, qm: QMatrix, out, force_cuda):
         if m == 0:
             return out
         stream = cupy.cuda.get_current_stream()
-        if m > DENSE_THRESHOLD and not force_cuda:
+        if m > dense_threshold(qm) and not force_cuda:
             _dense_cupy(x.reshape(m, qm.in_features), out.reshape(m, n), qm, stream)
         else:
             _launch_qgemm(qm, x.data.ptr, out.data.ptr, m, ctype, stream, stream.is_capturing)

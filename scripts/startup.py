@@ -34,7 +34,9 @@ print(time.perf_counter() - t0)
 
 def run(cache_dir):
     env = dict(os.environ, CUPY_CACHE_DIR=cache_dir)
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"start-up measurement failed:\n{out.stderr}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
