@@ -73,60 +73,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     return r;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-
-// Weight ring of one warp: kRingStages slots of one step each (4 chunks x H uint4 x 32 lanes). Every lane
-// copies and later reads back only its own 16-byte pieces, so the copies need no barrier.
-template <bool HAS8> __host__ __device__ constexpr int ring_stages() { return HAS8 ? 2 : 3; }
-template <bool HAS8> __host__ __device__ constexpr int ring_slot_uint4() { return kStepChunks * (HAS8 ? 2 : 1) * 32; }
-
-template <bool HAS8, bool HAS4>
-__device__ __forceinline__ void issue_step(uint4* slot, const uint4* __restrict__ w8, const uint4* __restrict__ w4,
-                                           int tile, int chunk, int chunk_end, int C8, int C4, int lane) {
-    constexpr int H = HAS8 ? 2 : 1;
-#pragma unroll
-    for (int i = 0; i < kStepChunks; ++i) {
-        const int c = chunk + i;
-        if (c < chunk_end) {
-            if (HAS8 && (!HAS4 || c < C8)) {
-                const uint4* p = w8 + ((size_t)(tile * C8 + c) * 2) * 32 + lane;
-                cp_async16(slot + (i * H) * 32 + lane, p);
-                cp_async16(slot + (i * H + H - 1) * 32 + lane, p + 32);
-            } else {
-                cp_async16(slot + (i * H) * 32 + lane, w4 + (size_t)(tile * C4 + (c - C8)) * 32 + lane);
-            }
-        }
-    }
-    cp_async_commit();  // also when empty, so that group counting stays regular
-}
-
-template <bool HAS8>
-__device__ __forceinline__ void read_step(StepWeights<HAS8>& r, const uint4* slot, int lane) {
-    constexpr int H = HAS8 ? 2 : 1;
-#pragma unroll
-    for (int i = 0; i < kStepChunks; ++i)
-#pragma unroll
-        for (int h = 0; h < H; ++h) r.v[i][h] = slot[(i * H + h) * 32 + lane];
-}
-
-template <bool HAS8>
-__device__ __forceinline__ void load_scales(StepWeights<HAS8>& r, const int* gid, const unsigned* __restrict__ zs,
-                                            int tile, int chunk, int chunk_end, int Npad, int lane) {
-    const int n_lo = tile * 16 + (lane >> 2);
-#pragma unroll
-    for (int i = 0; i < kStepChunks; ++i) {
-        if (chunk + i < chunk_end) {
-            r.zlo[i] = __ldg(zs + (size_t)gid[i] * Npad + n_lo);
-            r.zhi[i] = __ldg(zs + (size_t)gid[i] * Npad + n_lo + 8);
-        }
-    }
-}
-
 // Group of the lane's 16-row tile in each chunk of a step (loaded a step ahead of the scales that need it).
 __device__ __forceinline__ void load_groups(int g[kStepChunks], const int* __restrict__ tile_group, int chunk,
                                             int chunk_end, int lane) {
@@ -240,76 +186,33 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
 
     StepWeights<HAS8> cur, nxt;
     int gid[kStepChunks], gid_next[kStepChunks];
+    if (active) {
+        load_groups(gid, tile_group, chunk_begin, chunk_end, lane);
+        load_step<HAS8, HAS4>(cur, w8, w4, gid, zs, tile, chunk_begin, chunk_end, C8, C4, Npad, lane);
+        load_groups(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
+    }
     if (kWhole) {
-        // Weights stream through a shared-memory ring, several steps ahead, without costing registers.
-        constexpr int kStages = ring_stages<HAS8>();
-        uint4* ring = reinterpret_cast<uint4*>(smem_raw + ((8 * ld * (int)sizeof(T) + 15) & ~15)) +
-                      warp * kStages * ring_slot_uint4<HAS8>();
-        const int nsteps = (chunk_end - chunk_begin + kStepChunks - 1) / kStepChunks;
-#pragma unroll
-        for (int s = 0; s < kStages - 1; ++s) {
-            if (active && s < nsteps)
-                issue_step<HAS8, HAS4>(ring + s * ring_slot_uint4<HAS8>(), w8, w4, tile, chunk_begin + s * kStepChunks,
-                                       chunk_end, C8, C4, lane);
-            else
-                cp_async_commit();
-        }
-        if (active) {
-            load_groups(gid, tile_group, chunk_begin, chunk_end, lane);
-            load_scales<HAS8>(cur, gid, zs, tile, chunk_begin, chunk_end, Npad, lane);
-            load_groups(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
-        }
         stage_x<T>(xs, ld, ld - 8, x, row_src, chunk_begin * 64, (chunk_end - chunk_begin) * 64, m0, 8, M, K, x_vec);
         __syncthreads();
-        for (int s = 0; s < nsteps; ++s) {
-            const int chunk = chunk_begin + s * kStepChunks;
-            const int ahead = s + kStages - 1;
-            if (active && ahead < nsteps)
-                issue_step<HAS8, HAS4>(ring + (ahead % kStages) * ring_slot_uint4<HAS8>(), w8, w4, tile,
-                                       chunk_begin + ahead * kStepChunks, chunk_end, C8, C4, lane);
-            else
-                cp_async_commit();
-            if (active && s + 1 < nsteps) {
-                load_groups(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
-                load_scales<HAS8>(nxt, gid, zs, tile, chunk + kStepChunks, chunk_end, Npad, lane);
-#pragma unroll
-                for (int i = 0; i < kStepChunks; ++i) gid[i] = gid_next[i];
-            }
-            cp_async_wait<kStages - 1>();
-            if (active) {
-                read_step<HAS8>(cur, ring + (s % kStages) * ring_slot_uint4<HAS8>(), lane);
-                compute_step<T, MT, HAS8, HAS4>(cur, xs + (chunk - chunk_begin) * 64, ld, chunk, chunk_end, C8, lane,
-                                                acc);
-            }
-#pragma unroll
-            for (int i = 0; i < kStepChunks; ++i) {
-                cur.zlo[i] = nxt.zlo[i];
-                cur.zhi[i] = nxt.zhi[i];
-            }
-        }
-        cp_async_wait<0>();
-    } else {
-        if (active) {
-            load_groups(gid, tile_group, chunk_begin, chunk_end, lane);
-            load_step<HAS8, HAS4>(cur, w8, w4, gid, zs, tile, chunk_begin, chunk_end, C8, C4, Npad, lane);
-            load_groups(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
-        }
-        for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
+    }
+    for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
+        if (!kWhole) {
             __syncthreads();
             stage_x<T>(xs, ld, kStepRows, x, row_src, chunk * 64, min(kStepChunks, chunk_end - chunk) * 64, m0,
                        MT * 8, M, K, x_vec);
             __syncthreads();
-            const bool more = chunk + kStepChunks < chunk_end;
-            if (active && more) {
-                load_groups(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
-                load_step<HAS8, HAS4>(nxt, w8, w4, gid, zs, tile, chunk + kStepChunks, chunk_end, C8, C4, Npad,
-                                      lane);
-#pragma unroll
-                for (int i = 0; i < kStepChunks; ++i) gid[i] = gid_next[i];
-            }
-            if (active) compute_step<T, MT, HAS8, HAS4>(cur, xs, ld, chunk, chunk_end, C8, lane, acc);
-            if (more) cur = nxt;
         }
+        const bool more = chunk + kStepChunks < chunk_end;
+        if (active && more) {
+            load_groups(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
+            load_step<HAS8, HAS4>(nxt, w8, w4, gid, zs, tile, chunk + kStepChunks, chunk_end, C8, C4, Npad, lane);
+#pragma unroll
+            for (int i = 0; i < kStepChunks; ++i) gid[i] = gid_next[i];
+        }
+        if (active)
+            compute_step<T, MT, HAS8, HAS4>(cur, xs + (kWhole ? (chunk - chunk_begin) * 64 : 0), ld, chunk,
+                                            chunk_end, C8, lane, acc);
+        if (more) cur = nxt;
     }
 
     // Accumulator element (mt, e): column n = tile*16 + lane/4 + 8*(e/2), row m = m0 + mt*8 + 2*(lane%4) + e%2.

@@ -225,9 +225,6 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     k_x = lay.padded_rows if p.gather else qm.in_features
     rows_staged = steps_per_split * _STEP_CHUNKS * 64 if mt == 1 else _STEP_CHUNKS * 64
     p.smem = mt * 8 * (rows_staged + 8) * 2
-    if mt == 1:  # plus each warp's weight ring: 2 (8-bit storage) or 3 steps of 4 chunks x 32 lanes x 16 bytes
-        has8 = lay.chunks8 > 0
-        p.smem = -(-p.smem // 16) * 16 + _THREADS // 32 * (2 if has8 else 3) * _STEP_CHUNKS * (2 if has8 else 1) * 512
     if p.smem > _STATIC_SMEM_LIMIT:
         p.fn.max_dynamic_shared_size_bytes = p.smem
     p.grid = (col_blocks, splits, mblocks)
