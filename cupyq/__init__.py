@@ -4,6 +4,9 @@ __version__ = "0.1.0"
 
 __all__ = ["QMatrix", "gemm", "patch_model", "__version__"]
 
+_SUBMODULES = ("bench", "checkpoint", "exllamav2", "formats", "layout", "model", "quantize", "reference", "runtime",
+               "sample", "scratch", "torch_ops")
+
 
 def __getattr__(name):
     # Lazy imports keep `import cupyq` cheap and free of CuPy/torch imports.
@@ -19,4 +22,8 @@ def __getattr__(name):
         from cupyq.model import patch_model
 
         return patch_model
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"cupyq.{name}")
     raise AttributeError(f"module 'cupyq' has no attribute {name!r}")

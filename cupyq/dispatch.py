@@ -219,9 +219,9 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     splits = -(-steps // steps_per_split)
     p.fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
                                 qm.device_id)
-    # Permuted activations of more than one m8 tile are gathered once into sorted order by a separate kernel
-    # (cheaper than gathering element by element in every CTA).
-    p.gather = lay.row_src is not None and mt > 1
+    # Permuted (act-order, EXL2) or padded activations are gathered once into sorted order by a small kernel:
+    # cheaper than gathering element by element in every CTA.
+    p.gather = lay.row_src is not None
     k_x = lay.padded_rows if p.gather else qm.in_features
     rows_staged = steps_per_split * _STEP_CHUNKS * 64 if mt == 1 else _STEP_CHUNKS * 64
     p.smem = mt * 8 * (rows_staged + 8) * 2

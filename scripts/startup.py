@@ -14,7 +14,7 @@ import tempfile
 CHILD = r"""
 import time
 t0 = time.perf_counter()
-import numpy as np, torch, cupyq
+import numpy as np, torch, cupyq, cupyq.runtime
 from cupyq import bench
 rng = np.random.default_rng(0)
 g = bench._random_gptq(rng, 4096, 4096, True)
