@@ -46,6 +46,8 @@ UPSTREAM_US = {
                     4096: (2994.4, 3033.1, 3022.9)},
 }
 UPSTREAM_IMPLS = ("gptq", "gptq_act", "exl2")
+# Small layers would need thousands of copies to exceed rotate_bytes; past this many they are timed from L2.
+_MAX_COPIES = 64
 
 
 def _random_gptq(rng, k, n, act_order):
@@ -145,17 +147,17 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
         xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in ms}
         for impl in tuple(formats) + tuple(baselines):
             if impl in ("gptq", "gptq_act", "exl2"):
-                copies = max(1, -(-rotate_bytes // (k * n // 2)))
+                copies = min(_MAX_COPIES, max(1, -(-rotate_bytes // (k * n // 2))))
                 qms = _make_qmatrices(impl, k, n, copies, rng, device)
                 for qm in qms:
                     qm.warmup(max_m=64)
                 fn_of = lambda m: (lambda i: cupyq.gemm(xs[m], qms[i % len(qms)]))  # noqa: E731
             elif impl == "fp16":
-                copies = max(1, -(-rotate_bytes // (k * n * 2)))
+                copies = min(_MAX_COPIES, max(1, -(-rotate_bytes // (k * n * 2))))
                 ws = [torch.randn(k, n, device=dev, dtype=torch.float16) for _ in range(copies)]
                 fn_of = lambda m: (lambda i: torch.matmul(xs[m], ws[i % len(ws)]))  # noqa: E731
             elif impl == "int4":
-                copies = max(1, -(-rotate_bytes // (k * n // 2)))
+                copies = min(_MAX_COPIES, max(1, -(-rotate_bytes // (k * n // 2))))
                 try:
                     w4 = _int4_weights(torch, k, n, copies, dev)
                 except Exception as exc:  # the op is optional in some torch builds
