@@ -129,3 +129,37 @@ def test_plan_rows_identity_for_aligned_groups():
     plan = L.plan_rows(np.repeat(np.arange(4), 64), np.zeros(256, bool))
     assert plan.padded_rows == 256
     np.testing.assert_array_equal(plan.position, np.arange(256))
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@st.composite
+def _layer_plans(draw):
+    """Random groups (descending widths, any sizes), columns and an optional permutation."""
+    widths = sorted(draw(st.lists(st.sampled_from([2, 3, 4, 5, 6, 8]), min_size=1, max_size=4)), reverse=True)
+    group_rows = draw(st.lists(st.integers(1, 80), min_size=len(widths), max_size=len(widths)))
+    bits = [b for b, r in zip(widths, group_rows) for _ in range(r)]
+    n = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2 ** 16))
+    permute = draw(st.booleans())
+    return group_rows, bits, n, seed, permute
+
+
+@settings(max_examples=25, deadline=None)
+@given(_layer_plans())
+def test_kernel_decode_property(plan):
+    group_rows, bits, n, seed, permute = plan
+    rng = np.random.default_rng(seed)
+    k = sum(group_rows)
+    q, groups, storage8, scales, zeros = _random_case(rng, k, n, group_rows, bits)
+    perm = rng.permutation(k) if permute else None
+    lay = L.build_layout(q, perm, groups, storage8, scales, zeros, np)
+    assert lay.padded_rows % L.STEP_ROWS == 0 and lay.padded_cols % 16 == 0
+    dq = _decode_like_kernel(lay)
+    pos = L.plan_rows(groups, storage8).position
+    expect = scales.astype(np.float16).astype(np.float32)[groups] * (q.astype(np.float32) - zeros[groups])
+    np.testing.assert_allclose(dq[pos, :n], expect, rtol=2 ** -10, atol=0)
+    src = lay.row_src if lay.row_src is not None else np.arange(lay.padded_rows)
+    np.testing.assert_array_equal(src[pos], perm if permute else np.arange(k))
