@@ -267,7 +267,8 @@ class QMatrix:
 
     # -------------------------------------------------------------------------------------------- data
     def reference_weight(self) -> np.ndarray:
-        """float32 NumPy [K, N] dequantised weight from the float32 reference (original row order)."""
+        """float32 NumPy [K, N] dequantised weight in original row order: the float32 reference for a CPU
+        matrix, the fp16 dequantise kernel's output (widened to float32) for a GPU matrix."""
         if self.device_id is not None:
             return self.dequantize_cupy(np.float16).get().astype(np.float32)
         c = self._cpu
