@@ -25,6 +25,8 @@ def dense_threshold(qm: QMatrix) -> int:
     if qm.in_features * qm.out_features < SMALL_LAYER_WEIGHTS:
         return SMALL_LAYER_THRESHOLD
     return DENSE_THRESHOLD
+
+
 # Split-K aims at this many CTAs per multiprocessor.
 CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
 
@@ -189,17 +191,15 @@ class _Launcher:
         self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(v) for v in self.slots])
         self.params_ptr = ctypes.addressof(self.params)
 
-    def launch(self, stream_ptr: int, smem: int | None = None):
+    def launch(self, stream_ptr: int):
         from cupy_backends.cuda.api import driver
 
         g, b = self.grid, self.block
-        driver.launchKernel(self.f, g[0], g[1], g[2], b[0], b[1], b[2], self.smem if smem is None else smem,
-                            stream_ptr, self.params_ptr, 0)
+        driver.launchKernel(self.f, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, stream_ptr, self.params_ptr, 0)
 
 
 class _Plan:
-    __slots__ = ("fn", "grid", "block", "smem", "splits", "partial_floats", "counters", "head", "tail",
-                 "ws_ptrs", "ws_args", "gather", "launcher")
+    __slots__ = ("splits", "partial_floats", "counters", "x_vec", "ws_ptrs", "gather", "launcher")
 
 
 def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
@@ -217,33 +217,30 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
         splits = max(splits, -(-steps // _WHOLE_STEPS))
     steps_per_split = -(-steps // splits)
     splits = -(-steps // steps_per_split)
-    p.fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
-                                qm.device_id)
+    fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
+                              qm.device_id)
     # Permuted (act-order, EXL2) or padded activations are gathered once into sorted order by a small kernel:
     # cheaper than gathering element by element in every CTA.
     p.gather = lay.row_src is not None
     k_x = lay.padded_rows if p.gather else qm.in_features
     rows_staged = steps_per_split * _STEP_CHUNKS * 64 if mt == 1 else _STEP_CHUNKS * 64
-    p.smem = mt * 8 * (rows_staged + 8) * 2
-    if p.smem > _STATIC_SMEM_LIMIT:
-        p.fn.max_dynamic_shared_size_bytes = p.smem
-    p.grid = (col_blocks, splits, mblocks)
-    p.block = (_THREADS, 1, 1)
+    smem = mt * 8 * (rows_staged + 8) * 2
+    if smem > _STATIC_SMEM_LIMIT:
+        fn.max_dynamic_shared_size_bytes = smem
     p.splits = splits
     p.partial_floats = splits * mblocks * mt * 8 * lay.padded_cols if splits > 1 else 0
     p.counters = col_blocks * mblocks
     bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
-    x_vec = np.int32(1 if p.gather or (lay.row_src is None and qm.in_features % 8 == 0) else 0)
-    p.head = (
-        0 if p.gather else _ptr(lay.row_src), _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(bias),
-    )
-    p.tail = (
-        np.int32(m), np.int32(k_x), np.int32(qm.out_features), np.int32(lay.padded_cols),
-        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(steps_per_split * _STEP_CHUNKS), x_vec,
-    )
+    p.x_vec = 1 if p.gather or (lay.row_src is None and qm.in_features % 8 == 0) else 0
     p.ws_ptrs = None
-    p.ws_args = (0, 0)
-    p.launcher = _Launcher(p.fn, p.grid, p.block, p.smem, (0,) + p.head + (0,) + p.ws_args + p.tail)
+    # The kernel's parameters in order; x, out, the workspace pointers and x_vec are rewritten per call.
+    args = (
+        0, 0 if p.gather else _ptr(lay.row_src), _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs),
+        _ptr(bias), 0, 0, 0,
+        np.int32(m), np.int32(k_x), np.int32(qm.out_features), np.int32(lay.padded_cols),
+        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(steps_per_split * _STEP_CHUNKS), np.int32(p.x_vec),
+    )
+    p.launcher = _Launcher(fn, (col_blocks, splits, mblocks), (_THREADS, 1, 1), smem, args)
     return p
 
 
@@ -254,24 +251,30 @@ def _ptr(a) -> int:
 _X_SLOT, _OUT_SLOT, _WS_SLOT = 0, 7, 8
 
 
-def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing):
-    """Launch the quantized GEMM; ``stream`` is a CuPy stream object, ``capturing()`` tells whether a CUDA graph
-    is being captured on it (asked only when a buffer must grow)."""
+def _plan_for(qm: QMatrix, m: int, ctype: str) -> _Plan:
+    """The launch plan of ``qm`` for ``m`` rows of ``ctype`` activations, made once and kept on the matrix."""
     plan = qm._plans.get((m, ctype))
     if plan is None:
         plan = qm._plans[(m, ctype)] = _qgemm_plan(qm, m, ctype)
+    return plan
+
+
+def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing):
+    """Launch the quantized GEMM; ``stream`` is a CuPy stream object, ``capturing()`` tells whether a CUDA graph
+    is being captured on it (asked only when a buffer must grow)."""
+    plan = _plan_for(qm, m, ctype)
     slots = plan.launcher.slots
     if plan.splits > 1:
         partials, counters = workspace(qm.device_id).ensure(plan.partial_floats, plan.counters, capturing)
         ptrs = (partials.data.ptr, counters.data.ptr)
         if ptrs != plan.ws_ptrs:
-            plan.ws_ptrs = plan.ws_args = ptrs
+            plan.ws_ptrs = ptrs
             slots[_WS_SLOT].value, slots[_WS_SLOT + 1].value = ptrs
     if plan.gather:
         gathered = workspace(qm.device_id).gather_buffer(m * qm.layout.padded_rows, capturing)
         _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
         x_ptr = gathered.data.ptr
-    slots[-1].value = 0 if x_ptr & 15 else int(plan.tail[-1])  # misaligned rows: element-wise staging
+    slots[-1].value = 0 if x_ptr & 15 else plan.x_vec  # misaligned rows: element-wise staging
     slots[_X_SLOT].value = x_ptr
     slots[_OUT_SLOT].value = out_ptr
     if _get_device() != qm.device_id:  # the driver launches in the current device's context
@@ -446,8 +449,7 @@ def warmup_matrix(qm: QMatrix, *, max_m: int = 64, dtypes=("float16",)):
             for m in sorted({8, 16, 32, 64, max_m}):
                 if m > max_m:
                     continue
-                plan = qm._plans.get((m, ctype)) or _qgemm_plan(qm, m, ctype)
-                qm._plans[(m, ctype)] = plan
+                plan = _plan_for(qm, m, ctype)
                 if plan.splits > 1:
                     workspace(qm.device_id).ensure(plan.partial_floats, plan.counters, lambda: False)
                 if plan.gather:

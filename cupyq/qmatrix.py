@@ -228,7 +228,6 @@ class QMatrix:
             self.bias_bf16 = cupy.asarray(_to_bf16_bits(self._bias_host))
         self._plans = {}
         self._scratch = None
-        self._torch_views = {}
 
     # -------------------------------------------------------------------------------------------- facts
     @property
@@ -324,7 +323,6 @@ class QMatrix:
 
             buf = cupy.from_dlpack(buf.detach().view(-1).view(__import__("torch").uint8))
         self._scratch = buf.view(np.uint8).reshape(-1)
-        self._torch_views = {}
 
     def warmup(self, *, max_m: int = 64, dtypes=("float16",)):
         """Compile and load every kernel this matrix uses for batches up to ``max_m`` and size the workspace."""
@@ -340,7 +338,6 @@ class QMatrix:
             if hasattr(self, name):
                 setattr(self, name, None)
         self._plans = {}
-        self._torch_views = {}
 
 
 def _to_bf16_bits(a: np.ndarray) -> np.ndarray:

@@ -273,13 +273,6 @@ def torch_stream(device_id: int):
     return s
 
 
-def cupy_stream():
-    """CuPy's current stream."""
-    import cupy
-
-    return cupy.cuda.get_current_stream()
-
-
 def warmup(qmatrices, *, max_m: int = 64) -> float:
     """Compile and load every kernel the given QMatrix objects need on their devices; returns seconds."""
     start = time.perf_counter()

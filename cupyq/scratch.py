@@ -83,6 +83,7 @@ class Workspace:
         self.device = device
         self.partials = None
         self.counters = None
+        self.gathered = None
 
     def ensure(self, partial_floats: int, counters: int, capturing):
         """(partials, counters) CuPy arrays of at least the given sizes; ``capturing()`` tells whether a CUDA
@@ -111,7 +112,7 @@ class Workspace:
         """A CuPy float16 buffer of at least ``halves`` elements for activations in sorted row order."""
         import cupy
 
-        buf = getattr(self, "gathered", None)
+        buf = self.gathered
         if buf is None or buf.size < halves:
             if capturing():
                 raise RuntimeError(
