@@ -1,4 +1,7 @@
-"""Device scratch memory: one contiguous buffer from CuPy's memory pool, handed out in aligned slices."""
+"""Device memory the GEMM paths take from CuPy's memory pool: the split-K workspace, the buffer of gathered
+activations, and the default dequantisation scratch of matrices given none of their own.
+
+Serving code hands out its own scratch slices (``cupyq.exllamav2.ExLlamaV2DeviceTensors``)."""
 
 from __future__ import annotations
 
@@ -10,53 +13,6 @@ DEFAULT_SCRATCH_BYTES = int(os.environ.get("CUPYQ_SCRATCH_BYTES", 512 * 1024 * 1
 
 def _round_up(n: int, m: int = ALIGNMENT) -> int:
     return -(-int(n) // m) * m
-
-
-class Scratch:
-    """One contiguous device buffer of ``scratch_bytes`` on ``device``, taken lazily from CuPy's memory pool.
-
-    ``get_scratch_slice`` hands out distinct 128-byte-aligned slices (a bump allocator); ``reset`` starts over.
-    """
-
-    def __init__(self, device, scratch_bytes: int):
-        if int(scratch_bytes) <= 0:
-            raise ValueError(f"scratch_bytes: expected a positive size, got {scratch_bytes}")
-        self.device = _device_index(device)
-        self.scratch_bytes = _round_up(scratch_bytes)
-        self.used_bytes = 0
-        self.buffer = None
-
-    def prepare(self):
-        """Allocate the buffer now (uint8 CuPy array of ``scratch_bytes``); later calls do nothing."""
-        if self.buffer is None:
-            import cupy
-
-            with cupy.cuda.Device(self.device):
-                self.buffer = cupy.empty(self.scratch_bytes, dtype=cupy.uint8)
-        return self.buffer
-
-    def get_scratch_slice(self, size_bytes: int):
-        """A distinct slice of at least ``size_bytes`` (rounded up to 128 bytes), as a uint8 CuPy array whose
-        start is 128-byte aligned. Raises ValueError when fewer bytes are left than asked for."""
-        size = _round_up(size_bytes)
-        if size <= 0:
-            raise ValueError(f"size_bytes: expected a positive size, got {size_bytes}")
-        if self.used_bytes + size > self.scratch_bytes:
-            raise ValueError(
-                f"scratch: asked for {size} bytes but only {self.scratch_bytes - self.used_bytes} of "
-                f"{self.scratch_bytes} are left"
-            )
-        buf = self.prepare()
-        view = buf[self.used_bytes : self.used_bytes + size]
-        self.used_bytes += size
-        return view
-
-    def reset(self):
-        """Hand out slices from offset 0 again (earlier slices may then be overwritten)."""
-        self.used_bytes = 0
-
-    def __repr__(self):
-        return f"Scratch(device={self.device}, scratch_bytes={self.scratch_bytes}, used_bytes={self.used_bytes})"
 
 
 def _device_index(device) -> int:
