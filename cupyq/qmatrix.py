@@ -41,21 +41,6 @@ def _resolve_device(arrays, device):
     return None, kind
 
 
-def _to_numpy(a):
-    if a is None:
-        return None
-    if _kind(a) == "torch":
-        import torch
-
-        t = a.detach()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        return t.cpu().numpy()
-    if _kind(a) == "cupy":
-        return a.get()
-    return np.asarray(a)
-
-
 def _to_cupy(a, device_id):
     """A CuPy array on device_id holding the data of a (zero-copy for CUDA torch/CuPy arrays on that device)."""
     import cupy
@@ -125,7 +110,7 @@ class QMatrix:
         self._bpw = float(bits)
         groups = layout.groups
         self.device_id, self.input_kind = _resolve_device((qweight, qzeros, scales, g_idx, bias), device)
-        g_host = _to_numpy(g_idx)
+        g_host = reference.to_numpy(g_idx)
         if g_host is None:
             g_host = _gptq.default_g_idx(self.in_features, -(-self.in_features // groups) if groups > 1 else -1)
         g_host = g_host.astype(np.int64)
@@ -134,9 +119,9 @@ class QMatrix:
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
-                qweight=_to_numpy(qweight),
-                qzeros=_to_numpy(qzeros),
-                scales=_to_numpy(scales).astype(np.float32),
+                qweight=reference.to_numpy(qweight),
+                qzeros=reference.to_numpy(qzeros),
+                scales=reference.to_numpy(scales).astype(np.float32),
                 g_idx=g_host.astype(np.int32),
             )
             return self
@@ -184,16 +169,16 @@ class QMatrix:
         for g in groups:
             self.group_size.setdefault(g.bits, g.rows)
         self.device_id, self.input_kind = _resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device)
-        perm = _exl2.perm_from_invperm(_to_numpy(q_invperm)).astype(np.int64)
+        perm = _exl2.perm_from_invperm(reference.to_numpy(q_invperm)).astype(np.int64)
         self.act_order = not np.array_equal(perm, np.arange(self.in_features))
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
-                q_weight=_to_numpy(q_weight),
-                q_invperm=_to_numpy(q_invperm),
-                q_scale=_to_numpy(q_scale),
-                q_scale_max=_to_numpy(q_scale_max),
-                q_groups=_to_numpy(q_groups),
+                q_weight=reference.to_numpy(q_weight),
+                q_invperm=reference.to_numpy(q_invperm),
+                q_scale=reference.to_numpy(q_scale),
+                q_scale_max=reference.to_numpy(q_scale_max),
+                q_groups=reference.to_numpy(q_groups),
             )
             return self
         import cupy
@@ -213,7 +198,7 @@ class QMatrix:
     def _init_bias(self, bias):
         self._bias_host = None
         if bias is not None:
-            b = _to_numpy(bias).astype(np.float32).reshape(-1)
+            b = reference.to_numpy(bias).astype(np.float32).reshape(-1)
             if b.shape[0] != self.out_features:
                 raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(b.shape)}")
             self._bias_host = b
