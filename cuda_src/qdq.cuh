@@ -63,6 +63,11 @@ __device__ __forceinline__ void dequant8_exact(unsigned w0, unsigned w1, __half2
 template <typename T> struct Frag;
 
 template <> struct Frag<__half> {
+    // The exact integers themselves as the A fragment (the scale is applied to the product instead).
+    static __device__ __forceinline__ void exact(const __half2 d[4], unsigned a[4]) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = as_u32(d[i]);
+    }
     static __device__ __forceinline__ void scale(const __half2 d[4], __half2 slo, __half2 shi, unsigned a[4]) {
         a[0] = as_u32(__hmul2(d[0], slo));
         a[1] = as_u32(__hmul2(d[1], shi));
@@ -76,6 +81,11 @@ template <> struct Frag<__nv_bfloat16> {
         float2 f = __half22float2(d);
         __nv_bfloat162 r = __floats2bfloat162_rn(f.x * s, f.y * s);
         return *reinterpret_cast<unsigned*>(&r);
+    }
+    // |q - z| <= 255 is exact in bf16 (8 significant bits).
+    static __device__ __forceinline__ void exact(const __half2 d[4], unsigned a[4]) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = one(d[i], 1.0f);
     }
     static __device__ __forceinline__ void scale(const __half2 d[4], __half2 slo, __half2 shi, unsigned a[4]) {
         float flo = __low2float(slo), fhi = __low2float(shi);

@@ -155,6 +155,68 @@ __device__ __forceinline__ void compute_step(const StepWeights<HAS8>& r, const T
     }
 }
 
+// Writes the CTA's results. Accumulator element (mt, e) of a lane holds column n = tile*16 + lane/4 + 8*(e/2)
+// and batch row m = m0 + mt*8 + 2*(lane%4) + e%2. With one split the values (plus bias) go straight to `out`;
+// otherwise every CTA writes fp32 partial sums to `ws`, and the last CTA of its column block (counted in
+// `counters`, which it resets for the next launch) adds them in split order.
+template <typename T, int MT>
+__device__ __forceinline__ void write_result(const float (&acc)[MT][4], bool active, int tile, int lane, int m0,
+                                             const T* __restrict__ bias, T* __restrict__ out,
+                                             float* __restrict__ ws, int* __restrict__ counters, int M, int N,
+                                             int Npad) {
+    __shared__ int is_last;
+    const int n_lo = tile * 16 + (lane >> 2);
+    if (gridDim.y == 1) {
+        if (!active) return;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int n = n_lo + 8 * (e >> 1);
+                const int m = m0 + mt * 8 + 2 * (lane & 3) + (e & 1);
+                if (m < M && n < N) {
+                    float v = acc[mt][e];
+                    if (bias) v += to_float<T>(bias[n]);
+                    out[(size_t)m * N + n] = from_float<T>(v);
+                }
+            }
+        }
+        return;
+    }
+
+    const int Mtot = gridDim.z * MT * 8;
+    if (active) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int n = n_lo + 8 * (e >> 1);
+                const int m = m0 + mt * 8 + 2 * (lane & 3) + (e & 1);
+                if (m < M) ws[((size_t)blockIdx.y * Mtot + m) * Npad + n] = acc[mt][e];
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    int* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int col0 = blockIdx.x * kCtaCols;
+    for (int i = threadIdx.x; i < MT * 8 * kCtaCols; i += kThreads) {
+        const int m = m0 + i / kCtaCols;
+        const int n = col0 + i % kCtaCols;
+        if (m < M && n < N) {
+            float v = 0.0f;
+            for (int s = 0; s < (int)gridDim.y; ++s) v += __ldcg(ws + ((size_t)s * Mtot + m) * Npad + n);
+            if (bias) v += to_float<T>(bias[n]);
+            out[(size_t)m * N + n] = from_float<T>(v);
+        }
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+
 template <typename T, int MT, bool HAS8, bool HAS4>
 __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* __restrict__ row_src,
                                            const uint4* __restrict__ w8, const uint4* __restrict__ w4,
@@ -164,14 +226,11 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
                                            int C4, int chunks_per_split, int x_vec) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* xs = reinterpret_cast<T*>(smem_raw);
-    __shared__ int is_last;
-
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int T16 = Npad / 16;
     const int tile = blockIdx.x * kWarps + warp;
     const bool active = tile < T16;
-    const int col0 = blockIdx.x * kCtaCols;
     const int m0 = blockIdx.z * MT * 8;
     const int C = C8 + C4;
     const int chunk_begin = blockIdx.y * chunks_per_split;
@@ -215,56 +274,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
         if (more) cur = nxt;
     }
 
-    // Accumulator element (mt, e): column n = tile*16 + lane/4 + 8*(e/2), row m = m0 + mt*8 + 2*(lane%4) + e%2.
-    const int n_lo = tile * 16 + (lane >> 2);
-    if (gridDim.y == 1) {
-        if (!active) return;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int n = n_lo + 8 * (e >> 1);
-                const int m = m0 + mt * 8 + 2 * (lane & 3) + (e & 1);
-                if (m < M && n < N) {
-                    float v = acc[mt][e];
-                    if (bias) v += to_float<T>(bias[n]);
-                    out[(size_t)m * N + n] = from_float<T>(v);
-                }
-            }
-        }
-        return;
-    }
-
-    const int Mtot = gridDim.z * MT * 8;
-    if (active) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int n = n_lo + 8 * (e >> 1);
-                const int m = m0 + mt * 8 + 2 * (lane & 3) + (e & 1);
-                if (m < M) ws[((size_t)blockIdx.y * Mtot + m) * Npad + n] = acc[mt][e];
-            }
-        }
-    }
-    __threadfence();
-    __syncthreads();
-    int* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == (int)gridDim.y - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < MT * 8 * kCtaCols; i += kThreads) {
-        const int m = m0 + i / kCtaCols;
-        const int n = col0 + i % kCtaCols;
-        if (m < M && n < N) {
-            float v = 0.0f;
-            for (int s = 0; s < (int)gridDim.y; ++s) v += __ldcg(ws + ((size_t)s * Mtot + m) * Npad + n);
-            if (bias) v += to_float<T>(bias[n]);
-            out[(size_t)m * N + n] = from_float<T>(v);
-        }
-    }
-    if (threadIdx.x == 0) *counter = 0;
+    write_result<T, MT>(acc, active, tile, lane, m0, bias, out, ws, counters, M, N, Npad);
 }
 
 }  // namespace cupyq
@@ -277,6 +287,231 @@ __global__ void __launch_bounds__(cupyq::kThreads, MT == 1 ? 2 : CUPYQ_MIN_BLOCK
           int M, int K, int N, int Npad, int C8, int C4, int chunks_per_split, int x_vec) {
     cupyq::qgemm_body<T, MT, HAS8, HAS4>(x, row_src, w8, w4, tile_group, zs, bias, out, ws, counters, M, K, N,
                                          Npad, C8, C4, chunks_per_split, x_vec);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Small batches (M <= 4): a lean variant of the same product, built to stream the weights at full bandwidth.
+//
+// Same layout, grid and split-K as qgemm with one m8 tile, but only the M activation rows are staged (lanes of
+// batch rows >= M read row M - 1; those accumulator rows are never written), together with the group of every
+// 16-row tile of the CTA's range, so scale loads wait on shared memory only. Permuted rows are gathered while
+// staging. A chunk whose four tiles share one group (every chunk of GPTQ with groups of 64 rows or more) is
+// multiplied with the exact integers (q - z) and its fp32 product scaled once per column, which saves the
+// fp16 scaling of every weight; other chunks scale the fragments as qgemm does. Steps are double-buffered in
+// registers without copies (the loop is unrolled by two).
+namespace cupyq {
+
+constexpr int kGemvMaxM = 4;  // batch rows the small-batch kernel handles
+
+template <bool HAS8>
+struct GemvStep {
+    uint4 v[kStepChunks][HAS8 ? 2 : 1];
+    unsigned zlo[kStepChunks], zhi[kStepChunks];
+};
+
+template <bool HAS8, bool HAS4>
+__device__ __forceinline__ bool is_step8(int chunk, int C8) {
+    return HAS8 && (!HAS4 || chunk < C8);  // C8 % kStepChunks == 0: a step never straddles the two storages
+}
+
+template <bool HAS8, bool HAS4>
+__device__ __forceinline__ void gemv_load_weights(GemvStep<HAS8>& r, const uint4* __restrict__ w8,
+                                                  const uint4* __restrict__ w4, int tile, int chunk, int C8,
+                                                  int C4, int lane) {
+    if (is_step8<HAS8, HAS4>(chunk, C8)) {
+        const uint4* p = w8 + ((size_t)(tile * C8 + chunk) * 2) * 32 + lane;
+#pragma unroll
+        for (int i = 0; i < kStepChunks; ++i) {
+            r.v[i][0] = load_stream(p + i * 64);
+            r.v[i][HAS8 ? 1 : 0] = load_stream(p + i * 64 + 32);
+        }
+    } else {
+        const uint4* p = w4 + (size_t)(tile * C4 + (chunk - C8)) * 32 + lane;
+#pragma unroll
+        for (int i = 0; i < kStepChunks; ++i) r.v[i][0] = load_stream(p + i * 32);
+    }
+}
+
+// cg: group of each staged chunk (-1 when its tiles differ), tg: group of each staged tile; local: the step's
+// first chunk relative to the staged range; zsn: the scale/zero words of the lane's first column.
+template <bool HAS8>
+__device__ __forceinline__ void gemv_load_scales(GemvStep<HAS8>& r, const int* cg, const int* tg,
+                                                 const unsigned* __restrict__ zsn, int local, int Npad, int lane) {
+    const int4 cg4 = *reinterpret_cast<const int4*>(cg + local);
+    const int chunk_group[kStepChunks] = {cg4.x, cg4.y, cg4.z, cg4.w};
+#pragma unroll
+    for (int i = 0; i < kStepChunks; ++i) {
+        const int g = chunk_group[i] >= 0 ? chunk_group[i] : tg[(local + i) * 4 + (lane & 3)];
+        const unsigned* p = zsn + g * Npad;
+        r.zlo[i] = __ldg(p);
+        r.zhi[i] = __ldg(p + 8);
+    }
+}
+
+// Exact integers (q - z) of word j of chunk i of a step.
+template <bool HAS8, bool HAS4>
+__device__ __forceinline__ void gemv_dequant(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo,
+                                             __half2 zhi, __half2 q[4]) {
+    if (HAS8 && is8) {
+        const uint4& v = r.v[i][(j >> 1) & (HAS8 ? 1 : 0)];
+        dequant8_exact((j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y, zlo, zhi, q);
+    } else {
+        const uint4& v = r.v[i][0];
+        dequant4_exact(j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w, zlo, zhi, q);
+    }
+}
+
+// xrow: the lane's activations (batch row lane/4, its 16 rows of each chunk, interleaved as staged by qgemv)
+// of the step's first chunk; cg: the step's chunk groups (negative: the chunk's tiles differ).
+template <typename T, bool HAS8, bool HAS4>
+__device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* xrow, const int* cg, bool is8,
+                                             float acc[4]) {
+    const int4 cg4 = *reinterpret_cast<const int4*>(cg);
+    const int chunk_group[kStepChunks] = {cg4.x, cg4.y, cg4.z, cg4.w};
+#pragma unroll
+    for (int i = 0; i < kStepChunks; ++i) {
+        unsigned bx[8];  // B fragments of mma j: bx[2j] (rows 2j, 2j+1) and bx[2j+1] (rows 8+2j, 9+2j)
+        *reinterpret_cast<uint4*>(bx) = *reinterpret_cast<const uint4*>(xrow + i * 64);
+        *reinterpret_cast<uint4*>(bx + 4) = *reinterpret_cast<const uint4*>(xrow + i * 64 + 8);
+        const __half2 zlo = __high2half2(as_half2(r.zlo[i]));
+        __half2 zhi = __high2half2(as_half2(r.zhi[i]));
+        if (HAS8 && is8) zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi);  // 960 + 64 + z
+        if (chunk_group[i] >= 0) {
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                __half2 q[4];
+                unsigned a[4];
+                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
+                Frag<T>::exact(q, a);
+                Mma<T>::run(d, a, bx[2 * j], bx[2 * j + 1]);
+            }
+            // d[0..1]: column n0, d[2..3]: column n0 + 8
+            const float slo = __low2float(as_half2(r.zlo[i])), shi = __low2float(as_half2(r.zhi[i]));
+            acc[0] = fmaf(slo, d[0], acc[0]);
+            acc[1] = fmaf(slo, d[1], acc[1]);
+            acc[2] = fmaf(shi, d[2], acc[2]);
+            acc[3] = fmaf(shi, d[3], acc[3]);
+        } else {
+            const __half2 slo = __low2half2(as_half2(r.zlo[i])), shi = __low2half2(as_half2(r.zhi[i]));
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                __half2 q[4];
+                unsigned a[4];
+                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
+                Frag<T>::scale(q, slo, shi, a);
+                Mma<T>::run(acc, a, bx[2 * j], bx[2 * j + 1]);
+            }
+        }
+    }
+}
+
+}  // namespace cupyq
+
+#ifndef CUPYQ_GEMV_MIN_BLOCKS
+#define CUPYQ_GEMV_MIN_BLOCKS 2
+#endif
+
+// Parameters as qgemm (x is never pre-gathered: row_src, when given, is applied while staging). Requires
+// M <= kGemvMaxM and chunks_per_split % kStepChunks == 0. Dynamic shared memory: M * (chunks_per_split * 64 + 8)
+// elements of T, then 5 * chunks_per_split ints.
+template <typename T, bool HAS8, bool HAS4>
+__global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
+    qgemv(const T* __restrict__ x, const int* __restrict__ row_src, const uint4* __restrict__ w8,
+          const uint4* __restrict__ w4, const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
+          const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
+          int M, int K, int N, int Npad, int C8, int C4, int chunks_per_split, int x_vec) {
+    using namespace cupyq;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int tile = blockIdx.x * kWarps + warp;
+    const bool active = tile < Npad / 16;
+    const int chunk_begin = blockIdx.y * chunks_per_split;
+    const int nchunks = min(C8 + C4, chunk_begin + chunks_per_split) - chunk_begin;
+    const int ld = chunks_per_split * 64 + 8;
+    T* xs = reinterpret_cast<T*>(smem_raw);
+    int* cg = reinterpret_cast<int*>(xs + M * ld);
+    int* tg = cg + chunks_per_split;
+
+    cupyq::GemvStep<HAS8> ra, rb;
+    if (active) gemv_load_weights<HAS8, HAS4>(ra, w8, w4, tile, chunk_begin, C8, C4, lane);
+
+    for (int i = threadIdx.x; i < nchunks; i += kThreads) {
+        const int4 g = reinterpret_cast<const int4*>(tile_group)[chunk_begin + i];
+        reinterpret_cast<int4*>(tg)[i] = g;
+        cg[i] = (g.x == g.y && g.y == g.z && g.z == g.w) ? g.x : -1;
+    }
+    const int row0 = chunk_begin * 64;
+    const int nrows = nchunks * 64;
+    // Row t of each 16-row tile is stored at 4 * ((t / 2) % 4) + 2 * (t / 8) + t % 2, so that the two B words
+    // of each mma are adjacent.
+    if (x_vec) {  // identity order, K % 8 == 0, 16-byte aligned rows
+        const int per_row = nrows / 8;
+        for (int i = threadIdx.x; i < M * per_row; i += kThreads) {
+            const int m = i / per_row;
+            const int kk = (i - m * per_row) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (row0 + kk < K) v = *reinterpret_cast<const uint4*>(x + (size_t)m * K + row0 + kk);
+            unsigned* dst = reinterpret_cast<unsigned*>(xs + m * ld + (kk & ~15)) + ((kk >> 3) & 1);
+            dst[0] = v.x;
+            dst[2] = v.y;
+            dst[4] = v.z;
+            dst[6] = v.w;
+        }
+    } else {  // gathered through row_src (or unaligned): eight rows per thread in flight
+        constexpr int kUnroll = 8;
+        for (int kk0 = threadIdx.x; kk0 < nrows; kk0 += kUnroll * kThreads) {
+            int src[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                const int kk = kk0 + u * kThreads;
+                const int j = row0 + kk;
+                src[u] = kk >= nrows ? -1 : row_src ? __ldg(row_src + j) : (j < K ? j : -1);
+            }
+            T v[kUnroll][kGemvMaxM];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+                for (int m = 0; m < kGemvMaxM; ++m)
+                    v[u][m] = m < M && src[u] >= 0 ? x[(size_t)m * K + src[u]] : from_float<T>(0.0f);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                const int kk = kk0 + u * kThreads;
+                const int t = kk & 15;
+                const int pos = (kk & ~15) + 4 * ((t >> 1) & 3) + 2 * (t >> 3) + (t & 1);
+                if (kk < nrows)
+#pragma unroll
+                    for (int m = 0; m < kGemvMaxM; ++m)
+                        if (m < M) xs[m * ld + pos] = v[u][m];
+            }
+        }
+    }
+    __syncthreads();
+
+    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    if (active) {
+        const int n_lo = tile * 16 + (lane >> 2);
+        const T* xrow = xs + min(lane >> 2, M - 1) * ld + (lane & 3) * 16;
+        const unsigned* zsn = zs + n_lo;
+        gemv_load_scales<HAS8>(ra, cg, tg, zsn, 0, Npad, lane);
+        for (int c = 0; c < nchunks; c += 2 * kStepChunks) {
+            const bool has_b = c + kStepChunks < nchunks;
+            if (has_b) {
+                gemv_load_weights<HAS8, HAS4>(rb, w8, w4, tile, chunk_begin + c + kStepChunks, C8, C4, lane);
+                gemv_load_scales<HAS8>(rb, cg, tg, zsn, c + kStepChunks, Npad, lane);
+            }
+            gemv_compute<T, HAS8, HAS4>(ra, xrow + c * 64, cg + c, is_step8<HAS8, HAS4>(chunk_begin + c, C8), acc[0]);
+            if (!has_b) break;
+            if (c + 2 * kStepChunks < nchunks) {
+                gemv_load_weights<HAS8, HAS4>(ra, w8, w4, tile, chunk_begin + c + 2 * kStepChunks, C8, C4, lane);
+                gemv_load_scales<HAS8>(ra, cg, tg, zsn, c + 2 * kStepChunks, Npad, lane);
+            }
+            gemv_compute<T, HAS8, HAS4>(rb, xrow + (c + kStepChunks) * 64, cg + c + kStepChunks,
+                                        is_step8<HAS8, HAS4>(chunk_begin + c + kStepChunks, C8), acc[0]);
+        }
+    }
+    write_result<T, 1>(acc, active, tile, lane, 0, bias, out, ws, counters, M, N, Npad);
 }
 
 // Dequantise sorted chunks [chunk_begin, chunk_end) into `out` (row stride ld_out elements).

@@ -1,11 +1,15 @@
 """Kernel benchmark: cupyq GPTQ / EXL2 against fp16 matmul and torch's int4 kernel.
 
-Method: for each (K, N, m, implementation) a CUDA graph of ``iters`` calls is captured, each call using the
-next of several copies of the weights (rotating over at least ``rotate_bytes``, so the 60 MB L2 never holds
-them), replayed ``repeats`` times after warm-up, and timed with CUDA events; the figure is the median replay
-time divided by ``iters`` (``iters // 4`` calls for m > 256). It counts the GPU time of every kernel a call launches plus the short gaps between
-graph nodes, so it is an upper bound of the summed kernel time. Host overhead of eager calls is measured
-separately (:func:`host_overhead`).
+Method: every call uses the next of several copies of the weights (rotating over at least ``rotate_bytes``, so
+the 60 MB L2 never holds them). Two figures per (K, N, m, implementation):
+
+* ``us``, kernel time per call: the GPU time of every kernel one call launches, summed by the torch profiler
+  (CUDA activity) over ``iters`` eager calls after 10 warm-up calls, divided by ``iters``. Host launch gaps are
+  excluded. This is how the original runtime's figures in ``UPSTREAM_US`` were taken.
+* ``graph_us``: a CUDA graph of ``iters`` calls replayed ``repeats`` times, median replay time (CUDA events)
+  divided by ``iters``; it also counts the gaps between graph nodes, so it bounds the kernel time from above.
+
+``iters // 4`` calls for m > 256. Host overhead of eager calls is measured separately (:func:`host_overhead`).
 """
 
 from __future__ import annotations
@@ -126,9 +130,26 @@ def _time_graph(torch, fn, iters, repeats):
     return float(np.median(times))
 
 
+def _time_kernels(torch, fn, iters, warmup=10):
+    """Summed GPU kernel time per call (µs) of ``fn(i)`` over ``iters`` eager calls, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(iters):
+            fn(i)
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    total = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == cuda)
+    return total / iters
+
+
 def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"), baselines=("fp16", "int4"),
                   iters=40, repeats=5, rotate_bytes=256 << 20, device=0, progress=None):
-    """Time cupyq and baselines; returns rows {"K", "N", "m", "impl", "us"} (plus "upstream_us" where known).
+    """Time cupyq and baselines; returns rows {"K", "N", "m", "impl", "us", "graph_us"} (plus "upstream_us"
+    where known), times in µs per call (see the module docstring).
 
     formats: any of "gptq" (4-bit, group 128), "gptq_act" (the same with act-order), "exl2" (all 4-bit, groups
     of 32, random row permutation); baselines: "fp16" (torch.matmul) and "int4" (torch's
@@ -171,8 +192,10 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
             for m in ms:
                 if impl == "int4" and m > 256:  # a GEMV design: 1-65 ms per call beyond this, not a contender
                     continue
-                us = _time_graph(torch, fn_of(m), iters if m <= 256 else max(4, iters // 4), repeats)
-                row = {"K": k, "N": n, "m": m, "impl": impl, "us": round(us, 2)}
+                calls = iters if m <= 256 else max(4, iters // 4)
+                us = _time_kernels(torch, fn_of(m), calls)
+                graph_us = _time_graph(torch, fn_of(m), calls, repeats)
+                row = {"K": k, "N": n, "m": m, "impl": impl, "us": round(us, 2), "graph_us": round(graph_us, 2)}
                 if impl in UPSTREAM_IMPLS and (k, n) in UPSTREAM_US and m in UPSTREAM_US[(k, n)]:
                     row["upstream_us"] = UPSTREAM_US[(k, n)][m][UPSTREAM_IMPLS.index(impl)]
                 rows.append(row)

@@ -29,6 +29,10 @@ def dense_threshold(qm: QMatrix) -> int:
 
 # Split-K aims at this many CTAs per multiprocessor.
 CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
+# Batches of at most this many rows use the streaming kernel (qgemv): one wave of CTAs, each warp running
+# through a long range of rows, only the M activation rows in shared memory.
+GEMV_MAX_M = min(4, int(os.environ.get("CUPYQ_GEMV_MAX_M", 4)))  # the kernel takes at most 4
+_GEMV_SMEM_LIMIT = 96 * 1024  # at most this much shared memory per CTA (two CTAs per multiprocessor)
 
 _THREADS = 256
 _STEP_CHUNKS = 4
@@ -204,6 +208,8 @@ class _Plan:
 
 def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     lay = qm.layout
+    if m <= GEMV_MAX_M:
+        return _qgemv_plan(qm, m, ctype)
     p = _Plan()
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     mblocks = -(-m // (mt * 8))
@@ -225,8 +231,7 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     k_x = lay.padded_rows if p.gather else qm.in_features
     rows_staged = steps_per_split * _STEP_CHUNKS * 64 if mt == 1 else _STEP_CHUNKS * 64
     smem = mt * 8 * (rows_staged + 8) * 2
-    if smem > _STATIC_SMEM_LIMIT:
-        fn.max_dynamic_shared_size_bytes = smem
+    _allow_smem(fn, smem)
     p.splits = splits
     p.partial_floats = splits * mblocks * mt * 8 * lay.padded_cols if splits > 1 else 0
     p.counters = col_blocks * mblocks
@@ -242,6 +247,73 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     )
     p.launcher = _Launcher(fn, (col_blocks, splits, mblocks), (_THREADS, 1, 1), smem, args)
     return p
+
+
+def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
+    """Launch plan of the small-batch kernel: the most split-K slices that still run as one wave."""
+    lay = qm.layout
+    p = _Plan()
+    col_blocks = -(-(lay.padded_cols // 16) // 8)
+    steps = (lay.chunks8 + lay.chunks4) // _STEP_CHUNKS  # storage segments are whole steps
+    fn = runtime.get_function("qgemm.cu", runtime.qgemv_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
+                              qm.device_id)
+    sms = runtime.sm_count(qm.device_id)
+
+    def shared_bytes(steps_per_split):
+        chunks = steps_per_split * _STEP_CHUNKS
+        return m * (chunks * 64 + 8) * 2 + 5 * chunks * 4  # activations, chunk groups, tile groups
+
+    choice = None
+    for splits in range(steps, 0, -1):
+        per_split = -(-steps // splits)
+        smem = shared_bytes(per_split)
+        if smem > _GEMV_SMEM_LIMIT:
+            break
+        choice = (-(-steps // per_split), per_split, smem)
+        if col_blocks * choice[0] <= _ctas_per_sm(fn, qm.device_id, smem) * sms:
+            break
+    if choice is None:
+        raise ValueError(f"qm: {qm.in_features} rows do not fit the small-batch kernel's shared memory")
+    splits, per_split, smem = choice
+    _allow_smem(fn, smem)
+    p.splits = splits
+    p.partial_floats = splits * 8 * lay.padded_cols if splits > 1 else 0
+    p.counters = col_blocks
+    p.gather = False  # rows are gathered while staging
+    p.x_vec = 1 if lay.row_src is None and qm.in_features % 8 == 0 else 0
+    p.ws_ptrs = None
+    bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
+    args = (
+        0, _ptr(lay.row_src), _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(bias), 0, 0, 0,
+        np.int32(m), np.int32(qm.in_features), np.int32(qm.out_features), np.int32(lay.padded_cols),
+        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(per_split * _STEP_CHUNKS), np.int32(p.x_vec),
+    )
+    p.launcher = _Launcher(fn, (col_blocks, splits, 1), (_THREADS, 1, 1), smem, args)
+    return p
+
+
+_occupancy: dict = {}
+
+
+def _ctas_per_sm(fn, device_id: int, smem: int) -> int:
+    """Resident CTAs of ``fn`` per multiprocessor with ``smem`` bytes of dynamic shared memory."""
+    key = (id(fn), smem)
+    n = _occupancy.get(key)
+    if n is None:
+        import cupy
+        from cupy_backends.cuda.api import driver
+
+        _allow_smem(fn, smem)
+        with cupy.cuda.Device(device_id):
+            n = _occupancy[key] = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, _THREADS, smem)
+    return n
+
+
+def _allow_smem(fn, smem: int):
+    """Let ``fn`` take ``smem`` bytes of dynamic shared memory (the limit only ever grows: launch plans of other
+    matrices may rely on it)."""
+    if smem > _STATIC_SMEM_LIMIT and smem > fn.max_dynamic_shared_size_bytes:
+        fn.max_dynamic_shared_size_bytes = smem
 
 
 def _ptr(a) -> int:
@@ -446,7 +518,7 @@ def warmup_matrix(qm: QMatrix, *, max_m: int = 64, dtypes=("float16",)):
         for dt in dtypes:
             ctype = _CTYPES[str(dt).removeprefix("torch.")]
             # The largest batch of each kernel variant needs the largest workspace of that variant.
-            for m in sorted({8, 16, 32, 64, max_m}):
+            for m in sorted({1, 2, 3, 4, 8, 16, 32, 64, max_m}):
                 if m > max_m:
                     continue
                 plan = _plan_for(qm, m, ctype)

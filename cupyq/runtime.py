@@ -32,6 +32,11 @@ def qgemm_name(ctype: str, mt: int, has8: bool, has4: bool) -> str:
     return f"qgemm<{ctype}, {mt}, {_b(has8)}, {_b(has4)}>"
 
 
+def qgemv_name(ctype: str, has8: bool, has4: bool) -> str:
+    """Template instantiation name of the small-batch GEMM kernel."""
+    return f"qgemv<{ctype}, {_b(has8)}, {_b(has4)}>"
+
+
 def dequant_name(ctype: str, has8: bool, has4: bool) -> str:
     """Template instantiation name of the dequantise kernel."""
     return f"dequant<{ctype}, {_b(has8)}, {_b(has4)}>"
@@ -46,6 +51,7 @@ def kernel_names(source: str) -> list[str]:
     """Every kernel instantiation a source file provides (what the compile check builds)."""
     if source == "qgemm.cu":
         names = [qgemm_name(t, mt, h8, h4) for t in _DTYPES for mt in _MTS for h8, h4 in _STORAGES]
+        names += [qgemv_name(t, h8, h4) for t in _DTYPES for h8, h4 in _STORAGES]
         names += [dequant_name(t, h8, h4) for t in _DTYPES for h8, h4 in _STORAGES]
         names += [gather_name(t) for t in _DTYPES]
         return names
