@@ -235,9 +235,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
     const int C = C8 + C4;
     const int chunk_begin = blockIdx.y * chunks_per_split;
     const int chunk_end = min(C, chunk_begin + chunks_per_split);
-    // One m8 tile: the whole row range of the CTA is staged once (no barrier inside the loop).
-    constexpr bool kWhole = MT == 1;
-    const int ld = kWhole ? chunks_per_split * 64 + 8 : kStepRows + 8;
+    const int ld = kStepRows + 8;
 
     float acc[MT][4];
 #pragma unroll
@@ -250,17 +248,11 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
         load_step<HAS8, HAS4>(cur, w8, w4, gid, zs, tile, chunk_begin, chunk_end, C8, C4, Npad, lane);
         load_groups(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
     }
-    if (kWhole) {
-        stage_x<T>(xs, ld, ld - 8, x, row_src, chunk_begin * 64, (chunk_end - chunk_begin) * 64, m0, 8, M, K, x_vec);
-        __syncthreads();
-    }
     for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
-        if (!kWhole) {
-            __syncthreads();
-            stage_x<T>(xs, ld, kStepRows, x, row_src, chunk * 64, min(kStepChunks, chunk_end - chunk) * 64, m0,
-                       MT * 8, M, K, x_vec);
-            __syncthreads();
-        }
+        __syncthreads();
+        stage_x<T>(xs, ld, kStepRows, x, row_src, chunk * 64, min(kStepChunks, chunk_end - chunk) * 64, m0, MT * 8,
+                   M, K, x_vec);
+        __syncthreads();
         const bool more = chunk + kStepChunks < chunk_end;
         if (active && more) {
             load_groups(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
@@ -269,8 +261,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
             for (int i = 0; i < kStepChunks; ++i) gid[i] = gid_next[i];
         }
         if (active)
-            compute_step<T, MT, HAS8, HAS4>(cur, xs + (kWhole ? (chunk - chunk_begin) * 64 : 0), ld, chunk,
-                                            chunk_end, C8, lane, acc);
+            compute_step<T, MT, HAS8, HAS4>(cur, xs, ld, chunk, chunk_end, C8, lane, acc);
         if (more) cur = nxt;
     }
 
@@ -280,7 +271,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
 }  // namespace cupyq
 
 template <typename T, int MT, bool HAS8, bool HAS4>
-__global__ void __launch_bounds__(cupyq::kThreads, MT == 1 ? 2 : CUPYQ_MIN_BLOCKS)
+__global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_MIN_BLOCKS)
     qgemm(const T* __restrict__ x, const int* __restrict__ row_src, const uint4* __restrict__ w8,
           const uint4* __restrict__ w4, const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
           const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
@@ -290,18 +281,18 @@ __global__ void __launch_bounds__(cupyq::kThreads, MT == 1 ? 2 : CUPYQ_MIN_BLOCK
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Small batches (M <= 4): a lean variant of the same product, built to stream the weights at full bandwidth.
+// Small batches (M <= 8): a lean variant of the same product, built to stream the weights at full bandwidth.
 //
-// Same layout, grid and split-K as qgemm with one m8 tile, but only the M activation rows are staged (lanes of
-// batch rows >= M read row M - 1; those accumulator rows are never written), together with the group of every
-// 16-row tile of the CTA's range, so scale loads wait on shared memory only. Permuted rows are gathered while
-// staging. A chunk whose four tiles share one group (every chunk of GPTQ with groups of 64 rows or more) is
-// multiplied with the exact integers (q - z) and its fp32 product scaled once per column, which saves the
-// fp16 scaling of every weight; other chunks scale the fragments as qgemm does. Steps are double-buffered in
-// registers without copies (the loop is unrolled by two).
+// Same layout and split-K as qgemm, with one m8 tile of batch rows; the host picks the most splits that still run as one
+// wave, so every warp streams a long range of rows. Only the M activation rows are staged (lanes of batch rows
+// >= M read row M - 1; those accumulator rows are never written), together with the group of every 16-row tile
+// of the CTA's range, so scale loads wait on shared memory only. A chunk whose four tiles share one group (every
+// chunk of GPTQ with groups of 64 rows or more) is multiplied with the exact integers (q - z) and its fp32
+// product scaled once per column, which saves the fp16 scaling of every weight; other chunks scale the
+// fragments as qgemm does. The choice is made per step, so that the products of its four chunks are independent
+// chains the scheduler can interleave. Two steps of weights live in registers (the loop is unrolled by two, so
+// nothing is copied): one is in flight while the other is multiplied.
 namespace cupyq {
-
-constexpr int kGemvMaxM = 4;  // batch rows the small-batch kernel handles
 
 template <bool HAS8>
 struct GemvStep {
@@ -348,6 +339,22 @@ __device__ __forceinline__ void gemv_load_scales(GemvStep<HAS8>& r, const int* c
     }
 }
 
+// The same, for the first step, straight from the global tile groups (before they are staged).
+template <bool HAS8>
+__device__ __forceinline__ void gemv_load_scales_global(GemvStep<HAS8>& r, const int* __restrict__ tile_group,
+                                                        const unsigned* __restrict__ zsn, int chunk, int Npad,
+                                                        int lane) {
+#pragma unroll
+    for (int i = 0; i < kStepChunks; ++i) {
+        const int4 g4 = __ldg(reinterpret_cast<const int4*>(tile_group) + chunk + i);
+        const int r4 = lane & 3;
+        const int g = r4 == 0 ? g4.x : r4 == 1 ? g4.y : r4 == 2 ? g4.z : g4.w;
+        const unsigned* p = zsn + g * Npad;
+        r.zlo[i] = __ldg(p);
+        r.zhi[i] = __ldg(p + 8);
+    }
+}
+
 // Exact integers (q - z) of word j of chunk i of a step.
 template <bool HAS8, bool HAS4>
 __device__ __forceinline__ void gemv_dequant(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo,
@@ -361,48 +368,70 @@ __device__ __forceinline__ void gemv_dequant(const GemvStep<HAS8>& r, int i, int
     }
 }
 
+// The B fragments of one chunk's four mmas: mma j takes bx[2j] (rows 2j, 2j+1) and bx[2j+1] (rows 8+2j, 9+2j).
+template <typename T>
+__device__ __forceinline__ void gemv_load_x(const T* p, unsigned bx[8]) {
+    *reinterpret_cast<uint4*>(bx) = *reinterpret_cast<const uint4*>(p);
+    *reinterpret_cast<uint4*>(bx + 4) = *reinterpret_cast<const uint4*>(p + 8);
+}
+
 // xrow: the lane's activations (batch row lane/4, its 16 rows of each chunk, interleaved as staged by qgemv)
-// of the step's first chunk; cg: the step's chunk groups (negative: the chunk's tiles differ).
+// of the step's first chunk; cg: the step's chunk groups (negative: the chunk's tiles differ). The choice
+// between the two ways is made per step, so that the four chunks' products form independent chains the
+// scheduler can interleave.
 template <typename T, bool HAS8, bool HAS4>
 __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* xrow, const int* cg, bool is8,
                                              float acc[4]) {
     const int4 cg4 = *reinterpret_cast<const int4*>(cg);
-    const int chunk_group[kStepChunks] = {cg4.x, cg4.y, cg4.z, cg4.w};
+    __half2 zlo[kStepChunks], zhi[kStepChunks];
 #pragma unroll
     for (int i = 0; i < kStepChunks; ++i) {
-        unsigned bx[8];  // B fragments of mma j: bx[2j] (rows 2j, 2j+1) and bx[2j+1] (rows 8+2j, 9+2j)
-        *reinterpret_cast<uint4*>(bx) = *reinterpret_cast<const uint4*>(xrow + i * 64);
-        *reinterpret_cast<uint4*>(bx + 4) = *reinterpret_cast<const uint4*>(xrow + i * 64 + 8);
-        const __half2 zlo = __high2half2(as_half2(r.zlo[i]));
-        __half2 zhi = __high2half2(as_half2(r.zhi[i]));
-        if (HAS8 && is8) zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi);  // 960 + 64 + z
-        if (chunk_group[i] >= 0) {
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        zlo[i] = __high2half2(as_half2(r.zlo[i]));
+        zhi[i] = __high2half2(as_half2(r.zhi[i]));
+        if (HAS8 && is8) zhi[i] = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi[i]);  // 960 + 64 + z
+    }
+    if ((cg4.x | cg4.y | cg4.z | cg4.w) >= 0) {
+        float d[kStepChunks][4];
+#pragma unroll
+        for (int i = 0; i < kStepChunks; ++i) {
+            unsigned bx[8];
+            gemv_load_x(xrow + i * 64, bx);
+            d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.0f;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 __half2 q[4];
                 unsigned a[4];
-                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
+                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo[i], zhi[i], q);
                 Frag<T>::exact(q, a);
-                Mma<T>::run(d, a, bx[2 * j], bx[2 * j + 1]);
-            }
-            // d[0..1]: column n0, d[2..3]: column n0 + 8
-            const float slo = __low2float(as_half2(r.zlo[i])), shi = __low2float(as_half2(r.zhi[i]));
-            acc[0] = fmaf(slo, d[0], acc[0]);
-            acc[1] = fmaf(slo, d[1], acc[1]);
-            acc[2] = fmaf(shi, d[2], acc[2]);
-            acc[3] = fmaf(shi, d[3], acc[3]);
-        } else {
-            const __half2 slo = __low2half2(as_half2(r.zlo[i])), shi = __low2half2(as_half2(r.zhi[i]));
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                __half2 q[4];
-                unsigned a[4];
-                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
-                Frag<T>::scale(q, slo, shi, a);
-                Mma<T>::run(acc, a, bx[2 * j], bx[2 * j + 1]);
+                Mma<T>::run(d[i], a, bx[2 * j], bx[2 * j + 1]);
             }
         }
+#pragma unroll
+        for (int i = 0; i < kStepChunks; ++i) {  // d[.][0..1]: column n0, d[.][2..3]: column n0 + 8
+            const float slo = __low2float(as_half2(r.zlo[i])), shi = __low2float(as_half2(r.zhi[i]));
+            acc[0] = fmaf(slo, d[i][0], acc[0]);
+            acc[1] = fmaf(slo, d[i][1], acc[1]);
+            acc[2] = fmaf(shi, d[i][2], acc[2]);
+            acc[3] = fmaf(shi, d[i][3], acc[3]);
+        }
+    } else {
+        float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // two chains
+#pragma unroll
+        for (int i = 0; i < kStepChunks; ++i) {
+            const __half2 slo = __low2half2(as_half2(r.zlo[i])), shi = __low2half2(as_half2(r.zhi[i]));
+            unsigned bx[8];
+            gemv_load_x(xrow + i * 64, bx);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                __half2 q[4];
+                unsigned a[4];
+                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo[i], zhi[i], q);
+                Frag<T>::scale(q, slo, shi, a);
+                Mma<T>::run(d[i & 1], a, bx[2 * j], bx[2 * j + 1]);
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[e] += d[0][e] + d[1][e];
     }
 }
 
@@ -412,8 +441,8 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* x
 #define CUPYQ_GEMV_MIN_BLOCKS 2
 #endif
 
-// Parameters as qgemm (x is never pre-gathered: row_src, when given, is applied while staging). Requires
-// M <= kGemvMaxM and chunks_per_split % kStepChunks == 0. Dynamic shared memory: M * (chunks_per_split * 64 + 8)
+// Parameters as qgemm, except that row_src is ignored: x must be in sorted row order (gathered beforehand for
+// permuted matrices). Requires M <= 8 (one m8 tile) and chunks_per_split % kStepChunks == 0. Dynamic shared memory: M * (chunks_per_split * 64 + 8)
 // elements of T, then 5 * chunks_per_split ints.
 template <typename T, bool HAS8, bool HAS4>
 __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
@@ -435,7 +464,12 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
     int* tg = cg + chunks_per_split;
 
     cupyq::GemvStep<HAS8> ra, rb;
-    if (active) gemv_load_weights<HAS8, HAS4>(ra, w8, w4, tile, chunk_begin, C8, C4, lane);
+    const int n_lo = tile * 16 + (lane >> 2);
+    const unsigned* zsn = zs + n_lo;
+    if (active) {
+        gemv_load_weights<HAS8, HAS4>(ra, w8, w4, tile, chunk_begin, C8, C4, lane);
+        gemv_load_scales_global<HAS8>(ra, tile_group, zsn, chunk_begin, Npad, lane);
+    }
 
     for (int i = threadIdx.x; i < nchunks; i += kThreads) {
         const int4 g = reinterpret_cast<const int4*>(tile_group)[chunk_begin + i];
@@ -446,7 +480,7 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
     const int nrows = nchunks * 64;
     // Row t of each 16-row tile is stored at 4 * ((t / 2) % 4) + 2 * (t / 8) + t % 2, so that the two B words
     // of each mma are adjacent.
-    if (x_vec) {  // identity order, K % 8 == 0, 16-byte aligned rows
+    if (x_vec) {  // K % 8 == 0, 16-byte aligned rows
         const int per_row = nrows / 8;
         for (int i = threadIdx.x; i < M * per_row; i += kThreads) {
             const int m = i / per_row;
@@ -459,56 +493,34 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
             dst[4] = v.z;
             dst[6] = v.w;
         }
-    } else {  // gathered through row_src (or unaligned): eight rows per thread in flight
-        constexpr int kUnroll = 8;
-        for (int kk0 = threadIdx.x; kk0 < nrows; kk0 += kUnroll * kThreads) {
-            int src[kUnroll];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                const int kk = kk0 + u * kThreads;
-                const int j = row0 + kk;
-                src[u] = kk >= nrows ? -1 : row_src ? __ldg(row_src + j) : (j < K ? j : -1);
-            }
-            T v[kUnroll][kGemvMaxM];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-                for (int m = 0; m < kGemvMaxM; ++m)
-                    v[u][m] = m < M && src[u] >= 0 ? x[(size_t)m * K + src[u]] : from_float<T>(0.0f);
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                const int kk = kk0 + u * kThreads;
-                const int t = kk & 15;
-                const int pos = (kk & ~15) + 4 * ((t >> 1) & 3) + 2 * (t >> 3) + (t & 1);
-                if (kk < nrows)
-#pragma unroll
-                    for (int m = 0; m < kGemvMaxM; ++m)
-                        if (m < M) xs[m * ld + pos] = v[u][m];
-            }
+    } else {
+        for (int kk = threadIdx.x; kk < nrows; kk += kThreads) {
+            const int j = row0 + kk;
+            const int t = kk & 15;
+            const int pos = (kk & ~15) + 4 * ((t >> 1) & 3) + 2 * (t >> 3) + (t & 1);
+            for (int m = 0; m < M; ++m) xs[m * ld + pos] = j < K ? x[(size_t)m * K + j] : from_float<T>(0.0f);
         }
     }
     __syncthreads();
 
     float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
     if (active) {
-        const int n_lo = tile * 16 + (lane >> 2);
         const T* xrow = xs + min(lane >> 2, M - 1) * ld + (lane & 3) * 16;
-        const unsigned* zsn = zs + n_lo;
-        gemv_load_scales<HAS8>(ra, cg, tg, zsn, 0, Npad, lane);
         for (int c = 0; c < nchunks; c += 2 * kStepChunks) {
-            const bool has_b = c + kStepChunks < nchunks;
-            if (has_b) {
-                gemv_load_weights<HAS8, HAS4>(rb, w8, w4, tile, chunk_begin + c + kStepChunks, C8, C4, lane);
-                gemv_load_scales<HAS8>(rb, cg, tg, zsn, c + kStepChunks, Npad, lane);
-            }
-            gemv_compute<T, HAS8, HAS4>(ra, xrow + c * 64, cg + c, is_step8<HAS8, HAS4>(chunk_begin + c, C8), acc[0]);
-            if (!has_b) break;
-            if (c + 2 * kStepChunks < nchunks) {
-                gemv_load_weights<HAS8, HAS4>(ra, w8, w4, tile, chunk_begin + c + 2 * kStepChunks, C8, C4, lane);
-                gemv_load_scales<HAS8>(ra, cg, tg, zsn, c + 2 * kStepChunks, Npad, lane);
-            }
-            gemv_compute<T, HAS8, HAS4>(rb, xrow + (c + kStepChunks) * 64, cg + c + kStepChunks,
-                                        is_step8<HAS8, HAS4>(chunk_begin + c + kStepChunks, C8), acc[0]);
+#define CUPYQ_GEMV_STAGE(cur, nxt, k)                                                                               \
+    {                                                                                                             \
+        const int here = c + (k) * kStepChunks, ahead = here + kStepChunks;                                       \
+        if (here >= nchunks) break;                                                                               \
+        if (ahead < nchunks) {                                                                                    \
+            gemv_load_weights<HAS8, HAS4>(nxt, w8, w4, tile, chunk_begin + ahead, C8, C4, lane);                  \
+            gemv_load_scales<HAS8>(nxt, cg, tg, zsn, ahead, Npad, lane);                                          \
+        }                                                                                                         \
+        gemv_compute<T, HAS8, HAS4>(cur, xrow + here * 64, cg + here, is_step8<HAS8, HAS4>(chunk_begin + here, C8), \
+                                    acc[0]);                                                                      \
+    }
+            CUPYQ_GEMV_STAGE(ra, rb, 0)
+            CUPYQ_GEMV_STAGE(rb, ra, 1)
+#undef CUPYQ_GEMV_STAGE
         }
     }
     write_result<T, 1>(acc, active, tile, lane, 0, bias, out, ws, counters, M, N, Npad);

@@ -29,14 +29,13 @@ def dense_threshold(qm: QMatrix) -> int:
 
 # Split-K aims at this many CTAs per multiprocessor.
 CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
-# Batches of at most this many rows use the streaming kernel (qgemv): one wave of CTAs, each warp running
-# through a long range of rows, only the M activation rows in shared memory.
-GEMV_MAX_M = min(4, int(os.environ.get("CUPYQ_GEMV_MAX_M", 4)))  # the kernel takes at most 4
-_GEMV_SMEM_LIMIT = 96 * 1024  # at most this much shared memory per CTA (two CTAs per multiprocessor)
+# Batches of at most this many rows (one m8 tile) use the streaming kernel qgemv: one wave of CTAs, each warp
+# running through a long range of rows, only the M activation rows in shared memory.
+GEMV_MAX_M = 8
+_GEMV_SMEM_LIMIT = 112 * 1024  # per CTA, so that two fit in a multiprocessor's 228 KB
 
 _THREADS = 256
 _STEP_CHUNKS = 4
-_WHOLE_STEPS = 8  # 2048 rows: 8 x 2056 fp16 values = 33 KB of shared memory
 _STATIC_SMEM_LIMIT = 48 * 1024
 
 _warned_cpu = False
@@ -211,7 +210,7 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     if m <= GEMV_MAX_M:
         return _qgemv_plan(qm, m, ctype)
     p = _Plan()
-    mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    mt = 2 if m <= 16 else 4 if m <= 32 else 8
     mblocks = -(-m // (mt * 8))
     tiles = lay.padded_cols // 16
     col_blocks = -(-tiles // 8)
@@ -219,8 +218,6 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     steps = -(-chunks // _STEP_CHUNKS)
     target = CTAS_PER_SM * runtime.sm_count(qm.device_id)
     splits = max(1, min(steps, int(round(target / (col_blocks * mblocks)))))
-    if mt == 1:  # one m8 tile stages its whole row range in shared memory: at most _WHOLE_STEPS steps
-        splits = max(splits, -(-steps // _WHOLE_STEPS))
     steps_per_split = -(-steps // splits)
     splits = -(-steps // steps_per_split)
     fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
@@ -229,8 +226,7 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     # cheaper than gathering element by element in every CTA.
     p.gather = lay.row_src is not None
     k_x = lay.padded_rows if p.gather else qm.in_features
-    rows_staged = steps_per_split * _STEP_CHUNKS * 64 if mt == 1 else _STEP_CHUNKS * 64
-    smem = mt * 8 * (rows_staged + 8) * 2
+    smem = mt * 8 * (_STEP_CHUNKS * 64 + 8) * 2
     _allow_smem(fn, smem)
     p.splits = splits
     p.partial_floats = splits * mblocks * mt * 8 * lay.padded_cols if splits > 1 else 0
@@ -279,13 +275,16 @@ def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     p.splits = splits
     p.partial_floats = splits * 8 * lay.padded_cols if splits > 1 else 0
     p.counters = col_blocks
-    p.gather = False  # rows are gathered while staging
-    p.x_vec = 1 if lay.row_src is None and qm.in_features % 8 == 0 else 0
+    # Permuted rows are gathered once by a small kernel: every column block reads the same rows, and gathering
+    # them in each CTA costs a 32-byte sector of L2 traffic per 2-byte value.
+    p.gather = lay.row_src is not None
+    p.x_vec = 1 if p.gather or qm.in_features % 8 == 0 else 0
     p.ws_ptrs = None
     bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
     args = (
-        0, _ptr(lay.row_src), _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(bias), 0, 0, 0,
-        np.int32(m), np.int32(qm.in_features), np.int32(qm.out_features), np.int32(lay.padded_cols),
+        0, 0, _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(bias), 0, 0, 0,
+        np.int32(m), np.int32(lay.padded_rows if p.gather else qm.in_features), np.int32(qm.out_features),
+        np.int32(lay.padded_cols),
         np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(per_split * _STEP_CHUNKS), np.int32(p.x_vec),
     )
     p.launcher = _Launcher(fn, (col_blocks, splits, 1), (_THREADS, 1, 1), smem, args)

@@ -19,7 +19,7 @@ from cupyq.sources import cuda_source_dir, read_cuda_source
 NVRTC_OPTIONS = ("--std=c++17",) + tuple(os.environ.get("CUPYQ_NVRTC_OPTIONS", "").split())
 
 _DTYPES = ("__half", "__nv_bfloat16")
-_MTS = (1, 2, 4, 8)
+_MTS = (2, 4, 8)  # m8 tiles per CTA of qgemm; batches of up to 8 rows use qgemv
 _STORAGES = ((False, True), (True, False), (True, True))  # (has 8-bit storage, has 4-bit storage)
 
 
