@@ -49,7 +49,9 @@ def gemm(x, qm: QMatrix, out=None, *, force_cuda: bool = False):
     qm: a :class:`~cupyq.QMatrix`.
     out: optional output [..., N] of x's dtype and kind (contiguous), written in place and returned.
     force_cuda: always use the quantized kernel, for any number of rows (default: batches of more than
-       :func:`dense_threshold` rows dequantise into scratch and call the dense matmul).
+       :func:`dense_threshold` rows dequantise into scratch and call the dense matmul, in row chunks when the
+       scratch is smaller than the matrix; a scratch too small for one chunk of 64 rows falls back to the
+       quantized kernel).
     Returns [..., N] of the same kind (torch -> torch, CuPy -> CuPy, NumPy -> NumPy) and dtype as x. GPU kernels
     launch on torch's current stream for torch tensors and on CuPy's current stream for CuPy arrays.
     """
@@ -146,9 +148,9 @@ def _gemm_torch(x, qm: QMatrix, out, force_cuda):
     if m == 0:
         return out
     stream = runtime.torch_stream(dev)
-    if m > dense_threshold(qm) and not force_cuda:
-        _dense_torch(x.view(m, qm.in_features), out.view(m, n), qm, ctype, stream)
-    else:
+    dense = m > dense_threshold(qm) and not force_cuda
+    if not (dense and _dense(x.view(m, qm.in_features), out.view(m, n), qm, ctype, stream,
+                             _TorchDense(qm, ctype, x.dtype))):
         _launch_qgemm(qm, x.data_ptr(), out.data_ptr(), m, ctype, stream, torch.cuda.is_current_stream_capturing)
     return out
 
@@ -174,9 +176,9 @@ def _gemm_cupy(x, qm: QMatrix, out, force_cuda):
         if m == 0:
             return out
         stream = cupy.cuda.get_current_stream()
-        if m > dense_threshold(qm) and not force_cuda:
-            _dense_cupy(x.reshape(m, qm.in_features), out.reshape(m, n), qm, stream)
-        else:
+        dense = m > dense_threshold(qm) and not force_cuda
+        if not (dense and _dense(x.reshape(m, qm.in_features), out.reshape(m, n), qm, ctype, stream,
+                                 _CupyDense(qm))):
             _launch_qgemm(qm, x.data.ptr, out.data.ptr, m, ctype, stream, stream.is_capturing)
     return out
 
@@ -391,7 +393,8 @@ def _gather_columns(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, s
 
 
 def _dense_buffers(qm: QMatrix, m: int):
-    """(scratch uint8 CuPy buffer, rows per chunk or None when the whole matrix fits)."""
+    """(scratch uint8 CuPy buffer, rows per chunk or None when the whole matrix fits), or (None, None) when the
+    scratch cannot hold even 64 dequantised rows next to the gathered activations."""
     lay = qm.layout
     full = qm.in_features * lay.padded_cols * 2
     buf = qm._scratch if qm._scratch is not None else default_scratch(qm.device_id, full)
@@ -400,10 +403,7 @@ def _dense_buffers(qm: QMatrix, m: int):
     gathered = m * lay.padded_rows * 2 if lay.row_src is not None else 0
     rows = (buf.size - gathered - 256) // (lay.padded_cols * 2) // 64 * 64
     if rows < 64:
-        raise ValueError(
-            f"scratch: {buf.size} bytes cannot hold 64 dequantised rows of {lay.padded_cols} columns plus the "
-            f"gathered activations ({gathered} bytes) for m={m}; give the matrix a larger scratch"
-        )
+        return None, None
     return buf, rows
 
 
@@ -427,36 +427,88 @@ def _torch_view(torch, a, dtype):
     return t.view(dtype) if dtype == torch.bfloat16 else t
 
 
-def _dense_torch(x2, out2, qm: QMatrix, ctype: str, stream):
-    import torch
+class _TorchDense:
+    """The dense products of the dequantise path on torch tensors (fp16 or bf16), through cuBLAS."""
 
+    def __init__(self, qm: QMatrix, ctype: str, dtype):
+        import torch
+
+        self.torch, self.dtype = torch, dtype
+        self.bias = None
+        if qm._bias_host is not None:
+            self.bias = self.wrap(qm.bias16 if ctype == "__half" else qm.bias_bf16.view(np.float16))
+
+    def wrap(self, a):
+        return _torch_view(self.torch, a, self.dtype)
+
+    @staticmethod
+    def ptr(x) -> int:
+        return x.data_ptr()
+
+    def product(self, x, w, out, *, accumulate=False, bias=False):
+        """out = x @ w (+ bias), or out += x @ w."""
+        if accumulate:
+            out.addmm_(x, w)
+        elif bias and self.bias is not None:
+            self.torch.addmm(self.bias, x, w, out=out)
+        else:
+            self.torch.mm(x, w, out=out)
+
+    def add_bias(self, out):
+        if self.bias is not None:
+            out.add_(self.bias)
+
+
+class _CupyDense:
+    """The same on CuPy arrays (fp16), through cupy.matmul."""
+
+    def __init__(self, qm: QMatrix):
+        self.bias = qm.bias16
+
+    @staticmethod
+    def wrap(a):
+        return a
+
+    @staticmethod
+    def ptr(x) -> int:
+        return x.data.ptr
+
+    def product(self, x, w, out, *, accumulate=False, bias=False):
+        import cupy
+
+        if accumulate:
+            out += cupy.matmul(x, w)
+            return
+        cupy.matmul(x, w, out=out)
+        if bias:
+            self.add_bias(out)
+
+    def add_bias(self, out):
+        if self.bias is not None:
+            out += self.bias
+
+
+def _dense(x2, out2, qm: QMatrix, ctype: str, stream, ops) -> bool:
+    """out2 = x2 @ W + bias by dequantising W into scratch (in row chunks when the scratch is smaller than the
+    matrix) and dense products (``ops``: _TorchDense or _CupyDense). Returns False, having done nothing, when
+    the scratch cannot hold one chunk of 64 rows."""
     lay = qm.layout
     n = qm.out_features
     m = x2.shape[0]
     buf, rows = _dense_buffers(qm, m)
-    tdtype = x2.dtype
-
-    def as_torch(a):
-        return _torch_view(torch, a, tdtype)
-
-    bias = None
-    if qm._bias_host is not None:
-        bias = as_torch(qm.bias16 if ctype == "__half" else qm.bias_bf16.view(np.float16))
+    if buf is None:
+        return False
     if rows is None:
         w = _half_view(buf, 0, qm.in_features, lay.padded_cols)
         dequantize_into(qm, w, ctype, stream)
-        wt = as_torch(w)[:, :n]
-        if bias is not None:
-            torch.addmm(bias, x2, wt, out=out2)
-        else:
-            torch.mm(x2, wt, out=out2)
-        return
+        ops.product(x2, ops.wrap(w)[:, :n], out2, bias=True)
+        return True
     xs = x2
     offset = 0
-    if lay.row_src is not None:
+    if lay.row_src is not None:  # sorted, padded activations to pair with the sorted weight rows
         g = _half_view(buf, 0, m, lay.padded_rows)
-        _gather_columns(qm, x2.data_ptr(), int(g.data.ptr), m, ctype, stream)
-        xs = as_torch(g)
+        _gather_columns(qm, ops.ptr(x2), int(g.data.ptr), m, ctype, stream)
+        xs = ops.wrap(g)
         offset = -(-(m * lay.padded_rows * 2) // 256) * 256
     chunks = lay.chunks8 + lay.chunks4
     step = rows // 64
@@ -465,48 +517,9 @@ def _dense_torch(x2, out2, qm: QMatrix, ctype: str, stream):
         w = _half_view(buf, offset, (c1 - c0) * 64, lay.padded_cols)
         dequantize_into(qm, w, ctype, stream, chunk_begin=c0, chunk_end=c1, scatter=False)
         r0, r1 = c0 * 64, min(c1 * 64, xs.shape[1])
-        wt = as_torch(w)[: r1 - r0, :n]
-        if c0 == 0:
-            torch.mm(xs[:, r0:r1], wt, out=out2)
-        else:
-            out2.addmm_(xs[:, r0:r1], wt)
-    if bias is not None:
-        out2.add_(bias)
-
-
-def _dense_cupy(x2, out2, qm: QMatrix, stream):
-    import cupy
-
-    lay = qm.layout
-    n = qm.out_features
-    m = x2.shape[0]
-    buf, rows = _dense_buffers(qm, m)
-    bias = qm.bias16
-    if rows is None:
-        w = _half_view(buf, 0, qm.in_features, lay.padded_cols)
-        dequantize_into(qm, w, "__half", stream)
-        cupy.matmul(x2, w[:, :n], out=out2)
-    else:
-        xs = x2
-        offset = 0
-        if lay.row_src is not None:
-            xs = _half_view(buf, 0, m, lay.padded_rows)
-            _gather_columns(qm, x2.data.ptr, int(xs.data.ptr), m, "__half", stream)
-            offset = -(-(m * lay.padded_rows * 2) // 256) * 256
-        chunks = lay.chunks8 + lay.chunks4
-        step = rows // 64
-        for c0 in range(0, chunks, step):
-            c1 = min(chunks, c0 + step)
-            w = _half_view(buf, offset, (c1 - c0) * 64, lay.padded_cols)
-            dequantize_into(qm, w, "__half", stream, chunk_begin=c0, chunk_end=c1, scatter=False)
-            r0, r1 = c0 * 64, min(c1 * 64, xs.shape[1])
-            part = cupy.matmul(xs[:, r0:r1], w[: r1 - r0, :n])
-            if c0 == 0:
-                out2[...] = part
-            else:
-                out2 += part
-    if bias is not None:
-        out2 += bias
+        ops.product(xs[:, r0:r1], ops.wrap(w)[: r1 - r0, :n], out2, accumulate=c0 > 0)
+    ops.add_bias(out2)
+    return True
 
 
 def warmup_matrix(qm: QMatrix, *, max_m: int = 64, dtypes=("float16",)):

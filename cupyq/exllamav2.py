@@ -121,10 +121,10 @@ class ExLlamaV2DeviceTensors:
     """One scratch buffer on one device, handed out in 128-byte aligned float16 slices.
 
     device: ``torch.device``, string or CUDA index (CPU works too, for tests); scratch_bytes: the
-    buffer size, rounded up to a multiple of 128. The buffer is a ``torch.empty`` float16 tensor
-    (``scratch``, ``[scratch_bytes // 2]``) taken from torch's caching allocator on first use, so the
-    serving engine's memory accounting and ``torch.cuda.empty_cache()`` see it; cupyq kernels read and
-    write it through its device pointer (no copy).
+    buffer size, rounded up to a multiple of 128. On first use one contiguous block is taken from CuPy's
+    memory pool on that device (``buffer``, a uint8 CuPy array that owns the memory); ``scratch`` is a
+    zero-copy float16 torch view of it (``[scratch_bytes // 2]``). Slices are views too: keep this object
+    alive while they are in use. On the CPU the buffer is a plain ``torch.empty`` tensor.
 
     * :meth:`get_scratch_slice` returns *distinct* slices (bump pointer ``scratch_idx``, in halves);
       asking for more than is left raises ``ValueError``.
@@ -137,6 +137,7 @@ class ExLlamaV2DeviceTensors:
     def __init__(self, device, scratch_bytes):
         self.device = _normalise_device(device)
         self.scratch_bytes = _round_up(_check_size("scratch_bytes", scratch_bytes), SCRATCH_ALIGN)
+        self.buffer = None
         self.scratch = None
         self.scratch_idx = 0  # float16 elements handed out so far
         self._dequant = None
@@ -144,7 +145,16 @@ class ExLlamaV2DeviceTensors:
     def prepare(self) -> torch.Tensor:
         """Allocate the buffer if not done yet (idempotent); returns ``scratch`` (float16 ``[scratch_bytes // 2]``)."""
         if self.scratch is None:
-            self.scratch = torch.empty((self.scratch_bytes // 2,), dtype=torch.float16, device=self.device)
+            if self.device.type == "cuda" and self.scratch_bytes:
+                import cupy
+
+                from cupyq.dispatch import _torch_view
+
+                with cupy.cuda.Device(self.device.index or 0):
+                    self.buffer = cupy.empty(self.scratch_bytes, dtype=cupy.uint8)
+                self.scratch = _torch_view(torch, self.buffer.view(cupy.float16), torch.float16)
+            else:
+                self.scratch = torch.empty((self.scratch_bytes // 2,), dtype=torch.float16, device=self.device)
         return self.scratch
 
     @property

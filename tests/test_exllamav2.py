@@ -276,6 +276,30 @@ def test_device_tensors_bump_allocator_cpu():
     assert dt.used_bytes == 0 and dt.get_scratch_slice(128).data_ptr() == base.data_ptr()
 
 
+@pytest.mark.gpu
+def test_device_tensors_cupy_pool_cuda():
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    before = pool.used_bytes()
+    dt = ex.ExLlamaV2DeviceTensors("cuda:0", (1 << 20) - 5)
+    assert dt.scratch is None and dt.buffer is None  # lazy
+    base = dt.prepare()
+    assert pool.used_bytes() - before >= 1 << 20  # one block from CuPy's pool
+    assert base.is_cuda and base.dtype == torch.float16 and base.numel() == 1 << 19
+    assert base.data_ptr() == dt.buffer.data.ptr and base.data_ptr() % 128 == 0
+    a = dt.get_scratch_slice(1000)
+    b = dt.get_scratch_slice(300)
+    assert b.data_ptr() == a.data_ptr() + 1024 and b.data_ptr() % 128 == 0
+    a.fill_(1.5)
+    b.fill_(-2.0)
+    torch.cuda.synchronize()
+    as_cupy = dt.buffer.view(cupy.float16)  # the same memory, seen from CuPy
+    assert float(as_cupy[0]) == 1.5 and float(as_cupy[511]) == 1.5 and float(as_cupy[512]) == -2.0
+    with pytest.raises(ValueError, match="only"):
+        dt.get_scratch_slice(1 << 20)
+
+
 def test_device_tensors_validation():
     with pytest.raises(ValueError, match="scratch_bytes"):
         ex.ExLlamaV2DeviceTensors("cpu", -5)

@@ -305,6 +305,27 @@ def test_chunked_dense_path_with_small_scratch():
     assert check_gemm(qm, w, t["bias"].astype(np.float32), 100, rng) < REL_TOL
 
 
+def test_dense_path_tiny_scratch_and_cupy_chunks():
+    import cupyq
+
+    cp = _cupy()
+    rng = np.random.default_rng(19)
+    t = random_gptq(rng, 1024, 256, group_size=64, act_order=True, bias=True)
+    qm = build("gptq", t)
+    w = ref_weight("gptq", t)
+    b = t["bias"].astype(np.float32)
+    # 4 KiB holds no chunk of 64 dequantised rows: the batch goes through the quantized kernel instead
+    qm.set_scratch(cp.empty(4096, dtype=cp.uint8))
+    assert check_gemm(qm, w, b, 100, rng) < REL_TOL
+    # 300 KiB: the gathered activations (200 KiB) and chunks of 192 rows, through the CuPy front end
+    qm.set_scratch(cp.empty(300 * 1024, dtype=cp.uint8))
+    x = rng.standard_normal((100, 1024)).astype(np.float16)
+    out = cp.full((100, 256), cp.nan, dtype=cp.float16)  # poison
+    y = cupyq.gemm(cp.asarray(x), qm, out=out)
+    assert y.data.ptr == out.data.ptr
+    assert rel_err(y.get(), x.astype(np.float64) @ w + b) < REL_TOL
+
+
 @pytest.mark.parametrize("case", ["g128", "g128_act", "g32_bias", "gfull"])
 def test_golden_gptq(case):
     _golden("gptq", case)
