@@ -81,27 +81,26 @@ __device__ __forceinline__ void load_groups(int g[kStepChunks], const int* __res
         g[i] = chunk + i < chunk_end ? __ldg(tile_group + (chunk + i) * 4 + (lane & 3)) : 0;
 }
 
+// Steps are always whole: storage segments and split ranges are multiples of kStepChunks chunks.
 template <bool HAS8, bool HAS4>
 __device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __restrict__ w8,
                                           const uint4* __restrict__ w4, const int* gid,
-                                          const unsigned* __restrict__ zs, int tile, int chunk, int chunk_end,
-                                          int C8, int C4, int Npad, int lane) {
+                                          const unsigned* __restrict__ zs, int tile, int chunk, int C8, int C4,
+                                          int Npad, int lane) {
     const int n_lo = tile * 16 + (lane >> 2);
 #pragma unroll
     for (int i = 0; i < kStepChunks; ++i) {
         const int c = chunk + i;
-        if (c < chunk_end) {
-            if (HAS8 && (!HAS4 || c < C8)) {
-                const uint4* p = w8 + ((size_t)(tile * C8 + c) * 2) * 32 + lane;
-                r.v[i][0] = load_stream(p);
-                if constexpr (HAS8) r.v[i][HAS8 ? 1 : 0] = load_stream(p + 32);
-            } else {
-                r.v[i][0] = load_stream(w4 + (size_t)(tile * C4 + (c - C8)) * 32 + lane);
-            }
-            const int g = gid[i];  // the lane's rows of this chunk form one 16-row tile: c*4 + lane%4
-            r.zlo[i] = __ldg(zs + (size_t)g * Npad + n_lo);
-            r.zhi[i] = __ldg(zs + (size_t)g * Npad + n_lo + 8);
+        if (HAS8 && (!HAS4 || c < C8)) {
+            const uint4* p = w8 + ((size_t)(tile * C8 + c) * 2) * 32 + lane;
+            r.v[i][0] = load_stream(p);
+            if constexpr (HAS8) r.v[i][HAS8 ? 1 : 0] = load_stream(p + 32);
+        } else {
+            r.v[i][0] = load_stream(w4 + (size_t)(tile * C4 + (c - C8)) * 32 + lane);
         }
+        const int g = gid[i];  // the lane's rows of this chunk form one 16-row tile: c*4 + lane%4
+        r.zlo[i] = __ldg(zs + (size_t)g * Npad + n_lo);
+        r.zhi[i] = __ldg(zs + (size_t)g * Npad + n_lo + 8);
     }
 }
 
@@ -110,46 +109,43 @@ __device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __r
 // 32-bit words of two 16-byte vectors x[m][r*16 .. +7] and x[m][r*16 + 8 .. +15].
 // xs points at the staged activations of the step's first row (row stride ld).
 template <typename T, int MT, bool HAS8, bool HAS4>
-__device__ __forceinline__ void compute_step(const StepWeights<HAS8>& r, const T* xs, int ld, int chunk,
-                                             int chunk_end, int C8, int lane, float acc[MT][4]) {
+__device__ __forceinline__ void compute_step(const StepWeights<HAS8>& r, const T* xs, int ld, int chunk, int C8,
+                                             int lane, float acc[MT][4]) {
     const bool is8 = HAS8 && (!HAS4 || chunk < C8);
-    const int nchunks = min(kStepChunks, chunk_end - chunk);
 #pragma unroll
     for (int i = 0; i < kStepChunks; ++i) {
-        if (i < nchunks) {
-            uint4 bx[MT][2];
+        uint4 bx[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const T* row = xs + (mt * 8 + (lane >> 2)) * ld + i * 64 + (lane & 3) * 16;
+            bx[mt][0] = *reinterpret_cast<const uint4*>(row);
+            bx[mt][1] = *reinterpret_cast<const uint4*>(row + 8);
+        }
+        __half2 slo = __low2half2(as_half2(r.zlo[i]));
+        __half2 shi = __low2half2(as_half2(r.zhi[i]));
+        __half2 zlo = __high2half2(as_half2(r.zlo[i]));
+        __half2 zhi = __high2half2(as_half2(r.zhi[i]));
+        if (HAS8 && is8) zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi);  // 960 + 64 + z
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            __half2 d[4];
+            if (HAS8 && is8) {
+                const uint4& v = r.v[i][(j >> 1) & (HAS8 ? 1 : 0)];
+                const unsigned w0 = (j & 1) ? v.z : v.x;
+                const unsigned w1 = (j & 1) ? v.w : v.y;
+                dequant8_exact(w0, w1, zlo, zhi, d);
+            } else {
+                const uint4& v = r.v[i][0];
+                const unsigned w = j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+                dequant4_exact(w, zlo, zhi, d);
+            }
+            unsigned a[4];
+            Frag<T>::scale(d, slo, shi, a);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const T* row = xs + (mt * 8 + (lane >> 2)) * ld + i * 64 + (lane & 3) * 16;
-                bx[mt][0] = *reinterpret_cast<const uint4*>(row);
-                bx[mt][1] = *reinterpret_cast<const uint4*>(row + 8);
-            }
-            __half2 slo = __low2half2(as_half2(r.zlo[i]));
-            __half2 shi = __low2half2(as_half2(r.zhi[i]));
-            __half2 zlo = __high2half2(as_half2(r.zlo[i]));
-            __half2 zhi = __high2half2(as_half2(r.zhi[i]));
-            if (HAS8 && is8) zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi);  // 960 + 64 + z
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                __half2 d[4];
-                if (HAS8 && is8) {
-                    const uint4& v = r.v[i][(j >> 1) & (HAS8 ? 1 : 0)];
-                    const unsigned w0 = (j & 1) ? v.z : v.x;
-                    const unsigned w1 = (j & 1) ? v.w : v.y;
-                    dequant8_exact(w0, w1, zlo, zhi, d);
-                } else {
-                    const uint4& v = r.v[i][0];
-                    const unsigned w = j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-                    dequant4_exact(w, zlo, zhi, d);
-                }
-                unsigned a[4];
-                Frag<T>::scale(d, slo, shi, a);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const unsigned* b0 = reinterpret_cast<const unsigned*>(&bx[mt][0]);
-                    const unsigned* b1 = reinterpret_cast<const unsigned*>(&bx[mt][1]);
-                    Mma<T>::run(acc[mt], a, b0[j], b1[j]);
-                }
+                const unsigned* b0 = reinterpret_cast<const unsigned*>(&bx[mt][0]);
+                const unsigned* b1 = reinterpret_cast<const unsigned*>(&bx[mt][1]);
+                Mma<T>::run(acc[mt], a, b0[j], b1[j]);
             }
         }
     }
@@ -245,7 +241,7 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
     int gid[kStepChunks], gid_next[kStepChunks];
     if (active) {
         load_groups(gid, tile_group, chunk_begin, chunk_end, lane);
-        load_step<HAS8, HAS4>(cur, w8, w4, gid, zs, tile, chunk_begin, chunk_end, C8, C4, Npad, lane);
+        load_step<HAS8, HAS4>(cur, w8, w4, gid, zs, tile, chunk_begin, C8, C4, Npad, lane);
         load_groups(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
     }
     for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
@@ -256,12 +252,12 @@ __device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* _
         const bool more = chunk + kStepChunks < chunk_end;
         if (active && more) {
             load_groups(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
-            load_step<HAS8, HAS4>(nxt, w8, w4, gid, zs, tile, chunk + kStepChunks, chunk_end, C8, C4, Npad, lane);
+            load_step<HAS8, HAS4>(nxt, w8, w4, gid, zs, tile, chunk + kStepChunks, C8, C4, Npad, lane);
 #pragma unroll
             for (int i = 0; i < kStepChunks; ++i) gid[i] = gid_next[i];
         }
         if (active)
-            compute_step<T, MT, HAS8, HAS4>(cur, xs, ld, chunk, chunk_end, C8, lane, acc);
+            compute_step<T, MT, HAS8, HAS4>(cur, xs, ld, chunk, C8, lane, acc);
         if (more) cur = nxt;
     }
 

@@ -25,7 +25,7 @@ fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
   $PY scripts/startup.py | tee "$OUT/startup.json"
-  $PY -m cupyq.bench ${BENCH:-} --json "$OUT/bench.json" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+  $PY scripts/bench.py ${BENCH:-} --json "$OUT/bench.json" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
   bench_rc=$?
   tail -n 3 "$OUT/bench.log"
   [ $bench_rc -eq 0 ] || { echo "benchmark failed (rc=$bench_rc)"; tail -n 30 "$OUT/bench.log"; }

@@ -1,0 +1,11 @@
+"""Kernel benchmark (the module cupyq.bench, as a script): cupyq GPTQ / EXL2 against torch fp16 matmul and
+torch's int4 kernel on the six standard shapes, writing JSON and a markdown table.
+
+    python scripts/bench.py --json out/bench.json --markdown out/bench.md
+    python scripts/bench.py --shapes 4096x4096 --ms 1,16 --baselines ''
+"""
+
+from cupyq.bench import main
+
+if __name__ == "__main__":
+    main()
