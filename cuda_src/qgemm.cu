@@ -192,13 +192,17 @@ __device__ __forceinline__ void write_result(const float (&acc)[MT][4], bool act
             }
         }
     }
-    __threadfence();
-    __syncthreads();
     int* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == (int)gridDim.y - 1;
+    // The barrier orders the CTA's partial sums before thread 0's count, whose release makes them visible to
+    // the CTA that counts last; its acquire (then the barrier) makes every split's sums visible to that CTA.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int before;
+        asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+        is_last = before == (int)gridDim.y - 1;
+    }
     __syncthreads();
     if (!is_last) return;
-    __threadfence();
     const int col0 = blockIdx.x * kCtaCols;
     for (int i = threadIdx.x; i < MT * 8 * kCtaCols; i += kThreads) {
         const int m = m0 + i / kCtaCols;
