@@ -123,18 +123,27 @@ def _gemm_reference(x, qm: QMatrix, out, kind):
 
 # ------------------------------------------------------------------------------------------------ GPU
 _CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+_torch_ctypes: dict = {}
+
+
+def _torch_ctype(dtype):
+    """Kernel element type of a torch dtype, or None (cached per dtype object: ``str(dtype)`` is slow)."""
+    ctype = _torch_ctypes.get(dtype)
+    if ctype is None and dtype not in _torch_ctypes:
+        ctype = _torch_ctypes[dtype] = _CTYPES.get(str(dtype).removeprefix("torch."))
+    return ctype
 
 
 def _gemm_torch(x, qm: QMatrix, out, force_cuda):
     import torch
 
     _check_input(x, qm, on_gpu=True)
-    ctype = _CTYPES.get(str(x.dtype).removeprefix("torch."))
+    ctype = _torch_ctype(x.dtype)
     if ctype is None:
         raise TypeError(f"x: expected dtype float16 or bfloat16, got {x.dtype}")
     if not x.is_contiguous():
         raise ValueError("x: expected a contiguous tensor (call .contiguous())")
-    dev = x.device.index or 0
+    dev = x.get_device()
     if dev != qm.device_id:
         raise ValueError(f"x: expected a tensor on cuda:{qm.device_id}, got {x.device}")
     n = qm.out_features
