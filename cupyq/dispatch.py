@@ -257,7 +257,7 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
 
 
 def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
-    """Launch plan of the small-batch kernel: the most split-K slices that still run as one wave."""
+    """Launch plan of the small-batch kernel (see :func:`_gemv_splits`)."""
     lay = qm.layout
     p = _Plan()
     col_blocks = -(-(lay.padded_cols // 16) // 8)
@@ -265,20 +265,7 @@ def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     fn = runtime.get_function("qgemm.cu", runtime.qgemv_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
                               qm.device_id)
     sms = runtime.sm_count(qm.device_id)
-
-    def shared_bytes(steps_per_split):
-        chunks = steps_per_split * _STEP_CHUNKS
-        return m * (chunks * 64 + 8) * 2 + 5 * chunks * 4  # activations, chunk groups, tile groups
-
-    choice = None
-    for splits in range(steps, 0, -1):
-        per_split = -(-steps // splits)
-        smem = shared_bytes(per_split)
-        if smem > _GEMV_SMEM_LIMIT:
-            break
-        choice = (-(-steps // per_split), per_split, smem)
-        if col_blocks * choice[0] <= _ctas_per_sm(fn, qm.device_id, smem) * sms:
-            break
+    choice = _gemv_splits(steps, col_blocks, m, lambda smem: _ctas_per_sm(fn, qm.device_id, smem) * sms)
     if choice is None:
         raise ValueError(f"qm: {qm.in_features} rows do not fit the small-batch kernel's shared memory")
     splits, per_split, smem = choice
@@ -300,6 +287,32 @@ def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     )
     p.launcher = _Launcher(fn, (col_blocks, splits, 1), (_THREADS, 1, 1), smem, args)
     return p
+
+
+# Fixed cost of a wave of qgemv CTAs (staging, first loads, split-K reduction), in steps of streaming.
+_WAVE_OVERHEAD_STEPS = 2
+
+
+def _gemv_splits(steps: int, col_blocks: int, m: int, resident_ctas):
+    """(splits, steps per split, shared bytes) for qgemv: the split of the ``steps`` 256-row steps of each
+    column block that minimises waves x (steps per split + a fixed cost per wave), fewer splits on ties, within
+    the shared-memory limit. ``resident_ctas(smem)``: CTAs the GPU holds at once with that much shared memory.
+    None when not even one step fits."""
+    best = None
+    for splits in range(1, steps + 1):
+        per_split = -(-steps // splits)
+        if splits > 1 and -(-steps // (splits - 1)) == per_split:
+            continue  # the same ranges as a smaller split count
+        chunks = per_split * _STEP_CHUNKS
+        smem = m * (chunks * 64 + 8) * 2 + 5 * chunks * 4  # activations, chunk groups, tile groups
+        if smem > _GEMV_SMEM_LIMIT:
+            continue
+        used = -(-steps // per_split)
+        waves = -(-(col_blocks * used) // max(1, resident_ctas(smem)))
+        cost = waves * (per_split + _WAVE_OVERHEAD_STEPS)
+        if best is None or cost < best[0]:
+            best = (cost, used, per_split, smem)
+    return None if best is None else best[1:]
 
 
 _occupancy: dict = {}
