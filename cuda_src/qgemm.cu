@@ -281,9 +281,9 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_MIN_BLOCKS)
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Small batches (M <= 8): a lean variant of the same product, built to stream the weights at full bandwidth.
+// Small batches (M <= 16): a lean variant of the same product, built to stream the weights at full bandwidth.
 //
-// Same layout and split-K as qgemm, with one m8 tile of batch rows; the host picks the most splits that still run as one
+// Same layout and split-K as qgemm, with one or two m8 tiles of batch rows (MT); the host picks the most splits that still run as one
 // wave, so every warp streams a long range of rows. Only the M activation rows are staged (lanes of batch rows
 // >= M read row M - 1; those accumulator rows are never written), together with the group of every 16-row tile
 // of the CTA's range, so scale loads wait on shared memory only. A chunk whose four tiles share one group (every
@@ -375,13 +375,14 @@ __device__ __forceinline__ void gemv_load_x(const T* p, unsigned bx[8]) {
     *reinterpret_cast<uint4*>(bx + 4) = *reinterpret_cast<const uint4*>(p + 8);
 }
 
-// xrow: the lane's activations (batch row lane/4, its 16 rows of each chunk, interleaved as staged by qgemv)
-// of the step's first chunk; cg: the step's chunk groups (negative: the chunk's tiles differ). The choice
-// between the two ways is made per step, so that the four chunks' products form independent chains the
-// scheduler can interleave.
-template <typename T, bool HAS8, bool HAS4>
-__device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* xrow, const int* cg, bool is8,
-                                             float acc[4]) {
+// xrow[mt]: the lane's activations (batch row mt*8 + lane/4, its 16 rows of each chunk, interleaved as staged by
+// qgemv) of the step's first chunk; cg: the step's chunk groups (negative: the chunk's tiles differ). The choice
+// between the two ways is made per step, so that the chunks' products form independent chains the scheduler
+// can interleave (four chains with one m8 tile, two with two tiles, which need twice the accumulators).
+template <typename T, int MT, bool HAS8, bool HAS4>
+__device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* const* xrow, const int* cg, bool is8,
+                                             float (&acc)[MT][4]) {
+    constexpr int kChains = kStepChunks / MT;
     const int4 cg4 = *reinterpret_cast<const int4*>(cg);
     __half2 zlo[kStepChunks], zhi[kStepChunks];
 #pragma unroll
@@ -391,47 +392,66 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* x
         if (HAS8 && is8) zhi[i] = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi[i]);  // 960 + 64 + z
     }
     if ((cg4.x | cg4.y | cg4.z | cg4.w) >= 0) {
-        float d[kStepChunks][4];
 #pragma unroll
-        for (int i = 0; i < kStepChunks; ++i) {
-            unsigned bx[8];
-            gemv_load_x(xrow + i * 64, bx);
-            d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.0f;
+        for (int i0 = 0; i0 < kStepChunks; i0 += kChains) {
+            float d[kChains][MT][4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                __half2 q[4];
-                unsigned a[4];
-                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo[i], zhi[i], q);
-                Frag<T>::exact(q, a);
-                Mma<T>::run(d[i], a, bx[2 * j], bx[2 * j + 1]);
+            for (int c = 0; c < kChains; ++c) {
+                const int i = i0 + c;
+                unsigned bx[MT][8];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    gemv_load_x(xrow[mt] + i * 64, bx[mt]);
+                    d[c][mt][0] = d[c][mt][1] = d[c][mt][2] = d[c][mt][3] = 0.0f;
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    __half2 q[4];
+                    unsigned a[4];
+                    gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo[i], zhi[i], q);
+                    Frag<T>::exact(q, a);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[c][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < kChains; ++c) {  // d[.][.][0..1]: column n0, d[.][.][2..3]: column n0 + 8
+                const float slo = __low2float(as_half2(r.zlo[i0 + c])), shi = __low2float(as_half2(r.zhi[i0 + c]));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    acc[mt][0] = fmaf(slo, d[c][mt][0], acc[mt][0]);
+                    acc[mt][1] = fmaf(slo, d[c][mt][1], acc[mt][1]);
+                    acc[mt][2] = fmaf(shi, d[c][mt][2], acc[mt][2]);
+                    acc[mt][3] = fmaf(shi, d[c][mt][3], acc[mt][3]);
+                }
             }
         }
-#pragma unroll
-        for (int i = 0; i < kStepChunks; ++i) {  // d[.][0..1]: column n0, d[.][2..3]: column n0 + 8
-            const float slo = __low2float(as_half2(r.zlo[i])), shi = __low2float(as_half2(r.zhi[i]));
-            acc[0] = fmaf(slo, d[i][0], acc[0]);
-            acc[1] = fmaf(slo, d[i][1], acc[1]);
-            acc[2] = fmaf(shi, d[i][2], acc[2]);
-            acc[3] = fmaf(shi, d[i][3], acc[3]);
-        }
     } else {
-        float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // two chains
+        float d[2][MT][4];  // two chains per tile
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) d[c][mt][0] = d[c][mt][1] = d[c][mt][2] = d[c][mt][3] = 0.0f;
 #pragma unroll
         for (int i = 0; i < kStepChunks; ++i) {
             const __half2 slo = __low2half2(as_half2(r.zlo[i])), shi = __low2half2(as_half2(r.zhi[i]));
-            unsigned bx[8];
-            gemv_load_x(xrow + i * 64, bx);
+            unsigned bx[MT][8];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) gemv_load_x(xrow[mt] + i * 64, bx[mt]);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 __half2 q[4];
                 unsigned a[4];
                 gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo[i], zhi[i], q);
                 Frag<T>::scale(q, slo, shi, a);
-                Mma<T>::run(d[i & 1], a, bx[2 * j], bx[2 * j + 1]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[i & 1][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);
             }
         }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[e] += d[0][e] + d[1][e];
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][e] += d[0][mt][e] + d[1][mt][e];
     }
 }
 
@@ -442,9 +462,10 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* x
 #endif
 
 // Parameters as qgemm, except that row_src is ignored: x must be in sorted row order (gathered beforehand for
-// permuted matrices). Requires M <= 8 (one m8 tile) and chunks_per_split % kStepChunks == 0. Dynamic shared memory: M * (chunks_per_split * 64 + 8)
-// elements of T, then 5 * chunks_per_split ints.
-template <typename T, bool HAS8, bool HAS4>
+// permuted matrices). MT m8 tiles of batch rows (1 or 2): requires M <= MT * 8 and chunks_per_split %
+// kStepChunks == 0. Dynamic shared memory: M * (chunks_per_split * 64 + 8) elements of T, then
+// 5 * chunks_per_split ints.
+template <typename T, int MT, bool HAS8, bool HAS4>
 __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
     qgemv(const T* __restrict__ x, const int* __restrict__ row_src, const uint4* __restrict__ w8,
           const uint4* __restrict__ w4, const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
@@ -503,9 +524,13 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
     }
     __syncthreads();
 
-    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    float acc[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
     if (active) {
-        const T* xrow = xs + min(lane >> 2, M - 1) * ld + (lane & 3) * 16;
+        const T* xrow[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) xrow[mt] = xs + min(mt * 8 + (lane >> 2), M - 1) * ld + (lane & 3) * 16;
         for (int c = 0; c < nchunks; c += 2 * kStepChunks) {
 #define CUPYQ_GEMV_STAGE(cur, nxt, k)                                                                               \
     {                                                                                                             \
@@ -515,15 +540,16 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
             gemv_load_weights<HAS8, HAS4>(nxt, w8, w4, tile, chunk_begin + ahead, C8, C4, lane);                  \
             gemv_load_scales<HAS8>(nxt, cg, tg, zsn, ahead, Npad, lane);                                          \
         }                                                                                                         \
-        gemv_compute<T, HAS8, HAS4>(cur, xrow + here * 64, cg + here, is_step8<HAS8, HAS4>(chunk_begin + here, C8), \
-                                    acc[0]);                                                                      \
+        const T* xhere[MT];                                                                                       \
+        for (int mt = 0; mt < MT; ++mt) xhere[mt] = xrow[mt] + here * 64;                                         \
+        gemv_compute<T, MT, HAS8, HAS4>(cur, xhere, cg + here, is_step8<HAS8, HAS4>(chunk_begin + here, C8), acc); \
     }
             CUPYQ_GEMV_STAGE(ra, rb, 0)
             CUPYQ_GEMV_STAGE(rb, ra, 1)
 #undef CUPYQ_GEMV_STAGE
         }
     }
-    write_result<T, 1>(acc, active, tile, lane, 0, bias, out, ws, counters, M, N, Npad);
+    write_result<T, MT>(acc, active, tile, lane, 0, bias, out, ws, counters, M, N, Npad);
 }
 
 // Dequantise sorted chunks [chunk_begin, chunk_end) into `out` (row stride ld_out elements).

@@ -29,9 +29,9 @@ def dense_threshold(qm: QMatrix) -> int:
 
 # Split-K aims at this many CTAs per multiprocessor.
 CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
-# Batches of at most this many rows (one m8 tile) use the streaming kernel qgemv: one wave of CTAs, each warp
+# Batches of at most this many rows (two m8 tiles) use the streaming kernel qgemv: one wave of CTAs, each warp
 # running through a long range of rows, only the M activation rows in shared memory.
-GEMV_MAX_M = 8
+GEMV_MAX_M = 16
 _GEMV_SMEM_LIMIT = 112 * 1024  # per CTA, so that two fit in a multiprocessor's 228 KB
 
 _THREADS = 256
@@ -221,7 +221,7 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     if m <= GEMV_MAX_M:
         return _qgemv_plan(qm, m, ctype)
     p = _Plan()
-    mt = 2 if m <= 16 else 4 if m <= 32 else 8
+    mt = 4 if m <= 32 else 8
     mblocks = -(-m // (mt * 8))
     tiles = lay.padded_cols // 16
     col_blocks = -(-tiles // 8)
@@ -262,7 +262,8 @@ def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     p = _Plan()
     col_blocks = -(-(lay.padded_cols // 16) // 8)
     steps = (lay.chunks8 + lay.chunks4) // _STEP_CHUNKS  # storage segments are whole steps
-    fn = runtime.get_function("qgemm.cu", runtime.qgemv_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
+    mt = 1 if m <= 8 else 2
+    fn = runtime.get_function("qgemm.cu", runtime.qgemv_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
                               qm.device_id)
     sms = runtime.sm_count(qm.device_id)
     choice = _gemv_splits(steps, col_blocks, m, lambda smem: _ctas_per_sm(fn, qm.device_id, smem) * sms)
@@ -271,7 +272,7 @@ def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     splits, per_split, smem = choice
     _allow_smem(fn, smem)
     p.splits = splits
-    p.partial_floats = splits * 8 * lay.padded_cols if splits > 1 else 0
+    p.partial_floats = splits * mt * 8 * lay.padded_cols if splits > 1 else 0
     p.counters = col_blocks
     # Permuted rows are gathered once by a small kernel: every column block reads the same rows, and gathering
     # them in each CTA costs a 32-byte sector of L2 traffic per 2-byte value.

@@ -19,7 +19,8 @@ from cupyq.sources import cuda_source_dir, read_cuda_source
 NVRTC_OPTIONS = ("--std=c++17",) + tuple(os.environ.get("CUPYQ_NVRTC_OPTIONS", "").split())
 
 _DTYPES = ("__half", "__nv_bfloat16")
-_MTS = (2, 4, 8)  # m8 tiles per CTA of qgemm; batches of up to 8 rows use qgemv
+_MTS = (4, 8)  # m8 tiles per CTA of qgemm; batches of up to 16 rows use qgemv
+_GEMV_MTS = (1, 2)
 _STORAGES = ((False, True), (True, False), (True, True))  # (has 8-bit storage, has 4-bit storage)
 
 
@@ -32,9 +33,9 @@ def qgemm_name(ctype: str, mt: int, has8: bool, has4: bool) -> str:
     return f"qgemm<{ctype}, {mt}, {_b(has8)}, {_b(has4)}>"
 
 
-def qgemv_name(ctype: str, has8: bool, has4: bool) -> str:
-    """Template instantiation name of the small-batch GEMM kernel."""
-    return f"qgemv<{ctype}, {_b(has8)}, {_b(has4)}>"
+def qgemv_name(ctype: str, mt: int, has8: bool, has4: bool) -> str:
+    """Template instantiation name of the small-batch GEMM kernel (``mt`` m8 tiles of batch rows)."""
+    return f"qgemv<{ctype}, {mt}, {_b(has8)}, {_b(has4)}>"
 
 
 def dequant_name(ctype: str, has8: bool, has4: bool) -> str:
@@ -51,7 +52,7 @@ def kernel_names(source: str) -> list[str]:
     """Every kernel instantiation a source file provides (what the compile check builds)."""
     if source == "qgemm.cu":
         names = [qgemm_name(t, mt, h8, h4) for t in _DTYPES for mt in _MTS for h8, h4 in _STORAGES]
-        names += [qgemv_name(t, h8, h4) for t in _DTYPES for h8, h4 in _STORAGES]
+        names += [qgemv_name(t, mt, h8, h4) for t in _DTYPES for mt in _GEMV_MTS for h8, h4 in _STORAGES]
         names += [dequant_name(t, h8, h4) for t in _DTYPES for h8, h4 in _STORAGES]
         names += [gather_name(t) for t in _DTYPES]
         return names
