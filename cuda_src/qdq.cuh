@@ -118,13 +118,6 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
-__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* smem_ptr) {
-    unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {

@@ -1,13 +1,15 @@
 // Quantized GEMM for GPTQ and EXL2 matrices: out[m, n] = sum_k x[m, k] W[k, n] (+ bias[n]).
 //
 // Weights stay quantized in device memory (layout in qdq.cuh) and are dequantised in registers straight into
-// tensor-core A fragments; activations are staged in shared memory per 256-row step (gathered through row_src
-// when the matrix is permuted or padded) and read as B fragments with ldmatrix. Accumulation is fp32.
+// tensor-core A fragments; activations are staged in shared memory and read as B fragments. Accumulation is
+// fp32. Two kernels: qgemv for batches of up to 16 rows (the CTA's whole row range of activations staged
+// once, weights streamed through registers) and qgemm for larger ones (activations staged per 256-row step).
+// Permuted matrices get their activations in sorted row order from gather_columns.
 //
 // Grid: x = blocks of 128 output columns (8 warps, 16 columns each), y = split-K slices of the sorted rows,
 // z = blocks of MT*8 activation rows. With more than one split, every CTA writes fp32 partial sums to `ws`
 // and the last CTA of a column block (counted in `counters`) adds them in split order, so results do not
-// depend on scheduling. The counter is reset by that CTA, so the kernel can be replayed in a CUDA graph.
+// depend on scheduling. The counter is reset by that CTA, so the kernels can be replayed in a CUDA graph.
 #include "qdq.cuh"
 
 // Minimum resident CTAs per multiprocessor the compiler must allow for (caps registers per thread) for the
@@ -283,15 +285,15 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_MIN_BLOCKS)
 // ------------------------------------------------------------------------------------------------------------
 // Small batches (M <= 16): a lean variant of the same product, built to stream the weights at full bandwidth.
 //
-// Same layout and split-K as qgemm, with one or two m8 tiles of batch rows (MT); the host picks the most splits that still run as one
-// wave, so every warp streams a long range of rows. Only the M activation rows are staged (lanes of batch rows
-// >= M read row M - 1; those accumulator rows are never written), together with the group of every 16-row tile
-// of the CTA's range, so scale loads wait on shared memory only. A chunk whose four tiles share one group (every
-// chunk of GPTQ with groups of 64 rows or more) is multiplied with the exact integers (q - z) and its fp32
-// product scaled once per column, which saves the fp16 scaling of every weight; other chunks scale the
-// fragments as qgemm does. The choice is made per step, so that the products of its four chunks are independent
-// chains the scheduler can interleave. Two steps of weights live in registers (the loop is unrolled by two, so
-// nothing is copied): one is in flight while the other is multiplied.
+// Same layout and split-K as qgemm, with one or two m8 tiles of batch rows (MT). The host splits K so that the
+// CTAs fill whole waves (normally one), so every warp streams a long range of rows. Only the M activation rows
+// are staged (lanes of batch rows >= M read row M - 1; those accumulator rows are never written), together
+// with the group of every 16-row tile of the CTA's range, so scale loads wait on shared memory only.
+// A chunk whose four tiles share one group (every chunk of GPTQ with groups of 64 rows or more) is multiplied
+// with the exact integers (q - z) and its fp32 product scaled once per column, which saves the fp16 scaling of
+// every weight; other chunks scale the fragments as qgemm does. The choice is made per step, so that the
+// products of its chunks are independent chains the scheduler can interleave. Two steps of weights live in
+// registers (the loop is unrolled by two, so nothing is copied): one is in flight while the other is multiplied.
 namespace cupyq {
 
 template <bool HAS8>

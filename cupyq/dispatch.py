@@ -29,8 +29,8 @@ def dense_threshold(qm: QMatrix) -> int:
 
 # Split-K aims at this many CTAs per multiprocessor.
 CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
-# Batches of at most this many rows (two m8 tiles) use the streaming kernel qgemv: one wave of CTAs, each warp
-# running through a long range of rows, only the M activation rows in shared memory.
+# Batches of at most this many rows (two m8 tiles) use the streaming kernel qgemv: whole waves of CTAs (normally
+# one), each warp running through a long range of rows, only the M activation rows in shared memory.
 GEMV_MAX_M = 16
 _GEMV_SMEM_LIMIT = 112 * 1024  # per CTA, so that two fit in a multiprocessor's 228 KB
 
