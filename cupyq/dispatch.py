@@ -552,7 +552,8 @@ def warmup_matrix(qm: QMatrix, *, max_m: int = 64, dtypes=("float16",)):
     with cupy.cuda.Device(qm.device_id):
         for dt in dtypes:
             ctype = _CTYPES[str(dt).removeprefix("torch.")]
-            # The largest batch of each kernel variant needs the largest workspace of that variant.
+            # Within each kernel variant the largest batch needs the largest workspace (more rows of partial
+            # sums, and more K splits where its activations fill shared memory).
             for m in sorted({1, 2, 3, 4, 8, 16, 32, 64, max_m}):
                 if m > max_m:
                     continue
