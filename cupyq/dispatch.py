@@ -29,8 +29,9 @@ def dense_threshold(qm: QMatrix) -> int:
 
 # Split-K aims at this many CTAs per multiprocessor.
 CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
-# Batches of at most this many rows (two m8 tiles) use the streaming kernel qgemv: whole waves of CTAs (normally
-# one), each warp running through a long range of rows, only the M activation rows in shared memory.
+# Batches of at most this many rows (two m8 tiles; see _two_tile_gemv for 9-16) use the streaming kernel qgemv:
+# whole waves of CTAs (normally one), each warp running through a long range of rows, only the M activation
+# rows in shared memory.
 GEMV_MAX_M = 16
 _GEMV_SMEM_LIMIT = 112 * 1024  # per CTA, so that two fit in a multiprocessor's 228 KB
 
@@ -218,7 +219,7 @@ class _Plan:
 
 def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     lay = qm.layout
-    if m <= GEMV_MAX_M:
+    if m <= 8 or (m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype)):
         return _qgemv_plan(qm, m, ctype)
     p = _Plan()
     mt = 4 if m <= 32 else 8
@@ -254,6 +255,12 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     )
     p.launcher = _Launcher(fn, (col_blocks, splits, mblocks), (_THREADS, 1, 1), smem, args)
     return p
+
+
+def _two_tile_gemv(qm: QMatrix, ctype: str) -> bool:
+    """Whether batches of 9-16 rows take qgemv with two m8 tiles: so far measured and tested on the GPU for fp16
+    activations and weights in 4-bit storage (2-4 bits); other matrices use qgemm for them."""
+    return ctype == "__half" and qm.layout.chunks8 == 0
 
 
 def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:

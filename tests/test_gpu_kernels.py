@@ -126,7 +126,7 @@ def test_gptq_widths_groups(bits, act_order, group_size):
     t = random_gptq(rng, k, n, bits=bits, group_size=group_size, act_order=act_order, bias=True)
     qm = build("gptq", t, bits=bits)
     w = ref_weight("gptq", t, bits=bits)
-    for m in (1, 7, 33, 100):
+    for m in (1, 7, 12, 33, 100):
         e = check_gemm(qm, w, t["bias"].astype(np.float32), m, rng)
         assert e < REL_TOL, (m, e)
     e = check_gemm(qm, w, t["bias"].astype(np.float32), 130, rng, force_cuda=True)
@@ -155,7 +155,7 @@ EXL2_MIXES = {
 
 
 @pytest.mark.parametrize("mix", sorted(EXL2_MIXES))
-@pytest.mark.parametrize("m", [1, 6, 8, 17, 64, 65, 200])
+@pytest.mark.parametrize("m", [1, 6, 8, 12, 17, 64, 65, 200])
 def test_exl2_mixes(mix, m):
     rng = np.random.default_rng(m * 31 + len(mix))
     t = random_exl2(rng, 1024, 256, EXL2_MIXES[mix], bias=(m % 2 == 1))
@@ -181,7 +181,7 @@ def test_bfloat16_activations():
     qm = build("gptq", t)
     w = ref_weight("gptq", t)
     # bf16 inputs and outputs carry 8 mantissa bits: relative error about 4e-3
-    for m in (1, 20, 100):
+    for m in (1, 12, 20, 100):
         assert check_gemm(qm, w, t["bias"].astype(np.float32), m, rng, dtype="bfloat16") < 1.5e-2
 
 
