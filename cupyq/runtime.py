@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -143,6 +144,52 @@ def compile_sources(archs, *, sources=None) -> list[CompileReport]:
                 CompileReport(name, arch, time.perf_counter() - start, len(cubin), list(zip(exprs, lowered)))
             )
     return reports
+
+
+@dataclasses.dataclass
+class KernelResources:
+    """What ptxas reports for one kernel instantiation."""
+
+    name: str
+    arch: str
+    registers: int  # per thread
+    stack_bytes: int  # local memory frame per thread (spills, or arrays indexed at run time)
+    spill_store_bytes: int
+    spill_load_bytes: int
+
+
+def kernel_resources(name: str, arch="sm_90", *, source: str = "qgemm.cu") -> KernelResources:
+    """Compile one kernel instantiation (a name from :func:`kernel_names`) with NVRTC and return its register
+    use and spills as ptxas reports them; no GPU needed."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    arch = _normalise_arch(arch)
+    src_dir = cuda_source_dir()
+    prog = nvrtc.createProgram(read_cuda_source(source), source, [], [])
+    try:
+        nvrtc.addNameExpression(prog, name)
+        options = list(NVRTC_OPTIONS) + [f"-arch={arch}", f"-I{src_dir}", "-Xptxas", "-v"]
+        options += [f"-I{d}" for d in _cuda_include_dirs()]
+        try:
+            nvrtc.compileProgram(prog, options)
+        except Exception as exc:
+            raise CompileError(f"{name} for {arch} failed:\n{nvrtc.getProgramLog(prog) or exc}") from None
+        log = nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    found = _parse_ptxas_report(log)
+    if found is None:
+        raise CompileError(f"{name} for {arch}: no resource report in the ptxas log:\n{log}")
+    return KernelResources(name, arch, *found)
+
+
+def _parse_ptxas_report(log: str):
+    """(registers, stack frame, spill store, spill load bytes) from a ``ptxas -v`` log of one kernel, or None."""
+    regs = re.search(r"Used (\d+) registers", log)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or frame is None:
+        return None
+    return (int(regs.group(1)),) + tuple(int(v) for v in frame.groups())
 
 
 def gpu_available() -> bool:

@@ -1,0 +1,34 @@
+"""Register budget of the streaming kernel, from the ptxas report through NVRTC (no GPU needed).
+
+The qgemv instantiations that dispatch uses were measured with at most 128 registers per thread (two CTAs of
+256 threads per multiprocessor) and no local memory; a change that makes them spill slows the m <= 16 path.
+"""
+
+import pytest
+
+from cupyq import runtime
+
+
+@pytest.mark.parametrize("name", [
+    "qgemv<__half, 1, false, true>",  # fp16, 2-4-bit storage, m <= 8
+    "qgemv<__half, 2, false, true>",  # the same, m = 9-16
+    "qgemv<__half, 1, true, true>",  # fp16, 8-bit and 4-bit storage (EXL2 mixes), m <= 8
+    "qgemv<__nv_bfloat16, 1, false, true>",
+])
+def test_streaming_kernel_registers_without_spills(name):
+    r = runtime.kernel_resources(name, "sm_90")
+    assert r.registers <= 128, r
+    assert r.stack_bytes == 0 and r.spill_store_bytes == 0 and r.spill_load_bytes == 0, r
+
+
+def test_ptxas_report_parsing():
+    log = ("ptxas info    : Compiling entry function '_Z5qgemm' for 'sm_90'\n"
+           "ptxas         .     384 bytes stack frame, 480 bytes spill stores, 644 bytes spill loads\n"
+           "ptxas info    : Used 128 registers, used 1 barriers, 384 bytes cumulative stack size, 16 bytes smem\n")
+    assert runtime._parse_ptxas_report(log) == (128, 384, 480, 644)
+    assert runtime._parse_ptxas_report("ptxas info    : Compile time = 235.980 ms") is None
+
+
+def test_unknown_kernel_is_a_compile_error():
+    with pytest.raises(runtime.CompileError, match="qgemv<float"):
+        runtime.kernel_resources("qgemv<float, 1, false, true>", "sm_90")
