@@ -3,7 +3,8 @@ over the same number of bytes, so the quantized kernel can be compared with what
 
     python scripts/profile_gemv.py --shape 8192x28672 --m 1 --format gptq [--calls 20]
 
-Run it under ``ncu -k regex:qgemm`` to profile the GEMM kernel alone.
+Run it under ``ncu -k regex:qgemv`` (batches of up to 16 rows) or ``regex:qgemm`` to profile the GEMM kernel
+alone.
 """
 
 from __future__ import annotations
