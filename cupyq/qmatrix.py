@@ -8,7 +8,6 @@ from cupyq import layout as _layout
 from cupyq import reference
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
-from cupyq.formats.common import dtype_name
 
 
 def _kind(a) -> str:

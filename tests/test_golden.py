@@ -16,7 +16,6 @@ import pytest
 from cupyq.formats import (
     check_exl2,
     check_gptq,
-    decode_scales,
     make_group_map,
     pack_q_weight,
     pack_qweight,

@@ -293,8 +293,6 @@ def test_errors():
 
 
 def test_chunked_dense_path_with_small_scratch():
-    import cupyq
-
     cp = _cupy()
     rng = np.random.default_rng(17)
     t = random_gptq(rng, 2048, 512, group_size=128, act_order=True, bias=True)
