@@ -12,8 +12,7 @@
 // depend on scheduling. The counter is reset by that CTA, so the kernels can be replayed in a CUDA graph.
 #include "qdq.cuh"
 
-// Minimum resident CTAs per multiprocessor the compiler must allow for (caps registers per thread) for the
-// kernels that handle more than one m8 tile.
+// Minimum resident CTAs per multiprocessor the compiler must allow for (caps registers per thread) in qgemm.
 #ifndef CUPYQ_MIN_BLOCKS
 #define CUPYQ_MIN_BLOCKS 2
 #endif
@@ -26,9 +25,8 @@ constexpr int kCtaCols = kWarps * 16;
 constexpr int kStepChunks = 4;                      // 64-row chunks per step (one step of weights in flight)
 constexpr int kStepRows = kStepChunks * 64;
 
-// Activations in shared memory: MT*8 rows of `ld` elements (ld % 8 == 0, and ld/8 odd so that the rows of
-// one 16-byte column fall on different banks). Batches of one m8 tile stage the CTA's whole row range at
-// once; larger batches stage one step at a time.
+// qgemm's activations in shared memory, one step at a time: MT*8 rows of `ld` elements (ld % 8 == 0, and ld/8
+// odd so that the rows of one 16-byte column fall on different banks).
 template <typename T>
 __device__ __forceinline__ void stage_x(T* xs, int ld, int ncols, const T* __restrict__ x,
                                         const int* __restrict__ row_src, int row0, int nrows, int m0, int rows,
