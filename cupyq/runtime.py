@@ -102,48 +102,56 @@ def _cuda_include_dirs() -> list[str]:
     return dirs
 
 
-def compile_sources(archs, *, sources=None) -> list[CompileReport]:
+def compile_sources(archs, *, sources=None, workers=None) -> list[CompileReport]:
     """Compile every CUDA source for each architecture with NVRTC; no GPU needed.
 
     archs: iterable of architectures such as ``"sm_80"``, ``"90"`` or ``"sm_90a"``.
     sources: file names inside ``cuda_src`` (default: every ``*.cu``).
-    Raises CompileError when NVRTC reports an error or any warning.
+    workers: compiles run at once in threads (NVRTC releases the GIL); default: one per CPU core.
+    Returns one report per (architecture, source), in that order. Raises CompileError when NVRTC reports an
+    error or any warning.
     """
-    from cupy_backends.cuda.libs import nvrtc
+    from concurrent.futures import ThreadPoolExecutor
 
     src_dir = cuda_source_dir()
     names = sources if sources is not None else sorted(p.name for p in src_dir.glob("*.cu"))
     if not names:
         raise CompileError(f"no CUDA sources found in {src_dir}")
+    jobs = [(_normalise_arch(arch), name) for arch in archs for name in names]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1 or len(jobs) <= 1:
+        return [_compile_source(arch, name) for arch, name in jobs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda job: _compile_source(*job), jobs))
+
+
+def _compile_source(arch: str, name: str) -> CompileReport:
+    """Compile every kernel instantiation of one source for one architecture."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    src_dir = cuda_source_dir()
     includes = [f"-I{src_dir}"] + [f"-I{d}" for d in _cuda_include_dirs()]
-    reports = []
-    for arch in archs:
-        arch = _normalise_arch(arch)
-        for name in names:
-            code = read_cuda_source(name)
-            exprs = kernel_names(name)
-            start = time.perf_counter()
-            prog = nvrtc.createProgram(code, name, [], [])
-            try:
-                for e in exprs:
-                    nvrtc.addNameExpression(prog, e)
-                options = list(NVRTC_OPTIONS) + [f"-arch={arch}"] + includes
-                try:
-                    nvrtc.compileProgram(prog, options)
-                except Exception as exc:  # NVRTCError carries no log; fetch it
-                    log = nvrtc.getProgramLog(prog)
-                    raise CompileError(f"{name} for {arch} failed:\n{log or exc}") from None
-                log = nvrtc.getProgramLog(prog).strip()
-                if log:
-                    raise CompileError(f"{name} for {arch} compiled with warnings:\n{log}")
-                cubin = nvrtc.getCUBIN(prog)
-                lowered = [nvrtc.getLoweredName(prog, e) for e in exprs]
-            finally:
-                nvrtc.destroyProgram(prog)
-            reports.append(
-                CompileReport(name, arch, time.perf_counter() - start, len(cubin), list(zip(exprs, lowered)))
-            )
-    return reports
+    code = read_cuda_source(name)
+    exprs = kernel_names(name)
+    start = time.perf_counter()
+    prog = nvrtc.createProgram(code, name, [], [])
+    try:
+        for e in exprs:
+            nvrtc.addNameExpression(prog, e)
+        options = list(NVRTC_OPTIONS) + [f"-arch={arch}"] + includes
+        try:
+            nvrtc.compileProgram(prog, options)
+        except Exception as exc:  # NVRTCError carries no log; fetch it
+            log = nvrtc.getProgramLog(prog)
+            raise CompileError(f"{name} for {arch} failed:\n{log or exc}") from None
+        log = nvrtc.getProgramLog(prog).strip()
+        if log:
+            raise CompileError(f"{name} for {arch} compiled with warnings:\n{log}")
+        cubin = nvrtc.getCUBIN(prog)
+        lowered = [nvrtc.getLoweredName(prog, e) for e in exprs]
+    finally:
+        nvrtc.destroyProgram(prog)
+    return CompileReport(name, arch, time.perf_counter() - start, len(cubin), list(zip(exprs, lowered)))
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,23 @@ def test_compile_table_and_json(monkeypatch, capsys):
     assert calls[-1] == (["sm_80", "sm_90"], None)
     payload = json.loads(out)
     assert payload["ok"] and payload["reports"][0]["cubin_bytes"] == 123456
+
+
+def test_compile_sources_in_parallel_threads_keeps_order(monkeypatch):
+    import threading
+
+    threads = set()
+
+    def fake(arch, name):
+        threads.add(threading.get_ident())
+        time.sleep(0.3)
+        return runtime.CompileReport(name, arch, 0.3, 1, [])
+
+    monkeypatch.setattr(runtime, "_compile_source", fake)
+    start = time.perf_counter()
+    reports = runtime.compile_sources(["80", "sm_86", "sm_89", "90"], sources=["qgemm.cu"], workers=4)
+    assert [r.arch for r in reports] == ["sm_80", "sm_86", "sm_89", "sm_90"]
+    assert len(threads) > 1 and time.perf_counter() - start < 0.9  # four 0.3 s jobs, not one after another
 
 
 def test_compile_error_exit_1_with_log(monkeypatch, capsys):
