@@ -677,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", nargs="+", choices=("gptq", "gptq_act", "exl2"),
                    help="formats to run (default: those in the checkpoint, or all)")
     p.add_argument("--iters", type=_positive_int, default=40, help="calls per timing (default 40)")
-    p.add_argument("--repeats", type=_positive_int, default=5, help="timings per point, the median is kept (default 5)")
+    p.add_argument("--repeats", type=_positive_int, default=5,
+                   help="CUDA-graph replays per point for graph_us, the median is kept (default 5)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG of the speed-up over fp16 against m (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 

@@ -221,7 +221,6 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     lay = qm.layout
     if m <= 8 or (m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype)):
         return _qgemv_plan(qm, m, ctype)
-    p = _Plan()
     mt = 4 if m <= 32 else 8
     mblocks = -(-m // (mt * 8))
     tiles = lay.padded_cols // 16
@@ -234,27 +233,10 @@ def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     splits = -(-steps // steps_per_split)
     fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
                               qm.device_id)
-    # Permuted (act-order, EXL2) or padded activations are gathered once into sorted order by a small kernel:
-    # cheaper than gathering element by element in every CTA.
-    p.gather = lay.row_src is not None
-    k_x = lay.padded_rows if p.gather else qm.in_features
     smem = mt * 8 * (_STEP_CHUNKS * 64 + 8) * 2
-    _allow_smem(fn, smem)
-    p.splits = splits
-    p.partial_floats = splits * mblocks * mt * 8 * lay.padded_cols if splits > 1 else 0
-    p.counters = col_blocks * mblocks
-    bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
-    p.x_vec = 1 if p.gather or (lay.row_src is None and qm.in_features % 8 == 0) else 0
-    p.ws_ptrs = None
-    # The kernel's parameters in order; x, out, the workspace pointers and x_vec are rewritten per call.
-    args = (
-        0, 0 if p.gather else _ptr(lay.row_src), _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs),
-        _ptr(bias), 0, 0, 0,
-        np.int32(m), np.int32(k_x), np.int32(qm.out_features), np.int32(lay.padded_cols),
-        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(steps_per_split * _STEP_CHUNKS), np.int32(p.x_vec),
-    )
-    p.launcher = _Launcher(fn, (col_blocks, splits, mblocks), (_THREADS, 1, 1), smem, args)
-    return p
+    partials = splits * mblocks * mt * 8 * lay.padded_cols
+    return _finish_plan(qm, m, ctype, fn, (col_blocks, splits, mblocks), smem, steps_per_split, partials,
+                        col_blocks * mblocks)
 
 
 def _two_tile_gemv(qm: QMatrix, ctype: str) -> bool:
@@ -266,7 +248,6 @@ def _two_tile_gemv(qm: QMatrix, ctype: str) -> bool:
 def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     """Launch plan of the small-batch kernel (see :func:`_gemv_splits`)."""
     lay = qm.layout
-    p = _Plan()
     col_blocks = -(-(lay.padded_cols // 16) // 8)
     steps = (lay.chunks8 + lay.chunks4) // _STEP_CHUNKS  # storage segments are whole steps
     mt = 1 if m <= 8 else 2
@@ -277,23 +258,35 @@ def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     if choice is None:
         raise ValueError(f"qm: {qm.in_features} rows do not fit the small-batch kernel's shared memory")
     splits, per_split, smem = choice
+    return _finish_plan(qm, m, ctype, fn, (col_blocks, splits, 1), smem, per_split, splits * mt * 8 * lay.padded_cols,
+                        col_blocks)
+
+
+def _finish_plan(qm: QMatrix, m: int, ctype: str, fn, grid, smem: int, steps_per_split: int, partial_floats: int,
+                 counters: int) -> _Plan:
+    """The launch plan of either GEMM kernel (they take the same parameters) for the given grid (column blocks,
+    K splits, m blocks), dynamic shared memory, and workspace sizes (used only with more than one split)."""
+    lay = qm.layout
+    p = _Plan()
     _allow_smem(fn, smem)
-    p.splits = splits
-    p.partial_floats = splits * mt * 8 * lay.padded_cols if splits > 1 else 0
-    p.counters = col_blocks
-    # Permuted rows are gathered once by a small kernel: every column block reads the same rows, and gathering
-    # them in each CTA costs a 32-byte sector of L2 traffic per 2-byte value.
+    p.splits = grid[1]
+    p.partial_floats = partial_floats if p.splits > 1 else 0
+    p.counters = counters
+    # Permuted (act-order, EXL2) or padded activations are gathered once into sorted order by a small kernel:
+    # every column block reads the same rows, and gathering them in each CTA costs a 32-byte sector of L2
+    # traffic per 2-byte value. The kernels' row_src parameter therefore stays null.
     p.gather = lay.row_src is not None
     p.x_vec = 1 if p.gather or qm.in_features % 8 == 0 else 0
     p.ws_ptrs = None
     bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
+    # The kernel's parameters in order; x, out, the workspace pointers and x_vec are rewritten per call.
     args = (
         0, 0, _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(bias), 0, 0, 0,
         np.int32(m), np.int32(lay.padded_rows if p.gather else qm.in_features), np.int32(qm.out_features),
-        np.int32(lay.padded_cols),
-        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(per_split * _STEP_CHUNKS), np.int32(p.x_vec),
+        np.int32(lay.padded_cols), np.int32(lay.chunks8), np.int32(lay.chunks4),
+        np.int32(steps_per_split * _STEP_CHUNKS), np.int32(p.x_vec),
     )
-    p.launcher = _Launcher(fn, (col_blocks, splits, 1), (_THREADS, 1, 1), smem, args)
+    p.launcher = _Launcher(fn, grid, (_THREADS, 1, 1), smem, args)
     return p
 
 
