@@ -1,21 +1,15 @@
-// Quantized GEMM for GPTQ and EXL2 matrices: out[m, n] = sum_k x[m, k] W[k, n] (+ bias[n]).
+// Small-batch GEMM for GPTQ and EXL2 matrices, out[m, n] = sum_k x[m, k] W[k, n] (+ bias[n]), the dequantise
+// pass of QMatrix.dequantize, and the activation gather. Larger batches run qmma (qmma.cu).
 //
 // Weights stay quantized in device memory (layout in qdq.cuh) and are dequantised in registers straight into
 // tensor-core A fragments; activations are staged in shared memory and read as B fragments. Accumulation is
-// fp32. Two kernels: qgemv for batches of up to 16 rows (the CTA's whole row range of activations staged
-// once, weights streamed through registers) and qgemm for larger ones (activations staged per 256-row step).
-// Permuted matrices get their activations in sorted row order from gather_columns.
+// fp32. Permuted matrices get their activations in sorted row order from gather_columns.
 //
-// Grid: x = blocks of 128 output columns (8 warps, 16 columns each), y = split-K slices of the sorted rows,
-// z = blocks of MT*8 activation rows. With more than one split, every CTA writes fp32 partial sums to `ws`
-// and the last CTA of a column block (counted in `counters`) adds them in split order, so results do not
-// depend on scheduling. The counter is reset by that CTA, so the kernels can be replayed in a CUDA graph.
+// Grid of qgemv: x = blocks of 128 output columns (8 warps, 16 columns each), y = split-K slices of the sorted
+// rows. With more than one split, every CTA writes fp32 partial sums to `ws` and the last CTA of a column block
+// (counted in `counters`) adds them in split order, so results do not depend on scheduling. The counter is
+// reset by that CTA, so the kernel can be replayed in a CUDA graph.
 #include "qdq.cuh"
-
-// Minimum resident CTAs per multiprocessor the compiler must allow for (caps registers per thread) in qgemm.
-#ifndef CUPYQ_MIN_BLOCKS
-#define CUPYQ_MIN_BLOCKS 2
-#endif
 
 namespace cupyq {
 
@@ -25,45 +19,6 @@ constexpr int kCtaCols = kWarps * 16;
 constexpr int kStepChunks = 4;                      // 64-row chunks per step (one step of weights in flight)
 constexpr int kStepRows = kStepChunks * 64;
 
-// qgemm's activations in shared memory, one step at a time: MT*8 rows of `ld` elements (ld % 8 == 0, and ld/8
-// odd so that the rows of one 16-byte column fall on different banks).
-template <typename T>
-__device__ __forceinline__ void stage_x(T* xs, int ld, int ncols, const T* __restrict__ x,
-                                        const int* __restrict__ row_src, int row0, int nrows, int m0, int rows,
-                                        int M, int K, int x_vec) {
-    if (x_vec) {
-        // Identity order, K % 8 == 0, 16-byte aligned rows: one uint4 (8 values) per load.
-        const int per_row = ncols / 8;
-        for (int i = threadIdx.x; i < rows * per_row; i += kThreads) {
-            const int m = i / per_row;
-            const int kk = (i % per_row) * 8;
-            const int k = row0 + kk;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (m0 + m < M && kk < nrows && k < K) v = *reinterpret_cast<const uint4*>(x + (size_t)(m0 + m) * K + k);
-            *reinterpret_cast<uint4*>(xs + m * ld + kk) = v;
-        }
-    } else {
-        for (int i = threadIdx.x; i < rows * ncols; i += kThreads) {
-            const int m = i / ncols;
-            const int kk = i % ncols;
-            const int j = row0 + kk;
-            T v = from_float<T>(0.0f);
-            if (m0 + m < M && kk < nrows) {
-                const int src = row_src ? row_src[j] : j;
-                if (src >= 0 && src < K) v = x[(size_t)(m0 + m) * K + src];
-            }
-            xs[m * ld + kk] = v;
-        }
-    }
-}
-
-// Raw data of one step (4 chunks) for one lane: weights and the (scale, zero) words of its two columns.
-template <bool HAS8>
-struct StepWeights {
-    uint4 v[kStepChunks][HAS8 ? 2 : 1];
-    unsigned zlo[kStepChunks], zhi[kStepChunks];
-};
-
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     // Weights are read once: keep them out of L1 so the small tables stay there.
     uint4 r;
@@ -71,84 +26,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                  : "l"(p));
     return r;
-}
-
-// Group of the lane's 16-row tile in each chunk of a step (loaded a step ahead of the scales that need it).
-__device__ __forceinline__ void load_groups(int g[kStepChunks], const int* __restrict__ tile_group, int chunk,
-                                            int chunk_end, int lane) {
-#pragma unroll
-    for (int i = 0; i < kStepChunks; ++i)
-        g[i] = chunk + i < chunk_end ? __ldg(tile_group + (chunk + i) * 4 + (lane & 3)) : 0;
-}
-
-// Steps are always whole: storage segments and split ranges are multiples of kStepChunks chunks.
-template <bool HAS8, bool HAS4>
-__device__ __forceinline__ void load_step(StepWeights<HAS8>& r, const uint4* __restrict__ w8,
-                                          const uint4* __restrict__ w4, const int* gid,
-                                          const unsigned* __restrict__ zs, int tile, int chunk, int C8, int C4,
-                                          int Npad, int lane) {
-    const int n_lo = tile * 16 + (lane >> 2);
-#pragma unroll
-    for (int i = 0; i < kStepChunks; ++i) {
-        const int c = chunk + i;
-        if (HAS8 && (!HAS4 || c < C8)) {
-            const uint4* p = w8 + ((size_t)(tile * C8 + c) * 2) * 32 + lane;
-            r.v[i][0] = load_stream(p);
-            if constexpr (HAS8) r.v[i][HAS8 ? 1 : 0] = load_stream(p + 32);
-        } else {
-            r.v[i][0] = load_stream(w4 + (size_t)(tile * C4 + (c - C8)) * 32 + lane);
-        }
-        const int g = gid[i];  // the lane's rows of this chunk form one 16-row tile: c*4 + lane%4
-        r.zlo[i] = __ldg(zs + (size_t)g * Npad + n_lo);
-        r.zhi[i] = __ldg(zs + (size_t)g * Npad + n_lo + 8);
-    }
-}
-
-// Inside a 64-row chunk the lane with lane%4 == r owns rows r*16 .. r*16 + 15: for tile j its A fragment holds
-// rows r*16 + 8*kh + 2*j + {0, 1}, and its B fragment the activations of the same rows, which are the j-th
-// 32-bit words of two 16-byte vectors x[m][r*16 .. +7] and x[m][r*16 + 8 .. +15].
-// xs points at the staged activations of the step's first row (row stride ld).
-template <typename T, int MT, bool HAS8, bool HAS4>
-__device__ __forceinline__ void compute_step(const StepWeights<HAS8>& r, const T* xs, int ld, int chunk, int C8,
-                                             int lane, float acc[MT][4]) {
-    const bool is8 = HAS8 && (!HAS4 || chunk < C8);
-#pragma unroll
-    for (int i = 0; i < kStepChunks; ++i) {
-        uint4 bx[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            const T* row = xs + (mt * 8 + (lane >> 2)) * ld + i * 64 + (lane & 3) * 16;
-            bx[mt][0] = *reinterpret_cast<const uint4*>(row);
-            bx[mt][1] = *reinterpret_cast<const uint4*>(row + 8);
-        }
-        __half2 slo = __low2half2(as_half2(r.zlo[i]));
-        __half2 shi = __low2half2(as_half2(r.zhi[i]));
-        __half2 zlo = __high2half2(as_half2(r.zlo[i]));
-        __half2 zhi = __high2half2(as_half2(r.zhi[i]));
-        if (HAS8 && is8) zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi);  // 960 + 64 + z
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            __half2 d[4];
-            if (HAS8 && is8) {
-                const uint4& v = r.v[i][(j >> 1) & (HAS8 ? 1 : 0)];
-                const unsigned w0 = (j & 1) ? v.z : v.x;
-                const unsigned w1 = (j & 1) ? v.w : v.y;
-                dequant8_exact(w0, w1, zlo, zhi, d);
-            } else {
-                const uint4& v = r.v[i][0];
-                const unsigned w = j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-                dequant4_exact(w, zlo, zhi, d);
-            }
-            unsigned a[4];
-            Frag<T>::scale(d, slo, shi, a);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const unsigned* b0 = reinterpret_cast<const unsigned*>(&bx[mt][0]);
-                const unsigned* b1 = reinterpret_cast<const unsigned*>(&bx[mt][1]);
-                Mma<T>::run(acc[mt], a, b0[j], b1[j]);
-            }
-        }
-    }
 }
 
 // Writes the CTA's results. Accumulator element (mt, e) of a lane holds column n = tile*16 + lane/4 + 8*(e/2)
@@ -217,79 +94,18 @@ __device__ __forceinline__ void write_result(const float (&acc)[MT][4], bool act
     if (threadIdx.x == 0) *counter = 0;
 }
 
-template <typename T, int MT, bool HAS8, bool HAS4>
-__device__ __forceinline__ void qgemm_body(const T* __restrict__ x, const int* __restrict__ row_src,
-                                           const uint4* __restrict__ w8, const uint4* __restrict__ w4,
-                                           const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
-                                           const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws,
-                                           int* __restrict__ counters, int M, int K, int N, int Npad, int C8,
-                                           int C4, int chunks_per_split, int x_vec) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* xs = reinterpret_cast<T*>(smem_raw);
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int T16 = Npad / 16;
-    const int tile = blockIdx.x * kWarps + warp;
-    const bool active = tile < T16;
-    const int m0 = blockIdx.z * MT * 8;
-    const int C = C8 + C4;
-    const int chunk_begin = blockIdx.y * chunks_per_split;
-    const int chunk_end = min(C, chunk_begin + chunks_per_split);
-    const int ld = kStepRows + 8;
-
-    float acc[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-
-    StepWeights<HAS8> cur, nxt;
-    int gid[kStepChunks], gid_next[kStepChunks];
-    if (active) {
-        load_groups(gid, tile_group, chunk_begin, chunk_end, lane);
-        load_step<HAS8, HAS4>(cur, w8, w4, gid, zs, tile, chunk_begin, C8, C4, Npad, lane);
-        load_groups(gid, tile_group, chunk_begin + kStepChunks, chunk_end, lane);
-    }
-    for (int chunk = chunk_begin; chunk < chunk_end; chunk += kStepChunks) {
-        __syncthreads();
-        stage_x<T>(xs, ld, kStepRows, x, row_src, chunk * 64, min(kStepChunks, chunk_end - chunk) * 64, m0, MT * 8,
-                   M, K, x_vec);
-        __syncthreads();
-        const bool more = chunk + kStepChunks < chunk_end;
-        if (active && more) {
-            load_groups(gid_next, tile_group, chunk + 2 * kStepChunks, chunk_end, lane);
-            load_step<HAS8, HAS4>(nxt, w8, w4, gid, zs, tile, chunk + kStepChunks, C8, C4, Npad, lane);
-#pragma unroll
-            for (int i = 0; i < kStepChunks; ++i) gid[i] = gid_next[i];
-        }
-        if (active)
-            compute_step<T, MT, HAS8, HAS4>(cur, xs, ld, chunk, C8, lane, acc);
-        if (more) cur = nxt;
-    }
-
-    write_result<T, MT>(acc, active, tile, lane, m0, bias, out, ws, counters, M, N, Npad);
-}
-
 }  // namespace cupyq
-
-template <typename T, int MT, bool HAS8, bool HAS4>
-__global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_MIN_BLOCKS)
-    qgemm(const T* __restrict__ x, const int* __restrict__ row_src, const uint4* __restrict__ w8,
-          const uint4* __restrict__ w4, const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
-          const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
-          int M, int K, int N, int Npad, int C8, int C4, int chunks_per_split, int x_vec) {
-    cupyq::qgemm_body<T, MT, HAS8, HAS4>(x, row_src, w8, w4, tile_group, zs, bias, out, ws, counters, M, K, N,
-                                         Npad, C8, C4, chunks_per_split, x_vec);
-}
 
 // ------------------------------------------------------------------------------------------------------------
 // Small batches (M <= 16): a lean variant of the same product, built to stream the weights at full bandwidth.
 //
-// Same layout and split-K as qgemm, with one or two m8 tiles of batch rows (MT). The host splits K so that the
+// One or two m8 tiles of batch rows (MT). The host splits K so that the
 // CTAs fill whole waves (normally one), so every warp streams a long range of rows. Only the M activation rows
 // are staged (lanes of batch rows >= M read row M - 1; those accumulator rows are never written), together
 // with the group of every 16-row tile of the CTA's range, so scale loads wait on shared memory only.
 // A chunk whose four tiles share one group (every chunk of GPTQ with groups of 64 rows or more) is multiplied
 // with the exact integers (q - z) and its fp32 product scaled once per column, which saves the fp16 scaling of
-// every weight; other chunks scale the fragments as qgemm does. The choice is made per step, so that the
+// every weight; other chunks scale the fragments. The choice is made per step, so that the
 // products of its chunks are independent chains the scheduler can interleave. Two steps of weights live in
 // registers (the loop is unrolled by two, so nothing is copied): one is in flight while the other is multiplied.
 namespace cupyq {
@@ -461,7 +277,7 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
 #define CUPYQ_GEMV_MIN_BLOCKS 2
 #endif
 
-// Parameters as qgemm, except that row_src is ignored: x must be in sorted row order (gathered beforehand for
+// Parameters: row_src is ignored: x must be in sorted row order (gathered beforehand for
 // permuted matrices). MT m8 tiles of batch rows (1 or 2): requires M <= MT * 8 and chunks_per_split %
 // kStepChunks == 0. Dynamic shared memory: M * (chunks_per_split * 64 + 8) elements of T, then
 // 5 * chunks_per_split ints.
@@ -640,13 +456,13 @@ __global__ void __launch_bounds__(cupyq::kThreads)
     }
 }
 
-// x_sorted[m, j] = x[m, row_src[j]] (zero for padding rows), j in [0, Kp).
+// x_sorted[m, j] = x[m, row_src[j]] (zero for padding rows), j in [0, Kp); without row_src a copy (rows j < K).
 template <typename T>
 __global__ void gather_columns(const T* __restrict__ x, const int* __restrict__ row_src, T* __restrict__ out,
                                int M, int K, int Kp) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const int m = blockIdx.y;
     if (j >= Kp || m >= M) return;
-    const int src = row_src[j];
+    const int src = row_src ? row_src[j] : j;
     out[(size_t)m * Kp + j] = (src >= 0 && src < K) ? x[(size_t)m * K + src] : cupyq::from_float<T>(0.0f);
 }

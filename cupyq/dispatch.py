@@ -8,16 +8,18 @@ import warnings
 
 import numpy as np
 
-from cupyq import runtime
+import threading
+
+from cupyq import kernels, runtime
 from cupyq.qmatrix import QMatrix, _kind
 from cupyq.scratch import default_scratch, workspace
 
 # Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given. Measured on an
-# H200 (BENCHMARKS.md): the quantized kernel wins up to m = 64 on layers of 32 M weights or more, and up to
-# m = 32 on smaller ones, where the dense product is cheap and the quantized kernel's work per weight dominates.
-DENSE_THRESHOLD = int(os.environ.get("CUPYQ_DENSE_THRESHOLD", 64))
+# H200 (BENCHMARKS.md): qmma wins up to m = 128 on layers of 32 M weights or more, and up to m = 64 on smaller
+# ones, where the dense product is cheap and the quantized kernel's work per weight dominates.
+DENSE_THRESHOLD = int(os.environ.get("CUPYQ_DENSE_THRESHOLD", 128))
 SMALL_LAYER_WEIGHTS = 1 << 25
-SMALL_LAYER_THRESHOLD = min(32, DENSE_THRESHOLD)
+SMALL_LAYER_THRESHOLD = min(64, DENSE_THRESHOLD)
 
 
 def dense_threshold(qm: QMatrix) -> int:
@@ -27,8 +29,6 @@ def dense_threshold(qm: QMatrix) -> int:
     return DENSE_THRESHOLD
 
 
-# Split-K aims at this many CTAs per multiprocessor.
-CTAS_PER_SM = float(os.environ.get("CUPYQ_CTAS_PER_SM", 6))
 # Batches of at most this many rows (two m8 tiles; see _two_tile_gemv for 9-16) use the streaming kernel qgemv:
 # whole waves of CTAs (normally one), each warp running through a long range of rows, only the M activation
 # rows in shared memory.
@@ -159,9 +159,10 @@ def _gemm_torch(x, qm: QMatrix, out, force_cuda):
         return out
     stream = runtime.torch_stream(dev)
     dense = m > dense_threshold(qm) and not force_cuda
+    capturing = torch.cuda.is_current_stream_capturing
     if not (dense and _dense(x.view(m, qm.in_features), out.view(m, n), qm, ctype, stream,
-                             _TorchDense(qm, ctype, x.dtype))):
-        _launch_qgemm(qm, x.data_ptr(), out.data_ptr(), m, ctype, stream, torch.cuda.is_current_stream_capturing)
+                             _TorchDense(qm, ctype, x.dtype), capturing)):
+        _launch_qgemm(qm, x.data_ptr(), out.data_ptr(), m, ctype, stream, capturing)
     return out
 
 
@@ -188,23 +189,36 @@ def _gemm_cupy(x, qm: QMatrix, out, force_cuda):
         stream = cupy.cuda.get_current_stream()
         dense = m > dense_threshold(qm) and not force_cuda
         if not (dense and _dense(x.reshape(m, qm.in_features), out.reshape(m, n), qm, ctype, stream,
-                                 _CupyDense(qm))):
+                                 _CupyDense(qm), stream.is_capturing)):
             _launch_qgemm(qm, x.data.ptr, out.data.ptr, m, ctype, stream, stream.is_capturing)
     return out
 
 
 class _Launcher:
     """Launches one kernel with a fixed argument list through the driver API, rewriting only the argument
-    slots that change between calls (CuPy's generic launcher converts every argument on every call)."""
+    slots that change between calls (CuPy's generic launcher converts every argument on every call).
 
-    def __init__(self, kernel, grid, block, smem, args):
+    params: the kernel's parameter names in signature order; values: name -> value; int_params: the names of
+    32-bit integer parameters (the others are pointers)."""
+
+    def __init__(self, kernel, grid, block, smem, params, values, int_params):
+        missing = set(params) - set(values)
+        if missing:
+            raise ValueError(f"kernel arguments missing: {sorted(missing)}")
         self.f = kernel.kernel.ptr
         self.grid = tuple(int(v) for v in grid)
         self.block = tuple(int(v) for v in block)
         self.smem = int(smem)
-        self.slots = [ctypes.c_int32(int(a)) if isinstance(a, np.int32) else ctypes.c_uint64(int(a)) for a in args]
-        self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(v) for v in self.slots])
+        self._slots = {
+            name: ctypes.c_int32(int(values[name])) if name in int_params else ctypes.c_uint64(int(values[name]))
+            for name in params
+        }
+        self.params = (ctypes.c_void_p * len(params))(*[ctypes.addressof(self._slots[n]) for n in params])
         self.params_ptr = ctypes.addressof(self.params)
+
+    def slot(self, name: str):
+        """The ctypes object holding parameter ``name`` (assign ``.value`` before a launch)."""
+        return self._slots[name]
 
     def launch(self, stream_ptr: int):
         from cupy_backends.cuda.api import driver
@@ -214,34 +228,105 @@ class _Launcher:
 
 
 class _Plan:
-    __slots__ = ("splits", "partial_floats", "counters", "x_vec", "ws_ptrs", "gather", "launcher")
+    """A launch plan: the launcher with its argument slots, and what a call must provide.
+
+    x, out, ws, counters, x_vec: the ctypes slots of those parameters (x_vec: None for kernels that need
+    16-byte aligned activations, which are gathered into a copy when misaligned). partial_floats, counters_n:
+    workspace sizes (0: the launch needs no workspace). gather: activations must be gathered into sorted
+    padded order first. x_vec_default: the x_vec value for aligned activations.
+    """
+
+    __slots__ = ("kernel", "partial_floats", "counters_n", "gather", "x_vec_default", "launcher", "x", "out", "ws",
+                 "counters", "x_vec")
+
+
+def choose_kernel(qm: QMatrix, m: int, ctype: str, force_cuda: bool = False) -> tuple:
+    """(kernel, reason): which path :func:`gemm` takes for ``m`` rows of ``ctype`` activations, by rules in
+    order. Kernels: "qgemv" (streaming, one m8 tile), "qgemv2" (two m8 tiles), "qmma" (pipelined tensor-core
+    kernel), "dense" (dequantise into scratch + dense matmul; falls back to qmma when the scratch cannot hold a
+    chunk of 64 rows)."""
+    if m <= 8:
+        return "qgemv", "m <= 8: the streaming kernel with one m8 tile"
+    if m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype):
+        return "qgemv2", "9-16 rows of fp16 on 4-bit storage: the streaming kernel with two m8 tiles"
+    if m > dense_threshold(qm) and not force_cuda:
+        return "dense", f"m > {dense_threshold(qm)}: dequantise and multiply densely (compute-bound batches)"
+    cfg = choose_qmma(m)
+    return "qmma", f"m = {m}: qmma with {cfg.m_tile}x{cfg.n_tile} tiles"
 
 
 def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
-    lay = qm.layout
     if m <= 8 or (m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype)):
         return _qgemv_plan(qm, m, ctype)
-    mt = 4 if m <= 32 else 8
-    mblocks = -(-m // (mt * 8))
-    tiles = lay.padded_cols // 16
-    col_blocks = -(-tiles // 8)
+    return _qmma_plan(qm, m, ctype, choose_qmma(m))
+
+
+QMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may take on sm_80 and sm_90
+
+
+def choose_qmma(m: int) -> kernels.QmmaConfig:
+    """The qmma tiling for a batch of ``m`` rows: the smallest tile that holds the batch (larger batches run
+    several m blocks of the largest)."""
+    for limit in sorted(kernels.QMMA_CONFIGS):
+        if m <= limit:
+            return kernels.QMMA_CONFIGS[limit]
+    return kernels.QMMA_CONFIGS[max(kernels.QMMA_CONFIGS)]
+
+
+def _qmma_plan(qm: QMatrix, m: int, ctype: str, cfg: kernels.QmmaConfig) -> _Plan:
+    """Launch plan of qmma: one CTA per resident slot (stream-K over the tile iterations)."""
+    lay = qm.layout
+    has8, has4 = lay.chunks8 > 0, lay.chunks4 > 0
+    zr = 1 if _chunk_uniform_groups(qm) else 4
+    name = cfg.name(ctype, zr, has8, has4)
+    fn = runtime.get_function("qmma.cu", name, qm.device_id)
+    smem = cfg.smem_bytes(has8, zr)
+    if smem > QMMA_SMEM_LIMIT:
+        raise ValueError(f"qm: {name} needs {smem} bytes of shared memory, more than {QMMA_SMEM_LIMIT}")
+    _allow_smem(fn, smem)
     chunks = lay.chunks8 + lay.chunks4
-    steps = -(-chunks // _STEP_CHUNKS)
-    target = CTAS_PER_SM * runtime.sm_count(qm.device_id)
-    splits = max(1, min(steps, int(round(target / (col_blocks * mblocks)))))
-    steps_per_split = -(-steps // splits)
-    splits = -(-steps // steps_per_split)
-    fn = runtime.get_function("qgemm.cu", runtime.qgemm_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
-                              qm.device_id)
-    smem = mt * 8 * (_STEP_CHUNKS * 64 + 8) * 2
-    partials = splits * mblocks * mt * 8 * lay.padded_cols
-    return _finish_plan(qm, m, ctype, fn, (col_blocks, splits, mblocks), smem, steps_per_split, partials,
-                        col_blocks * mblocks)
+    ksteps = chunks // cfg.ks
+    nblocks = -(-(lay.padded_cols // 16) // (cfg.wn * cfg.nw))
+    mblocks = -(-m // cfg.m_tile)
+    total = mblocks * nblocks * ksteps
+    resident = _ctas_per_sm(fn, qm.device_id, smem) * runtime.sm_count(qm.device_id)
+    if resident < 1:
+        raise RuntimeError(f"qm: kernel {name} does not fit a multiprocessor")
+    ctas = min(total, resident)
+    bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
+    values = dict(
+        x=0, w8=_ptr(lay.w8), w4=_ptr(lay.w4), tile_group=_ptr(lay.tile_group), zs=_ptr(lay.zs), bias=_ptr(bias),
+        out=0, ws=0, counters=0, M=m, ldx=lay.padded_rows, N=qm.out_features, Npad=lay.padded_cols,
+        C8=lay.chunks8, C4=lay.chunks4,
+    )
+    launcher = _Launcher(fn, (ctas, 1, 1), (kernels.QMMA_THREADS, 1, 1), smem, kernels.QMMA_PARAMS, values,
+                         kernels.QMMA_INT_PARAMS)
+    p = _Plan()
+    p.kernel = name
+    p.launcher = launcher
+    p.partial_floats = cfg.workspace_floats(ctas)
+    p.counters_n = mblocks * nblocks
+    p.gather = lay.row_src is not None
+    p.x_vec_default = None
+    p.x, p.out, p.ws, p.counters = (launcher.slot(k) for k in ("x", "out", "ws", "counters"))
+    p.x_vec = None
+    return p
+
+
+def _chunk_uniform_groups(qm: QMatrix) -> bool:
+    """Whether the four 16-row tiles of every 64-row chunk share one group (GPTQ with groups of 64 rows or more
+    and no act-order): qmma then stages one row of scale/zero words per chunk instead of four."""
+    cached = qm._plans.get("chunk_uniform")
+    if cached is None:
+        tg = qm.layout.tile_group
+        tg = (tg.get() if hasattr(tg, "get") else np.asarray(tg)).reshape(-1, 4)
+        cached = qm._plans["chunk_uniform"] = bool((tg == tg[:, :1]).all())
+    return cached
 
 
 def _two_tile_gemv(qm: QMatrix, ctype: str) -> bool:
-    """Whether batches of 9-16 rows take qgemv with two m8 tiles: so far measured and tested on the GPU for fp16
-    activations and weights in 4-bit storage (2-4 bits); other matrices use qgemm for them."""
+    """Whether batches of 9-16 rows take qgemv with two m8 tiles: measured faster than qmma for fp16 activations
+    and weights in 4-bit storage (2-4 bits); other matrices run qmma for them."""
     return ctype == "__half" and qm.layout.chunks8 == 0
 
 
@@ -262,31 +347,37 @@ def _qgemv_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
                         col_blocks)
 
 
+# qgemm's and qgemv's parameters, in the order of their __global__ signatures (cuda_src/qgemm.cu).
+_QGEMM_PARAMS = ("x", "row_src", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "K", "N",
+                 "Npad", "C8", "C4", "chunks_per_split", "x_vec")
+_QGEMM_INT_PARAMS = frozenset(("M", "K", "N", "Npad", "C8", "C4", "chunks_per_split", "x_vec"))
+
+
 def _finish_plan(qm: QMatrix, m: int, ctype: str, fn, grid, smem: int, steps_per_split: int, partial_floats: int,
                  counters: int) -> _Plan:
-    """The launch plan of either GEMM kernel (they take the same parameters) for the given grid (column blocks,
+    """The launch plan of qgemm or qgemv (they take the same parameters) for the given grid (column blocks,
     K splits, m blocks), dynamic shared memory, and workspace sizes (used only with more than one split)."""
     lay = qm.layout
     p = _Plan()
     _allow_smem(fn, smem)
-    p.splits = grid[1]
-    p.partial_floats = partial_floats if p.splits > 1 else 0
-    p.counters = counters
+    splits = grid[1]
+    p.kernel = getattr(fn, "name", "qgemm")
+    p.partial_floats = partial_floats if splits > 1 else 0
+    p.counters_n = counters if splits > 1 else 0
     # Permuted (act-order, EXL2) or padded activations are gathered once into sorted order by a small kernel:
     # every column block reads the same rows, and gathering them in each CTA costs a 32-byte sector of L2
     # traffic per 2-byte value. The kernels' row_src parameter therefore stays null.
     p.gather = lay.row_src is not None
-    p.x_vec = 1 if p.gather or qm.in_features % 8 == 0 else 0
-    p.ws_ptrs = None
+    p.x_vec_default = 1 if p.gather or qm.in_features % 8 == 0 else 0
     bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
-    # The kernel's parameters in order; x, out, the workspace pointers and x_vec are rewritten per call.
-    args = (
-        0, 0, _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(bias), 0, 0, 0,
-        np.int32(m), np.int32(lay.padded_rows if p.gather else qm.in_features), np.int32(qm.out_features),
-        np.int32(lay.padded_cols), np.int32(lay.chunks8), np.int32(lay.chunks4),
-        np.int32(steps_per_split * _STEP_CHUNKS), np.int32(p.x_vec),
+    values = dict(
+        x=0, row_src=0, w8=_ptr(lay.w8), w4=_ptr(lay.w4), tile_group=_ptr(lay.tile_group), zs=_ptr(lay.zs),
+        bias=_ptr(bias), out=0, ws=0, counters=0, M=m, K=lay.padded_rows if p.gather else qm.in_features,
+        N=qm.out_features, Npad=lay.padded_cols, C8=lay.chunks8, C4=lay.chunks4,
+        chunks_per_split=steps_per_split * _STEP_CHUNKS, x_vec=p.x_vec_default,
     )
-    p.launcher = _Launcher(fn, grid, (_THREADS, 1, 1), smem, args)
+    p.launcher = _Launcher(fn, grid, (_THREADS, 1, 1), smem, _QGEMM_PARAMS, values, _QGEMM_INT_PARAMS)
+    p.x, p.out, p.ws, p.counters, p.x_vec = (p.launcher.slot(k) for k in ("x", "out", "ws", "counters", "x_vec"))
     return p
 
 
@@ -344,9 +435,6 @@ def _ptr(a) -> int:
     return 0 if a is None or a.size == 0 else int(a.data.ptr)
 
 
-_X_SLOT, _OUT_SLOT, _WS_SLOT = 0, 7, 8
-
-
 def _plan_for(qm: QMatrix, m: int, ctype: str) -> _Plan:
     """The launch plan of ``qm`` for ``m`` rows of ``ctype`` activations, made once and kept on the matrix."""
     plan = qm._plans.get((m, ctype))
@@ -355,31 +443,40 @@ def _plan_for(qm: QMatrix, m: int, ctype: str) -> _Plan:
     return plan
 
 
+# A plan's argument slots are shared by every caller of the matrix: filling them and launching is one step.
+_launch_lock = threading.Lock()
+
+
 def _launch_qgemm(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing):
     """Launch the quantized GEMM; ``stream`` is a CuPy stream object, ``capturing()`` tells whether a CUDA graph
     is being captured on it (asked only when a buffer must grow)."""
-    plan = _plan_for(qm, m, ctype)
-    slots = plan.launcher.slots
-    if plan.splits > 1:
-        partials, counters = workspace(qm.device_id).ensure(plan.partial_floats, plan.counters, capturing)
-        ptrs = (partials.data.ptr, counters.data.ptr)
-        if ptrs != plan.ws_ptrs:
-            plan.ws_ptrs = ptrs
-            slots[_WS_SLOT].value, slots[_WS_SLOT + 1].value = ptrs
-    if plan.gather:
-        gathered = workspace(qm.device_id).gather_buffer(m * qm.layout.padded_rows, capturing)
-        _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
-        x_ptr = gathered.data.ptr
-    slots[-1].value = 0 if x_ptr & 15 else plan.x_vec  # misaligned rows: element-wise staging
-    slots[_X_SLOT].value = x_ptr
-    slots[_OUT_SLOT].value = out_ptr
-    if _get_device() != qm.device_id:  # the driver launches in the current device's context
-        import cupy
+    _launch_plan(qm, _plan_for(qm, m, ctype), x_ptr, out_ptr, m, ctype, stream, capturing)
 
-        with cupy.cuda.Device(qm.device_id):
-            plan.launcher.launch(stream.ptr)
-        return
-    plan.launcher.launch(stream.ptr)
+
+def _launch_plan(qm: QMatrix, plan: _Plan, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing):
+    """Launch ``plan`` on ``stream``. Workspaces belong to the stream, so launches on different streams never
+    share partial sums or counters."""
+    ws = workspace(qm.device_id, stream.ptr, capturing)
+    with _launch_lock:
+        if plan.partial_floats:
+            partials, counters = ws.ensure(plan.partial_floats, plan.counters_n, capturing)
+            plan.ws.value = partials.data.ptr
+            plan.counters.value = counters.data.ptr
+        if plan.gather or (plan.x_vec is None and x_ptr & 15):
+            gathered = ws.gather_buffer(m * qm.layout.padded_rows, capturing)
+            _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
+            x_ptr = gathered.data.ptr
+        if plan.x_vec is not None:
+            plan.x_vec.value = 0 if x_ptr & 15 else plan.x_vec_default  # misaligned rows: element-wise staging
+        plan.x.value = x_ptr
+        plan.out.value = out_ptr
+        if _get_device() != qm.device_id:  # the driver launches in the current device's context
+            import cupy
+
+            with cupy.cuda.Device(qm.device_id):
+                plan.launcher.launch(stream.ptr)
+            return
+        plan.launcher.launch(stream.ptr)
 
 
 def _get_device() -> int:
@@ -415,19 +512,35 @@ def _gather_columns(qm: QMatrix, x_ptr: int, out_ptr: int, m: int, ctype: str, s
                            np.int32(lay.padded_rows)), stream=stream)
 
 
-def _dense_buffers(qm: QMatrix, m: int):
-    """(scratch uint8 CuPy buffer, rows per chunk or None when the whole matrix fits), or (None, None) when the
-    scratch cannot hold even 64 dequantised rows next to the gathered activations."""
+def dequantize_t_into(qm: QMatrix, buf, ctype: str, stream, chunk_begin: int, chunk_end: int):
+    """Dequantise sorted chunks [chunk_begin, chunk_end) of ``qm`` transposed: ``buf`` (a CuPy 2-D array of
+    2-byte elements, at least padded_cols rows, row stride a multiple of 8 and at least the chunks' rows)
+    receives W^T[n, j - 64 * chunk_begin] for the sorted padded rows j, padding rows zero."""
     lay = qm.layout
-    full = qm.in_features * lay.padded_cols * 2
-    buf = qm._scratch if qm._scratch is not None else default_scratch(qm.device_id, full)
-    if buf.size >= full:
-        return buf, None
-    gathered = m * lay.padded_rows * 2 if lay.row_src is not None else 0
-    rows = (buf.size - gathered - 256) // (lay.padded_cols * 2) // 64 * 64
+    fn = runtime.get_function("qmma.cu", kernels.dequant_t_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
+                              qm.device_id)
+    blocks = -(-(chunk_end - chunk_begin) // kernels.DEQUANT_T_CHUNKS_PER_CTA)
+    grid = (-(-(lay.padded_cols // 16) // kernels.QMMA_WARPS), blocks, 1)
+    args = (
+        _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), int(buf.data.ptr), np.int32(buf.shape[1]),
+        np.int32(lay.padded_cols), np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(chunk_begin),
+        np.int32(chunk_end),
+    )
+    fn(grid, (kernels.QMMA_THREADS, 1, 1), args, stream=stream)
+
+
+def _dense_buffers(qm: QMatrix, m: int, stream_ptr: int, capturing):
+    """(scratch uint8 CuPy buffer, bytes of gathered activations at its start, rows of W^T per chunk), or None
+    when the scratch cannot hold one chunk of 64 rows next to the gathered activations."""
+    lay = qm.layout
+    gathered = -(-(m * lay.padded_rows * 2) // 256) * 256 if lay.row_src is not None else 0
+    column_bytes = lay.padded_cols * 2
+    full = gathered + lay.padded_rows * column_bytes
+    buf = qm._scratch if qm._scratch is not None else default_scratch(qm.device_id, full, stream_ptr, capturing)
+    rows = (buf.size - gathered) // column_bytes // 64 * 64
     if rows < 64:
-        return None, None
-    return buf, rows
+        return None
+    return buf, gathered, min(rows, lay.padded_rows)
 
 
 def _half_view(buf, offset: int, rows: int, cols: int):
@@ -511,58 +624,57 @@ class _CupyDense:
             out += self.bias
 
 
-def _dense(x2, out2, qm: QMatrix, ctype: str, stream, ops) -> bool:
-    """out2 = x2 @ W + bias by dequantising W into scratch (in row chunks when the scratch is smaller than the
-    matrix) and dense products (``ops``: _TorchDense or _CupyDense). Returns False, having done nothing, when
+def _dense(x2, out2, qm: QMatrix, ctype: str, stream, ops, capturing) -> bool:
+    """out2 = x2 @ W + bias by dequantising W^T into scratch (in chunks of rows when the scratch is smaller than
+    the matrix) and dense products (``ops``: _TorchDense or _CupyDense). Returns False, having done nothing, when
     the scratch cannot hold one chunk of 64 rows."""
     lay = qm.layout
     n = qm.out_features
     m = x2.shape[0]
-    buf, rows = _dense_buffers(qm, m)
-    if buf is None:
+    found = _dense_buffers(qm, m, stream.ptr, capturing)
+    if found is None:
         return False
-    if rows is None:
-        w = _half_view(buf, 0, qm.in_features, lay.padded_cols)
-        dequantize_into(qm, w, ctype, stream)
-        ops.product(x2, ops.wrap(w)[:, :n], out2, bias=True)
-        return True
+    buf, offset, rows = found
     xs = x2
-    offset = 0
     if lay.row_src is not None:  # sorted, padded activations to pair with the sorted weight rows
         g = _half_view(buf, 0, m, lay.padded_rows)
         _gather_columns(qm, ops.ptr(x2), int(g.data.ptr), m, ctype, stream)
         xs = ops.wrap(g)
-        offset = -(-(m * lay.padded_rows * 2) // 256) * 256
     chunks = lay.chunks8 + lay.chunks4
     step = rows // 64
     for c0 in range(0, chunks, step):
         c1 = min(chunks, c0 + step)
-        w = _half_view(buf, offset, (c1 - c0) * 64, lay.padded_cols)
-        dequantize_into(qm, w, ctype, stream, chunk_begin=c0, chunk_end=c1, scatter=False)
+        wt = _half_view(buf, offset, lay.padded_cols, rows)
+        dequantize_t_into(qm, wt, ctype, stream, c0, c1)
         r0, r1 = c0 * 64, min(c1 * 64, xs.shape[1])
-        ops.product(xs[:, r0:r1], ops.wrap(w)[: r1 - r0, :n], out2, accumulate=c0 > 0)
-    ops.add_bias(out2)
+        w = ops.wrap(wt)[:n, : r1 - r0].T
+        ops.product(xs[:, r0:r1], w, out2, accumulate=c0 > 0, bias=c1 == chunks and c0 == 0)
+    if chunks > step:
+        ops.add_bias(out2)
     return True
 
 
 def warmup_matrix(qm: QMatrix, *, max_m: int = 64, dtypes=("float16",)):
-    """Compile the kernels ``qm`` uses for batches up to max_m and size the shared workspace."""
+    """Compile the kernels ``qm`` uses for batches up to max_m and size the workspaces (that of the current
+    CuPy stream and the device's spare, which a stream capturing a CUDA graph takes)."""
     import cupy
 
     with cupy.cuda.Device(qm.device_id):
+        ws = workspace(qm.device_id, cupy.cuda.get_current_stream().ptr)
         for dt in dtypes:
             ctype = _CTYPES[str(dt).removeprefix("torch.")]
-            # Within each kernel variant the largest batch needs the largest workspace (more rows of partial
-            # sums, and more K splits where its activations fill shared memory).
-            for m in sorted({1, 2, 3, 4, 8, 16, 32, 64, max_m}):
+            # Within each kernel variant the largest batch needs the largest workspace.
+            for m in sorted({1, 2, 3, 4, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, max_m}):
                 if m > max_m:
                     continue
+                if m > dense_threshold(qm):
+                    runtime.get_function("qmma.cu", kernels.dequant_t_name(ctype, qm.layout.chunks8 > 0,
+                                                                           qm.layout.chunks4 > 0), qm.device_id)
+                    continue
                 plan = _plan_for(qm, m, ctype)
-                if plan.splits > 1:
-                    workspace(qm.device_id).ensure(plan.partial_floats, plan.counters, lambda: False)
-                if plan.gather:
-                    workspace(qm.device_id).gather_buffer(m * qm.layout.padded_rows, lambda: False)
+                if plan.partial_floats:
+                    ws.ensure(plan.partial_floats, plan.counters_n, lambda: False)
+                ws.gather_buffer(m * qm.layout.padded_rows, lambda: False)
             runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, qm.layout.chunks8 > 0,
                                                                   qm.layout.chunks4 > 0), qm.device_id)
-            if qm.layout.row_src is not None:
-                runtime.get_function("qgemm.cu", runtime.gather_name(ctype), qm.device_id)
+            runtime.get_function("qgemm.cu", runtime.gather_name(ctype), qm.device_id)

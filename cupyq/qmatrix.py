@@ -236,10 +236,11 @@ class QMatrix:
 
     @property
     def dequant_scratch_bytes(self) -> int:
-        """Bytes of a full fp16 dequantised copy as the large-batch path stores it, plus 128."""
+        """Bytes of a full fp16 dequantised copy as the large-batch path stores it (W^T in padded row and
+        column order), plus 128."""
         if self.device_id is None:
             return self.in_features * self.out_features * 2 + 128
-        return self.in_features * self.layout.padded_cols * 2 + 128
+        return self.layout.padded_rows * self.layout.padded_cols * 2 + 128
 
     def __repr__(self):
         where = "cpu" if self.device_id is None else f"cuda:{self.device_id}"

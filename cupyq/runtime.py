@@ -20,17 +20,11 @@ from cupyq.sources import cuda_source_dir, read_cuda_source
 NVRTC_OPTIONS = ("--std=c++17",) + tuple(os.environ.get("CUPYQ_NVRTC_OPTIONS", "").split())
 
 _DTYPES = ("__half", "__nv_bfloat16")
-_MTS = (4, 8)  # m8 tiles per CTA of qgemm; smaller batches use qgemv
 _STORAGES = ((False, True), (True, False), (True, True))  # (has 8-bit storage, has 4-bit storage)
 
 
 def _b(v: bool) -> str:
     return "true" if v else "false"
-
-
-def qgemm_name(ctype: str, mt: int, has8: bool, has4: bool) -> str:
-    """Template instantiation name of the quantized GEMM kernel."""
-    return f"qgemm<{ctype}, {mt}, {_b(has8)}, {_b(has4)}>"
 
 
 def qgemv_name(ctype: str, mt: int, has8: bool, has4: bool) -> str:
@@ -51,12 +45,15 @@ def gather_name(ctype: str) -> str:
 def kernel_names(source: str) -> list[str]:
     """Every kernel instantiation a source file provides (what the compile check builds)."""
     if source == "qgemm.cu":
-        names = [qgemm_name(t, mt, h8, h4) for t in _DTYPES for mt in _MTS for h8, h4 in _STORAGES]
-        names += [qgemv_name(t, 1, h8, h4) for t in _DTYPES for h8, h4 in _STORAGES]
+        names = [qgemv_name(t, 1, h8, h4) for t in _DTYPES for h8, h4 in _STORAGES]
         names.append(qgemv_name("__half", 2, False, True))  # two m8 tiles: fp16, 4-bit storage (dispatch.py)
         names += [dequant_name(t, h8, h4) for t in _DTYPES for h8, h4 in _STORAGES]
         names += [gather_name(t) for t in _DTYPES]
         return names
+    if source == "qmma.cu":
+        from cupyq import kernels
+
+        return kernels.qmma_kernel_names()
     return []
 
 

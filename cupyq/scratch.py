@@ -1,14 +1,26 @@
-"""Device memory the GEMM paths take from CuPy's memory pool: the split-K workspace, the buffer of gathered
-activations, and the default dequantisation scratch of matrices given none of their own.
+"""Device memory the GEMM paths take from CuPy's memory pool: split-K partial sums and tile counters, the buffer
+of gathered activations, and the dequantisation scratch of matrices given none of their own.
 
-Serving code hands out its own scratch slices (``cupyq.exllamav2.ExLlamaV2DeviceTensors``)."""
+All of it belongs to one (device, stream) :class:`Workspace`: launches on different streams (or from threads
+using different streams) never share partial sums, counters, gathered activations or dequantised weights, and
+launches on one stream are ordered by the stream. Buffers grow outside CUDA-graph capture only. A stream first
+seen while it captures a graph (``torch.cuda.graph`` captures on a stream of its own) takes the device's spare
+workspace, which every growth outside capture keeps as large as the largest workspace of the device; so a
+layer run once before capture (or warmed up with ``QMatrix.warmup``) can be captured on any stream.
+
+Serving code hands out its own scratch slices (``cupyq.exllamav2.ExLlamaV2DeviceTensors``), which it must not
+use from two streams at once.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 
 ALIGNMENT = 128
 DEFAULT_SCRATCH_BYTES = int(os.environ.get("CUPYQ_SCRATCH_BYTES", 512 * 1024 * 1024))
+
+_CAPTURE_HINT = "run the layer once (or QMatrix.warmup) with the largest batch before capturing"
 
 
 def _round_up(n: int, m: int = ALIGNMENT) -> int:
@@ -23,84 +35,129 @@ def _device_index(device) -> int:
     if isinstance(device, int):
         return device
     index = getattr(device, "index", None)  # torch.device
-    if index is not None:
+    if isinstance(index, int):
         return int(index)
     text = str(device)
-    if text.startswith("cuda"):
-        return int(text.split(":", 1)[1]) if ":" in text else 0
-    raise ValueError(f"device: expected a CUDA device (int, 'cuda:N' or torch.device), got {device!r}")
+    if text == "cuda":
+        return 0
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return int(text[5:])
+    raise ValueError(f"device: expected a CUDA device (int, 'cuda', 'cuda:N' or torch.device), got {device!r}")
 
 
 class Workspace:
-    """Per-device buffers of the quantized GEMM: fp32 split-K partial sums and the zeroed tile counters the
-    kernel resets itself. Grows outside of graph capture only."""
+    """The buffers of one (device, stream); see the module docstring."""
 
     def __init__(self, device: int):
         self.device = device
         self.partials = None
         self.counters = None
         self.gathered = None
+        self.scratch_buf = None
+
+    def sizes(self) -> tuple:
+        """(partial floats, counters, gathered halves, scratch bytes) held now."""
+        return tuple(0 if a is None else int(a.size) for a in (self.partials, self.counters, self.gathered,
+                                                               self.scratch_buf))
 
     def ensure(self, partial_floats: int, counters: int, capturing):
         """(partials, counters) CuPy arrays of at least the given sizes; ``capturing()`` tells whether a CUDA
         graph is being captured (asked only when the buffers must grow)."""
-        import cupy
-
-        grow_p = self.partials is None or self.partials.size < partial_floats
-        grow_c = self.counters is None or self.counters.size < counters
-        if not (grow_p or grow_c):
-            return self.partials, self.counters
-        if capturing():
-            raise RuntimeError(
-                "cupyq: the GEMM workspace must grow while a CUDA graph is being captured; run the layer once "
-                "(or QMatrix.warmup) with the largest batch before capturing"
-            )
-        with cupy.cuda.Device(self.device):
-            if grow_p:
-                self.partials = cupy.empty(max(partial_floats, 1 << 16), dtype=cupy.float32)
-            if grow_c:
-                self.counters = cupy.zeros(max(counters, 1024), dtype=cupy.int32)
-            cupy.cuda.Device(self.device).synchronize()
+        if (self.partials is None or self.partials.size < partial_floats
+                or self.counters is None or self.counters.size < counters):
+            self._grow(capturing, "the GEMM workspace", partial_floats, counters, 0, 0)
         return self.partials, self.counters
-
 
     def gather_buffer(self, halves: int, capturing):
         """A CuPy float16 buffer of at least ``halves`` elements for activations in sorted row order."""
+        if self.gathered is None or self.gathered.size < halves:
+            self._grow(capturing, "the activation buffer", 0, 0, halves, 0)
+        return self.gathered
+
+    def scratch(self, needed_bytes: int, capturing):
+        """A uint8 CuPy buffer of min(needed_bytes, DEFAULT_SCRATCH_BYTES) bytes or more, for the dequantise
+        path of matrices that were given no scratch of their own."""
+        size = min(_round_up(needed_bytes), _round_up(DEFAULT_SCRATCH_BYTES))
+        if self.scratch_buf is None or self.scratch_buf.size < size:
+            self._grow(capturing, "the dequantisation scratch", 0, 0, 0, size)
+        return self.scratch_buf
+
+    def _grow(self, capturing, what: str, partial_floats: int, counters: int, halves: int, scratch_bytes: int):
+        if capturing():
+            # Take over the spare's buffers (no allocation): it is kept as large as any workspace of the device.
+            need = [max(a, b) for a, b in zip(self.sizes(), (partial_floats, counters, halves, scratch_bytes))]
+            with _lock:
+                spare = _spares.get(self.device)
+                if spare is not None and all(h >= n for h, n in zip(spare.sizes(), need)):
+                    del _spares[self.device]
+                    _retired.append(self._buffers())
+                    self.partials, self.counters, self.gathered, self.scratch_buf = spare._buffers()
+                    return
+            raise RuntimeError(f"cupyq: {what} must grow while a CUDA graph is being captured; {_CAPTURE_HINT}")
+        with _lock:
+            self._grow_to((partial_floats, counters, halves, scratch_bytes))
+            spare = _spares.get(self.device)
+            if spare is None:
+                spare = _spares[self.device] = Workspace(self.device)
+            largest = [0, 0, 0, 0]
+            for (dev, _), ws in _workspaces.items():
+                if dev == self.device:
+                    largest = [max(a, b) for a, b in zip(largest, ws.sizes())]
+            spare._grow_to([max(a, b) for a, b in zip(largest, self.sizes())])
+
+    def _buffers(self) -> tuple:
+        return (self.partials, self.counters, self.gathered, self.scratch_buf)
+
+    def _grow_to(self, sizes):
         import cupy
 
-        buf = self.gathered
-        if buf is None or buf.size < halves:
-            if capturing():
-                raise RuntimeError(
-                    "cupyq: the activation buffer must grow while a CUDA graph is being captured; run the layer "
-                    "once (or QMatrix.warmup) with the largest batch before capturing"
-                )
-            with cupy.cuda.Device(self.device):
-                buf = self.gathered = cupy.empty(max(halves, 1 << 16), dtype=cupy.float16)
-        return buf
+        want = [max(a, b) for a, b in zip(self.sizes(), sizes)]
+        if want == list(self.sizes()):
+            return
+        with cupy.cuda.Device(self.device):
+            # Kernels already queued may still use the old buffers: let them finish before the pool can hand
+            # their memory out again, and zero new counters before any launch can read them.
+            cupy.cuda.Device(self.device).synchronize()
+            _retired.append(self._buffers())
+            have = self.sizes()
+            if want[0] > have[0]:
+                self.partials = cupy.empty(max(want[0], 1 << 16), dtype=cupy.float32)
+            if want[1] > have[1]:
+                self.counters = cupy.zeros(max(want[1], 1024), dtype=cupy.int32)
+            if want[2] > have[2]:
+                self.gathered = cupy.empty(max(want[2], 1 << 16), dtype=cupy.float16)
+            if want[3] > have[3]:
+                self.scratch_buf = cupy.empty(want[3], dtype=cupy.uint8)
+            cupy.cuda.Device(self.device).synchronize()
 
 
 _workspaces: dict = {}
-_default_scratch: dict = {}
+_spares: dict = {}
+# Buffers replaced by larger ones stay allocated: a captured CUDA graph may still point at them.
+_retired: list = []
+_lock = threading.RLock()
 
 
-def workspace(device: int) -> Workspace:
-    """The GEMM workspace of a device."""
-    ws = _workspaces.get(device)
+def workspace(device: int, stream_ptr: int = 0, capturing=lambda: False) -> Workspace:
+    """The workspace of a (device, stream); ``stream_ptr`` is the raw CUDA stream handle. A stream seen for the
+    first time while ``capturing()`` takes the device's spare workspace."""
+    key = (device, stream_ptr)
+    ws = _workspaces.get(key)
     if ws is None:
-        ws = _workspaces[device] = Workspace(device)
+        with _lock:
+            ws = _workspaces.get(key)
+            if ws is None:
+                if capturing():
+                    ws = _spares.pop(device, None)
+                    if ws is None:
+                        raise RuntimeError("cupyq: a stream that captures a CUDA graph needs a workspace; "
+                                           + _CAPTURE_HINT)
+                else:
+                    ws = Workspace(device)
+                _workspaces[key] = ws
     return ws
 
 
-def default_scratch(device: int, needed_bytes: int):
-    """A uint8 CuPy buffer of min(needed_bytes, DEFAULT_SCRATCH_BYTES) bytes on ``device`` for the dequantise
-    path of matrices that were given no scratch of their own (grown on demand up to the bound)."""
-    import cupy
-
-    size = min(_round_up(needed_bytes), _round_up(DEFAULT_SCRATCH_BYTES))
-    buf = _default_scratch.get(device)
-    if buf is None or buf.size < size:
-        with cupy.cuda.Device(device):
-            buf = cupy.empty(size, dtype=cupy.uint8)
-        _default_scratch[device] = buf
-    return buf
+def default_scratch(device: int, needed_bytes: int, stream_ptr: int = 0, capturing=lambda: False):
+    """The dequantisation scratch of the (device, stream) workspace: see :meth:`Workspace.scratch`."""
+    return workspace(device, stream_ptr, capturing).scratch(needed_bytes, capturing)

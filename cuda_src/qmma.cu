@@ -1,0 +1,591 @@
+// Pipelined tensor-core GEMM for batches of rows (qmma), and the transposed dequantisation of the dense path.
+//
+// qmma computes out[m, n] = sum_k x[m, k] W[k, n] (+ bias[n]) with the activations as the A operand of
+// mma.m16n8k16 (16 batch rows x 16 rows of K) and the dequantised weights as the B operand (16 rows of K x 8
+// columns). The weight layout is the fragment order of qdq.cuh: inside a 64-row chunk the lane with lane%4 == t
+// owns rows t*16 .. t*16 + 15, and word j of its uint4 holds rows t*16 + 8*kh + 2*j + {0, 1} of columns
+// n0 + lane/4 and n0 + 8 + lane/4. Mma j of a chunk therefore sums over a permutation of the chunk's rows (its
+// "virtual" k = 2t + {0,1} and 8 + 2t + {0,1} are rows t*16 + 2j + {0,1} and t*16 + 8 + 2j + {0,1}); the A
+// fragment of the same rows is word j of four 16-byte vectors of staged activations, so no shuffle is needed.
+//
+// Work: the CTA tile is kMTile batch rows x kNTile columns; its K range is cut into stages of KS chunks. The
+// (m block, column block, stage) iterations are numbered m block-major and split into gridDim.x equal
+// contiguous ranges, one per CTA (stream-K): a CTA walks its range with a STAGES-deep ring of cp.async copies
+// (weights, activations and the scale/zero words of each stage go global -> shared), so the copies run ahead
+// across tile boundaries. Inside a CTA, 8 warps = kWK (K slices: each warp multiplies every kWK-th chunk of a
+// stage) x WM x WN; at the end of a tile the K slices are added in shared memory. A CTA that covers a tile's
+// whole K range writes the tile; otherwise it writes fp32 partial sums to `ws`, and the last of the tile's CTAs
+// to finish (counted in `counters`, which it resets) adds them in CTA order, so results do not depend on
+// scheduling and the kernel can be replayed in a CUDA graph.
+#include "qdq.cuh"
+
+namespace cupyq {
+namespace qmma_detail {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// B fragments of one chunk word: b[0], b[2] are the fragment of columns n0 .. n0 + 7, b[1], b[3] that of
+// columns n0 + 8 .. n0 + 15 (rows as in the header). Scale and zero of the lane's two columns come from the
+// (scale, zc) words of qdq.cuh.
+template <typename T>
+struct Dequant;
+
+template <>
+struct Dequant<__half> {
+    struct Consts {
+        __half2 slo, shi, zlo, zhi;
+    };
+    template <bool IS8>
+    static __device__ __forceinline__ Consts consts(unsigned lo, unsigned hi) {
+        Consts c;
+        c.slo = __low2half2(as_half2(lo));
+        c.shi = __low2half2(as_half2(hi));
+        c.zlo = __high2half2(as_half2(lo));
+        c.zhi = __high2half2(as_half2(hi));
+        if constexpr (IS8) c.zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), c.zhi);  // 960 + 64 + z = 1024 + z
+        return c;
+    }
+    static __device__ __forceinline__ void word4(unsigned w, const Consts& c, unsigned b[4]) {
+        __half2 d[4];
+        dequant4_exact(w, c.zlo, c.zhi, d);
+        Frag<__half>::scale(d, c.slo, c.shi, b);
+    }
+    static __device__ __forceinline__ void word8(unsigned w0, unsigned w1, const Consts& c, unsigned b[4]) {
+        __half2 d[4];
+        dequant8_exact(w0, w1, c.zlo, c.zhi, d);
+        Frag<__half>::scale(d, c.slo, c.shi, b);
+    }
+};
+
+__device__ __forceinline__ __nv_bfloat162 as_bf162(unsigned u) {
+    return *reinterpret_cast<__nv_bfloat162*>(&u);
+}
+__device__ __forceinline__ unsigned bf162_u32(__nv_bfloat162 h) {
+    return *reinterpret_cast<unsigned*>(&h);
+}
+
+template <>
+struct Dequant<__nv_bfloat16> {
+    // 4-bit storage: bf16 (128 + q) by or-ing the exponent of 128 into each nibble, minus (128 + z), exact, times
+    // the scale in bf16. 8-bit storage (values up to 255 do not fit 7 mantissa bits): exact (q - z) in fp16, then
+    // scaled in fp32 and rounded to bf16.
+    struct Consts {
+        __nv_bfloat162 slo, shi, zlo, zhi;  // 4-bit
+        __half2 hzlo, hzhi, hslo, hshi;     // 8-bit
+    };
+    template <bool IS8>
+    static __device__ __forceinline__ Consts consts(unsigned lo, unsigned hi) {
+        Consts c;
+        if constexpr (IS8) {
+            c.hslo = __low2half2(as_half2(lo));
+            c.hshi = __low2half2(as_half2(hi));
+            c.hzlo = __high2half2(as_half2(lo));
+            c.hzhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), __high2half2(as_half2(hi)));
+        } else {
+            const float zl = __high2float(as_half2(lo)) - 1024.0f;  // zc = 1024 + z
+            const float zh = -__high2float(as_half2(hi)) - 64.0f;   // zc = -(64 + z)
+            c.zlo = __float2bfloat162_rn(128.0f + zl);
+            c.zhi = __float2bfloat162_rn(128.0f + zh);
+            c.slo = __float2bfloat162_rn(__low2float(as_half2(lo)));
+            c.shi = __float2bfloat162_rn(__low2float(as_half2(hi)));
+        }
+        return c;
+    }
+    static __device__ __forceinline__ void word4(unsigned w, const Consts& c, unsigned b[4]) {
+        const unsigned magic = 0x43004300u;  // bf16 128.0 in both halves
+        b[0] = bf162_u32(__hmul2(__hsub2(as_bf162(lop3_and_or(w, 0x000f000fu, magic)), c.zlo), c.slo));
+        b[1] = bf162_u32(__hmul2(__hsub2(as_bf162(lop3_and_or(w >> 4, 0x000f000fu, magic)), c.zhi), c.shi));
+        b[2] = bf162_u32(__hmul2(__hsub2(as_bf162(lop3_and_or(w >> 8, 0x000f000fu, magic)), c.zlo), c.slo));
+        b[3] = bf162_u32(__hmul2(__hsub2(as_bf162(lop3_and_or(w >> 12, 0x000f000fu, magic)), c.zhi), c.shi));
+    }
+    static __device__ __forceinline__ void word8(unsigned w0, unsigned w1, const Consts& c, unsigned b[4]) {
+        __half2 d[4];
+        dequant8_exact(w0, w1, c.hzlo, c.hzhi, d);
+        Frag<__nv_bfloat16>::scale(d, c.hslo, c.hshi, b);
+    }
+};
+
+// Shapes and shared-memory layout of one configuration (the host computes the same sizes: cupyq/kernels.py).
+template <int MW, int NW, int WM, int WN, int KS, int STAGES, int ZR, bool HAS8>
+struct Shape {
+    static constexpr int kWK = kWarps / (WM * WN);     // K slices per CTA
+    static constexpr int kMTile = WM * MW * 16;         // batch rows per tile
+    static constexpr int kNT = WN * NW;                 // 16-column tiles per tile
+    static constexpr int kNTile = kNT * 16;
+    static constexpr int kChunkVecs = HAS8 ? 64 : 32;   // uint4 per (16-column tile, 64-row chunk), widest storage
+    static constexpr int kXLd = KS * 64 + 8;            // staged activation row, elements (odd multiple of 16 B)
+    static constexpr int kZLd = kNTile + 8;             // scale/zero words per staged row (ZR rows per chunk)
+    static constexpr int kWBytes = kNT * KS * kChunkVecs * 16;
+    static constexpr int kXBytes = kMTile * kXLd * 2;
+    static constexpr int kZBytes = KS * ZR * kZLd * 4;
+    static constexpr int kStageBytes = kWBytes + kXBytes + kZBytes;
+    static constexpr int kRedBytes = (kWK - 1) * kMTile * kNTile * 4;
+    static constexpr int kSmemBytes = STAGES * kStageBytes + kRedBytes;
+    static constexpr int kZUnits = KS * ZR * kNTile / 4;  // 16-byte copies of scale/zero words per stage
+    static constexpr int kZPerThread = (kZUnits + kThreads - 1) / kThreads;
+    static_assert(kWK >= 1 && kWK * WM * WN == kWarps, "8 warps = K slices x WM x WN");
+    static_assert(KS % kWK == 0, "every K slice gets the same number of chunks per stage");
+    static_assert(4 % KS == 0 || KS % 4 == 0, "stages must not straddle a storage segment (256 rows)");
+    static_assert(ZR == 1 || ZR == 4, "one scale/zero row per chunk (its four tiles share a group) or per tile");
+};
+
+template <bool B>
+struct StorageTag {
+    static constexpr bool is8 = B;
+};
+
+// The CTA that owns iteration `it` when `total` iterations are split into `ctas` equal contiguous ranges
+// [c * total / ctas, (c + 1) * total / ctas).
+__device__ __forceinline__ int owner_of(long long it, long long total, long long ctas) {
+    return static_cast<int>(((it + 1) * ctas - 1) / total);
+}
+__device__ __forceinline__ long long range_begin(long long c, long long total, long long ctas) {
+    return c * total / ctas;
+}
+
+}  // namespace qmma_detail
+}  // namespace cupyq
+
+// Parameters:
+//   x: [M, ldx] activations in the matrix's sorted padded row order (gathered for permuted matrices; ldx = Kp,
+//      a multiple of 256; rows 16-byte aligned).
+//   w8, w4, tile_group, zs: the device layout (qdq.cuh, cupyq/layout.py). bias: [N] or null.
+//   out: [M, N]. ws: fp32, 2 * gridDim.x * kMTile * kNTile. counters: int, one per (m block, column block),
+//   zero before the first launch (the kernel leaves them zero).
+//   C8, C4: 64-row chunks of 8-bit and 4-bit storage (multiples of 4).
+//   ZR: 1 when the four 16-row tiles of every chunk share a group (tile_group[4c .. 4c + 3] equal), else 4.
+// Dynamic shared memory: Shape<...>::kSmemBytes (checked: the kernel traps when given less).
+template <typename T, int MW, int NW, int WM, int WN, int KS, int STAGES, int ZR, int MINB, bool HAS8, bool HAS4>
+__global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
+    qmma(const T* __restrict__ x, const uint4* __restrict__ w8, const uint4* __restrict__ w4,
+         const int* __restrict__ tile_group, const unsigned* __restrict__ zs, const T* __restrict__ bias,
+         T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters, int M, int ldx, int N, int Npad,
+         int C8, int C4) {
+    using namespace cupyq;
+    using namespace cupyq::qmma_detail;
+    using S = Shape<MW, NW, WM, WN, KS, STAGES, ZR, HAS8>;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ int is_last;
+
+    {
+        unsigned given;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
+        if (given < (unsigned)S::kSmemBytes) __trap();
+    }
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int wk = warp / (WM * WN);
+    const int wm = (warp % (WM * WN)) / WN;
+    const int wn = warp % WN;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+
+    const int T16 = Npad / 16;
+    const int ksteps = (C8 + C4) / KS;
+    const int nblocks = (T16 + S::kNT - 1) / S::kNT;
+    const int mblocks = (M + S::kMTile - 1) / S::kMTile;
+    const long long total = (long long)mblocks * nblocks * ksteps;
+    const long long ctas = gridDim.x;
+    const int begin = (int)range_begin(blockIdx.x, total, ctas);
+    const int end = (int)range_begin(blockIdx.x + 1, total, ctas);
+    if (begin >= end) return;
+
+    // ---------------------------------------------------------------- producer: one stage of copies
+    // Tile group of each of this thread's scale/zero copies, read one stage ahead of the copies that need it.
+    int zgroup[S::kZPerThread];
+    // Position (K step, column block, m block) of the next stage to load, and K step of the next groups to
+    // read: both walk the CTA's range one iteration at a time.
+    int p_ks, p_nb, p_mb;
+    {
+        const int tile = begin / ksteps;
+        p_ks = begin - tile * ksteps;
+        p_nb = tile % nblocks;
+        p_mb = tile / nblocks;
+    }
+    int g_ks = p_ks;
+    auto read_groups = [&]() {
+#pragma unroll
+        for (int r = 0; r < S::kZPerThread; ++r) {
+            const int u = tid + r * kThreads;
+            const int row = u / (S::kNTile / 4);  // staged row: (chunk, 16-row tile) or chunk when ZR == 1
+            zgroup[r] = u < S::kZUnits ? __ldg(tile_group + (g_ks * KS) * 4 + (ZR == 4 ? row : row * 4)) : 0;
+        }
+        if (++g_ks == ksteps) g_ks = 0;
+    };
+    auto load_stage = [&](int buf) {
+        const int nb = p_nb;
+        const int mb = p_mb;
+        const int chunk0 = p_ks * KS;
+        if (++p_ks == ksteps) {
+            p_ks = 0;
+            if (++p_nb == nblocks) {
+                p_nb = 0;
+                ++p_mb;
+            }
+        }
+        unsigned char* st = smem + (size_t)buf * S::kStageBytes;
+        const bool is8 = HAS8 && (!HAS4 || chunk0 < C8);
+        if (HAS8 && is8) {
+            for (int u = tid; u < S::kNT * KS * 64; u += kThreads) {
+                const int ct = u / (KS * 64);
+                const int gct = nb * S::kNT + ct;
+                const bool ok = gct < T16;
+                const uint4* src = ok ? w8 + ((size_t)gct * C8 + chunk0) * 64 + (u - ct * KS * 64) : w8;
+                cp_async16(st + (size_t)u * 16, src, ok);
+            }
+        } else {
+            for (int u = tid; u < S::kNT * KS * 32; u += kThreads) {
+                const int ct = u / (KS * 32);
+                const int gct = nb * S::kNT + ct;
+                const bool ok = gct < T16;
+                const uint4* src = ok ? w4 + ((size_t)gct * C4 + (chunk0 - C8)) * 32 + (u - ct * KS * 32) : w4;
+                cp_async16(st + (size_t)u * 16, src, ok);
+            }
+        }
+        unsigned char* xs = st + S::kWBytes;
+        constexpr int kRowVecs = KS * 8;
+        for (int u = tid; u < S::kMTile * kRowVecs; u += kThreads) {
+            const int row = u / kRowVecs;
+            const int v = u - row * kRowVecs;
+            const int m = mb * S::kMTile + row;
+            const bool ok = m < M;
+            const T* src = ok ? x + (size_t)m * ldx + chunk0 * 64 + v * 8 : x;
+            cp_async16(xs + ((size_t)row * S::kXLd + v * 8) * 2, src, ok);
+        }
+        unsigned char* zsm = xs + S::kXBytes;
+#pragma unroll
+        for (int r = 0; r < S::kZPerThread; ++r) {
+            const int u = tid + r * kThreads;
+            if (u < S::kZUnits) {
+                const int row = u / (S::kNTile / 4);
+                const int q = u - row * (S::kNTile / 4);
+                const int col = nb * S::kNTile + q * 4;
+                const bool ok = col < Npad;
+                const unsigned* src = ok ? zs + (size_t)zgroup[r] * Npad + col : zs;
+                cp_async16(zsm + ((size_t)row * S::kZLd + q * 4) * 4, src, ok);
+            }
+        }
+    };
+
+    // ---------------------------------------------------------------- consumer
+    float acc[MW][NW][2][4];
+#pragma unroll
+    for (int a = 0; a < MW; ++a)
+#pragma unroll
+        for (int b = 0; b < NW; ++b)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[a][b][h][e] = 0.0f;
+
+    auto compute_chunk = [&](const unsigned char* st, int cc, auto is8_tag) {
+        constexpr bool IS8 = decltype(is8_tag)::is8;
+        using D = Dequant<T>;
+        const uint4* wsm = reinterpret_cast<const uint4*>(st);
+        const T* xsm = reinterpret_cast<const T*>(st + S::kWBytes);
+        const unsigned* zsm = reinterpret_cast<const unsigned*>(st + S::kWBytes + S::kXBytes);
+        unsigned b[NW][4][4];
+#pragma unroll
+        for (int i = 0; i < NW; ++i) {
+            const int ct = wn * NW + i;
+            const unsigned* zrow = zsm + (ZR == 4 ? cc * 4 + t : cc) * S::kZLd + ct * 16 + g;
+            const typename D::Consts c = D::template consts<IS8>(zrow[0], zrow[8]);
+            if constexpr (IS8) {
+                const uint4 v0 = wsm[((size_t)ct * KS + cc) * 64 + lane];
+                const uint4 v1 = wsm[((size_t)ct * KS + cc) * 64 + 32 + lane];
+                D::word8(v0.x, v0.y, c, b[i][0]);
+                D::word8(v0.z, v0.w, c, b[i][1]);
+                D::word8(v1.x, v1.y, c, b[i][2]);
+                D::word8(v1.z, v1.w, c, b[i][3]);
+            } else {
+                const uint4 v = wsm[((size_t)ct * KS + cc) * 32 + lane];
+                D::word4(v.x, c, b[i][0]);
+                D::word4(v.y, c, b[i][1]);
+                D::word4(v.z, c, b[i][2]);
+                D::word4(v.w, c, b[i][3]);
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MW; ++mt) {
+            const T* r0 = xsm + (size_t)((wm * MW + mt) * 16 + g) * S::kXLd + cc * 64 + t * 16;
+            const T* r1 = r0 + 8 * S::kXLd;
+            uint4 xv[4];
+            xv[0] = *reinterpret_cast<const uint4*>(r0);      // row g, rows t*16 + 0..7 of the chunk
+            xv[1] = *reinterpret_cast<const uint4*>(r1);      // row g + 8
+            xv[2] = *reinterpret_cast<const uint4*>(r0 + 8);  // row g, rows t*16 + 8..15
+            xv[3] = *reinterpret_cast<const uint4*>(r1 + 8);  // row g + 8
+            const unsigned* xw = reinterpret_cast<const unsigned*>(xv);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const unsigned a[4] = {xw[j], xw[4 + j], xw[8 + j], xw[12 + j]};
+#pragma unroll
+                for (int i = 0; i < NW; ++i) {
+                    Mma<T>::run(acc[mt][i][0], a, b[i][j][0], b[i][j][2]);
+                    Mma<T>::run(acc[mt][i][1], a, b[i][j][1], b[i][j][3]);
+                }
+            }
+        }
+    };
+
+    // Accumulator element (mt, i, h, e) of a lane: batch row (wm*MW + mt)*16 + g + 8*(e/2) of the tile, column
+    // (wn*NW + i)*16 + 8*h + 2*t + e%2.
+    auto finish_tile = [&](int it) {
+        const int tile = it / ksteps;
+        const int nb = tile % nblocks;
+        const int mb = tile / nblocks;
+        const int m0 = mb * S::kMTile;
+        const int n0 = nb * S::kNTile;
+        float* red = reinterpret_cast<float*>(smem + (size_t)STAGES * S::kStageBytes);
+        if (S::kWK > 1) {
+            constexpr int kRegs = MW * NW * 8;
+            const int slot = warp % (WM * WN);
+            if (wk > 0) {
+                float* dst = red + ((size_t)(wk - 1) * (WM * WN) + slot) * kRegs * 32 + lane;
+#pragma unroll
+                for (int a = 0; a < MW; ++a)
+#pragma unroll
+                    for (int b = 0; b < NW; ++b)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) dst[(((a * NW + b) * 2 + h) * 4 + e) * 32] = acc[a][b][h][e];
+            }
+            __syncthreads();
+            if (wk == 0) {
+                for (int s = 1; s < S::kWK; ++s) {
+                    const float* src = red + ((size_t)(s - 1) * (WM * WN) + slot) * kRegs * 32 + lane;
+#pragma unroll
+                    for (int a = 0; a < MW; ++a)
+#pragma unroll
+                        for (int b = 0; b < NW; ++b)
+#pragma unroll
+                            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                                for (int e = 0; e < 4; ++e)
+                                    acc[a][b][h][e] += src[(((a * NW + b) * 2 + h) * 4 + e) * 32];
+                }
+            }
+        }
+        const long long first_it = (long long)tile * ksteps;
+        const bool whole = first_it >= begin && first_it + ksteps <= end;
+        if (whole) {
+            if (wk == 0) {
+#pragma unroll
+                for (int a = 0; a < MW; ++a)
+#pragma unroll
+                    for (int b = 0; b < NW; ++b)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+#pragma unroll
+                            for (int e2 = 0; e2 < 2; ++e2) {
+                                const int m = m0 + (wm * MW + a) * 16 + g + 8 * e2;
+                                const int n = n0 + (wn * NW + b) * 16 + 8 * h + 2 * t;
+                                if (m >= M) continue;
+#pragma unroll
+                                for (int e1 = 0; e1 < 2; ++e1) {
+                                    if (n + e1 < N) {
+                                        float v = acc[a][b][h][e2 * 2 + e1];
+                                        if (bias) v += to_float<T>(bias[n + e1]);
+                                        out[(size_t)m * N + n + e1] = from_float<T>(v);
+                                    }
+                                }
+                            }
+            }
+        } else {
+            const int slot = tile == begin / ksteps ? 0 : 1;
+            float* part = ws + ((size_t)blockIdx.x * 2 + slot) * S::kMTile * S::kNTile;
+            if (wk == 0) {
+#pragma unroll
+                for (int a = 0; a < MW; ++a)
+#pragma unroll
+                    for (int b = 0; b < NW; ++b)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+#pragma unroll
+                            for (int e2 = 0; e2 < 2; ++e2) {
+                                const int r = (wm * MW + a) * 16 + g + 8 * e2;
+                                const int c = (wn * NW + b) * 16 + 8 * h + 2 * t;
+                                *reinterpret_cast<float2*>(part + (size_t)r * S::kNTile + c) =
+                                    make_float2(acc[a][b][h][e2 * 2], acc[a][b][h][e2 * 2 + 1]);
+                            }
+            }
+            const int c_first = owner_of(first_it, total, ctas);
+            const int c_last = owner_of(first_it + ksteps - 1, total, ctas);
+            int* counter = counters + tile;
+            // The barrier orders the CTA's partial sums before thread 0's count, whose release makes them visible
+            // to the CTA that counts last; its acquire (then the barrier) makes every CTA's sums visible there.
+            __syncthreads();
+            if (tid == 0) {
+                int before;
+                asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+                is_last = before == c_last - c_first;
+            }
+            __syncthreads();
+            if (is_last) {
+                for (int i = tid; i < S::kMTile * S::kNTile / 4; i += kThreads) {
+                    const int r = i / (S::kNTile / 4);
+                    const int c = (i - r * (S::kNTile / 4)) * 4;
+                    const int m = m0 + r;
+                    if (m >= M || n0 + c >= N) continue;
+                    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+                    for (int k = c_first; k <= c_last; ++k) {
+                        const int s = tile == range_begin(k, total, ctas) / ksteps ? 0 : 1;
+                        const float4 p =
+                            __ldcg(reinterpret_cast<const float4*>(ws + ((size_t)k * 2 + s) * S::kMTile * S::kNTile +
+                                                                   (size_t)r * S::kNTile + c));
+                        v.x += p.x;
+                        v.y += p.y;
+                        v.z += p.z;
+                        v.w += p.w;
+                    }
+                    const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int n = n0 + c + e;
+                        if (n < N) {
+                            float o = vals[e];
+                            if (bias) o += to_float<T>(bias[n]);
+                            out[(size_t)m * N + n] = from_float<T>(o);
+                        }
+                    }
+                }
+                if (tid == 0) *counter = 0;
+            }
+        }
+#pragma unroll
+        for (int a = 0; a < MW; ++a)
+#pragma unroll
+            for (int b = 0; b < NW; ++b)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[a][b][h][e] = 0.0f;
+    };
+
+    // ---------------------------------------------------------------- the pipeline
+    read_groups();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (begin + s < end) {
+            load_stage((begin + s) % STAGES);  // buffers are indexed by iteration, as below
+            if (begin + s + 1 < end) read_groups();
+        }
+        cp_async_commit();
+    }
+    int c_ks = begin % ksteps;  // K step of the iteration being multiplied
+    for (int it = begin; it < end; ++it) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage `it` is in shared memory, and every warp is done with the buffer refilled next
+        const int ahead = it + STAGES - 1;
+        if (ahead < end) {
+            load_stage(ahead % STAGES);
+            if (ahead + 1 < end) read_groups();
+        }
+        cp_async_commit();
+
+        const unsigned char* st = smem + (size_t)(it % STAGES) * S::kStageBytes;
+        const bool is8 = HAS8 && (!HAS4 || c_ks * KS < C8);
+        if (HAS8 && is8) {
+#pragma unroll
+            for (int r = 0; r < KS / S::kWK; ++r) compute_chunk(st, wk + r * S::kWK, StorageTag<HAS8>{});
+        } else {
+#pragma unroll
+            for (int r = 0; r < KS / S::kWK; ++r) compute_chunk(st, wk + r * S::kWK, StorageTag<false>{});
+        }
+        if (it + 1 == end || c_ks == ksteps - 1) finish_tile(it);
+        if (++c_ks == ksteps) c_ks = 0;
+    }
+    cp_async_wait<0>();
+}
+
+// W^T in sorted padded row order: outT[n, j - 64*chunk_begin] = W[j, n] for sorted rows j of chunks
+// [chunk_begin, chunk_begin + gridDim.y * kChunksPerCta), padding rows zero; row stride ld_out elements (a
+// multiple of 8), rows n < Npad. Each lane writes its column's 16 rows of a chunk as two 16-byte stores, so the
+// pass needs no shared memory. Grid: x = 16-column tiles / 8 (one per warp), y = chunk blocks.
+template <typename T, bool HAS8, bool HAS4>
+__global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
+    dequant_t(const uint4* __restrict__ w8, const uint4* __restrict__ w4, const int* __restrict__ tile_group,
+              const unsigned* __restrict__ zs, T* __restrict__ outT, int ld_out, int Npad, int C8, int C4,
+              int chunk_begin, int chunk_end) {
+    using namespace cupyq;
+    using namespace cupyq::qmma_detail;
+    constexpr int kChunksPerCta = 4;
+    const int lane = threadIdx.x & 31;
+    const int tile = blockIdx.x * kWarps + (threadIdx.x >> 5);
+    if (tile >= Npad / 16) return;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int n_lo = tile * 16 + g;
+    const int first = chunk_begin + blockIdx.y * kChunksPerCta;
+    const int count = min(kChunksPerCta, chunk_end - first);
+    // Every load of the CTA's chunks is issued before the first use: the pass is bound by memory latency.
+    uint4 v[kChunksPerCta][2];
+    int grp[kChunksPerCta];
+#pragma unroll
+    for (int i = 0; i < kChunksPerCta; ++i) {
+        const int chunk = first + i;
+        if (i >= count) break;
+        grp[i] = __ldg(tile_group + chunk * 4 + t);
+        if (HAS8 && (!HAS4 || chunk < C8)) {
+            const uint4* p = w8 + ((size_t)tile * C8 + chunk) * 64 + lane;
+            v[i][0] = __ldg(p);
+            v[i][1] = __ldg(p + 32);
+        } else {
+            v[i][0] = __ldg(w4 + ((size_t)tile * C4 + (chunk - C8)) * 32 + lane);
+        }
+    }
+    unsigned zlo[kChunksPerCta], zhi[kChunksPerCta];
+#pragma unroll
+    for (int i = 0; i < kChunksPerCta; ++i) {
+        if (i >= count) break;
+        zlo[i] = __ldg(zs + (size_t)grp[i] * Npad + n_lo);
+        zhi[i] = __ldg(zs + (size_t)grp[i] * Npad + n_lo + 8);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunksPerCta; ++i) {
+        if (i >= count) break;
+        const int chunk = first + i;
+        const bool is8 = HAS8 && (!HAS4 || chunk < C8);
+        unsigned b[4][4];
+        if (HAS8 && is8) {
+            const auto c = Dequant<T>::template consts<true>(zlo[i], zhi[i]);
+            Dequant<T>::word8(v[i][0].x, v[i][0].y, c, b[0]);
+            Dequant<T>::word8(v[i][0].z, v[i][0].w, c, b[1]);
+            Dequant<T>::word8(v[i][1].x, v[i][1].y, c, b[2]);
+            Dequant<T>::word8(v[i][1].z, v[i][1].w, c, b[3]);
+        } else {
+            const auto c = Dequant<T>::template consts<false>(zlo[i], zhi[i]);
+            Dequant<T>::word4(v[i][0].x, c, b[0]);
+            Dequant<T>::word4(v[i][0].y, c, b[1]);
+            Dequant<T>::word4(v[i][0].z, c, b[2]);
+            Dequant<T>::word4(v[i][0].w, c, b[3]);
+        }
+        // b[j][0]: column n_lo, rows t*16 + 2j + {0,1}; b[j][2]: rows t*16 + 8 + 2j + {0,1}; b[j][1], b[j][3]: the
+        // same rows of column n_lo + 8.
+        const size_t row0 = (size_t)(chunk - chunk_begin) * 64 + t * 16;
+        T* lo = outT + (size_t)n_lo * ld_out + row0;
+        T* hi = lo + (size_t)8 * ld_out;
+        *reinterpret_cast<uint4*>(lo) = make_uint4(b[0][0], b[1][0], b[2][0], b[3][0]);
+        *reinterpret_cast<uint4*>(lo + 8) = make_uint4(b[0][2], b[1][2], b[2][2], b[3][2]);
+        *reinterpret_cast<uint4*>(hi) = make_uint4(b[0][1], b[1][1], b[2][1], b[3][1]);
+        *reinterpret_cast<uint4*>(hi + 8) = make_uint4(b[0][3], b[1][3], b[2][3], b[3][3]);
+    }
+}

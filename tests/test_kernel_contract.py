@@ -1,0 +1,75 @@
+"""The Python side of the kernel contract (cupyq/kernels.py, cupyq/dispatch.py) against the CUDA sources: parameter
+lists parsed from the __global__ signatures, shared constants, and the dispatch rules (no GPU needed)."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from cupyq import dispatch, kernels
+from cupyq.sources import read_cuda_source
+
+
+def _signature(source: str, kernel: str) -> list:
+    """Parameter names of ``kernel``'s __global__ definition in ``source``, in order."""
+    code = read_cuda_source(source)
+    m = re.search(r"__global__[^;{]*?\b" + kernel + r"\s*\(([^)]*)\)\s*\{", code, re.S)
+    assert m, f"no __global__ {kernel} in {source}"
+    return [re.findall(r"\w+", p)[-1] for p in m.group(1).split(",")]
+
+
+def test_qmma_parameters_match_the_source():
+    assert tuple(_signature("qmma.cu", "qmma")) == kernels.QMMA_PARAMS
+
+
+def test_dequant_t_parameters_match_the_source():
+    assert tuple(_signature("qmma.cu", "dequant_t")) == kernels.DEQUANT_T_PARAMS
+
+
+def test_qgemv_parameters_match_the_source():
+    assert tuple(_signature("qgemm.cu", "qgemv")) == dispatch._QGEMM_PARAMS
+
+
+def test_shared_constants_match_the_source():
+    code = read_cuda_source("qmma.cu")
+    assert f"constexpr int kThreads = {kernels.QMMA_THREADS};" in code
+    assert f"constexpr int kChunksPerCta = {kernels.DEQUANT_T_CHUNKS_PER_CTA};" in code
+
+
+@pytest.mark.parametrize("limit,cfg", sorted(kernels.QMMA_CONFIGS.items()))
+def test_qmma_configs_are_consistent(limit, cfg):
+    assert cfg.wk * cfg.wm * cfg.wn == kernels.QMMA_WARPS
+    assert cfg.ks % cfg.wk == 0 and (4 % cfg.ks == 0 or cfg.ks % 4 == 0)
+    for has8 in (False, True):
+        for zr in (1, 4):
+            if limit <= 64 or not has8:
+                assert cfg.smem_bytes(has8, zr) <= dispatch.QMMA_SMEM_LIMIT, (cfg, has8, zr)
+
+
+def test_choose_qmma_picks_the_smallest_tile_that_holds_the_batch():
+    limits = sorted(kernels.QMMA_CONFIGS)
+    for m in range(9, 600):
+        cfg = dispatch.choose_qmma(m)
+        fits = [lim for lim in limits if m <= lim]
+        assert cfg == kernels.QMMA_CONFIGS[fits[0] if fits else limits[-1]]
+
+
+def _fake(k, n, chunks8=0):
+    layout = SimpleNamespace(chunks8=chunks8, chunks4=k // 64 - chunks8, padded_cols=n, padded_rows=k)
+    return SimpleNamespace(in_features=k, out_features=n, layout=layout)
+
+
+@pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 28672)])
+def test_dispatch_rules(k, n):
+    qm = _fake(k, n)
+    small = k * n < dispatch.SMALL_LAYER_WEIGHTS
+    assert dispatch.choose_kernel(qm, 1, "__half")[0] == "qgemv"
+    assert dispatch.choose_kernel(qm, 8, "__nv_bfloat16")[0] == "qgemv"
+    assert dispatch.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
+    assert dispatch.choose_kernel(qm, 16, "__nv_bfloat16")[0] == "qmma"
+    assert dispatch.choose_kernel(_fake(k, n, chunks8=4), 12, "__half")[0] == "qmma"
+    assert dispatch.choose_kernel(qm, 64, "__half")[0] == "qmma"
+    assert dispatch.choose_kernel(qm, 128, "__half")[0] == ("dense" if small else "qmma")
+    assert dispatch.choose_kernel(qm, 129, "__half")[0] == "dense"
+    kernel, why = dispatch.choose_kernel(qm, 4096, "__half", force_cuda=True)
+    assert kernel == "qmma" and "4096" in why
