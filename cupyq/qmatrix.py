@@ -229,11 +229,11 @@ class QMatrix:
         import cupy
 
         with cupy.cuda.Device(self.device_id):
-            q = _awq.unpack_qweight(_to_cupy(qweight, self.device_id), xp=cupy)
-            zeros = _awq.unpack_qzeros(_to_cupy(qzeros, self.device_id), xp=cupy)
-            s = _to_cupy(scales, self.device_id)
-            row_group = np.arange(self.in_features) // layout.group_size
-            self._build(q, None, row_group, np.zeros(self.in_features, dtype=bool), s, zeros)
+            rows = _awq.awq_rows(
+                _to_cupy(qweight, self.device_id), _to_cupy(qzeros, self.device_id), _to_cupy(scales, self.device_id),
+                group_size, xp=cupy,
+            )
+            self._build(rows.q, None, rows.row_group, rows.storage8, rows.scales, rows.zeros)
         return self
 
     def _init_bias(self, bias):

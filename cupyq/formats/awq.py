@@ -18,6 +18,8 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
+import numpy as np
+
 from cupyq.formats.common import require_dtype, require_integer, require_ndim, require_shape, resolve_xp
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "unpack_qzeros",
     "resolve_group_size",
     "check_awq",
+    "AWQRows",
+    "awq_rows",
 ]
 
 AWQ_BITS = 4
@@ -163,3 +167,31 @@ def check_awq(qweight, qzeros, scales, group_size) -> AWQLayout:
     require_shape("qzeros", qzeros, (groups, words))
     require_shape("scales", scales, (groups, out_features))
     return AWQLayout(in_features, out_features, groups, gs, AWQ_BITS)
+
+
+class AWQRows(NamedTuple):
+    """An AWQ layer as the device layout builder (:func:`cupyq.layout.build_layout`) takes it."""
+
+    q: object  # uint8 [K, N], rows in their original (already sorted) order
+    row_group: object  # int64 [K] host array: k // group_size
+    storage8: object  # bool [K] host array, all False: 4-bit fields
+    scales: object  # float [G, N], as given
+    zeros: object  # uint8 [G, N], true zero points
+
+
+def awq_rows(qweight, qzeros, scales, group_size, xp=None) -> AWQRows:
+    """Unpack an AWQ layer into integer weights, groups and zero points, the form every format is brought
+    to before the device layout is built (no GPTQ repacking: zero points keep their stored values).
+
+    qweight: int32 [K, N/8]; qzeros: int32 [G, N/8]; scales: float [G, N] (xp arrays); group_size as in
+    :func:`check_awq`. Groups are consecutive rows, so the rows need no permutation.
+    """
+    xp = resolve_xp(qweight, xp)
+    layout = check_awq(qweight, qzeros, scales, group_size)
+    return AWQRows(
+        q=unpack_qweight(qweight, xp=xp),
+        row_group=np.arange(layout.in_features, dtype=np.int64) // layout.group_size,
+        storage8=np.zeros(layout.in_features, dtype=bool),
+        scales=scales,
+        zeros=unpack_qzeros(qzeros, xp=xp),
+    )
