@@ -1,7 +1,7 @@
 """Hugging Face GPTQ, EXL2 and AWQ checkpoint directories: lazy loading and saving.
 
 A checkpoint directory holds one or more ``*.safetensors`` files (optionally sharded with a
-``model.safetensors.index.json``), a ``config.json`` and, for GPTQ, the quantisation settings in
+``model.safetensors.index.json``), a ``config.json`` and, for GPTQ and AWQ, the quantisation settings in
 ``quantize_config.json``, ``quant_config.json`` or ``config.json["quantization_config"]`` (searched in
 that order). Each linear layer is detected by its tensor names, so one directory can mix formats:
 
@@ -338,6 +338,7 @@ def _parse_awq_config(d, source) -> QuantConfig:
     key, gs = one_of("group_size", "q_group_size")
     if gs is not None and (not _is_int(gs) or not (gs == -1 or gs > 0)):
         bad(key, f"expected -1 or a positive integer, got {gs!r}")
+    # Informational: the zero points are read from each layer's qzeros whatever this says.
     zero_point = d.get("zero_point", True)
     if not isinstance(zero_point, bool):
         bad("zero_point", f"expected true or false, got {zero_point!r}")
@@ -1267,8 +1268,8 @@ def save_awq(
 
     if not _is_int(group_size) or not (group_size == -1 or group_size > 0):
         raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
-    keep = [] if modules_to_not_convert is None else list(modules_to_not_convert)
-    if not all(isinstance(k, str) and k for k in keep):
+    keep = [] if modules_to_not_convert is None else modules_to_not_convert
+    if isinstance(keep, str) or not all(isinstance(k, str) and k for k in keep):
         raise ValueError(f"modules_to_not_convert: expected a list of module names, got {modules_to_not_convert!r}")
     if isinstance(layers, Mapping):
         clash = [n for n in layers if any(k in n for k in keep)]
@@ -1288,7 +1289,7 @@ def save_awq(
         "group_size": int(group_size),
         "zero_point": True,
         "version": "gemm",
-        "modules_to_not_convert": keep or None,
+        "modules_to_not_convert": list(keep) or None,
     }
     cfg = dict(config or {})
     cfg["quantization_config"] = qcfg

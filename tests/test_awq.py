@@ -264,10 +264,12 @@ def test_gpu_torch_inputs_bf16_and_dequantize(m):
     qm = cupyq.QMatrix.from_awq(tt["qweight"], tt["qzeros"], tt["scales"], group_size=128)
     assert qm.device_id == 0
     w = dequant_awq(t["qweight"], t["qzeros"], t["scales"], 128)
-    assert _check_gpu_gemm(qm, w, None, m, rng, dtype="bfloat16") < 2 * REL_TOL  # bf16 x: 2**-8 rounding
+    # bf16 weights and outputs round to 2**-9 relative: the bound of the GPTQ bf16 tests
+    assert _check_gpu_gemm(qm, w, None, m, rng, dtype="bfloat16") < 1.5e-2
     w16 = qm.dequantize()
-    assert isinstance(w16, torch.Tensor) and w16.dtype == torch.float16
-    assert np.array_equal(w16.cpu().numpy(), w.astype(np.float16))
+    assert isinstance(w16, torch.Tensor) and w16.dtype == torch.float16 and w16.shape == w.shape
+    # fp16 scales are exact; (q - z) * s is rounded to fp16 (relative 2**-11), allow one more rounding
+    np.testing.assert_allclose(w16.cpu().numpy().astype(np.float32), w, rtol=2**-10, atol=2**-24)
 
 
 @pytest.mark.gpu
@@ -489,6 +491,8 @@ def test_save_awq_rejects(tmp_path):
         save_awq(tmp_path / "d", {"x": {**t, "g_idx": np.zeros(128, np.int32)}}, group_size=64)
     with pytest.raises(ValueError, match="modules_to_not_convert keeps it dense"):
         save_awq(tmp_path / "e", {"model.lm_head": t}, group_size=64, modules_to_not_convert=["lm_head"])
+    with pytest.raises(ValueError, match="modules_to_not_convert: expected a list"):
+        save_awq(tmp_path / "f", {"x": t}, group_size=64, modules_to_not_convert="lm_head")
     assert not any(tmp_path.glob("*/*.safetensors"))
 
 

@@ -296,7 +296,8 @@ def test_awq_linear_cuda_matches_reference(dtype, m):
     scale = 4.0 if dtype == torch.bfloat16 else 1.0
     _assert_close_fp16(y, _expected(x, w, b), max_rel=1e-2 * scale, rms_rel=2e-3 * scale)
     y3 = layer(x.view(1, m, 512))
-    assert y3.shape == (1, m, 256) and torch.equal(y3[0], y)
+    assert y3.shape == (1, m, 256)
+    _assert_close_fp16(y3[0], _expected(x, w, b), max_rel=1e-2 * scale, rms_rel=2e-3 * scale)
     for name, t in tt.items():
         assert torch.equal(t, before[name]), f"{name} was modified"
 
