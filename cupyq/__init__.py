@@ -1,11 +1,11 @@
-"""cupyq: GPTQ and EXL2 quantized linear layers on NVIDIA GPUs, compiled at run time by NVRTC."""
+"""cupyq: GPTQ, EXL2 and AWQ quantized linear layers on NVIDIA GPUs, compiled at run time by NVRTC."""
 
 __version__ = "0.1.0"
 
 __all__ = ["QMatrix", "gemm", "patch_model", "__version__"]
 
-_SUBMODULES = ("bench", "checkpoint", "exllamav2", "formats", "layout", "model", "quantize", "reference", "runtime",
-               "sample", "scratch", "torch_ops")
+_SUBMODULES = ("awq", "bench", "checkpoint", "exllamav2", "formats", "layout", "model", "quantize", "reference",
+               "runtime", "sample", "scratch", "torch_ops")
 
 
 def __getattr__(name):

@@ -1,7 +1,7 @@
-"""Hugging Face GPTQ and EXL2 checkpoint directories: lazy loading and saving.
+"""Hugging Face GPTQ, EXL2 and AWQ checkpoint directories: lazy loading and saving.
 
 A checkpoint directory holds one or more ``*.safetensors`` files (optionally sharded with a
-``model.safetensors.index.json``), a ``config.json`` and, for GPTQ, the quantisation settings in
+``model.safetensors.index.json``), a ``config.json`` and, for GPTQ and AWQ, the quantisation settings in
 ``quantize_config.json``, ``quant_config.json`` or ``config.json["quantization_config"]`` (searched in
 that order). Each linear layer is detected by its tensor names, so one directory can mix formats:
 
@@ -9,6 +9,9 @@ that order). Each linear layer is detected by its tensor names, so one directory
   float ``[G, N]``, optional ``.g_idx`` int ``[K]`` and ``.bias`` ``[N]``;
 - EXL2: ``<name>.q_weight`` int32 ``[Q, N_pad]``, ``.q_invperm`` int ``[K]``, ``.q_scale`` int32
   ``[G, N_pad/8]``, ``.q_scale_max`` float ``[G]``, ``.q_groups`` int16 ``[2G]``, optional ``.bias``;
+- AWQ (GEMM packing, when the quantization config says ``awq``): ``<name>.qweight`` int32 ``[K, N/8]``,
+  ``.qzeros`` int32 ``[G, N/8]``, ``.scales`` float ``[G, N]``, optional ``.bias`` (see
+  :mod:`cupyq.formats.awq`); the tensor names are GPTQ's, so the config decides which one it is;
 - plain: ``<name>.weight`` 2-D ``[out, in]`` (torch ``nn.Linear`` layout; e.g. an fp16 ``lm_head``).
 
 Opening reads only the safetensors headers; tensors are read when a layer is loaded.
@@ -36,6 +39,7 @@ __all__ = [
     "read_safetensors_header",
     "save_gptq",
     "save_exl2",
+    "save_awq",
     "QUANT_CONFIG_FILES",
     "INDEX_FILE",
 ]
@@ -55,6 +59,10 @@ _IGNORED_HINTS = (
     "backend",
 )
 _GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+_AWQ_PARTS = ("qweight", "qzeros", "scales", "bias")
+_AWQ_VERSIONS = ("gemm",)
+# Loading hints transformers writes into AWQ configs: not part of the format.
+_AWQ_HINTS = ("backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse", "exllama_config")
 _EXL2_PARTS = ("q_weight", "q_invperm", "q_perm", "q_scale", "q_scale_max", "q_groups", "bias")
 # Suffixes that only ever belong to a quantized layer: one without its main tensor is an error.
 _QUANT_ONLY_SUFFIXES = ("qzeros", "scales", "g_idx", "q_invperm", "q_perm", "q_scale", "q_scale_max", "q_groups")
@@ -195,17 +203,20 @@ class QuantConfig:
     """Quantisation settings of a checkpoint, normalised from any of the accepted files.
 
     Attributes:
-        quant_method: ``"gptq"`` or ``"exl2"``.
+        quant_method: ``"gptq"``, ``"exl2"`` or ``"awq"``.
         source: the file the settings came from (``config.json`` means its ``quantization_config``).
-        bits: GPTQ bit width (int) or the EXL2 target bits per weight (float, informational); or None.
-        group_size: GPTQ rows per group, -1 for one group, None when the config does not say
+        bits: GPTQ / AWQ bit width (int) or the EXL2 target bits per weight (float, informational); or None.
+        group_size: GPTQ / AWQ rows per group, -1 for one group, None when the config does not say
             (then it is inferred per layer from the tensor shapes).
-        desc_act: GPTQ act-order flag. sym: symmetric flag (True when missing).
-        checkpoint_format: ``"gptq"`` (v1 zeros, stored z-1) or ``"gptq_v2"``.
+        desc_act: GPTQ act-order flag. sym: symmetric flag (True when missing; AWQ: ``not zero_point``).
+        checkpoint_format: ``"gptq"`` (v1 zeros, stored z-1) or ``"gptq_v2"``; None for AWQ.
         dynamic: GPTQModel per-module overrides ``{"+:regex" | "regex": {...}, "-:regex": {}}``.
         head_bits: EXL2 ``head_bits`` (informational).
         hints: loading hints found in the file (``use_exllama``...), accepted and ignored.
         raw: the parsed JSON object.
+        version: AWQ packing version, lower case (``"gemm"``, the only one supported); None otherwise.
+        modules_to_not_convert: AWQ modules kept dense (a module is kept when one entry is a substring
+            of its name, as transformers matches them); ``()`` otherwise.
     """
 
     quant_method: str
@@ -219,6 +230,12 @@ class QuantConfig:
     head_bits: object = None
     hints: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    version: str | None = None
+    modules_to_not_convert: tuple = ()
+
+    def keeps_dense(self, name) -> bool:
+        """True when ``modules_to_not_convert`` keeps module ``name`` unquantized."""
+        return any(key in name for key in self.modules_to_not_convert)
 
     def for_layer(self, name):
         """(bits, group_size, desc_act, sym) for module ``name`` after ``dynamic`` overrides.
@@ -294,20 +311,68 @@ def _parse_gptq_config(d, source) -> QuantConfig:
     )
 
 
+def _parse_awq_config(d, source) -> QuantConfig:
+    """transformers / GPTQModel (``bits``, ``group_size``, ``zero_point``, ``version`` or ``format``) and
+    AutoAWQ ``quant_config.json`` (``w_bit``, ``q_group_size``, ``zero_point``, ``version``) settings."""
+
+    def bad(key, problem):
+        _fail(source, f"quantization config key '{key}': {problem}")
+
+    def one_of(*keys):
+        present = [k for k in keys if d.get(k) is not None]
+        values = {json.dumps(d[k]).lower() for k in present}
+        if len(values) > 1:
+            bad(present[0], " but ".join(f"'{k}' is {d[k]!r}" for k in present))
+        return (present[0], d[present[0]]) if present else (keys[0], None)
+
+    key, version = one_of("version", "format")
+    version = "gemm" if version is None else version
+    if not isinstance(version, str) or version.lower() not in _AWQ_VERSIONS:
+        bad(key, f"AWQ version {version!r} is not supported; only GEMM-packed AWQ checkpoints ('gemm') are "
+                 "(GEMV, GEMV_FAST and the other versions store different layouts)")
+    key, bits = one_of("bits", "w_bit")
+    if bits is None:
+        bad("bits", "missing (an AWQ config gives 'bits' or 'w_bit')")
+    if not _is_int(bits) or bits != 4:
+        bad(key, f"AWQ GEMM checkpoints are 4-bit, got {bits!r}")
+    key, gs = one_of("group_size", "q_group_size")
+    if gs is not None and (not _is_int(gs) or not (gs == -1 or gs > 0)):
+        bad(key, f"expected -1 or a positive integer, got {gs!r}")
+    # Informational: the zero points are read from each layer's qzeros whatever this says.
+    zero_point = d.get("zero_point", True)
+    if not isinstance(zero_point, bool):
+        bad("zero_point", f"expected true or false, got {zero_point!r}")
+    keep = d.get("modules_to_not_convert") or []
+    if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
+        bad("modules_to_not_convert", f"expected a list of module names or null, got {keep!r}")
+    return QuantConfig(
+        "awq",
+        Path(source),
+        bits=4,
+        group_size=None if gs is None else int(gs),
+        sym=not zero_point,
+        checkpoint_format=None,
+        hints={k: d[k] for k in _AWQ_HINTS if k in d},
+        raw=dict(d),
+        version=version.lower(),
+        modules_to_not_convert=tuple(keep),
+    )
+
+
 def _parse_quant_config(d, source) -> QuantConfig:
     if not isinstance(d, dict):
         _fail(source, f"quantization config must be a JSON object, got {type(d).__name__}")
     method = d.get("quant_method", d.get("method"))
     method = method.lower() if isinstance(method, str) else method
-    if "zero_point" in d or "w_bit" in d or method == "awq":
-        _fail(source, "AWQ quantization config (zero_point / w_bit / quant_method awq) is not supported")
+    if method == "awq" or (method is None and ("zero_point" in d or "w_bit" in d)):
+        return _parse_awq_config(d, source)
     if method == "exl2":
         bits = d.get("bits")
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float))):
             _fail(source, f"quantization config key 'bits': expected a number (bits per weight), got {bits!r}")
         return QuantConfig("exl2", Path(source), bits=bits, head_bits=d.get("head_bits"), raw=dict(d))
     if method not in (None, "gptq"):
-        _fail(source, f"quantization config key 'quant_method': expected 'gptq' or 'exl2', got {method!r}")
+        _fail(source, f"quantization config key 'quant_method': expected 'gptq', 'exl2' or 'awq', got {method!r}")
     return _parse_gptq_config(d, source)
 
 
@@ -326,7 +391,10 @@ def read_quant_config(directory):
     ``quantization_config`` (the order AutoGPTQ, GPTQModel and TGI use). Accepts ``format`` or its
     alias ``checkpoint_format``; reads and ignores the loading hints ``use_exllama``,
     ``exllama_config``, ``disable_exllama``, ``use_cuda_fp16``, ``max_input_length`` and ``backend``.
-    Raises :class:`CheckpointError` for unparsable JSON, bad values or unsupported methods (AWQ, Marlin).
+    AWQ settings come from the same places (AutoAWQ writes ``quant_config.json`` with ``w_bit`` /
+    ``q_group_size``, transformers ``quantization_config`` with ``quant_method: awq``).
+    Raises :class:`CheckpointError` for unparsable JSON, bad values or unsupported methods (Marlin, AWQ
+    versions other than GEMM).
     """
     directory = Path(directory)
     for name in QUANT_CONFIG_FILES:
@@ -355,7 +423,7 @@ class LayerInfo:
 
     Attributes:
         name: module name (``model.layers.0.self_attn.q_proj``).
-        format: ``"gptq"``, ``"exl2"`` or, for a plain weight, its dtype: ``"fp16"``, ``"bf16"``, ``"fp32"``.
+        format: ``"gptq"``, ``"exl2"``, ``"awq"`` or, for a plain weight, its dtype: ``"fp16"``, ``"bf16"``, ``"fp32"``.
         in_features, out_features: K and N of ``y = x @ W`` (EXL2: N is the stored width, which
             converters pad to a multiple of 32).
         bits: tuple of bit widths (GPTQ ``(b,)``; EXL2 distinct widths descending, None until
@@ -386,7 +454,7 @@ class LayerInfo:
 
     @property
     def quantized(self) -> bool:
-        return self.format in ("gptq", "exl2")
+        return self.format in ("gptq", "exl2", "awq")
 
 
 def _require(parts, part, prefix, anchor):
@@ -476,6 +544,59 @@ def _gptq_layer(prefix, parts, qcfg, tgi_params) -> LayerInfo:
         group_size=gs,
         act_order=bool(act),
         checkpoint_format=fmt,
+        nbytes=sum(r.nbytes for r in parts.values()),
+        tensors=tuple(r.name for r in parts.values()),
+    )
+
+
+def _awq_layer(prefix, parts, qcfg) -> LayerInfo:
+    qweight = parts["qweight"]
+    qzeros = _require(parts, "qzeros", prefix, qweight)
+    scales = _require(parts, "scales", prefix, qweight)
+    if "g_idx" in parts:
+        rec = parts["g_idx"]
+        _fail(rec.file, f"AWQ layers have no g_idx (groups are consecutive rows), but {qcfg.source.name} says awq", rec.name)
+    if qcfg.keeps_dense(prefix):
+        _fail(qweight.file, f"quantized tensors present but {qcfg.source.name} modules_to_not_convert lists this module", qweight.name)
+    _require_dtype(qweight, ("I32",))
+    _require_dtype(qzeros, ("I32",))
+    _require_dtype(scales, _FLOAT_ST)
+    for rec in (qweight, qzeros, scales):
+        _require_ndim(rec, 2)
+    k, words = qweight.shape
+    if k == 0 or words == 0:
+        _fail(qweight.file, f"empty tensor {list(qweight.shape)}", qweight.name)
+    n = 8 * words
+    groups = scales.shape[0]
+    _require_shape(scales, (groups, n), " (groups x out_features, 8 per qweight column)")
+    _require_shape(qzeros, (groups, words), " (groups x out_features/8)")
+    if groups == 0:
+        _fail(scales.file, "expected at least one group", scales.name)
+    gs = qcfg.group_size
+    if gs is None:  # infer from the shapes
+        if k % groups:
+            _fail(scales.file, f"{groups} groups cannot split {k} input rows evenly; set group_size in the config", scales.name)
+        gs = k // groups
+    rows = k if gs == -1 else gs
+    if k % rows:
+        _fail(qweight.file, f"group_size {gs} does not divide the {k} input rows (AWQ groups are whole)", qweight.name)
+    if groups != k // rows:
+        _fail(scales.file, f"has {groups} groups, but {k} input rows with group_size {gs} need {k // rows}", scales.name)
+    bias = parts.get("bias")
+    if bias is not None:
+        _require_dtype(bias, _FLOAT_ST)
+        _require_shape(bias, (n,), " (out_features)")
+    weight_bytes = qweight.nbytes + qzeros.nbytes + scales.nbytes
+    return LayerInfo(
+        name=prefix,
+        format="awq",
+        in_features=k,
+        out_features=n,
+        bits=(4,),
+        bits_per_weight=8.0 * weight_bytes / (k * n),
+        group_size=gs,
+        act_order=False,
+        checkpoint_format=None,
         nbytes=sum(r.nbytes for r in parts.values()),
         tensors=tuple(r.name for r in parts.values()),
     )
@@ -635,10 +756,13 @@ class Checkpoint:
         for prefix, parts in dense.items():
             if prefix + ".bias" in self.tensors:
                 parts["bias"] = self.tensors[prefix + ".bias"]
-        tgi = self._tgi_gptq_params() if gptq else None
+        awq = self.quant_config is not None and self.quant_config.quant_method == "awq"
+        tgi = self._tgi_gptq_params() if gptq and not awq else None
         layers = {}
         for prefix in self._ordered(gptq, exl2, dense):
-            if prefix in gptq:
+            if prefix in gptq and awq:
+                layers[prefix] = _awq_layer(prefix, gptq[prefix], self.quant_config)
+            elif prefix in gptq:
                 layers[prefix] = _gptq_layer(prefix, gptq[prefix], self.quant_config, tgi)
             elif prefix in exl2:
                 layers[prefix] = _exl2_layer(prefix, exl2[prefix])
@@ -654,7 +778,7 @@ class Checkpoint:
 
     @property
     def quantized_layers(self) -> list:
-        """Names of the GPTQ and EXL2 layers."""
+        """Names of the GPTQ, EXL2 and AWQ layers."""
         return [n for n, info in self.layers.items() if info.quantized]
 
     def layer_tensor_names(self) -> set:
@@ -725,6 +849,8 @@ class Checkpoint:
         EXL2: ``q_weight`` int32 ``[Q, N_pad]``, ``q_invperm`` int32 ``[K]``, ``q_perm`` int32 ``[K]``
         (rebuilt as argsort of q_invperm), ``q_scale`` int32 ``[G, N_pad/8]``, ``q_scale_max`` float16
         ``[G]``, ``q_groups`` int16 ``[2G]``, optional ``bias`` float16 ``[N_pad]`` (zero-padded).
+        AWQ: ``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32 ``[G, N/8]`` (as stored), ``scales`` float16
+        ``[G, N]`` (bf16/fp32 cast), optional ``bias`` float16 ``[N]``.
         Plain: ``weight`` ``[out, in]`` in its stored dtype (bf16 as float32), optional ``bias``.
         Raises :class:`CheckpointError` naming the file and tensor when the tensors are inconsistent.
         """
@@ -734,7 +860,18 @@ class Checkpoint:
             return self._load_gptq(info, raw)
         if info.format == "exl2":
             return self._load_exl2(info, raw)
+        if info.format == "awq":
+            return self._load_awq(info, raw)
         return raw
+
+    def _load_awq(self, info, raw):
+        from cupyq.formats import awq as fa
+
+        out = {"qweight": raw["qweight"], "qzeros": raw["qzeros"], "scales": raw["scales"].astype(np.float16, copy=False)}
+        if "bias" in raw:
+            out["bias"] = raw["bias"].astype(np.float16, copy=False)
+        self._wrap(info.name + ".qweight", lambda: fa.check_awq(out["qweight"], out["qzeros"], out["scales"], info.group_size))
+        return out
 
     def _load_gptq(self, info, raw):
         from cupyq.formats import gptq as fg
@@ -786,7 +923,7 @@ class Checkpoint:
         """Build the :class:`cupyq.QMatrix` of a quantized layer.
 
         ``device=None`` keeps NumPy tensors, i.e. a CPU matrix (the float32 reference path); any other
-        value is passed to ``QMatrix.from_gptq`` / ``from_exl2`` (e.g. a CUDA device id).
+        value is passed to ``QMatrix.from_gptq`` / ``from_exl2`` / ``from_awq`` (e.g. a CUDA device id).
         """
         from cupyq.qmatrix import QMatrix
 
@@ -805,6 +942,10 @@ class Checkpoint:
                 checkpoint_format=info.checkpoint_format,
                 device=device,
             )
+        if info.format == "awq":
+            return QMatrix.from_awq(
+                t["qweight"], t["qzeros"], t["scales"], t.get("bias"), group_size=info.group_size, device=device
+            )
         return QMatrix.from_exl2(
             t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], t.get("bias"), device=device
         )
@@ -821,6 +962,8 @@ class Checkpoint:
             )
         if info.format == "exl2":
             return reference.dequantize_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"])
+        if info.format == "awq":
+            return reference.dequantize_awq(t["qweight"], t["qzeros"], t["scales"], group_size=info.group_size)
         return np.ascontiguousarray(t["weight"].astype(np.float32).T)
 
 
@@ -843,7 +986,7 @@ def _safetensors_files(directory):
 
 
 def open_checkpoint(path) -> Checkpoint:
-    """Open a GPTQ / EXL2 / mixed checkpoint directory (or a single ``.safetensors`` file) lazily.
+    """Open a GPTQ / EXL2 / AWQ / mixed checkpoint directory (or a single ``.safetensors`` file) lazily.
 
     Reads the config files and every safetensors header; no tensor data (except the scalar
     ``gptq_bits``/``gptq_groupsize`` of TGI-made checkpoints). With ``model.safetensors.index.json``
@@ -1090,6 +1233,64 @@ def save_exl2(directory, layers, *, extra_tensors=None, config=None, bits=None, 
     qcfg = {"quant_method": "exl2", "version": f"cupyq {_cupyq_version()}", "bits": float(bits)}
     if head_bits is not None:
         qcfg["head_bits"] = head_bits
+    cfg = dict(config or {})
+    cfg["quantization_config"] = qcfg
+    return _write_directory(directory, tensors, {"config.json": cfg}, shard_bytes, overwrite)
+
+
+def save_awq(
+    directory,
+    layers,
+    *,
+    group_size,
+    modules_to_not_convert=None,
+    extra_tensors=None,
+    config=None,
+    shard_bytes=None,
+    overwrite=False,
+):
+    """Write a Hugging Face AWQ (GEMM) checkpoint directory.
+
+    Args:
+        directory: created if missing; must hold no ``.safetensors`` unless ``overwrite``.
+        layers: ``{module name: quantize_awq output}`` (``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32
+            ``[G, N/8]``, ``scales`` ``[G, N]``, optional ``bias``; NumPy, CuPy or torch), stored as
+            ``<name>.qweight`` etc.; each layer is checked against ``group_size``.
+        group_size: rows per group the layers were made with (-1: one group).
+        modules_to_not_convert: names (or name parts) of modules kept dense, recorded in the config;
+            no quantized layer may match one.
+        extra_tensors, config, shard_bytes, overwrite: as in :func:`save_gptq`.
+
+    Writes ``config.json`` with ``quantization_config = {"quant_method": "awq", "bits": 4, "group_size",
+    "zero_point": true, "version": "gemm", "modules_to_not_convert"}``. Returns the directory as a Path.
+    """
+    from cupyq.formats import awq as fa
+
+    if not _is_int(group_size) or not (group_size == -1 or group_size > 0):
+        raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
+    keep = [] if modules_to_not_convert is None else modules_to_not_convert
+    if isinstance(keep, str) or not all(isinstance(k, str) and k for k in keep):
+        raise ValueError(f"modules_to_not_convert: expected a list of module names, got {modules_to_not_convert!r}")
+    if isinstance(layers, Mapping):
+        clash = [n for n in layers if any(k in n for k in keep)]
+        if clash:
+            raise ValueError(f"layers[{clash[0]!r}]: quantized, but modules_to_not_convert keeps it dense")
+
+    def check(t):
+        for part in ("qweight", "qzeros", "scales"):
+            if part not in t:
+                raise ValueError(f"missing tensor '{part}'")
+        fa.check_awq(t["qweight"], t["qzeros"], t["scales"], group_size)
+
+    tensors = _collect(layers, _AWQ_PARTS, extra_tensors, check)
+    qcfg = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": int(group_size),
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": list(keep) or None,
+    }
     cfg = dict(config or {})
     cfg["quantization_config"] = qcfg
     return _write_directory(directory, tensors, {"config.json": cfg}, shard_bytes, overwrite)

@@ -247,6 +247,8 @@ def _quant_config_payload(qc):
         "sym": qc.sym,
         "checkpoint_format": qc.checkpoint_format if qc.quant_method == "gptq" else None,
         "ignored_hints": sorted(qc.hints),
+        "awq_version": qc.version,
+        "modules_to_not_convert": list(qc.modules_to_not_convert),
     }
 
 
@@ -285,6 +287,10 @@ def cmd_inspect(args):
         desc = f"{qc.quant_method} (from {qc.source.name}): bits {qc.bits}"
         if qc.quant_method == "gptq":
             desc += f", group_size {qc.group_size}, desc_act {qc.desc_act}, sym {qc.sym}, format {qc.checkpoint_format}"
+        elif qc.quant_method == "awq":
+            desc += f", group_size {qc.group_size}, zero_point {not qc.sym}, version {qc.version}"
+            if qc.modules_to_not_convert:
+                desc += f", modules_to_not_convert {', '.join(qc.modules_to_not_convert)}"
         if qc.hints:
             desc += f"; ignored loading hints: {', '.join(sorted(qc.hints))}"
         lines.append("quantization config: " + desc)
@@ -513,7 +519,9 @@ def cmd_bench(args):
             raise UsageError(f"{args.path}: no GPTQ or EXL2 layers")
         shapes = sorted({(i.in_features, i.out_features) for i in infos})
         if not formats:
-            kinds = {"gptq_act" if (i.format == "gptq" and i.act_order) else i.format for i in infos}
+            # AWQ layers run the kernels of GPTQ without act-order.
+            kinds = {"gptq_act" if (i.format == "gptq" and i.act_order) else "gptq" if i.format == "awq" else i.format
+                     for i in infos}
             formats = [f for f in ("gptq", "gptq_act", "exl2") if f in kinds]
     kwargs = {"shapes": shapes, "ms": args.m, "iters": args.iters, "repeats": args.repeats}
     if formats:
@@ -648,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("inspect", parents=[common], help="list the layers of a checkpoint",
-                       description="Per layer of a GPTQ / EXL2 / mixed checkpoint directory: format, bits (EXL2: the "
+                       description="Per layer of a GPTQ / EXL2 / AWQ / mixed checkpoint directory: format, bits (EXL2: the "
                                    "mix of widths), bits per weight, group size, act-order, shape and bytes; totals.")
     p.add_argument("path", help="checkpoint directory (or a single .safetensors file)")
     p.set_defaults(func=cmd_inspect)
@@ -656,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[common], help="check the GPU kernels against the float32 reference",
                        description="Build every quantized layer, run cupyq.gemm on random fp16 inputs for a few m and "
                                    "compare with the float32 NumPy reference (relative Frobenius error). Without a "
-                                   "path the built-in sample (GPTQ 4-bit act-order, GPTQ 3-bit v2, EXL2 mixed) is "
+                                   "path the built-in sample (GPTQ 4-bit act-order, GPTQ 3-bit v2, EXL2 mixed, AWQ 4-bit) is "
                                    "made in a temporary directory. Without a GPU the CPU reference path is checked "
                                    "and the output says that no GPU kernel ran. Exit status 1 when a layer fails.")
     p.add_argument("paths", nargs="*", metavar="PATH", help="checkpoint directories (default: the built-in sample)")

@@ -1,4 +1,4 @@
-"""Patch a PyTorch model with the quantized layers of a GPTQ / EXL2 checkpoint directory."""
+"""Patch a PyTorch model with the quantized layers of a GPTQ / EXL2 / AWQ checkpoint directory."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def _parent_and_attr(model, name):
 def patch_model(model, checkpoint_dir, *, device=None):
     """Replace the model's quantized linear layers and load its other weights from a checkpoint.
 
-    Every ``torch.nn.Linear`` whose qualified name (``model.layers.0.self_attn.q_proj``) is a GPTQ or
-    EXL2 layer of the checkpoint becomes a :class:`cupyq.torch_ops.QuantizedLinear` holding a
+    Every ``torch.nn.Linear`` whose qualified name (``model.layers.0.self_attn.q_proj``) is a GPTQ,
+    EXL2 or AWQ layer of the checkpoint becomes a :class:`cupyq.torch_ops.QuantizedLinear` holding a
     :class:`cupyq.QMatrix` of that layer. Every other checkpoint tensor whose name is in the model's
     ``state_dict()`` (embeddings, norms, an fp16 ``lm_head.weight``...) is copied into the existing
     parameter or buffer, cast to its dtype and device.

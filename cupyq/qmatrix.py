@@ -1,4 +1,4 @@
-"""QMatrix: a prepared quantized matrix (GPTQ or EXL2), on a GPU or on the CPU for the reference path."""
+"""QMatrix: a prepared quantized matrix (GPTQ, EXL2 or AWQ), on a GPU or on the CPU for the reference path."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 
 from cupyq import layout as _layout
 from cupyq import reference
+from cupyq.formats import awq as _awq
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
 
@@ -64,13 +65,13 @@ def _to_cupy(a, device_id):
 class QMatrix:
     """A quantized weight W [in_features, out_features] ready for :func:`cupyq.gemm`.
 
-    Build it with :meth:`from_gptq` or :meth:`from_exl2`. On a GPU the matrix owns a device copy of its
+    Build it with :meth:`from_gptq`, :meth:`from_exl2` or :meth:`from_awq`. On a GPU the matrix owns a device copy of its
     weights in the kernels' layout (the caller's arrays are never modified and need not stay alive); on the
     CPU it keeps the checkpoint tensors as NumPy arrays for the float32 reference path.
     """
 
     def __init__(self):
-        raise TypeError("use QMatrix.from_gptq(...) or QMatrix.from_exl2(...)")
+        raise TypeError("use QMatrix.from_gptq(...), QMatrix.from_exl2(...) or QMatrix.from_awq(...)")
 
     # -------------------------------------------------------------------------------------------- builders
     @classmethod
@@ -194,6 +195,47 @@ class QMatrix:
             self._build(q_sorted, perm, row_group, row_bits > 4, scales, zeros)
         return self
 
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, bias=None, *, group_size, device=None) -> "QMatrix":
+        """Prepare an AWQ (AutoAWQ GEMM-packed, 4-bit) matrix.
+
+        qweight: int32 [K, N/8], outputs packed along the columns in the order 0, 2, 4, 6, 1, 3, 5, 7
+            (see :mod:`cupyq.formats.awq`); qzeros: int32 [K/group_size, N/8] packed the same way, zero
+            points stored as they are; scales: float16/bfloat16/float32 [K/group_size, N]; bias: float [N]
+            or None. group_size: rows per group (dividing K), or -1 for one group.
+        device: None (where the tensors are; NumPy -> CPU), "cpu", an int or "cuda:N".
+        Arrays may be NumPy, CuPy or torch; none is modified. On a GPU the matrix runs the same kernels as
+        a GPTQ matrix without act-order (sequential groups, integer zero points).
+        """
+        layout = _awq.check_awq(qweight, qzeros, scales, group_size)
+        self = object.__new__(cls)
+        self.format = "awq"
+        self.in_features = layout.in_features
+        self.out_features = layout.out_features
+        self.bits = (layout.bits,)
+        self.checkpoint_format = None
+        self._bpw = float(layout.bits)
+        self.act_order = False
+        self.group_size = -1 if layout.groups == 1 else layout.group_size
+        self.device_id, self.input_kind = _resolve_device((qweight, qzeros, scales, bias), device)
+        self._init_bias(bias)
+        if self.device_id is None:
+            self._cpu = dict(
+                qweight=reference.to_numpy(qweight),
+                qzeros=reference.to_numpy(qzeros),
+                scales=reference.to_numpy(scales).astype(np.float32),
+            )
+            return self
+        import cupy
+
+        with cupy.cuda.Device(self.device_id):
+            rows = _awq.awq_rows(
+                _to_cupy(qweight, self.device_id), _to_cupy(qzeros, self.device_id), _to_cupy(scales, self.device_id),
+                group_size, xp=cupy,
+            )
+            self._build(rows.q, None, rows.row_group, rows.storage8, rows.scales, rows.zeros)
+        return self
+
     def _init_bias(self, bias):
         self._bias_host = None
         if bias is not None:
@@ -261,6 +303,8 @@ class QMatrix:
                 c["qweight"], c["qzeros"], c["scales"], c["g_idx"], bits=self.bits[0],
                 checkpoint_format=self.checkpoint_format,
             )
+        if self.format == "awq":
+            return reference.dequantize_awq(c["qweight"], c["qzeros"], c["scales"], group_size=self.group_size)
         return reference.dequantize_exl2(c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"])
 
     def dequantize(self, dtype="float16"):

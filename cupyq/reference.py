@@ -1,4 +1,4 @@
-"""Float32 NumPy reference: GPTQ / EXL2 dequantisation and matmul.
+"""Float32 NumPy reference: GPTQ / EXL2 / AWQ dequantisation and matmul.
 
 This is the oracle the tests measure everything against and the CPU path of :func:`cupyq.gemm`. The
 dequantisers are written directly from the formulas, element by element in vectorised form (every value
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from cupyq.formats.awq import AWQ_PACK_ORDER, check_awq
 from cupyq.formats.common import dtype_name, require_dtype
 from cupyq.formats.exl2 import check_exl2
 from cupyq.formats.gptq import CHECKPOINT_FORMATS, check_gptq
 
-__all__ = ["to_numpy", "dequantize_gptq", "dequantize_exl2", "matmul"]
+__all__ = ["to_numpy", "dequantize_gptq", "dequantize_exl2", "dequantize_awq", "matmul"]
 
 _FLOAT_NAMES = ("float16", "float32", "float64", "bfloat16")
 
@@ -117,6 +118,28 @@ def dequantize_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups):
     if dtype_name(q_invperm) == "int16":
         inv &= 0xFFFF
     return w_sorted[inv]
+
+
+def dequantize_awq(qweight, qzeros, scales, *, group_size):
+    """Dequantise an AWQ (GEMM-packed, 4-bit) layer: ``W[k, n] = scales[g, n] * (q[k, n] - z[g, n])``.
+
+    Groups are contiguous rows: ``g = k // group_size``.
+
+    qweight: int32 [K, N/8], output ``n`` of row ``k`` in word ``n // 8`` at bits ``4*i .. 4*i+3`` where
+        ``AWQ_PACK_ORDER[i] == n % 8`` (the order ``0, 2, 4, 6, 1, 3, 5, 7``); qzeros: int32 [G, N/8] packed the
+        same way, zero points stored as they are; scales: float16/float32/bfloat16 [G, N];
+    group_size: rows per group (a divisor of K), or -1 for one group.
+    Returns float32 [K, N].
+    """
+    qweight, qzeros, scales = (to_numpy(a) for a in (qweight, qzeros, scales))
+    k_rows, n_cols, groups, gs, _ = check_awq(qweight, qzeros, scales, group_size)
+    n = np.arange(n_cols)
+    nibble_of = np.argsort(np.asarray(AWQ_PACK_ORDER))  # nibble holding each position within a word
+    shift = (4 * nibble_of[n % 8]).astype(np.uint32)
+    q = (qweight.view(np.uint32)[:, n // 8] >> shift) & 0xF
+    z = (qzeros.view(np.uint32)[:, n // 8] >> shift) & 0xF
+    g = np.arange(k_rows) // gs
+    return (q.astype(np.float32) - z.astype(np.float32)[g]) * scales.astype(np.float32)[g]
 
 
 def matmul(x, w, bias=None, *, compute_dtype=np.float32):

@@ -1,4 +1,4 @@
-"""A small built-in sample: GPTQ and EXL2 checkpoint directories made from seeded random weights.
+"""A small built-in sample: GPTQ, EXL2 and AWQ checkpoint directories made from seeded random weights.
 
 Used by ``cupyq verify`` / ``warmup`` without a path, by tests and by demos. The layers carry
 Llama-style names and shapes (hidden 1024, MLP 2048) and are quantized by :mod:`cupyq.quantize`
@@ -44,6 +44,14 @@ SAMPLE_RECIPES = {
             ("model.layers.0.mlp.down_proj", _MLP, _HIDDEN, True, (4, 3, 2), (0.3, 0.4, 0.3)),
         ],
     ),
+    "awq-4bit-g128": (
+        "awq",
+        {"group_size": 128, "modules_to_not_convert": ["lm_head"]},
+        [
+            ("model.layers.0.self_attn.v_proj", _HIDDEN, _KV, True),
+            ("model.layers.0.mlp.up_proj", _HIDDEN, _MLP, False),
+        ],
+    ),
 }
 
 
@@ -79,13 +87,14 @@ def make_sample(directory, *, seed=0) -> dict:
     Makes one subdirectory per entry of :data:`SAMPLE_RECIPES`:
     ``gptq-4bit-g128-act`` (4-bit, group 128, act-order, symmetric, v1 zeros; 4 layers),
     ``gptq-3bit-g64-asym-v2`` (3-bit, group 64, asymmetric, gptq_v2 zeros, one layer with bias) and
-    ``exl2-mixed`` (mixed widths [8,4], [6,5,4] and [4,3,2], one layer with bias); each also holds an
-    fp16 ``lm_head.weight`` and ``model.norm.weight``. Existing sample files are replaced.
+    ``exl2-mixed`` (mixed widths [8,4], [6,5,4] and [4,3,2], one layer with bias) and ``awq-4bit-g128``
+    (AWQ GEMM, group 128, one layer with bias, ``lm_head`` listed in ``modules_to_not_convert``); each also
+    holds an fp16 ``lm_head.weight`` and ``model.norm.weight``. Existing sample files are replaced.
 
     Returns ``{recipe name: Path of its directory}``.
     """
-    from cupyq.checkpoint import save_exl2, save_gptq
-    from cupyq.quantize import quantize_exl2, quantize_gptq
+    from cupyq.checkpoint import save_awq, save_exl2, save_gptq
+    from cupyq.quantize import quantize_awq, quantize_exl2, quantize_gptq
 
     root = Path(directory)
     rng = np.random.default_rng(seed)
@@ -107,6 +116,8 @@ def make_sample(directory, *, seed=0) -> dict:
                     importance=rng.random(k),
                     bias=bias,
                 )
+            elif kind == "awq":
+                tensors[module] = quantize_awq(w, group_size=settings["group_size"], bias=bias)
             else:
                 widths, props = spec[4:]
                 tensors[module] = quantize_exl2(
@@ -115,6 +126,10 @@ def make_sample(directory, *, seed=0) -> dict:
         extras = _extras(rng)
         if kind == "gptq":
             made[name] = save_gptq(
+                root / name, tensors, extra_tensors=extras, config=_model_config(), overwrite=True, **settings
+            )
+        elif kind == "awq":
+            made[name] = save_awq(
                 root / name, tensors, extra_tensors=extras, config=_model_config(), overwrite=True, **settings
             )
         else:

@@ -158,7 +158,7 @@ def test_method_key_and_exl2_config(tmp_path):
         ({"bits": 4, "format": "marlin"}, "'format'"),
         ({"bits": 4, "format": "gptq", "checkpoint_format": "gptq_v2"}, "'format'"),
         ({"bits": 4, "quant_method": "bitsandbytes"}, "'quant_method'"),
-        ({"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "GEMM"}, "AWQ"),
+        ({"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "GEMV"}, "AWQ version 'GEMV'"),
         ({"bits": 4, "dynamic": {"+:(": {"bits": 8}}}, "'dynamic'"),
         ([4, 128], "JSON object"),
     ],

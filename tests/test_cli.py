@@ -180,9 +180,9 @@ def test_verify_without_quantized_layers_exit_2(tmp_path, capsys):
 def test_verify_builtin_sample_cpu(capsys):
     code, out, _ = run(["verify", "--cpu", "--m", "1"], capsys)
     assert code == 0, out
-    for name in ("sample gptq-4bit-g128-act", "sample gptq-3bit-g64-asym-v2", "sample exl2-mixed"):
+    for name in ("sample gptq-4bit-g128-act", "sample gptq-3bit-g64-asym-v2", "sample exl2-mixed", "sample awq-4bit-g128"):
         assert name in out
-    assert "all 9 layers passed" in out
+    assert "all 11 layers passed" in out
 
 
 def test_python_dash_m_entry_point(small_ckpt):

@@ -1,5 +1,12 @@
-"""Array-level knowledge of the GPTQ and EXL2 checkpoint layouts (NumPy or CuPy through ``xp``)."""
+"""Array-level knowledge of the GPTQ, EXL2 and AWQ checkpoint layouts (NumPy or CuPy through ``xp``)."""
 
+from cupyq.formats.awq import (
+    AWQ_PACK_ORDER,
+    AWQLayout,
+    check_awq,
+    pack_awq_columns,
+    unpack_awq_columns,
+)
 from cupyq.formats.bitstream import (
     pack_bitstream,
     pack_bitstream_columns,
@@ -58,4 +65,9 @@ __all__ = [
     "decode_scales",
     "encode_scale_codes",
     "check_exl2",
+    "AWQ_PACK_ORDER",
+    "AWQLayout",
+    "pack_awq_columns",
+    "unpack_awq_columns",
+    "check_awq",
 ]
