@@ -296,3 +296,26 @@ def test_cpu_gemm_keeps_no_float32_weight_and_bounds_memory():
     assert peak < 8 * 256 * n * 8, f"peak {peak} bytes for 256-row blocks"
     assert not any(isinstance(v, np.ndarray) and v.shape == (k, n) and v.dtype == np.float32 for v in vars(qm).values())
     assert set(qm._cpu) == {"qweight", "qzeros", "scales", "g_idx"}
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gpu_word_encoded_v1_zeros_and_group_size(bits):
+    import cupy
+
+    rng = np.random.default_rng(200 + bits)
+    k, n, gs = 256, 128, 64
+    t, q, z, scales, g = word_encoded_case(rng, bits, k, n, gs)
+    del t["g_idx"]  # groups from group_size
+    expected = oracle(q, z, scales, g)
+    qm = cupyq.QMatrix.from_gptq(**t, bits=bits, v1_encoding="word", group_size=gs, device=0)
+    w16 = cupy.asnumpy(qm.dequantize()).astype(np.float32)
+    # one float16 rounding of each weight: relative 2**-11
+    np.testing.assert_allclose(w16, expected, rtol=2.0**-11, atol=1e-7)
+    x = cupy.asarray(rng.standard_normal((3, k)).astype(np.float16))
+    y = cupy.full((3, n), cupy.nan, dtype=cupy.float16)  # poisoned: the kernel must write every element
+    cupyq.gemm(x, qm, out=y)
+    ref = cupy.asnumpy(x).astype(np.float32) @ expected
+    err = np.linalg.norm(cupy.asnumpy(y).astype(np.float32) - ref) / np.linalg.norm(ref)
+    assert err < 1e-2  # fp16 weights, activations and output: about 1e-3
