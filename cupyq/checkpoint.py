@@ -1069,8 +1069,9 @@ def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
     Every argument is checked and every file written before anything in ``directory`` is replaced, so a
     bad argument or a failed write leaves an existing checkpoint as it was.
     """
+    import os
     import shutil
-    import tempfile
+    import uuid
 
     directory = Path(directory)
     if shard_bytes is not None and (not _is_int(shard_bytes) or shard_bytes <= 0):
@@ -1081,7 +1082,8 @@ def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
     if stale and not overwrite:
         raise FileExistsError(f"{directory}: already holds {stale[0].name}; pass overwrite=True to replace")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+    staging = directory.parent / f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()  # default permissions, as the directory itself gets when it is new
     try:
         if shard_bytes is None:
             _write_safetensors(staging / "model.safetensors", tensors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 from cupyq.checkpoint import Checkpoint, open_checkpoint
@@ -31,12 +32,14 @@ def _padded_width(info, linear):
     return info.format == "exl2" and linear.out_features < info.out_features < linear.out_features + 32
 
 
-def _trimmed_linear(qm, out_features):
-    """A QuantizedLinear whose output drops the padding columns of an EXL2 matrix wider than the module."""
+@functools.lru_cache(maxsize=1)
+def _trimmed_class():
+    """The QuantizedLinear subclass for EXL2 matrices wider than their module (made once, when torch is loaded)."""
     from cupyq.torch_ops import QuantizedLinear
 
     class TrimmedQuantizedLinear(QuantizedLinear):
-        """QuantizedLinear returning only the first ``out_features`` columns (EXL2 pads N to a multiple of 32)."""
+        """QuantizedLinear returning only the first ``out_features`` columns (EXL2 pads N to a multiple of 32);
+        ``stored_out_features`` is the matrix's width."""
 
         def __init__(self, qm, out_features):
             super().__init__(qm)
@@ -46,7 +49,7 @@ def _trimmed_linear(qm, out_features):
         def forward(self, x):
             return super().forward(x)[..., : self.out_features]
 
-    return TrimmedQuantizedLinear(qm, out_features)
+    return TrimmedQuantizedLinear
 
 
 def _materialise_device(device, path):
@@ -220,7 +223,7 @@ def patch_model(model, checkpoint_dir, *, device=None):
         parent, attr = _parent_and_attr(model, name)
         linear = modules[name]
         if qm.out_features != linear.out_features:
-            setattr(parent, attr, _trimmed_linear(qm, linear.out_features))
+            setattr(parent, attr, _trimmed_class()(qm, linear.out_features))
         else:
             setattr(parent, attr, QuantizedLinear(qm))
     loaded = set()

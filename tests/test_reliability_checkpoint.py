@@ -389,3 +389,11 @@ def test_safetensors_directory_or_broken_link_is_named(tmp_path):
         open_checkpoint(tmp_path)
     assert str(err.value) == f"{tmp_path / 'link.safetensors'}: is a broken link, not a safetensors file"
     assert "index" not in str(err.value)
+
+
+def test_new_directory_gets_default_permissions(tmp_path):
+    t = quantize_gptq(np.random.default_rng(31).standard_normal((64, 32)).astype(np.float32), bits=4, group_size=32)
+    d = save_gptq(tmp_path / "new" / "ckpt", {LAYER: t}, bits=4, group_size=32, desc_act=False, sym=True)
+    (tmp_path / "plain").mkdir()
+    assert d.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert sorted(p.name for p in d.parent.iterdir()) == ["ckpt"]
