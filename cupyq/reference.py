@@ -13,7 +13,7 @@ import numpy as np
 
 from cupyq.formats.common import dtype_name, require_dtype
 from cupyq.formats.exl2 import check_exl2
-from cupyq.formats.gptq import CHECKPOINT_FORMATS, check_gptq
+from cupyq.formats.gptq import CHECKPOINT_FORMATS, V1_WORD_ONES, check_gptq
 
 __all__ = ["to_numpy", "dequantize_gptq", "dequantize_exl2", "matmul", "matmul_gptq", "matmul_exl2"]
 
@@ -53,10 +53,6 @@ def _fields(words, bits, offsets, chunk=1024):
     return out
 
 
-# The constant a word-wise v1 writer subtracts from each packed zero-point word (one 1 per field).
-_V1_WORD_ONES = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
-
-
 def _gptq_parts(qweight, qzeros, scales, g_idx, bits, checkpoint_format, v1_encoding, group_size):
     """Validated NumPy inputs of a GPTQ layer: (K, float32 zeros [G, N], float32 scales [G, N], int64 g [K])."""
     from cupyq.formats.gptq import V1_ENCODINGS, check_group_size
@@ -70,9 +66,9 @@ def _gptq_parts(qweight, qzeros, scales, g_idx, bits, checkpoint_format, v1_enco
     if g_idx is None or group_size is not None:
         group_size = check_group_size(k_rows, groups, group_size)
     words = np.ascontiguousarray(qzeros).view(np.uint32)
-    word_wise = checkpoint_format == "gptq" and v1_encoding == "word" and bits in _V1_WORD_ONES
+    word_wise = checkpoint_format == "gptq" and v1_encoding == "word" and bits in V1_WORD_ONES
     if word_wise:
-        words = words + np.uint32(_V1_WORD_ONES[bits])  # carries cross fields, as the writer's borrows did
+        words = words + np.uint32(V1_WORD_ONES[bits])  # carries cross fields, as the writer's borrows did
     z = _fields(words.T, bits, bits * np.arange(n_cols, dtype=np.int64)).T.astype(np.int32)
     if checkpoint_format == "gptq" and not word_wise:
         z = (z + 1) & ((1 << bits) - 1)

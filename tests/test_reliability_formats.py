@@ -293,7 +293,8 @@ def test_cpu_gemm_keeps_no_float32_weight_and_bounds_memory():
     w = oracle(q, z, scales, g)
     assert np.all(np.abs(y - x @ w) <= _product_tolerance(x, w) + 1e-6)
     assert np.all(np.abs(y2 - x @ w) <= _product_tolerance(x, w) + 1e-6)
-    assert peak < 8 * 256 * n * 8, f"peak {peak} bytes for 256-row blocks"
+    # a block's temporaries are a few 64-bit arrays of 256 x 1024 (2 MiB each); a float32 W alone is 16 MiB
+    assert peak < 12 << 20, f"peak {peak} bytes for 256-row blocks"
     assert not any(isinstance(v, np.ndarray) and v.shape == (k, n) and v.dtype == np.float32 for v in vars(qm).values())
     assert set(qm._cpu) == {"qweight", "qzeros", "scales", "g_idx"}
 

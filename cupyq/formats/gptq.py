@@ -52,6 +52,7 @@ __all__ = [
     "check_gptq",
     "check_group_size",
     "V1_ENCODINGS",
+    "V1_WORD_ONES",
     "ambiguous_v1_zeros",
 ]
 
@@ -59,7 +60,7 @@ GPTQ_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 V1_ENCODINGS = ("field", "word")
 # The constant a word-wise v1 writer subtracts from each packed zero-point word (one 1 per field).
-_V1_WORD_ONES = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
+V1_WORD_ONES = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
 
 _FLOAT_NAMES = ("float16", "float32", "bfloat16", "float64")
 
@@ -143,8 +144,8 @@ def unpack_qzeros(qzeros, bits, out_features, *, checkpoint_format="gptq", v1_en
     require_ndim("qzeros", qzeros, 2)
     out_features = int(out_features)
     require_shape("qzeros", qzeros, (None, _packed_width(out_features, bits)))
-    if checkpoint_format == "gptq" and v1_encoding == "word" and bits in _V1_WORD_ONES:
-        words = xp.ascontiguousarray(qzeros).view(xp.uint32) + xp.uint32(_V1_WORD_ONES[bits])  # wraps mod 2**32
+    if checkpoint_format == "gptq" and v1_encoding == "word" and bits in V1_WORD_ONES:
+        words = xp.ascontiguousarray(qzeros).view(xp.uint32) + xp.uint32(V1_WORD_ONES[bits])  # wraps mod 2**32
         return unpack_bitstream_columns(words.view(xp.int32), bits, out_features, xp=xp)
     zeros = unpack_bitstream_columns(qzeros, bits, out_features, xp=xp)
     if checkpoint_format == "gptq":
@@ -173,8 +174,8 @@ def pack_qzeros(zeros, bits, *, checkpoint_format="gptq", v1_encoding="field", x
         if lo < 0 or hi >= 1 << bits:
             raise ValueError(f"zeros: values must lie in [0, {1 << bits}) for {bits}-bit zeros, got range [{lo}, {hi}]")
     stored = zeros.astype(xp.int32)
-    if checkpoint_format == "gptq" and v1_encoding == "word" and bits in _V1_WORD_ONES:
-        words = pack_bitstream_columns(stored, bits, xp=xp).view(xp.uint32) - xp.uint32(_V1_WORD_ONES[bits])
+    if checkpoint_format == "gptq" and v1_encoding == "word" and bits in V1_WORD_ONES:
+        words = pack_bitstream_columns(stored, bits, xp=xp).view(xp.uint32) - xp.uint32(V1_WORD_ONES[bits])
         return words.view(xp.int32)
     if checkpoint_format == "gptq":
         stored -= 1
@@ -235,7 +236,7 @@ def ambiguous_v1_zeros(qzeros, bits) -> int:
     (3-bit zeros are per field for every writer: always 0 for them).
     """
     bits = require_bits("bits", bits, GPTQ_BITS)
-    if bits not in _V1_WORD_ONES:
+    if bits not in V1_WORD_ONES:
         return 0
     words = np.ascontiguousarray(qzeros).view(np.uint32)
     mask = np.uint32((1 << bits) - 1)
