@@ -37,6 +37,8 @@ __all__ = [
     "open_checkpoint",
     "read_quant_config",
     "read_safetensors_header",
+    "v1_zero_encoding",
+    "zero_point_warnings",
     "save_gptq",
     "save_exl2",
     "save_awq",
@@ -153,6 +155,8 @@ def read_safetensors_header(path) -> dict:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         _fail(path, f"safetensors header is not valid JSON ({exc})")
+    except RecursionError:
+        _fail(path, "safetensors header is nested too deeply to be a tensor table")
     if not isinstance(header, dict):
         _fail(path, "safetensors header is not a JSON object")
     data_start = 8 + header_len
@@ -161,12 +165,7 @@ def read_safetensors_header(path) -> dict:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
-        except (TypeError, KeyError, ValueError) as exc:
-            _fail(path, f"malformed header entry ({exc!r})", name)
-        if dtype not in _ST_DTYPES:
-            _fail(path, f"unsupported safetensors dtype {dtype}", name)
+        dtype, shape, begin, end = _header_entry(path, name, meta)
         expected = math.prod(shape) * _ST_DTYPES[dtype].itemsize
         if not (0 <= begin <= end <= data_size) or end - begin != expected:
             _fail(
@@ -176,7 +175,42 @@ def read_safetensors_header(path) -> dict:
                 name,
             )
         records[name] = TensorRecord(name, path, dtype, shape, data_start + begin, end - begin)
+    _check_disjoint(path, records.values(), data_start)
     return records
+
+
+def _is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _header_entry(path, name, meta):
+    """(dtype, shape, begin, end) of one header entry, every field checked for type and sign."""
+    if not isinstance(meta, dict):
+        _fail(path, f"malformed header entry: expected an object with dtype, shape and data_offsets, got {meta!r:.80}", name)
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
+    if missing:
+        _fail(path, f"malformed header entry: missing {', '.join(missing)}", name)
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        _fail(path, f"unsupported safetensors dtype {dtype!r:.40}", name)
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        _fail(path, f"malformed header entry: shape must be a list of non-negative integers, got {shape!r:.80}", name)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        _fail(path, f"malformed header entry: data_offsets must be two non-negative integers, got {offsets!r:.80}", name)
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _check_disjoint(path, records, data_start):
+    """Fail when two tensors' data ranges overlap (a corrupt or hand-edited header)."""
+    spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in records if r.nbytes)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            _fail(
+                path,
+                f"data range [{b1 - data_start}, {e1 - data_start}) overlaps tensor '{n0}' "
+                f"[{b0 - data_start}, {e0 - data_start})",
+                n1,
+            )
 
 
 def _read_record(rec: TensorRecord) -> np.ndarray:
@@ -258,6 +292,42 @@ class QuantConfig:
 
 def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _quantizers(raw):
+    """The ``meta.quantizer`` entries of a quantization config as ``[(tool, version tuple)]``."""
+    meta = raw.get("meta") if isinstance(raw, dict) else None
+    entries = meta.get("quantizer") if isinstance(meta, dict) else None
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list):
+        return []
+    found = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            continue
+        tool, _, version = entry.partition(":")
+        numbers = tuple(int(m) for m in re.findall(r"\d+", version.split("+")[0])[:3])
+        found.append((tool.strip().lower(), numbers))
+    return found
+
+
+def v1_zero_encoding(quant_config):
+    """How the producer of a v1 GPTQ checkpoint applied the stored ``z - 1``, from ``meta.quantizer``.
+
+    ``"word"`` for GPTQModel 0.9.0 or later (it subtracts a per-field constant from each packed word, see
+    :mod:`cupyq.formats.gptq`), ``"field"`` for cupyq's own writer, None when the config does not name a
+    producer whose encoding is known (such files are read per field; :func:`zero_point_warnings` says where
+    that reading is uncertain). quant_config: a :class:`QuantConfig` or None.
+    """
+    if quant_config is None or quant_config.quant_method != "gptq":
+        return None
+    tools = _quantizers(quant_config.raw)
+    if any(tool == "gptqmodel" and version >= (0, 9, 0) for tool, version in tools):
+        return "word"
+    if any(tool == "cupyq" for tool, _ in tools):
+        return "field"
+    return None
 
 
 def _parse_gptq_config(d, source) -> QuantConfig:
@@ -435,6 +505,9 @@ class LayerInfo:
             agree, else None.
         act_order: GPTQ desc_act; EXL2 True unless the stored permutation is the identity.
         checkpoint_format: ``"gptq"`` / ``"gptq_v2"`` for GPTQ, None otherwise.
+        v1_encoding: for v1 GPTQ layers how the zeros are decoded, ``"field"`` or ``"word"``
+            (:func:`v1_zero_encoding`; ``"field"`` when the producer is unknown), None otherwise.
+        v1_encoding_known: False for a v1 GPTQ layer whose producer's encoding the config does not tell.
         nbytes: bytes of all the layer's tensors.
         tensors: the layer's tensor names.
     """
@@ -451,6 +524,8 @@ class LayerInfo:
     nbytes: int
     tensors: tuple
     bit_mix: tuple | None = None
+    v1_encoding: str | None = None
+    v1_encoding_known: bool = True
 
     @property
     def quantized(self) -> bool:
@@ -513,6 +588,13 @@ def _gptq_layer(prefix, parts, qcfg, tgi_params) -> LayerInfo:
     if g_idx is not None:
         _require_dtype(g_idx, ("I32", "I64"))
         _require_shape(g_idx, (k,), f" (in_features of qweight {list(qweight.shape)} at {bits} bits)")
+    elif act:
+        _fail(
+            qweight.file,
+            f"desc_act (act-order) layer without '{prefix}.g_idx': the group of each input row is not stored, "
+            "and reading the groups in sequence would give wrong weights",
+            qweight.name,
+        )
     groups = scales.shape[0]
     _require_shape(scales, (groups, n), " (groups x out_features)")
     _require_shape(qzeros, (groups, -(-n * bits // 32)), f" ({groups} groups x out_features*{bits}/32)")
@@ -534,6 +616,7 @@ def _gptq_layer(prefix, parts, qcfg, tgi_params) -> LayerInfo:
         _require_dtype(bias, _FLOAT_ST)
         _require_shape(bias, (n,), " (out_features)")
     weight_bytes = qweight.nbytes + qzeros.nbytes + scales.nbytes
+    encoding = v1_zero_encoding(qcfg) if fmt == "gptq" else None
     return LayerInfo(
         name=prefix,
         format="gptq",
@@ -546,6 +629,8 @@ def _gptq_layer(prefix, parts, qcfg, tgi_params) -> LayerInfo:
         checkpoint_format=fmt,
         nbytes=sum(r.nbytes for r in parts.values()),
         tensors=tuple(r.name for r in parts.values()),
+        v1_encoding=(encoding or "field") if fmt == "gptq" else None,
+        v1_encoding_known=fmt != "gptq" or encoding is not None,
     )
 
 
@@ -719,12 +804,21 @@ class Checkpoint:
         # TGI's own quantizer stores scalar tensors instead of a config file.
         if "gptq_bits" not in self.tensors:
             return None
-        bits = int(self.load_tensor("gptq_bits").reshape(-1)[0])
-        gs = int(self.load_tensor("gptq_groupsize").reshape(-1)[0]) if "gptq_groupsize" in self.tensors else None
+        bits = self._scalar_int("gptq_bits")
+        gs = self._scalar_int("gptq_groupsize") if "gptq_groupsize" in self.tensors else None
         if bits not in _GPTQ_BITS:
             rec = self.tensors["gptq_bits"]
             _fail(rec.file, f"expected one of {_GPTQ_BITS}, got {bits}", rec.name)
+        if gs is not None and not (gs == -1 or gs > 0):
+            rec = self.tensors["gptq_groupsize"]
+            _fail(rec.file, f"expected -1 or a positive group size, got {gs}", rec.name)
         return {"bits": bits, "group_size": gs}
+
+    def _scalar_int(self, name):
+        rec = self.tensors[name]
+        if rec.dtype not in ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64") or math.prod(rec.shape) != 1:
+            _fail(rec.file, f"expected one integer (a scalar integer tensor), got {rec.dtype} {list(rec.shape)}", name)
+        return int(self.load_tensor(name).reshape(-1)[0])
 
     def _detect_layers(self):
         gptq, exl2 = {}, {}
@@ -814,7 +908,7 @@ class Checkpoint:
             from cupyq.formats import exl2 as fx
 
             q_groups = self.load_tensor(name + ".q_groups")
-            invperm = self.load_tensor(name + ".q_invperm")
+            invperm = _unsigned_invperm(self.load_tensor(name + ".q_invperm"))
             qrows = self.tensors[name + ".q_weight"].shape[0]
             groups = self._wrap(name + ".q_groups", lambda: fx.parse_q_groups(q_groups, qrows, info.in_features))
             mix = {}
@@ -837,6 +931,10 @@ class Checkpoint:
         except (ValueError, TypeError) as exc:
             if isinstance(exc, CheckpointError):
                 raise
+            part = str(exc).split(":", 1)[0]
+            named = tensor.rsplit(".", 1)[0] + "." + part
+            if named in self.tensors:  # the check names the tensor it rejects
+                tensor = named
             rec = self.tensors.get(tensor)
             _fail(rec.file if rec else self.path, str(exc), tensor)
 
@@ -899,7 +997,7 @@ class Checkpoint:
         name = info.name
         out = {
             "q_weight": raw["q_weight"],
-            "q_invperm": raw["q_invperm"].astype(np.int32, copy=False),
+            "q_invperm": _unsigned_invperm(raw["q_invperm"]),
             "q_scale": raw["q_scale"],
             "q_scale_max": raw["q_scale_max"].astype(np.float16, copy=False),
             "q_groups": raw["q_groups"].astype(np.int16, copy=False),
@@ -940,6 +1038,8 @@ class Checkpoint:
                 t.get("bias"),
                 bits=info.bits[0],
                 checkpoint_format=info.checkpoint_format,
+                v1_encoding=info.v1_encoding or "field",
+                group_size=info.group_size,
                 device=device,
             )
         if info.format == "awq":
@@ -958,13 +1058,48 @@ class Checkpoint:
         t = self.load_layer(name)
         if info.format == "gptq":
             return reference.dequantize_gptq(
-                t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=info.bits[0], checkpoint_format=info.checkpoint_format
+                t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=info.bits[0],
+                checkpoint_format=info.checkpoint_format, v1_encoding=info.v1_encoding or "field",
+                group_size=info.group_size,
             )
         if info.format == "exl2":
             return reference.dequantize_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"])
         if info.format == "awq":
             return reference.dequantize_awq(t["qweight"], t["qzeros"], t["scales"], group_size=info.group_size)
         return np.ascontiguousarray(t["weight"].astype(np.float32).T)
+
+
+def _unsigned_invperm(q_invperm):
+    """int32 copy of a stored q_invperm; 16-bit values are read as unsigned (K up to 65535)."""
+    if q_invperm.dtype == np.int16:
+        q_invperm = q_invperm.view(np.uint16)
+    return q_invperm.astype(np.int32)
+
+
+def zero_point_warnings(ckpt) -> dict:
+    """Warnings about v1 zero points whose decoding is uncertain: ``{layer name: [message, ...]}``.
+
+    A v1 GPTQ layer is listed when the config does not name a producer whose encoding is known
+    (:func:`v1_zero_encoding`) and its ``qzeros`` hold an all-ones field (a true zero of 0): per-field and
+    word-wise writers store such layers differently, and cupyq reads them per field. Reads only the qzeros
+    of those layers. ckpt: an open :class:`Checkpoint`.
+    """
+    from cupyq.formats import gptq as fg
+
+    found = {}
+    for name, info in ckpt.layers.items():
+        if info.format != "gptq" or info.v1_encoding_known:
+            continue
+        rec = ckpt.tensors[name + ".qzeros"]
+        count = fg.ambiguous_v1_zeros(ckpt.load_tensor(rec.name), info.bits[0])
+        if count:
+            found[name] = [
+                f"{rec.file}: tensor '{rec.name}': {count} v1 zero point(s) of 0 (all-ones fields), and the "
+                "quantization config's meta.quantizer does not name the producer; read per field, which is wrong "
+                "for files written by GPTQModel (its v1 zeros borrow from the neighbouring field); "
+                "re-save the checkpoint as gptq_v2 or add meta.quantizer to the config"
+            ]
+    return found
 
 
 def _safetensors_files(directory):
@@ -1009,6 +1144,9 @@ def open_checkpoint(path) -> Checkpoint:
     tensors = {}
     for f in files:
         if not f.is_file():
+            if weight_map is None:
+                what = "a directory" if f.is_dir() else "a broken link" if f.is_symlink() else "not a regular file"
+                _fail(f, f"is {what}, not a safetensors file")
             _fail(directory / INDEX_FILE, f"names file '{f.name}', which does not exist")
         for name, rec in read_safetensors_header(f).items():
             if weight_map is not None and weight_map.get(name) != f.name:
@@ -1069,29 +1207,50 @@ def _write_safetensors(path, tensors):
 
 
 def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
+    """Write the files into a temporary directory beside ``directory``, then move them into place.
+
+    Every argument is checked and every file written before anything in ``directory`` is replaced, so a
+    bad argument or a failed write leaves an existing checkpoint as it was.
+    """
+    import os
+    import shutil
+    import uuid
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    stale = list(directory.glob("*.safetensors")) + list(directory.glob(INDEX_FILE))
-    if stale:
-        if not overwrite:
-            raise FileExistsError(f"{directory}: already holds {stale[0].name}; pass overwrite=True to replace")
+    if shard_bytes is not None and (not _is_int(shard_bytes) or shard_bytes <= 0):
+        raise ValueError(f"shard_bytes: expected a positive integer, got {shard_bytes!r}")
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory}: exists and is not a directory")
+    stale = sorted(directory.glob("*.safetensors")) + sorted(directory.glob(INDEX_FILE)) if directory.is_dir() else []
+    if stale and not overwrite:
+        raise FileExistsError(f"{directory}: already holds {stale[0].name}; pass overwrite=True to replace")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()  # default permissions, as the directory itself gets when it is new
+    try:
+        if shard_bytes is None:
+            _write_safetensors(staging / "model.safetensors", tensors)
+        else:
+            shards = _shards(tensors, int(shard_bytes))
+            weight_map = {}
+            for i, names in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                _write_safetensors(staging / fname, {n: tensors[n] for n in names})
+                weight_map.update({n: fname for n in names})
+            index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        for fname, content in configs.items():
+            (staging / fname).write_text(json.dumps(content, indent=2) + "\n")
+        if not directory.exists():
+            staging.rename(directory)
+            return directory
         for p in stale:
             p.unlink()
-    if shard_bytes is None:
-        _write_safetensors(directory / "model.safetensors", tensors)
-    else:
-        if not _is_int(shard_bytes) or shard_bytes <= 0:
-            raise ValueError(f"shard_bytes: expected a positive integer, got {shard_bytes!r}")
-        shards = _shards(tensors, int(shard_bytes))
-        weight_map = {}
-        for i, names in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors(directory / fname, {n: tensors[n] for n in names})
-            weight_map.update({n: fname for n in names})
-        index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    for fname, content in configs.items():
-        (directory / fname).write_text(json.dumps(content, indent=2) + "\n")
+        for p in sorted(staging.iterdir()):
+            p.replace(directory / p.name)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -1141,6 +1300,7 @@ def save_gptq(
     config=None,
     shard_bytes=None,
     overwrite=False,
+    write_format=None,
 ):
     """Write a Hugging Face GPTQ checkpoint directory.
 
@@ -1149,7 +1309,12 @@ def save_gptq(
         layers: ``{module name: quantize_gptq output}`` (``qweight``, ``qzeros``, ``scales``, ``g_idx``,
             optional ``bias``; NumPy, CuPy or torch), stored as ``<name>.qweight`` etc.
         bits, group_size, desc_act, sym, checkpoint_format: the settings the layers were made with
-            (each layer is checked against ``bits`` and ``group_size``).
+            (each layer is checked against ``bits`` and ``group_size``; ``checkpoint_format`` is the
+            format of the given ``qzeros``, v1 read per field as :func:`cupyq.quantize_gptq` writes it).
+        write_format: the zero-point format of the files: ``"gptq"`` (v1) or ``"gptq_v2"``. None writes
+            asymmetric layers (``sym=False``) as ``"gptq_v2"``, which every reader decodes the same way (v1
+            zeros of 0 are stored differently by different tools), and symmetric ones as ``checkpoint_format``.
+            The qzeros are converted when it differs from ``checkpoint_format``.
         extra_tensors: other tensors to store by full name (``lm_head.weight``, embeddings, norms...).
         config: base ``config.json`` content (e.g. the model config); ``quantization_config`` is added.
         shard_bytes: split into ``model-0000i-of-0000n.safetensors`` of at most this many bytes each
@@ -1166,6 +1331,10 @@ def save_gptq(
         raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
     if checkpoint_format not in _GPTQ_FORMATS:
         raise ValueError(f"checkpoint_format: expected one of {_GPTQ_FORMATS}, got {checkpoint_format!r}")
+    if write_format is None:
+        write_format = "gptq_v2" if not sym else checkpoint_format
+    if write_format not in _GPTQ_FORMATS:
+        raise ValueError(f"write_format: expected one of {_GPTQ_FORMATS} or None, got {write_format!r}")
 
     def check(t):
         for part in ("qweight", "qzeros", "scales"):
@@ -1177,14 +1346,20 @@ def save_gptq(
             raise ValueError(f"scales: {layout.groups} groups, but group_size {group_size} over {layout.in_features} rows needs {groups}")
 
     tensors = _collect(layers, _GPTQ_PARTS, extra_tensors, check)
+    if write_format != checkpoint_format:
+        for lname in layers:
+            key = f"{lname}.qzeros"
+            n = tensors[f"{lname}.scales"].shape[1]
+            zeros = fg.unpack_qzeros(tensors[key], bits, n, checkpoint_format=checkpoint_format)
+            tensors[key] = fg.pack_qzeros(zeros, bits, checkpoint_format=write_format)
     qcfg = {
         "quant_method": "gptq",
         "bits": int(bits),
         "group_size": int(group_size),
         "desc_act": bool(desc_act),
         "sym": bool(sym),
-        "format": checkpoint_format,
-        "checkpoint_format": checkpoint_format,
+        "format": write_format,
+        "checkpoint_format": write_format,
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"cupyq:{_cupyq_version()}"]},
     }

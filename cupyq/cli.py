@@ -306,10 +306,18 @@ def cmd_inspect(args):
         + (f" at {mean:.3f} bits/weight" if mean else "")
         + f"; {_human_bytes(totals['layer_bytes'])} in layers, {_human_bytes(totals['file_bytes'])} on disk"
     )
+    warnings_ = _zero_point_warnings(ckpt)
+    lines += [f"warning: {w}" for w in warnings_]
     payload = {"path": str(ckpt.path), "quantization_config": _quant_config_payload(qc),
-               "layers": [_layer_payload(i) for i in infos], "totals": totals}
+               "layers": [_layer_payload(i) for i in infos], "totals": totals, "warnings": warnings_}
     _emit(args, payload, "\n".join(lines))
     return EXIT_OK
+
+
+def _zero_point_warnings(ckpt):
+    from cupyq.checkpoint import zero_point_warnings
+
+    return [m for msgs in zero_point_warnings(ckpt).values() for m in msgs]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,6 +437,8 @@ def cmd_verify(args):
             lines.append(("sample " if is_sample else "") + key)
             lines.append(format_table(sub, cols))
             lines.append("")
+    warnings_ = [w for ckpt in checkpoints for w in _zero_point_warnings(ckpt)]
+    lines += [f"warning: {w}" for w in warnings_]
     lines.append(f"mode: {mode}")
     lines.append(
         f"tolerance: relative error <= {args.tolerance:g}; "
@@ -442,6 +452,7 @@ def cmd_verify(args):
         "sample": is_sample,
         "passed": not failed,
         "layers": rows,
+        "warnings": warnings_,
     }
     _emit(args, payload, "\n".join(lines))
     return EXIT_FAIL if failed else EXIT_OK

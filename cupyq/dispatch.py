@@ -96,16 +96,11 @@ def _gemm_reference(x, qm: QMatrix, out, kind):
         warnings.warn("cupyq: no GPU kernel ran; the product was computed by the float32 reference", RuntimeWarning,
                       stacklevel=3)
         _warned_cpu = True
-    from cupyq import reference
-
-    w = qm._cpu.get("_w")
-    if w is None:
-        w = qm._cpu["_w"] = qm.reference_weight()
     if kind == "torch":
         import torch
 
         x_np = x.detach().float().numpy()
-        y = torch.from_numpy(reference.matmul(x_np, w, qm._bias_host)).to(x.dtype)
+        y = torch.from_numpy(qm.reference_product(x_np)).to(x.dtype)
         if out is not None:
             _check_out(out, x, qm, lambda t: t.is_contiguous())
             out.copy_(y)
@@ -114,7 +109,7 @@ def _gemm_reference(x, qm: QMatrix, out, kind):
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
-    y = reference.matmul(x, w, qm._bias_host).astype(x.dtype, copy=False)
+    y = qm.reference_product(x).astype(x.dtype, copy=False)
     if out is not None:
         _check_out(out, x, qm, lambda a: a.flags.c_contiguous)
         out[...] = y

@@ -503,6 +503,8 @@ def create_exllama_buffers(max_total_tokens=None):
 def _validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize):
     from cupyq.formats import gptq
 
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"bits: expected an integer (4), got {type(bits).__name__} {bits!r}")
     if bits != 4:
         raise ValueError(
             f"cupyq.exllamav2.QuantLinear supports only bits=4 GPTQ layers, got bits={bits}; "
@@ -594,8 +596,15 @@ class QuantLinear(nn.Module):
     def _init_tgi(self, weight, bias):
         self.bias = None if _is_absent(bias) else bias
         if hasattr(weight, "q_weight"):
+            fields, _ = _weight_fields(weight)
+            absent = [k for k in ("q_scale", "q_scale_max", "q_groups") if _is_absent(fields.get(k))]
+            perm = fields.get("q_invperm") if not _is_absent(fields.get("q_invperm")) else fields.get("q_perm")
+            if _is_absent(perm):
+                absent.insert(0, "q_invperm (or q_perm)")
+            if absent:
+                raise ValueError(f"weight: EXL2 weight object ({type(weight).__name__}) has no {', '.join(absent)}")
             self.bits = None
-            self.infeatures = int(weight.q_invperm.shape[0])
+            self.infeatures = int(perm.shape[0])
             self.outfeatures = int(weight.q_weight.shape[1])
             self.device = weight.q_weight.device
             self.q_tensors = weight

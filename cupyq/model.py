@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 from cupyq.checkpoint import Checkpoint, open_checkpoint
@@ -26,6 +27,106 @@ def _parent_and_attr(model, name):
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
+def _padded_width(info, linear):
+    """True when an EXL2 layer's stored width is the module's out_features padded (by fewer than 32 columns)."""
+    return info.format == "exl2" and linear.out_features < info.out_features < linear.out_features + 32
+
+
+@functools.lru_cache(maxsize=1)
+def _trimmed_class():
+    """The QuantizedLinear subclass for EXL2 matrices wider than their module (made once, when torch is loaded)."""
+    from cupyq.torch_ops import QuantizedLinear
+
+    class TrimmedQuantizedLinear(QuantizedLinear):
+        """QuantizedLinear returning only the first ``out_features`` columns (EXL2 pads N to a multiple of 32);
+        ``stored_out_features`` is the matrix's width."""
+
+        def __init__(self, qm, out_features):
+            super().__init__(qm)
+            self.stored_out_features = self.out_features
+            self.out_features = int(out_features)
+
+        def forward(self, x):
+            return super().forward(x)[..., : self.out_features]
+
+    return TrimmedQuantizedLinear
+
+
+def _materialise_device(device, path):
+    """The torch device that tensors of a meta-device model are created on."""
+    import torch
+
+    if device is None:
+        raise ValueError(
+            f"{path}: the model has parameters on the meta device; pass device= (e.g. 'cuda' or 'cpu') to say "
+            "where patch_model creates them"
+        )
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _recompute_buffers(model, skip, device):
+    """Fresh values of the non-persistent buffers on the meta device (rotary ``inv_freq`` and the like).
+
+    Such buffers are computed by their module's constructor, never stored; each owning module is built
+    again on ``device`` from its ``config`` (the Hugging Face convention). Modules inside ``skip`` (the
+    replaced layers) are left out. Returns ({"module.buffer": tensor}, [names that cannot be rebuilt]).
+    """
+    import torch
+
+    values, missing = {}, []
+    for mname, module in model.named_modules():
+        if any(mname == s or mname.startswith(s + ".") for s in skip):
+            continue
+        names = [b for b in module._non_persistent_buffers_set if getattr(module, b, None) is not None
+                 and module._buffers[b].is_meta]
+        if not names:
+            continue
+        fresh = None
+        config = getattr(module, "config", None)
+        if config is not None:
+            try:
+                with torch.device(device):
+                    fresh = type(module)(config)
+            except Exception:  # noqa: BLE001 - any failure means the module cannot be rebuilt this way
+                fresh = None
+        for b in names:
+            full = f"{mname}.{b}" if mname else b
+            value = None if fresh is None else fresh._buffers.get(b)
+            if value is None or value.is_meta or tuple(value.shape) != tuple(module._buffers[b].shape):
+                missing.append(full)
+            else:
+                values[full] = value.to(device)
+    return values, missing
+
+
+def _meta_names(model):
+    """Qualified names of the parameters and buffers (persistent or not) still on the meta device."""
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    return names + [n for n, b in model.named_buffers(remove_duplicate=False) if b is not None and b.is_meta]
+
+
+def _set_tensor(model, name, value):
+    """Put ``value`` in place of the parameter or buffer ``name`` (a Parameter keeps its requires_grad)."""
+    import torch
+
+    parent, attr = _parent_and_attr(model, name)
+    old = parent._parameters.get(attr)
+    if old is not None:
+        parent._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+        return old, parent._parameters[attr]
+    old = parent._buffers[attr]
+    parent._buffers[attr] = value
+    return old, value
+
+
+def _tensor_of(model, name):
+    parent, attr = _parent_and_attr(model, name)
+    return parent._parameters.get(attr, parent._buffers.get(attr))
+
+
 def patch_model(model, checkpoint_dir, *, device=None):
     """Replace the model's quantized linear layers and load its other weights from a checkpoint.
 
@@ -42,10 +143,19 @@ def patch_model(model, checkpoint_dir, *, device=None):
         device: where the quantized matrices live: ``"cpu"`` (the float32 reference path), ``"cuda"``,
             ``"cuda:1"``, a ``torch.device``; None uses the device of each replaced layer's weight.
 
+    A model built on the meta device (``with torch.device("meta"): model = ...``, so the full-precision
+    weights are never allocated) is materialised on ``device``: checkpoint tensors become new parameters
+    (tied parameters stay tied), non-persistent buffers such as rotary ``inv_freq`` are recomputed by
+    building their module again from its ``config``; ``device`` is then required.
+
+    An EXL2 layer whose stored width is the module's ``out_features`` padded (converters pad N to a
+    multiple of 32, e.g. a 32001-row ``lm_head`` stored as 32032) is accepted; the padding columns are
+    dropped from its output.
+
     Returns the model. Raises ValueError (nothing is modified) when a quantized layer has no
-    ``nn.Linear`` of that name, its features differ, or a loaded tensor's shape differs from the
-    model's; warns about checkpoint tensors the model has no place for and about parameters the
-    checkpoint leaves untouched.
+    ``nn.Linear`` of that name, its features differ, a loaded tensor's shape differs from the
+    model's, or a parameter or buffer would stay on the meta device (naming it); warns about
+    checkpoint tensors the model has no place for and about parameters the checkpoint leaves untouched.
     """
     import torch
 
@@ -62,6 +172,8 @@ def patch_model(model, checkpoint_dir, *, device=None):
         raise ValueError(f"{ckpt.path}: {len(not_linear)} quantized layer(s) match no torch.nn.Linear of the model: {shown}")
     for name in quantized:
         info, linear = ckpt.layers[name], modules[name]
+        if info.in_features == linear.in_features and _padded_width(info, linear):
+            continue
         if (info.in_features, info.out_features) != (linear.in_features, linear.out_features):
             raise ValueError(
                 f"{ckpt.path}: layer '{name}' is {info.format} with in_features={info.in_features}, "
@@ -87,16 +199,56 @@ def patch_model(model, checkpoint_dir, *, device=None):
             )
         to_load.append((tname, target))
 
+    meta_dev, buffers = None, {}
+    if any(t.is_meta for _, t in to_load) or any(n not in replaced_params for n in _meta_names(model)):
+        meta_dev = _materialise_device(device, ckpt.path)
+        buffers, missing = _recompute_buffers(model, quantized, meta_dev)
+        loading = {t for t, _ in to_load}
+        # tied parameters share one tensor: loading any of its names materialises all of them
+        loaded_ids = {id(state[t]) for t in loading}
+        left = [
+            n for n in _meta_names(model)
+            if n not in replaced_params and n not in loading and n not in buffers and id(_tensor_of(model, n)) not in loaded_ids
+        ]
+        left += [m for m in missing if m not in left]
+        if left:
+            shown = ", ".join(left[:5]) + (" ..." if len(left) > 5 else "")
+            raise ValueError(
+                f"{ckpt.path}: {len(left)} model tensor(s) on the meta device are neither in the checkpoint nor "
+                f"recomputable: {shown}"
+            )
+
     for name in quantized:
         qm = ckpt.qmatrix(name, device=devices[name])
         parent, attr = _parent_and_attr(model, name)
-        setattr(parent, attr, QuantizedLinear(qm))
+        linear = modules[name]
+        if qm.out_features != linear.out_features:
+            setattr(parent, attr, _trimmed_class()(qm, linear.out_features))
+        else:
+            setattr(parent, attr, QuantizedLinear(qm))
     loaded = set()
     with torch.no_grad():
+        replaced = {}  # id(old meta tensor) -> its materialised replacement, to keep tied parameters tied
         for tname, target in to_load:
             value = torch.from_numpy(ckpt.load_tensor(tname))
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
+            if target.is_meta:
+                if id(target) not in replaced:
+                    _, new = _set_tensor(model, tname, value.to(device=meta_dev, dtype=target.dtype))
+                    replaced[id(target)] = new
+            else:
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
             loaded.add(tname)
+        for bname, value in buffers.items():
+            _set_tensor(model, bname, value)
+        if replaced:
+            for n, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+                if p is not None and p.is_meta and id(p) in replaced:
+                    parent, attr = _parent_and_attr(model, n)
+                    store = parent._parameters if attr in parent._parameters else parent._buffers
+                    store[attr] = replaced[id(p)]
+    still = _meta_names(model)
+    if still:  # cannot happen after the check above; a last guard against returning meta outputs
+        raise ValueError(f"{ckpt.path}: tensors still on the meta device after loading: {', '.join(still[:5])}")
 
     if unused:
         shown = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")

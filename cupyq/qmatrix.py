@@ -85,6 +85,8 @@ class QMatrix:
         *,
         bits: int = 4,
         checkpoint_format: str = "gptq",
+        v1_encoding: str = "field",
+        group_size=None,
         device=None,
     ) -> "QMatrix":
         """Prepare a GPTQ matrix.
@@ -93,34 +95,44 @@ class QMatrix:
         qzeros: int32 [G, N*bits/32], zero points packed along the columns; v1 ("gptq") stores zero - 1,
             v2 ("gptq_v2") the zero itself.
         scales: float16/bfloat16/float32 [G, N].
-        g_idx: int32/int64 [K] group of each input row (act-order when not monotonic), or None for k // (K/G).
+        g_idx: int32/int64 [K] group of each input row (act-order when not monotonic), or None for
+            k // group_size.
         bias: float [N] or None.
-        bits: 2, 3, 4 or 8. device: None (where the tensors are; NumPy -> CPU), "cpu", an int or "cuda:N".
-        Arrays may be NumPy, CuPy or torch; none is modified.
+        bits: 2, 3, 4 or 8. v1_encoding: how v1 zeros were written, "field" or "word"
+            (:mod:`cupyq.formats.gptq`; ignored for v2).
+        group_size: rows per group (-1: one group), checked against G; None infers ceil(K / G) (used only
+            without g_idx; pass the checkpoint's setting, as a guess is wrong for act-order layers).
+        device: None (where the tensors are; NumPy -> CPU), "cpu", an int or "cuda:N".
+        Arrays may be NumPy, CuPy or torch; none is modified, and none is referenced afterwards.
         """
         layout = _gptq.check_gptq(qweight, qzeros, scales, g_idx, bits)
         if checkpoint_format not in ("gptq", "gptq_v2"):
             raise ValueError(f"checkpoint_format: expected 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+        if v1_encoding not in _gptq.V1_ENCODINGS:
+            raise ValueError(f"v1_encoding: expected one of {_gptq.V1_ENCODINGS}, got {v1_encoding!r}")
+        if g_idx is None or group_size is not None:
+            group_size = _gptq.check_group_size(layout.in_features, layout.groups, group_size)
         self = object.__new__(cls)
         self.format = "gptq"
         self.in_features = layout.in_features
         self.out_features = layout.out_features
         self.bits = (int(bits),)
         self.checkpoint_format = checkpoint_format
+        self.v1_encoding = v1_encoding
         self._bpw = float(bits)
         groups = layout.groups
         self.device_id, self.input_kind = _resolve_device((qweight, qzeros, scales, g_idx, bias), device)
         g_host = reference.to_numpy(g_idx)
         if g_host is None:
-            g_host = _gptq.default_g_idx(self.in_features, -(-self.in_features // groups) if groups > 1 else -1)
+            g_host = _gptq.default_g_idx(self.in_features, group_size)
         g_host = g_host.astype(np.int64)
         self.act_order = bool(np.any(np.diff(g_host) < 0))
-        self.group_size = -1 if groups == 1 else -(-self.in_features // groups)
+        self.group_size = group_size if group_size is not None else -1 if groups == 1 else -(-self.in_features // groups)
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
-                qweight=reference.to_numpy(qweight),
-                qzeros=reference.to_numpy(qzeros),
+                qweight=_host_copy(qweight),
+                qzeros=_host_copy(qzeros),
                 scales=reference.to_numpy(scales).astype(np.float32),
                 g_idx=g_host.astype(np.int32),
             )
@@ -132,7 +144,7 @@ class QMatrix:
             q = _gptq.unpack_qweight(_to_cupy(qweight, self.device_id), bits, xp=cupy)
             zeros = _gptq.unpack_qzeros(
                 _to_cupy(qzeros, self.device_id), bits, self.out_features, checkpoint_format=checkpoint_format,
-                xp=cupy,
+                v1_encoding=v1_encoding, xp=cupy,
             )
             s = _to_cupy(scales, self.device_id)
             identity = np.array_equal(perm, np.arange(self.in_features))
@@ -174,11 +186,11 @@ class QMatrix:
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
-                q_weight=reference.to_numpy(q_weight),
-                q_invperm=reference.to_numpy(q_invperm),
-                q_scale=reference.to_numpy(q_scale),
-                q_scale_max=reference.to_numpy(q_scale_max),
-                q_groups=reference.to_numpy(q_groups),
+                q_weight=_host_copy(q_weight),
+                q_invperm=_host_copy(q_invperm),
+                q_scale=_host_copy(q_scale),
+                q_scale_max=_host_copy(q_scale_max),
+                q_groups=_host_copy(q_groups),
             )
             return self
         import cupy
@@ -301,11 +313,34 @@ class QMatrix:
         if self.format == "gptq":
             return reference.dequantize_gptq(
                 c["qweight"], c["qzeros"], c["scales"], c["g_idx"], bits=self.bits[0],
-                checkpoint_format=self.checkpoint_format,
+                checkpoint_format=self.checkpoint_format, v1_encoding=self.v1_encoding,
             )
         if self.format == "awq":
             return reference.dequantize_awq(c["qweight"], c["qzeros"], c["scales"], group_size=self.group_size)
         return reference.dequantize_exl2(c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"])
+
+    def reference_product(self, x, *, block_rows=None) -> np.ndarray:
+        """float32 NumPy ``x @ W + bias`` of a CPU matrix, W dequantised a block of rows at a time.
+
+        x: float [..., K] (NumPy or CPU torch). Memory beyond x and the result is one block of float32
+        rows (about 16 MiB, or ``block_rows`` rows); no copy of W is kept. Equals
+        ``reference.matmul(x, self.reference_weight(), self.bias)`` up to float32 rounding of the sums.
+        """
+        if self.device_id is not None:
+            raise ValueError(f"reference_product: the matrix lives on cuda:{self.device_id}; use cupyq.gemm")
+        c = self._cpu
+        if self.format == "gptq":
+            return reference.matmul_gptq(
+                x, c["qweight"], c["qzeros"], c["scales"], c["g_idx"], self._bias_host, bits=self.bits[0],
+                checkpoint_format=self.checkpoint_format, v1_encoding=self.v1_encoding, block_rows=block_rows,
+            )
+        if self.format == "awq":
+            return reference.matmul_awq(x, c["qweight"], c["qzeros"], c["scales"], self._bias_host,
+                                        group_size=self.group_size, block_rows=block_rows)
+        return reference.matmul_exl2(
+            x, c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"], self._bias_host,
+            block_rows=block_rows,
+        )
 
     def dequantize(self, dtype="float16"):
         """The dequantised weight [K, N] in original row order, float16 (or bfloat16 on a GPU).
@@ -367,6 +402,11 @@ class QMatrix:
             if hasattr(self, name):
                 setattr(self, name, None)
         self._plans = {}
+
+
+def _host_copy(a):
+    """A NumPy array of its own holding the data of a (NumPy, CPU torch or CuPy array)."""
+    return np.array(reference.to_numpy(a), copy=True)
 
 
 def _to_bf16_bits(a: np.ndarray) -> np.ndarray:

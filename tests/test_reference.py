@@ -65,10 +65,10 @@ def test_dequantize_gptq_v1_vs_v2_zero_conventions():
     np.testing.assert_array_equal(w1[:, 0], scales[0, 0].astype(np.float32) * q[:, 0])
 
 
-def test_dequantize_gptq_needs_g_idx_when_groups_do_not_divide_k():
+def test_dequantize_gptq_needs_g_idx_or_group_size_when_groups_cannot_be_inferred():
     rng = np.random.default_rng(3)
-    t, *_ = gptq_case(rng, 4, 96, 8, 5)
-    with pytest.raises(ValueError, match=r"g_idx: required when in_features \(96\) is not a multiple of the number of groups \(5\)"):
+    t, *_ = gptq_case(rng, 4, 96, 8, 50)
+    with pytest.raises(ValueError, match=r"group_size: 50 groups cannot split 96 input rows evenly; pass group_size"):
         dequantize_gptq(t["qweight"], t["qzeros"], t["scales"])
     with pytest.raises(ValueError, match="checkpoint_format"):
         dequantize_gptq(**t, checkpoint_format="awq")

@@ -21,6 +21,7 @@ __all__ = [
     "require_ndim",
     "require_shape",
     "require_bits",
+    "require_finite",
     "unit_rows",
     "to_host_ints",
 ]
@@ -96,10 +97,31 @@ def require_shape(name: str, a, expected) -> None:
 
 
 def require_bits(name: str, bits, allowed) -> int:
-    """Raise ``ValueError`` unless ``bits`` is an integer in ``allowed``; return it as ``int``."""
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or int(bits) not in allowed:
+    """Return ``bits`` as ``int``; raise ``TypeError`` unless it is an integer (not a string, float or bool)
+    and ``ValueError`` unless it is in ``allowed``."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, one of {tuple(allowed)}, got {type(bits).__name__} {bits!r}")
+    if int(bits) not in allowed:
         raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {bits!r}")
     return int(bits)
+
+
+def require_finite(name: str, a) -> None:
+    """Raise ``ValueError`` unless every value of the float array ``a`` (NumPy, CuPy or torch) is finite.
+
+    Message example: ``"scales: expected finite values, got 2 NaN/Inf, the first at index (0, 5)"``.
+    """
+    if hasattr(a, "detach"):  # torch
+        bad = ~a.detach().isfinite()
+        count = int(bad.sum())
+        first = tuple(int(i) for i in bad.nonzero()[0]) if count else None
+    else:
+        xp = array_module(a)
+        bad = ~xp.isfinite(a)
+        count = int(bad.sum())
+        first = tuple(int(i) for i in xp.argwhere(bad)[0]) if count else None
+    if count:
+        raise ValueError(f"{name}: expected finite values, got {count} NaN/Inf, the first at index {first}")
 
 
 def unit_rows(bits: int) -> int:
@@ -110,8 +132,11 @@ def unit_rows(bits: int) -> int:
     return 32 // math.gcd(int(bits), 32)
 
 
-def to_host_ints(a) -> list[int]:
-    """A small integer array (NumPy, CuPy, torch, or a sequence) as a Python list of ints."""
+def to_host_ints(a, name="values") -> list[int]:
+    """A small integer array (NumPy, CuPy, torch, or a sequence) as a Python list of ints.
+
+    Raises ValueError naming ``name`` for a value that is not a whole number (4.5, NaN).
+    """
     if hasattr(a, "detach"):  # torch
         a = a.detach().cpu()
     elif type(a).__module__.split(".", 1)[0] == "cupy":
@@ -120,4 +145,10 @@ def to_host_ints(a) -> list[int]:
         values = a.tolist()
     else:
         values = list(a)
-    return [int(v) for v in np.asarray(values).reshape(-1).tolist()]
+    flat = np.asarray(values).reshape(-1).tolist()
+    for v in flat:
+        if isinstance(v, bool) or not isinstance(v, (numbers.Integral, float)) or (
+            isinstance(v, float) and not v.is_integer()
+        ):
+            raise ValueError(f"{name}: expected integers, got {v!r}")
+    return [int(v) for v in flat]

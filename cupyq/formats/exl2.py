@@ -29,6 +29,7 @@ from cupyq.formats.bitstream import (
 from cupyq.formats.common import (
     array_module,
     require_dtype,
+    require_finite,
     require_integer,
     require_ndim,
     require_shape,
@@ -80,7 +81,7 @@ class Exl2Layout(NamedTuple):
 
 def _parse_pairs(q_groups, num_qrows):
     """Validate the (bits, first packed row) pairs; return (bits, qrow_starts, qrows) lists."""
-    values = to_host_ints(q_groups)
+    values = to_host_ints(q_groups, "q_groups")
     if not values or len(values) % 2:
         raise ValueError(f"q_groups: expected a non-empty even number of entries (pairs of width, first packed row), got {len(values)}")
     num_qrows = int(num_qrows)
@@ -327,7 +328,7 @@ def check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups) -> Exl2Layou
     q_weight: int32 [Q, N] (N a multiple of 8); q_invperm: int16/int32/int64 [K], a permutation of 0..K-1,
     1 <= K <= 65535; q_scale: int32 [G, N/8]; q_scale_max: float16/float32 [G]; q_groups: int16/int32 [2G]
     (widths in ``EXL2_BITS``, descending, rows consistent with Q and K). Works on NumPy, CuPy and torch.
-    Raises TypeError (dtype) or ValueError (shape, order, range) naming the tensor.
+    Raises TypeError (dtype) or ValueError (shape, order, range, NaN/Inf q_scale_max) naming the tensor.
     """
     require_dtype("q_weight", q_weight, "int32")
     require_ndim("q_weight", q_weight, 2)
@@ -351,4 +352,5 @@ def check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups) -> Exl2Layou
     require_shape("q_groups", q_groups, (2 * num_groups,))
     groups = parse_q_groups(q_groups, num_qrows, in_features)
     perm_from_invperm(q_invperm)
+    require_finite("q_scale_max", q_scale_max)
     return Exl2Layout(in_features, out_features, tuple(groups))

@@ -7,8 +7,11 @@ Tensors of one linear layer (K = in_features, N = out_features, G = groups, b = 
   little-endian bit stream (rows 10 and 21 straddle words). Both are the bit stream of
   :mod:`cupyq.formats.bitstream`.
 - ``qzeros`` int32 [G, ceil(N*b/32)]: zero points packed the same way along the output columns.
-  v1 (``checkpoint_format="gptq"``) stores ``(z - 1) & (2**b - 1)`` per field, so a true zero of 0 is stored
-  as all ones; v2 (``"gptq_v2"``) stores ``z``.
+  v1 (``checkpoint_format="gptq"``) stores ``z - 1``, so a true zero of 0 is stored as all ones; v2
+  (``"gptq_v2"``) stores ``z``. Producers of v1 disagree on how the ``-1`` is applied (``v1_encoding``):
+  ``"field"`` subtracts in each field on its own, ``"word"`` subtracts the per-field constant from the whole
+  packed word (4-bit ``0x11111111``, 2-bit ``0x55555555``, 8-bit ``0x01010101``), so a zero of 0 also borrows
+  1 from the next field of the word. The two agree unless some zero is 0; 3-bit zeros are always per field.
 - ``scales`` float [G, N]; ``g_idx`` int [K]: group of each input row.
 
 Dequantised weight: ``W[k, n] = scales[g, n] * (q[k, n] - z[g, n])`` with ``g = g_idx[k]``.
@@ -29,6 +32,7 @@ from cupyq.formats.bitstream import (
 from cupyq.formats.common import (
     require_bits,
     require_dtype,
+    require_finite,
     require_integer,
     require_ndim,
     require_shape,
@@ -46,10 +50,17 @@ __all__ = [
     "pack_qzeros",
     "default_g_idx",
     "check_gptq",
+    "check_group_size",
+    "V1_ENCODINGS",
+    "V1_WORD_ONES",
+    "ambiguous_v1_zeros",
 ]
 
 GPTQ_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+V1_ENCODINGS = ("field", "word")
+# The constant a word-wise v1 writer subtracts from each packed zero-point word (one 1 per field).
+V1_WORD_ONES = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
 
 _FLOAT_NAMES = ("float16", "float32", "bfloat16", "float64")
 
@@ -67,6 +78,12 @@ def _check_format(checkpoint_format) -> str:
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format: expected one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
     return checkpoint_format
+
+
+def _check_encoding(v1_encoding) -> str:
+    if v1_encoding not in V1_ENCODINGS:
+        raise ValueError(f"v1_encoding: expected one of {V1_ENCODINGS}, got {v1_encoding!r}")
+    return v1_encoding
 
 
 def _packed_width(columns: int, bits: int) -> int:
@@ -108,22 +125,28 @@ def pack_qweight(q, bits, xp=None):
         raise ValueError(str(err).replace("values:", "q:", 1)) from None
 
 
-def unpack_qzeros(qzeros, bits, out_features, *, checkpoint_format="gptq", xp=None):
+def unpack_qzeros(qzeros, bits, out_features, *, checkpoint_format="gptq", v1_encoding="field", xp=None):
     """Decode GPTQ ``qzeros`` into true zero points.
 
     qzeros: int32 [G, ceil(out_features*bits/32)], fields packed along the columns (4-bit: column ``n`` at
         word ``n // 8``, shift ``4 * (n % 8)``; 3-bit: a bit stream along the columns).
-    checkpoint_format: ``"gptq"`` (v1: true zero = ``(stored + 1) & (2**bits - 1)``, applied per field, so a
-        stored all-ones field means 0) or ``"gptq_v2"`` (stored as is).
+    checkpoint_format: ``"gptq"`` (v1: stored ``z - 1``) or ``"gptq_v2"`` (stored as is).
+    v1_encoding: how a v1 file applied the ``-1`` (module docstring): ``"field"`` decodes
+        ``(stored + 1) & (2**bits - 1)`` per field; ``"word"`` adds the per-field constant to each whole
+        uint32 word, carries included, then unpacks (3-bit: per field either way). Ignored for v2.
     Returns uint8 [G, out_features].
     """
     xp = resolve_xp(qzeros, xp)
     bits = require_bits("bits", bits, GPTQ_BITS)
     checkpoint_format = _check_format(checkpoint_format)
+    v1_encoding = _check_encoding(v1_encoding)
     require_dtype("qzeros", qzeros, ("int32", "uint32"))
     require_ndim("qzeros", qzeros, 2)
     out_features = int(out_features)
     require_shape("qzeros", qzeros, (None, _packed_width(out_features, bits)))
+    if checkpoint_format == "gptq" and v1_encoding == "word" and bits in V1_WORD_ONES:
+        words = xp.ascontiguousarray(qzeros).view(xp.uint32) + xp.uint32(V1_WORD_ONES[bits])  # wraps mod 2**32
+        return unpack_bitstream_columns(words.view(xp.int32), bits, out_features, xp=xp)
     zeros = unpack_bitstream_columns(qzeros, bits, out_features, xp=xp)
     if checkpoint_format == "gptq":
         zeros = zeros + xp.uint8(1)  # uint8 wrap-around is harmless: the mask below is at most 0xFF
@@ -131,16 +154,19 @@ def unpack_qzeros(qzeros, bits, out_features, *, checkpoint_format="gptq", xp=No
     return zeros
 
 
-def pack_qzeros(zeros, bits, *, checkpoint_format="gptq", xp=None):
+def pack_qzeros(zeros, bits, *, checkpoint_format="gptq", v1_encoding="field", xp=None):
     """Pack true zero points into GPTQ ``qzeros``.
 
-    zeros: integer [G, N], values in ``[0, 2**bits)``. checkpoint_format: ``"gptq"`` stores
-    ``(z - 1) & (2**bits - 1)`` per field (true zero 0 -> all ones), ``"gptq_v2"`` stores ``z``.
+    zeros: integer [G, N], values in ``[0, 2**bits)``. checkpoint_format: ``"gptq"`` stores ``z - 1``
+    (``v1_encoding="field"``: ``(z - 1) & (2**bits - 1)`` per field, true zero 0 -> all ones; ``"word"``: the
+    packed v2 words minus the per-field constant, borrows included, as word-wise writers do; 3-bit: per
+    field either way), ``"gptq_v2"`` stores ``z``.
     Returns int32 [G, ceil(N*bits/32)] packed along the columns.
     """
     xp = resolve_xp(zeros, xp)
     bits = require_bits("bits", bits, GPTQ_BITS)
     checkpoint_format = _check_format(checkpoint_format)
+    v1_encoding = _check_encoding(v1_encoding)
     require_integer("zeros", zeros)
     require_ndim("zeros", zeros, 2)
     if zeros.size:
@@ -148,6 +174,9 @@ def pack_qzeros(zeros, bits, *, checkpoint_format="gptq", xp=None):
         if lo < 0 or hi >= 1 << bits:
             raise ValueError(f"zeros: values must lie in [0, {1 << bits}) for {bits}-bit zeros, got range [{lo}, {hi}]")
     stored = zeros.astype(xp.int32)
+    if checkpoint_format == "gptq" and v1_encoding == "word" and bits in V1_WORD_ONES:
+        words = pack_bitstream_columns(stored, bits, xp=xp).view(xp.uint32) - xp.uint32(V1_WORD_ONES[bits])
+        return words.view(xp.int32)
     if checkpoint_format == "gptq":
         stored -= 1
         stored &= (1 << bits) - 1
@@ -170,13 +199,60 @@ def default_g_idx(in_features, group_size, xp=None):
     return xp.arange(in_features, dtype=xp.int32) // xp.int32(group_size)
 
 
+def check_group_size(in_features, groups, group_size=None) -> int:
+    """The rows per group of a layer of ``in_features`` rows and ``groups`` groups (-1: one group).
+
+    group_size: the checkpoint's setting, checked against the shapes (``ceil(in_features / group_size)``
+    groups, 1 for -1); None infers it: -1 for one group, else ``ceil(in_features / groups)``, which must
+    give back ``groups``. Raises ValueError naming ``group_size`` when the sizes disagree.
+    """
+    in_features, groups = int(in_features), int(groups)
+    if group_size is None:
+        group_size = -1 if groups == 1 else -(-in_features // groups)
+        if groups > 1 and -(-in_features // group_size) != groups:
+            raise ValueError(
+                f"group_size: {groups} groups cannot split {in_features} input rows evenly; pass group_size explicitly"
+            )
+        return group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or not (
+        group_size == -1 or group_size > 0
+    ):
+        raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
+    group_size = int(group_size)
+    expected = 1 if group_size == -1 else -(-in_features // group_size)
+    if expected != groups:
+        raise ValueError(
+            f"group_size: {group_size} over {in_features} input rows needs {expected} groups, "
+            f"but scales/qzeros have {groups}"
+        )
+    return group_size
+
+
+def ambiguous_v1_zeros(qzeros, bits) -> int:
+    """Number of all-ones zero-point fields in v1 ``qzeros`` (int32 [G, ceil(N*bits/32)], NumPy).
+
+    Such a field is a true zero of 0, which per-field and word-wise v1 writers (see the module docstring)
+    store differently, so a file of unknown producer with one cannot be decoded with certainty
+    (3-bit zeros are per field for every writer: always 0 for them).
+    """
+    bits = require_bits("bits", bits, GPTQ_BITS)
+    if bits not in V1_WORD_ONES:
+        return 0
+    words = np.ascontiguousarray(qzeros).view(np.uint32)
+    mask = np.uint32((1 << bits) - 1)
+    count = 0
+    for shift in range(0, 32, bits):
+        count += int(np.count_nonzero((words >> np.uint32(shift)) & mask == mask))
+    return count
+
+
 def check_gptq(qweight, qzeros, scales, g_idx, bits) -> GPTQLayout:
     """Validate the tensors of one GPTQ layer and return its :class:`GPTQLayout`.
 
     qweight: int32 [K*bits/32, N] (3-bit: row count a multiple of 3); qzeros: int32 [G, ceil(N*bits/32)];
     scales: float16/float32/bfloat16 [G, N]; g_idx: int32/int64 [K] with values in ``[0, G)``, or None;
     bits: one of ``GPTQ_BITS``. Works on NumPy, CuPy and torch arrays.
-    Raises TypeError (dtype) or ValueError (shape, range, bits) naming the tensor.
+    Raises TypeError (dtype) or ValueError (shape, range, bits, NaN/Inf scales) naming the tensor.
     """
     bits = require_bits("bits", bits, GPTQ_BITS)
     require_dtype("qweight", qweight, "int32")
@@ -203,4 +279,5 @@ def check_gptq(qweight, qzeros, scales, g_idx, bits) -> GPTQLayout:
         lo, hi = int(g_idx.min()), int(g_idx.max())
         if lo < 0 or hi >= groups:
             raise ValueError(f"g_idx: values must lie in [0, {groups}) (the number of groups), got range [{lo}, {hi}]")
+    require_finite("scales", scales)
     return GPTQLayout(in_features, out_features, groups, bits)
