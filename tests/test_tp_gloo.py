@@ -42,8 +42,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, args):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+def _entry(rank, fn, world_size, port, backend, args):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         with warnings.catch_warnings():
@@ -54,10 +56,11 @@ def _entry(rank, fn, world_size, port, args):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size, *args, timeout=TIMEOUT):
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo ranks; fail on error or timeout."""
-    ctx = mp.start_processes(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=False,
-                             start_method="spawn")
+def run_ranks(fn, world_size, *args, timeout=TIMEOUT, backend="gloo"):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned ranks (gloo; NCCL: rank r on cuda:r);
+    fail on error or timeout."""
+    ctx = mp.start_processes(_entry, args=(fn, world_size, _free_port(), backend, args), nprocs=world_size,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException on failure
         if time.monotonic() > deadline:
@@ -203,3 +206,77 @@ def test_tiny_llama_sharded_two_ways_gives_the_unsharded_logits(tmp_path):
     pytest.importorskip("transformers")
     directories = [_write_llama(tmp_path / kind, kind) for kind in ("gptq", "exl2")]
     run_ranks(_llama_worker, 2, directories)
+
+
+# ------------------------------------------------------------------------------------------------ NCCL
+def _two_gpus():
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+def _nccl_worker(rank, world_size, directories):
+    """Row and column layers of every case on the GPU kernels, eager and replayed from a CUDA graph that holds
+    the NCCL all-reduce, against the float32 reference; then the tiny Llama in fp16."""
+    from cupyq.distributed import ColumnParallelQuantLinear, RowParallelQuantLinear, patch_model_tp, shard_exl2, shard_gptq
+    from cupyq.model import patch_model
+
+    dev = torch.device("cuda", rank)
+    for case in LAYER_CASES:
+        fmt, settings = LAYER_CASES[case]
+        full = _layer(case)
+        bits = settings.get("bits") if fmt == "gptq" else None
+        extra = {"checkpoint_format": settings["checkpoint_format"]} if fmt == "gptq" else {}
+        w = _qmatrix({**full, **extra}, fmt, bits).reference_weight()
+        b = full["bias"].astype(np.float32)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).half()
+        ref = x.float().numpy() @ w + b
+        dense16 = (x.to(dev) @ torch.from_numpy(w).half().to(dev)).float().cpu().numpy() + b
+        floor = 2 * np.abs(dense16 - ref).max() + 1e-2 * np.abs(ref).max()
+        if fmt == "gptq":
+            row = {**shard_gptq(full, rank=rank, world_size=world_size, mode="row", bits=bits), **extra}
+            col = {**shard_gptq(full, rank=rank, world_size=world_size, mode="column", bits=bits), **extra}
+            qm_row = QMatrix.from_gptq(row["qweight"], row["qzeros"], row["scales"], row["g_idx"], bits=bits,
+                                       checkpoint_format=extra["checkpoint_format"], device=rank)
+            qm_col = QMatrix.from_gptq(col["qweight"], col["qzeros"], col["scales"], col["g_idx"], col["bias"],
+                                       bits=bits, checkpoint_format=extra["checkpoint_format"], device=rank)
+        else:
+            row = shard_exl2(full, rank=rank, world_size=world_size, mode="row")
+            col = shard_exl2(full, rank=rank, world_size=world_size, mode="column")
+            parts = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
+            qm_row = QMatrix.from_exl2(*(row[p] for p in parts), device=rank, in_features=K // world_size)
+            qm_col = QMatrix.from_exl2(*(col[p] for p in parts), col["bias"], device=rank)
+        row_layer = RowParallelQuantLinear(qm_row, torch.from_numpy(row["bias"]).to(dev))
+        col_layer = ColumnParallelQuantLinear(qm_col, gather_output=True)
+        rows = slice(rank * K // world_size, (rank + 1) * K // world_size)
+        x_row, x_col = x[:, rows].contiguous().to(dev), x.to(dev)
+        for name, layer, xin in (("row", row_layer, x_row), ("column", col_layer, x_col)):
+            got = layer(xin).float().cpu().numpy()
+            assert np.abs(got - ref).max() <= floor, (case, name, rank, np.abs(got - ref).max(), floor)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            row_layer(x_row)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = row_layer(x_row)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert np.abs(y.float().cpu().numpy() - ref).max() <= floor, (case, "row graph", rank)
+
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    for directory in directories:
+        with torch.no_grad():
+            ref = patch_model(_llama(1), directory).float()(ids).logits
+            whole = patch_model(_llama(1).half().to(dev), directory)(ids.to(dev)).logits.float().cpu()
+            tp = patch_model_tp(_llama(2).half().to(dev), directory)(ids.to(dev)).logits.float().cpu()
+        err_tp, err_whole = _relative(tp, ref), _relative(whole, ref)
+        # fp16 partial outputs are summed after rounding: allow twice the unsharded fp16 error plus a floor.
+        assert err_tp <= 2 * err_whole + 2e-3, (str(directory), rank, err_tp, err_whole)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs 2 CUDA GPUs")
+def test_parallel_layers_on_two_gpus_with_nccl(tmp_path):
+    pytest.importorskip("transformers")
+    directories = [_write_llama(tmp_path / kind, kind) for kind in ("gptq", "exl2")]
+    run_ranks(_nccl_worker, 2, directories, backend="nccl")

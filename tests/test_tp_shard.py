@@ -23,6 +23,7 @@ GPTQ_CASES = [  # bits, group_size, act_order, checkpoint_format
     (8, 128, True, "gptq"),
     (2, 16, True, "gptq_v2"),
 ]
+GPTQ_IDS = [f"{b}bit-g{g}-{'act' if a else 'noact'}-{f}" for b, g, a, f in GPTQ_CASES]
 EXL2_MIXES = [((4,), (1.0,)), ((8, 4), (0.25, 0.75)), ((6, 5, 3), (0.3, 0.3, 0.4)), ((5, 4, 2), (0.2, 0.5, 0.3))]
 
 
@@ -54,7 +55,7 @@ def _dq_exl2(t):
 
 # ------------------------------------------------------------------------------------------------ GPTQ
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("case", GPTQ_CASES, ids=[f"{b}bit-g{g}-{'act' if a else 'noact'}-{f}" for b, g, a, f in GPTQ_CASES])
+@pytest.mark.parametrize("case", GPTQ_CASES, ids=GPTQ_IDS)
 def test_gptq_column_shards_are_column_slices(case, world_size):
     full = _gptq(case)
     w = _dq_gptq(full, case)
@@ -69,7 +70,7 @@ def test_gptq_column_shards_are_column_slices(case, world_size):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("case", GPTQ_CASES, ids=[f"{b}bit-g{g}-{'act' if a else 'noact'}-{f}" for b, g, a, f in GPTQ_CASES])
+@pytest.mark.parametrize("case", GPTQ_CASES, ids=GPTQ_IDS)
 def test_gptq_row_shards_are_row_slices(case, world_size):
     bits, gs, act, _ = case
     full = _gptq(case, seed=1)
@@ -168,11 +169,11 @@ def test_exl2_row_padding_uses_the_kernel_storage_width():
 
 def test_from_exl2_in_features_rejects_nonzero_padding_rows():
     s = shard_exl2(_exl2(EXL2_MIXES[1]), rank=0, world_size=4, mode="row")
-    k = s["q_invperm"].shape[0]
+    parts = [s[p] for p in ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")]
     with pytest.raises(ValueError, match="in_features"):
-        QMatrix.from_exl2(s["q_weight"], s["q_invperm"], s["q_scale"], s["q_scale_max"], s["q_groups"], in_features=k + 1)
+        QMatrix.from_exl2(*parts, in_features=s["q_invperm"].shape[0] + 1)
     with pytest.raises(ValueError, match="padding rows"):  # a real row of the shard is not zero
-        QMatrix.from_exl2(s["q_weight"], s["q_invperm"], s["q_scale"], s["q_scale_max"], s["q_groups"], in_features=K // 4 - 1)
+        QMatrix.from_exl2(*parts, in_features=K // 4 - 1)
 
 
 # ------------------------------------------------------------------------------------------------ AWQ
@@ -371,3 +372,33 @@ def test_rank_shards_on_gpu_match_slices_of_the_full_product(kind, mode):
         if mode == "row":
             ref = xf @ w
             assert np.linalg.norm(total - ref) / np.linalg.norm(ref) < 2e-3, (kind, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gptq-act", "exl2"])
+def test_parallel_modules_replay_in_a_cuda_graph(kind):
+    """Column and row modules (one rank, no process group) captured in a CUDA graph recompute from new inputs
+    and match their eager results (no host synchronisation or allocation but the outputs in forward)."""
+    torch = pytest.importorskip("torch")
+    from cupyq.distributed import ColumnParallelQuantLinear, RowParallelQuantLinear
+
+    full = _gpu_case(kind, seed=7)
+    column = ColumnParallelQuantLinear(_rank_qmatrix(full, kind, 1, 2, device=0, mode="column"))
+    bias = torch.randn(N, dtype=torch.float16, device="cuda")
+    row = RowParallelQuantLinear(_rank_qmatrix(full, kind, 1, 2, device=0, mode="row"), bias)
+    x_col = torch.randn(4, K, dtype=torch.float16, device="cuda")
+    x_row = torch.randn(4, K // 2, dtype=torch.float16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compile and size the workspace outside the capture
+        column(x_col), row(x_row)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_col, y_row = column(x_col), row(x_row)
+    x_col.copy_(torch.randn_like(x_col))
+    x_row.copy_(torch.randn_like(x_row))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y_col, column(x_col), rtol=0, atol=0)
+    torch.testing.assert_close(y_row, row(x_row), rtol=0, atol=0)

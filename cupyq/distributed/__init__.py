@@ -1,6 +1,6 @@
 """Tensor parallelism for cupyq layers on torch.distributed (NCCL on GPUs, gloo on the CPU).
 
-Scheme (W ranks, rank r, a layer ``y = x @ W + bias`` with W ``[K, N]``):
+Scheme (world size W, rank r, a layer ``y = x @ weight + bias`` with ``weight`` ``[K, N]``):
 
 - **Column-parallel** layers (q/k/v, gate/up) split the outputs: rank r holds columns
   ``[r*N/W, (r+1)*N/W)`` and its bias slice and computes its slice of ``y`` from the whole ``x``. GPTQ and
