@@ -280,3 +280,33 @@ def test_parallel_layers_on_two_gpus_with_nccl(tmp_path):
     pytest.importorskip("transformers")
     directories = [_write_llama(tmp_path / kind, kind) for kind in ("gptq", "exl2")]
     run_ranks(_nccl_worker, 2, directories, backend="nccl")
+
+
+# ------------------------------------------------------------------------------------------------ one process
+def test_patch_model_tp_without_a_process_group_is_patch_model(tmp_path):
+    """torch.distributed not initialised means one rank: the parallel modules hold whole layers."""
+    pytest.importorskip("transformers")
+    from cupyq.distributed import patch_model_tp
+    from cupyq.model import patch_model
+
+    directory = _write_llama(tmp_path, "gptq")
+    ids = torch.randint(0, LLAMA["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = patch_model(_llama(1), directory)(ids).logits
+        got = patch_model_tp(_llama(2), directory)(ids).logits
+    assert _relative(got, ref) < 1e-6
+
+
+def test_patch_model_tp_rejects_heads_that_do_not_split(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from cupyq.distributed import layers, patch_model_tp
+
+    directory = _write_llama(tmp_path, "gptq")
+    monkeypatch.setattr(layers, "group_rank_and_size", lambda group=None: (0, 3))
+    model = _llama(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="num_attention_heads = 4 is not a multiple of the world size 3"):
+        patch_model_tp(model, directory)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
