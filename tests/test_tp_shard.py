@@ -6,6 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cupyq import QMatrix, reference
 from cupyq.checkpoint import open_checkpoint, save_exl2, save_gptq
@@ -303,14 +305,45 @@ def test_checkpoint_layer_shards_equal_shards_of_the_loaded_layer(tmp_path, kind
                 np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_checkpoint_layer_column_read_touches_only_the_slice(tmp_path):
+def test_checkpoint_layer_column_read_touches_only_the_slice(tmp_path, monkeypatch):
+    import cupyq.checkpoint
+
     name = "model.layers.0.self_attn.q_proj"
     save_gptq(tmp_path, {name: _gptq((4, 32, False, "gptq"))}, bits=4, group_size=32, desc_act=False, sym=True)
     lazy = CheckpointLayer(open_checkpoint(tmp_path), name)
+
+    def no_whole_reads(rec):
+        raise AssertionError(f"read the whole of {rec.name}")
+
+    monkeypatch.setattr(cupyq.checkpoint, "_read_record", no_whole_reads)
+    for mode in ("column", "row"):
+        shard_gptq(lazy, rank=1, world_size=2, mode=mode)  # memory-mapped slices only
     part = lazy.read("qweight", cols=slice(64, 128))
     assert part.shape == (K // 8, 64) and part.flags.owndata
     with pytest.raises(KeyError, match="q_weight"):
         lazy.read("q_weight")
+
+
+@settings(max_examples=25)
+@given(
+    world_size=st.integers(1, 5),
+    rows_per_rank=st.sampled_from([16, 32, 48, 96]),
+    mix=st.sampled_from([((8, 6), (0.5, 0.5)), ((5, 3, 2), (0.3, 0.3, 0.4)), ((6, 4, 3), (0.2, 0.3, 0.5)), ((2,), (1.0,))]),
+    two_bit_groups=st.sampled_from([16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_exl2_row_shards_of_any_split_are_row_slices(world_size, rows_per_rank, mix, two_bit_groups, seed):
+    k, n = world_size * rows_per_rank, 32
+    rng = np.random.default_rng(seed)
+    full = quantize_exl2(rng.standard_normal((k, n)).astype(np.float32), bits=mix[0], proportions=mix[1],
+                         group_sizes={2: two_bit_groups}, importance=rng.random(k))
+    w = _dq_exl2(full)
+    for rank in range(world_size):
+        s = shard_exl2(full, rank=rank, world_size=world_size, mode="row")
+        _check_exl2_groups(s)
+        w_s = _dq_exl2(s)
+        np.testing.assert_array_equal(w_s[:rows_per_rank], w[rank * rows_per_rank : (rank + 1) * rows_per_rank])
+        assert not np.any(w_s[rows_per_rank:])
 
 
 # ------------------------------------------------------------------------------------------------ errors
