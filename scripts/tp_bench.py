@@ -131,12 +131,11 @@ def run(*, dry_run=False, formats=FORMATS, ms=MS, iters=20, repeats=5, rotate_by
         for li, (name, k, n, mode) in enumerate(layers):
             tensors = random_layer(fmt, k, n, seed=li)
             for ws in sorted({1, world}):
-                shard_rank = rank if ws > 1 else 0
                 k_local = k // ws if mode == "row" else k
                 n_local = n // ws if mode == "column" else n
                 weight_bytes = k_local * n_local // 2
                 copies = 1 if dry_run else int(min(64, max(1, -(-rotate_bytes // weight_bytes))))
-                shard = rank_tensors(tensors, fmt, mode, shard_rank, ws)
+                shard = tensors if ws == 1 else rank_tensors(tensors, fmt, mode, rank, ws)
                 qms = [qmatrix(shard, fmt, k_local, device) for _ in range(copies)]
                 for m in ms:
                     x = torch.randn(m, k_local, dtype=dtype, device=tdev)

@@ -31,8 +31,9 @@ class CheckpointLayer(Mapping):
     for GPTQ; ``q_weight``, ``q_invperm``, ``q_scale``, ``q_scale_max``, ``q_groups``, ``bias`` for EXL2) to
     NumPy arrays with the dtypes of :meth:`Checkpoint.load_layer` (scales and bias float16, g_idx int32 and
     ``k // group_size`` when the file has none, q_invperm int32, q_groups int16, EXL2 bias zero-padded to the
-    stored width). :meth:`read` reads a row or column range through a memory map, so a shard touches only
-    the bytes it needs (column slices read the row pieces of each row).
+    stored width; a stored ``q_perm`` is left out, being ``argsort(q_invperm)``). :meth:`read` reads a row or
+    column range through a memory map, so a shard touches only the bytes it needs (column slices read the row
+    pieces of each row).
     """
 
     def __init__(self, ckpt, name):
