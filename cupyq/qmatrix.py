@@ -160,7 +160,9 @@ class QMatrix:
         return self
 
     @classmethod
-    def from_exl2(cls, q_weight, q_invperm, q_scale, q_scale_max, q_groups, bias=None, *, device=None) -> "QMatrix":
+    def from_exl2(
+        cls, q_weight, q_invperm, q_scale, q_scale_max, q_groups, bias=None, *, device=None, in_features=None
+    ) -> "QMatrix":
         """Prepare an EXL2 matrix.
 
         q_weight: int32 [Q, N] rows in sorted order, each group a little-endian bit stream of its width.
@@ -168,21 +170,26 @@ class QMatrix:
         q_scale: int32 [G, N/8] 4-bit scale codes packed along the columns; q_scale_max: float16 [G] (as
         stored, before any division by 256); q_groups: int16 [2G] pairs (bits, first packed row), widths in
         descending order. bias: float [N] or None. Arrays may be NumPy, CuPy or torch; none is modified.
+        in_features: None (K), or fewer rows: original rows ``in_features..K-1`` are padding, which must
+        dequantise to zero (stored as ``2**(bits-1)``); they read no input. Row shards of a permuted layer
+        use them to fill groups to whole packing units (:func:`cupyq.distributed.shard_exl2`).
         """
         layout = _exl2.check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups)
+        padded = _exl2_padding_rows(layout, in_features, q_weight, q_invperm)
         self = object.__new__(cls)
         self.format = "exl2"
-        self.in_features = layout.in_features
+        self.in_features = layout.in_features - padded
         self.out_features = layout.out_features
         groups = list(layout.groups)
         self.bits = tuple(sorted({g.bits for g in groups}, reverse=True))
-        self._bpw = sum(g.rows * g.bits for g in groups) / self.in_features
+        self._bpw = sum(g.rows * g.bits for g in groups) / layout.in_features
         self.group_size = {}
         for g in groups:
             self.group_size.setdefault(g.bits, g.rows)
         self.device_id, self.input_kind = _resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device)
         perm = _exl2.perm_from_invperm(reference.to_numpy(q_invperm)).astype(np.int64)
-        self.act_order = not np.array_equal(perm, np.arange(self.in_features))
+        self.act_order = not np.array_equal(perm, np.arange(layout.in_features))
+        perm[perm >= self.in_features] = -1  # padding rows: the kernels read a zero activation for them
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
@@ -205,6 +212,7 @@ class QMatrix:
             zero_of_group = cupy.asarray([1 << (g.bits - 1) for g in groups], dtype=cupy.int32)
             zeros = cupy.broadcast_to(zero_of_group[:, None], scales.shape)
             self._build(q_sorted, perm, row_group, row_bits > 4, scales, zeros)
+            self.layout.in_features = self.in_features
         return self
 
     @classmethod
@@ -317,7 +325,8 @@ class QMatrix:
             )
         if self.format == "awq":
             return reference.dequantize_awq(c["qweight"], c["qzeros"], c["scales"], group_size=self.group_size)
-        return reference.dequantize_exl2(c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"])
+        w = reference.dequantize_exl2(c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"])
+        return w[: self.in_features]
 
     def reference_product(self, x, *, block_rows=None) -> np.ndarray:
         """float32 NumPy ``x @ W + bias`` of a CPU matrix, W dequantised a block of rows at a time.
@@ -337,6 +346,10 @@ class QMatrix:
         if self.format == "awq":
             return reference.matmul_awq(x, c["qweight"], c["qzeros"], c["scales"], self._bias_host,
                                         group_size=self.group_size, block_rows=block_rows)
+        rows = c["q_invperm"].shape[0]
+        if rows > self.in_features:  # padding rows (see from_exl2) meet zero activations
+            x = reference.to_numpy(x)
+            x = np.concatenate([x, np.zeros(x.shape[:-1] + (rows - self.in_features,), x.dtype)], axis=-1)
         return reference.matmul_exl2(
             x, c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"], self._bias_host,
             block_rows=block_rows,
@@ -407,6 +420,31 @@ class QMatrix:
 def _host_copy(a):
     """A NumPy array of its own holding the data of a (NumPy, CPU torch or CuPy array)."""
     return np.array(reference.to_numpy(a), copy=True)
+
+
+def _exl2_padding_rows(layout, in_features, q_weight, q_invperm) -> int:
+    """How many trailing original rows of an EXL2 layer are padding (see ``QMatrix.from_exl2``); checks that
+    they dequantise to zero."""
+    total = layout.in_features
+    if in_features is None:
+        return 0
+    if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)) or not 1 <= in_features <= total:
+        raise ValueError(f"in_features: expected 1..{total} (the rows of q_invperm), got {in_features!r}")
+    if in_features == total:
+        return 0
+    inv = reference.to_numpy(q_invperm).astype(np.int64) & (0xFFFF if str(q_invperm.dtype).endswith("int16") else -1)
+    pad_rows = inv[int(in_features):]
+    words = reference.to_numpy(q_weight)
+    for g in layout.groups:
+        mine = pad_rows[(pad_rows >= g.row_start) & (pad_rows < g.row_start + g.rows)] - g.row_start
+        if mine.size:
+            q = reference._fields(words, g.bits, 32 * g.qrow_start + g.bits * mine.astype(np.int64))
+            if np.any(q != 1 << (g.bits - 1)):
+                raise ValueError(
+                    f"q_weight: padding rows (original rows {int(in_features)}..{total - 1}) must hold the zero "
+                    f"value {1 << (g.bits - 1)} of their {g.bits}-bit group"
+                )
+    return total - int(in_features)
 
 
 def _to_bf16_bits(a: np.ndarray) -> np.ndarray:

@@ -180,8 +180,7 @@ def test_qmatrix_from_awq_cpu():
     assert np.array_equal(qm.dequantize(), w.astype(np.float16))
     assert np.array_equal(qm.bias, t["bias"].astype(np.float32))
     x = rng.standard_normal((7, 256)).astype(np.float32)
-    with pytest.warns(RuntimeWarning):
-        y = cupyq.gemm(x, qm)
+    y = cupyq.gemm(x, qm)  # the reference path (it warns once per process that no GPU kernel ran)
     ref = x.astype(np.float64) @ w.astype(np.float64) + t["bias"].astype(np.float64)
     assert np.allclose(y, ref, rtol=1e-5, atol=1e-5)
     for name, a in t.items():

@@ -1,0 +1,148 @@
+"""Tensor-parallel patching of a Llama-style transformers model from a GPTQ / EXL2 checkpoint."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from cupyq.checkpoint import Checkpoint, open_checkpoint
+from cupyq.distributed.shard import CheckpointLayer, shard_exl2, shard_gptq
+
+__all__ = ["COLUMN_LAYERS", "ROW_LAYERS", "shard_qmatrix", "patch_model_tp"]
+
+# Module names (last component) split by columns and by rows in a Llama-style decoder layer.
+COLUMN_LAYERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_LAYERS = ("o_proj", "down_proj")
+
+
+def shard_qmatrix(ckpt, name, *, rank, world_size, mode, device=None):
+    """The rank's :class:`cupyq.QMatrix` of a checkpoint layer, reading only its slices where the layout allows.
+
+    ckpt: an open :class:`cupyq.checkpoint.Checkpoint`; name: a GPTQ or EXL2 layer; mode ``"column"`` or
+    ``"row"``; device as in ``QMatrix.from_gptq`` (None: CPU, the float32 reference path).
+    Returns ``(qm, bias)``: column shards keep their bias slice inside ``qm`` and return ``bias=None``; row
+    shards return ``qm`` without bias and the whole bias (float16 NumPy ``[N]`` or None), to be added once
+    after the reduce.
+    """
+    from cupyq.qmatrix import QMatrix
+
+    layer = CheckpointLayer(ckpt, name)
+    info = layer.info
+    if info.format == "gptq":
+        t = shard_gptq(layer, rank=rank, world_size=world_size, mode=mode)
+        bias = t.get("bias") if mode == "column" else None
+        qm = QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits=info.bits[0],
+                               checkpoint_format=info.checkpoint_format, device=device)
+    else:
+        t = shard_exl2(layer, rank=rank, world_size=world_size, mode=mode)
+        bias = t.get("bias") if mode == "column" else None
+        k = info.in_features // world_size if mode == "row" else None
+        qm = QMatrix.from_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], bias,
+                               device=device, in_features=k)
+    return qm, (t.get("bias") if mode == "row" else None)
+
+
+def _split_heads(attn, world_size):
+    """Make an attention module's head counts local (older transformers read them from the module)."""
+    for attr in ("num_heads", "num_key_value_heads", "hidden_size"):
+        value = getattr(attn, attr, None)
+        if isinstance(value, int):
+            setattr(attn, attr, value // world_size)
+
+
+def patch_model_tp(model, ckpt, group=None, *, device=None, column=COLUMN_LAYERS, row=ROW_LAYERS):
+    """Shard a Llama-style model's quantized projections over a process group and load its other weights.
+
+    model: a transformers Llama-style model (``model.layers.N.self_attn.{q,k,v,o}_proj``,
+        ``model.layers.N.mlp.{gate,up,down}_proj``), modified in place, the same on every rank.
+    ckpt: a checkpoint directory or an open :class:`cupyq.checkpoint.Checkpoint`.
+    group: the torch.distributed process group (None: the default one; torch.distributed not initialised
+        means one rank).
+    device: where the rank's matrices live (as in :func:`cupyq.patch_model`; None: each layer's weight device;
+        with NCCL, normally ``f"cuda:{local_rank}"``).
+    column, row: last module-name components to shard by columns / by rows.
+
+    Column layers (q/k/v/gate/up) become :class:`ColumnParallelQuantLinear` with this rank's outputs (heads
+    ``[r*H/W, (r+1)*H/W)`` of q and of k/v, a slice of the MLP width); row layers (o/down) become
+    :class:`RowParallelQuantLinear` over the matching input slice, summed by one all-reduce. Other quantized
+    layers (e.g. a quantized lm_head) are replicated as :class:`cupyq.torch_ops.QuantizedLinear`; other
+    checkpoint tensors (embeddings, norms, fp16 lm_head) are loaded whole. ``num_attention_heads`` and
+    ``num_key_value_heads`` of ``model.config`` must be multiples of the world size; the transformers
+    attention reads its local head count from the projections' widths (``model.config`` keeps the global
+    counts: a cache sized from the config, e.g. a static cache, must be built for the local heads).
+    Returns the model. Raises ValueError before modifying anything when a layer does not fit.
+    """
+    import torch
+
+    from cupyq.distributed.layers import ColumnParallelQuantLinear, RowParallelQuantLinear, group_rank_and_size
+    from cupyq.model import _parent_and_attr, _qmatrix_device
+    from cupyq.torch_ops import QuantizedLinear
+
+    ckpt = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
+    rank, world_size = group_rank_and_size(group)
+    modules = dict(model.named_modules())
+    config = getattr(model, "config", None)
+    for attr in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, attr, None)
+        if isinstance(heads, int) and heads % world_size:
+            raise ValueError(f"model.config.{attr} = {heads} is not a multiple of the world size {world_size}")
+
+    def mode_of(name):
+        last = name.rsplit(".", 1)[-1]
+        return "column" if last in column else "row" if last in row else None
+
+    plan = {}
+    for name in ckpt.quantized_layers:
+        info, linear = ckpt.layers[name], modules.get(name)
+        if not isinstance(linear, torch.nn.Linear):
+            raise ValueError(f"{ckpt.path}: quantized layer '{name}' matches no torch.nn.Linear of the model")
+        if (info.in_features, info.out_features) != (linear.in_features, linear.out_features):
+            raise ValueError(
+                f"{ckpt.path}: layer '{name}' is {info.format} {info.in_features}x{info.out_features}, the model's "
+                f"Linear {linear.in_features}x{linear.out_features}"
+            )
+        plan[name] = mode_of(name)
+    dense = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and mode_of(n) and n not in plan]
+    if dense:
+        raise ValueError(f"{ckpt.path}: projections without quantized tensors cannot be sharded: {dense[:5]}")
+    devices = {name: _qmatrix_device(device, modules[name].weight) for name in plan}
+    replaced = {f"{n}.{p}" for n in plan for p, _ in modules[n].named_parameters(recurse=False)}
+    state = model.state_dict(keep_vars=True)
+    to_load = []
+    for tname in ckpt.extra_tensor_names():
+        target = state.get(tname)
+        if target is None or tname in replaced:
+            continue
+        shape = tuple(ckpt.tensors[tname].shape)
+        if shape != tuple(target.shape):
+            raise ValueError(f"{ckpt.tensors[tname].file}: tensor '{tname}' has shape {list(shape)}, the model's {list(target.shape)}")
+        to_load.append((tname, target))
+
+    attention = set()
+    for name, mode in plan.items():
+        old = modules[name]
+        if mode is None:
+            layer = QuantizedLinear(ckpt.qmatrix(name, device=devices[name]))
+        else:
+            qm, bias = shard_qmatrix(ckpt, name, rank=rank, world_size=world_size, mode=mode, device=devices[name])
+            if mode == "column":
+                layer = ColumnParallelQuantLinear(qm, group=group)
+            else:
+                b = None if bias is None else torch.from_numpy(np.asarray(bias)).to(old.weight.device, old.weight.dtype)
+                layer = RowParallelQuantLinear(qm, b, group=group)
+        parent, attr = _parent_and_attr(model, name)
+        setattr(parent, attr, layer)
+        if attr in ("q_proj", "k_proj", "v_proj", "o_proj") and mode is not None:
+            attention.add(parent)
+    for attn in attention:
+        _split_heads(attn, world_size)
+    with torch.no_grad():
+        for tname, target in to_load:
+            target.copy_(torch.from_numpy(ckpt.load_tensor(tname)).to(device=target.device, dtype=target.dtype))
+    loaded = {t for t, _ in to_load}
+    untouched = [k for k in state if k not in loaded and k not in replaced]
+    if untouched:
+        warnings.warn(f"{ckpt.path}: {len(untouched)} model tensor(s) not in the checkpoint keep their values: "
+                      f"{', '.join(untouched[:5])}", stacklevel=2)
+    return model

@@ -1,0 +1,312 @@
+"""Tensor parallelism across processes: 2 and 4 CPU ranks on the gloo backend, float32 reference path.
+
+Each test spawns its ranks (torch.multiprocessing, spawn start method, a free local port) and fails instead
+of hanging when they do not finish within TIMEOUT seconds. The ranks check their results themselves; an
+assertion in any rank fails the test with that rank's traceback.
+"""
+
+import datetime
+import socket
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from cupyq import QMatrix, gemm  # noqa: E402
+from cupyq.quantize import quantize_exl2, quantize_gptq  # noqa: E402
+
+TIMEOUT = 300  # seconds for all ranks of one test; collectives time out after COLLECTIVE_TIMEOUT
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+K, N, M = 256, 128, 5
+LAYER_CASES = {  # name -> (format, settings)
+    "gptq-4bit-g32": ("gptq", dict(bits=4, group_size=32, act_order=False, checkpoint_format="gptq")),
+    "gptq-4bit-g32-act": ("gptq", dict(bits=4, group_size=32, act_order=True, checkpoint_format="gptq")),
+    "gptq-3bit-g64-act-v2": ("gptq", dict(bits=3, group_size=64, act_order=True, checkpoint_format="gptq_v2")),
+    "gptq-8bit-g48": ("gptq", dict(bits=8, group_size=48, act_order=False, checkpoint_format="gptq")),
+    "gptq-2bit-g16-act": ("gptq", dict(bits=2, group_size=16, act_order=True, checkpoint_format="gptq")),
+    "exl2-8-4": ("exl2", dict(bits=(8, 4), proportions=(0.25, 0.75))),
+    "exl2-6-5-3": ("exl2", dict(bits=(6, 5, 3), proportions=(0.3, 0.3, 0.4))),
+    "exl2-5-4-2": ("exl2", dict(bits=(5, 4, 2), proportions=(0.2, 0.5, 0.3))),
+}
+
+
+# ------------------------------------------------------------------------------------------------ spawning
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, backend, args):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "no GPU kernel ran": the CPU path is the point
+            fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size, *args, timeout=TIMEOUT, backend="gloo"):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned ranks (gloo; NCCL: rank r on cuda:r);
+    fail on error or timeout."""
+    ctx = mp.start_processes(_entry, args=(fn, world_size, _free_port(), backend, args), nprocs=world_size,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException on failure
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{world_size} ranks of {fn.__name__} did not finish within {timeout} s")
+
+
+def _relative(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ------------------------------------------------------------------------------------------------ layers
+def _layer(case):
+    """Checkpoint tensors of one case, the same in every rank (seeded)."""
+    fmt, settings = LAYER_CASES[case]
+    rng = np.random.default_rng(sorted(LAYER_CASES).index(case))
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    bias = rng.standard_normal(N)
+    if fmt == "gptq":
+        return quantize_gptq(w, sym=False, importance=rng.random(K), bias=bias, **settings)
+    return quantize_exl2(w, importance=rng.random(K), bias=bias, **settings)
+
+
+def _qmatrix(t, fmt, bits=None, bias=True, in_features=None):
+    b = t.get("bias") if bias else None
+    if fmt == "gptq":
+        return QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], b, bits=bits,
+                                 checkpoint_format=t["checkpoint_format"])
+    return QMatrix.from_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], b,
+                             in_features=in_features)
+
+
+def _layers_worker(rank, world_size):
+    from cupyq.distributed import ColumnParallelQuantLinear, RowParallelQuantLinear, shard_exl2, shard_gptq
+
+    for case in LAYER_CASES:
+        fmt, settings = LAYER_CASES[case]
+        full = _layer(case)
+        bits = settings.get("bits") if fmt == "gptq" else None
+        extra = {"checkpoint_format": settings["checkpoint_format"]} if fmt == "gptq" else {}
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
+        ref = gemm(x, _qmatrix({**full, **extra}, fmt, bits))  # the unsharded layer, bias included
+
+        def shard(mode):
+            if fmt == "gptq":
+                return {**shard_gptq(full, rank=rank, world_size=world_size, mode=mode, bits=bits), **extra}
+            return shard_exl2(full, rank=rank, world_size=world_size, mode=mode)
+
+        col = shard("column")
+        gathered = ColumnParallelQuantLinear(_qmatrix(col, fmt, bits), gather_output=True)(x)
+        local = ColumnParallelQuantLinear(_qmatrix(col, fmt, bits))(x)
+        part = N // world_size
+        assert gathered.shape == (M, N) and local.shape == (M, part), case
+        # Both sides are float32 products of the same weights; only summation order may differ.
+        assert _relative(gathered, ref) < 1e-5, (case, "column", rank, _relative(gathered, ref))
+        assert _relative(local, ref[:, rank * part : (rank + 1) * part]) < 1e-5, (case, "column-local", rank)
+
+        row = shard("row")
+        qm = _qmatrix(row, fmt, bits, bias=False, in_features=K // world_size)
+        bias = torch.from_numpy(row["bias"].astype(np.float32))
+        rows = slice(rank * K // world_size, (rank + 1) * K // world_size)
+        y = RowParallelQuantLinear(qm, bias)(x[:, rows].contiguous())
+        assert _relative(y, ref) < 1e-5, (case, "row", rank, _relative(y, ref))
+        y_whole_input = RowParallelQuantLinear(qm, bias, input_is_parallel=False)(x)
+        assert _relative(y_whole_input, ref) < 1e-5, (case, "row, whole input", rank)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_parallel_layers_match_the_unsharded_layer(world_size):
+    """Column (gathered and local) and row (summed, bias once) outputs of every case equal the unsharded
+    product: GPTQ 2/3/4/8-bit with and without act-order, groups of 16-64 rows (48 straddles the rank
+    boundaries), EXL2 mixes of 2-8 bits."""
+    run_ranks(_layers_worker, world_size)
+
+
+# ------------------------------------------------------------------------------------------------ Llama
+LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False)
+EXL2_RECIPE = {
+    "q_proj": ((8, 4), (0.25, 0.75)),
+    "k_proj": ((6, 4), (0.5, 0.5)),
+    "v_proj": ((6, 5, 4), (0.2, 0.3, 0.5)),
+    "o_proj": ((5, 4, 3), (0.25, 0.5, 0.25)),
+    "gate_proj": ((4, 3), (0.5, 0.5)),
+    "up_proj": ((4, 3), (0.5, 0.5)),
+    "down_proj": ((6, 4, 2), (0.25, 0.5, 0.25)),
+}
+
+
+def _llama(seed):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**LLAMA)
+    config._attn_implementation = "eager"
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _write_llama(directory, kind):
+    from cupyq.checkpoint import save_exl2, save_gptq
+
+    source = _llama(0)
+    rng = np.random.default_rng(0)
+    layers = {}
+    for name, lin in source.named_modules():
+        if not (isinstance(lin, torch.nn.Linear) and ".layers." in name):
+            continue
+        w = lin.weight.detach().numpy().T
+        if kind == "gptq":
+            layers[name] = quantize_gptq(w, bits=4, group_size=32, act_order=True, importance=rng.random(w.shape[0]))
+        else:
+            widths, props = EXL2_RECIPE[name.rsplit(".", 1)[1]]
+            layers[name] = quantize_exl2(w, bits=widths, proportions=props, importance=rng.random(w.shape[0]))
+    quantized = {f"{n}.weight" for n in layers}
+    extras = {k: v.detach().numpy().astype(np.float16) for k, v in source.state_dict().items() if k not in quantized}
+    if kind == "gptq":
+        return save_gptq(directory, layers, bits=4, group_size=32, desc_act=True, sym=True, extra_tensors=extras)
+    return save_exl2(directory, layers, extra_tensors=extras)
+
+
+def _llama_worker(rank, world_size, directories):
+    from cupyq.distributed import ColumnParallelQuantLinear, RowParallelQuantLinear, patch_model_tp
+    from cupyq.model import patch_model
+
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    for directory in directories:
+        whole = patch_model(_llama(1), directory)
+        sharded = patch_model_tp(_llama(2), directory)
+        attn = sharded.model.layers[0].self_attn
+        assert isinstance(attn.q_proj, ColumnParallelQuantLinear) and isinstance(attn.o_proj, RowParallelQuantLinear)
+        assert attn.q_proj.out_features == 128 // world_size and attn.k_proj.out_features == 64 // world_size
+        assert sharded.model.layers[1].mlp.down_proj.in_features == 256 // world_size
+        with torch.no_grad():
+            ref = whole(ids).logits
+            got = sharded(ids).logits
+        # Same float32 weights; partial sums over ranks reorder the additions only.
+        assert _relative(got, ref) < 1e-5, (str(directory), rank, _relative(got, ref))
+
+
+def test_tiny_llama_sharded_two_ways_gives_the_unsharded_logits(tmp_path):
+    pytest.importorskip("transformers")
+    directories = [_write_llama(tmp_path / kind, kind) for kind in ("gptq", "exl2")]
+    run_ranks(_llama_worker, 2, directories)
+
+
+# ------------------------------------------------------------------------------------------------ NCCL
+def _two_gpus():
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+def _nccl_worker(rank, world_size, directories):
+    """Row and column layers of every case on the GPU kernels, eager and replayed from a CUDA graph that holds
+    the NCCL all-reduce, against the float32 reference; then the tiny Llama in fp16."""
+    from cupyq.distributed import ColumnParallelQuantLinear, RowParallelQuantLinear, patch_model_tp, shard_exl2, shard_gptq
+    from cupyq.model import patch_model
+
+    dev = torch.device("cuda", rank)
+    for case in LAYER_CASES:
+        fmt, settings = LAYER_CASES[case]
+        full = _layer(case)
+        bits = settings.get("bits") if fmt == "gptq" else None
+        extra = {"checkpoint_format": settings["checkpoint_format"]} if fmt == "gptq" else {}
+        w = _qmatrix({**full, **extra}, fmt, bits).reference_weight()
+        b = full["bias"].astype(np.float32)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).half()
+        ref = x.float().numpy() @ w + b
+        dense16 = (x.to(dev) @ torch.from_numpy(w).half().to(dev)).float().cpu().numpy() + b
+        floor = 2 * np.abs(dense16 - ref).max() + 1e-2 * np.abs(ref).max()
+        if fmt == "gptq":
+            row = {**shard_gptq(full, rank=rank, world_size=world_size, mode="row", bits=bits), **extra}
+            col = {**shard_gptq(full, rank=rank, world_size=world_size, mode="column", bits=bits), **extra}
+            qm_row = QMatrix.from_gptq(row["qweight"], row["qzeros"], row["scales"], row["g_idx"], bits=bits,
+                                       checkpoint_format=extra["checkpoint_format"], device=rank)
+            qm_col = QMatrix.from_gptq(col["qweight"], col["qzeros"], col["scales"], col["g_idx"], col["bias"],
+                                       bits=bits, checkpoint_format=extra["checkpoint_format"], device=rank)
+        else:
+            row = shard_exl2(full, rank=rank, world_size=world_size, mode="row")
+            col = shard_exl2(full, rank=rank, world_size=world_size, mode="column")
+            parts = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
+            qm_row = QMatrix.from_exl2(*(row[p] for p in parts), device=rank, in_features=K // world_size)
+            qm_col = QMatrix.from_exl2(*(col[p] for p in parts), col["bias"], device=rank)
+        row_layer = RowParallelQuantLinear(qm_row, torch.from_numpy(row["bias"]).to(dev))
+        col_layer = ColumnParallelQuantLinear(qm_col, gather_output=True)
+        rows = slice(rank * K // world_size, (rank + 1) * K // world_size)
+        x_row, x_col = x[:, rows].contiguous().to(dev), x.to(dev)
+        for name, layer, xin in (("row", row_layer, x_row), ("column", col_layer, x_col)):
+            got = layer(xin).float().cpu().numpy()
+            assert np.abs(got - ref).max() <= floor, (case, name, rank, np.abs(got - ref).max(), floor)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            row_layer(x_row)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = row_layer(x_row)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert np.abs(y.float().cpu().numpy() - ref).max() <= floor, (case, "row graph", rank)
+
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    for directory in directories:
+        with torch.no_grad():
+            ref = patch_model(_llama(1), directory).float()(ids).logits
+            whole = patch_model(_llama(1).half().to(dev), directory)(ids.to(dev)).logits.float().cpu()
+            tp = patch_model_tp(_llama(2).half().to(dev), directory)(ids.to(dev)).logits.float().cpu()
+        err_tp, err_whole = _relative(tp, ref), _relative(whole, ref)
+        # fp16 partial outputs are summed after rounding: allow twice the unsharded fp16 error plus a floor.
+        assert err_tp <= 2 * err_whole + 2e-3, (str(directory), rank, err_tp, err_whole)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs 2 CUDA GPUs")
+def test_parallel_layers_on_two_gpus_with_nccl(tmp_path):
+    pytest.importorskip("transformers")
+    directories = [_write_llama(tmp_path / kind, kind) for kind in ("gptq", "exl2")]
+    run_ranks(_nccl_worker, 2, directories, backend="nccl")
+
+
+# ------------------------------------------------------------------------------------------------ one process
+def test_patch_model_tp_without_a_process_group_is_patch_model(tmp_path):
+    """torch.distributed not initialised means one rank: the parallel modules hold whole layers."""
+    pytest.importorskip("transformers")
+    from cupyq.distributed import patch_model_tp
+    from cupyq.model import patch_model
+
+    directory = _write_llama(tmp_path, "gptq")
+    ids = torch.randint(0, LLAMA["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = patch_model(_llama(1), directory)(ids).logits
+        got = patch_model_tp(_llama(2), directory)(ids).logits
+    assert _relative(got, ref) < 1e-6
+
+
+def test_patch_model_tp_rejects_heads_that_do_not_split(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from cupyq.distributed import layers, patch_model_tp
+
+    directory = _write_llama(tmp_path, "gptq")
+    monkeypatch.setattr(layers, "group_rank_and_size", lambda group=None: (0, 3))
+    model = _llama(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="num_attention_heads = 4 is not a multiple of the world size 3"):
+        patch_model_tp(model, directory)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
