@@ -935,6 +935,15 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"cupyq {args.command}: interrupted", file=sys.stderr)
+        from cupyq import runtime
+
+        if argv is None and runtime.compile_threads_running():
+            # Run as the program (argv from sys.argv) while NVRTC is still compiling in daemon threads: a normal
+            # interpreter exit would unload the library under them and crash, so leave at once (nothing is
+            # left to save). Called from Python with an argv, return as usual.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

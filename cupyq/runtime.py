@@ -148,11 +148,15 @@ def compile_sources(archs, *, sources=None, workers=None, progress=None) -> list
     return _run_in_daemon_threads(jobs, workers, progress)
 
 
+_COMPILE_THREAD_PREFIX = "cupyq-nvrtc-"
+
+
 def _run_in_daemon_threads(jobs, workers, progress):
     """Run ``_compile_source`` on each job in ``workers`` daemon threads; reports in job order.
 
     Daemon threads rather than a ThreadPoolExecutor: an executor's threads are joined when the interpreter
-    exits, so Ctrl-C would still wait for every running NVRTC compile (tens of seconds).
+    exits, so Ctrl-C would still wait for every running NVRTC compile (tens of seconds). After a compile error
+    the compiles already running are waited for (the rest are dropped); after Ctrl-C nothing is waited for.
     """
     import queue
     import threading
@@ -172,10 +176,12 @@ def _run_in_daemon_threads(jobs, workers, progress):
             try:
                 finished.put((index, _compile_source(*job), None))
             except BaseException as exc:  # handed to the caller's thread
+                stop.set()
                 finished.put((index, None, exc))
 
-    for n in range(workers):
-        threading.Thread(target=work, name=f"cupyq-nvrtc-{n}", daemon=True).start()
+    threads = [threading.Thread(target=work, name=f"{_COMPILE_THREAD_PREFIX}{n}", daemon=True) for n in range(workers)]
+    for t in threads:
+        t.start()
     reports = [None] * len(jobs)
     try:
         for _ in jobs:
@@ -190,9 +196,22 @@ def _run_in_daemon_threads(jobs, workers, progress):
             reports[index] = report
             if progress is not None:
                 progress(report)
-    finally:
+    except KeyboardInterrupt:
         stop.set()
+        raise
+    except BaseException:
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
     return reports
+
+
+def compile_threads_running() -> bool:
+    """True while an interrupted :func:`compile_sources` still has NVRTC compiles running in its threads."""
+    import threading
+
+    return any(t.name.startswith(_COMPILE_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate())
 
 
 def _compile_source(arch: str, name: str) -> CompileReport:

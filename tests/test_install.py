@@ -197,18 +197,16 @@ def test_info_marks_unsupported_gpu(monkeypatch, fresh_checks, capsys):
 # ------------------------------------------------------------------------------------------------ missing CuPy
 
 
-def test_missing_cupy_named_by_device_check(monkeypatch, fresh_checks):
-    monkeypatch.setitem(sys.modules, "cupy", None)
+def test_missing_cupy_named_by_device_check(monkeypatch, fresh_checks, no_cupy):
     with pytest.raises(runtime.SetupError) as info:
         runtime.check_device_supported(0)
     assert "CuPy is not installed" in str(info.value) and "cupyq[cuda12]" in str(info.value)
 
 
-def test_missing_cupy_named_by_qmatrix_on_device(monkeypatch, fresh_checks):
+def test_missing_cupy_named_by_qmatrix_on_device(fresh_checks, no_cupy):
     import cupyq
 
     g = _gptq_tensors(2)
-    monkeypatch.setitem(sys.modules, "cupy", None)
     with pytest.raises(runtime.SetupError, match=r"CuPy is not installed.*pip install 'cupyq\[cuda12\]'"):
         cupyq.QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4, device=0)
 
@@ -232,8 +230,7 @@ def test_no_visible_device(monkeypatch, fresh_checks):
     assert "CUDA_VISIBLE_DEVICES" in runtime.gpu_unavailable_reason()
 
 
-def test_compile_sources_without_cupy(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", None)
+def test_compile_sources_without_cupy(monkeypatch, no_cupy):
     with pytest.raises(runtime.SetupError, match=r"cupyq compile \(NVRTC\) needs CuPy.*cupyq\[cuda13\]"):
         runtime.compile_sources(["sm_80"])
 
