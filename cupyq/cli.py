@@ -702,7 +702,7 @@ def cmd_compile(args):
     n_jobs = len(archs) * len(sources or list_cuda_sources())
     start = time.perf_counter()
     print(f"cupyq compile: {n_jobs} NVRTC compile(s) for {', '.join(archs)} in parallel threads "
-          "(about 20 s each on one core)...", file=sys.stderr)
+          "(each takes tens of seconds)...", file=sys.stderr)
 
     def report(r):
         print(f"  compiled {r.source} for {r.arch} in {r.seconds:.1f} s", file=sys.stderr, flush=True)
