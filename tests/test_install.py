@@ -21,6 +21,11 @@ from cupyq.quantize import quantize_exl2, quantize_gptq
 
 REPO = Path(__file__).resolve().parents[1]
 
+try:  # before any test fakes CuPy: torch's first import inspects the loaded modules and would trip over a fake
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 # Library files the GPU path opens, by the cuda-toolkit component (extra) whose wheel ships them:
 # NVRTC and its builtins compile the kernels, the CUDA runtime serves CuPy and the NVRTC headers,
 # cuBLAS (and cuBLASLt, which it loads) runs cupy.matmul for the dense path of large batches.
@@ -401,3 +406,26 @@ def test_ci_runs_the_readme_commands():
     ci = (REPO / ".ci" / "run").read_text()
     assert "python -m pytest -q" in ci
     assert "cupyq compile --arch sm_80 --arch sm_86 --arch sm_89 --arch sm_90" in ci
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+def test_real_device_passes_the_check(fresh_checks):
+    assert runtime.check_device_supported(0) == 0
+    assert runtime.gpu_unavailable_reason() is None
+
+
+@pytest.mark.gpu
+def test_cublas_loads_for_the_dense_path():
+    """cupy.matmul (the large-batch path) needs libcublas from the extra's wheels."""
+    import cupy
+
+    rng = np.random.default_rng()
+    a = rng.standard_normal((96, 64)).astype(np.float16)
+    b = rng.standard_normal((64, 80)).astype(np.float16)
+    got = cupy.matmul(cupy.asarray(a), cupy.asarray(b)).get().astype(np.float32)
+    want = a.astype(np.float32) @ b.astype(np.float32)
+    # fp16 output rounding: relative 2**-11 per element; 1e-2 of the norm leaves a wide margin
+    assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
