@@ -30,6 +30,7 @@ DEFAULT_TOLERANCE = 1e-2
 DEFAULT_MS = (1, 7, 64)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+COMMANDS = ("info", "inspect", "verify", "bench", "warmup", "compile")
 
 
 class UsageError(Exception):
@@ -893,8 +894,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _report_error(args, argv, message):
     """An error under --json / --json-out: ``{"error": ...}`` on stdout and in the file (when it may be written)."""
-    wants_json = bool(getattr(args, "json", False)) if args is not None else "--json" in (argv or sys.argv[1:])
-    command = getattr(args, "command", None)
+    words = list(sys.argv[1:] if argv is None else argv)
+    wants_json = bool(getattr(args, "json", False)) if args is not None else "--json" in words
+    command = getattr(args, "command", None) or next((w for w in words if w in COMMANDS), None)
     blob = _report_json(command, {"error": message})
     if wants_json:
         print(blob)

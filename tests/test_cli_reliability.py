@@ -254,6 +254,7 @@ def test_errors_under_json_are_json(argv, capsys):
     assert code == 2 and err
     payload = _strict_json(out)
     assert isinstance(payload["error"], str) and payload["error"]
+    assert payload[cli.REPORT_KEY]["command"] == argv[0]
 
 
 def test_error_report_replaces_a_stale_report(ckpt, tmp_path, capsys):
