@@ -1,7 +1,9 @@
 """The ``cupyq`` command line: info, inspect, verify, bench, warmup, compile.
 
 Exit status: 0 success, 1 verification (or kernel compilation) failure, 2 usage or input error.
-Every command takes ``--json [FILE]``: machine-readable output to stdout (or to FILE, keeping the table).
+Every command takes ``--json`` (a JSON report on stdout instead of the table; errors too, as ``{"error": ...}``)
+and ``--json-out FILE`` / ``-o FILE`` (the table on stdout, the JSON report written to FILE; an existing FILE is
+replaced only when it is a report cupyq wrote). Reports carry a ``cupyq_report`` key naming the command.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ DEFAULT_TOLERANCE = 1e-2
 DEFAULT_MS = (1, 7, 64)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+COMMANDS = ("info", "inspect", "verify", "bench", "warmup", "compile")
 
 
 class UsageError(Exception):
@@ -121,19 +124,76 @@ class Progress:
         self.close()
 
 
+REPORT_KEY = "cupyq_report"  # marks a JSON report written by cupyq; only such files are ever overwritten
+
+
+def _json_safe(value):
+    """``value`` with non-finite floats as None (JSON has no Infinity/NaN) and tuples as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _report_json(command, payload) -> str:
+    """The JSON text of a report: ``payload`` with the ``cupyq_report`` marker first; always valid JSON."""
+    import cupyq
+
+    marked = {REPORT_KEY: {"command": command, "version": cupyq.__version__}, **payload}
+    return json.dumps(_json_safe(marked), indent=2, default=str, allow_nan=False)
+
+
+def _check_json_out(path) -> Path:
+    """``path`` as a Path when a report may be written there; UsageError for a directory, a missing parent
+    folder, or an existing file that is not a cupyq JSON report (it is never replaced)."""
+    target = Path(path)
+    if str(path) in ("", "-"):
+        raise UsageError(f"--json-out: expected a file name, got {str(path)!r} (use --json for stdout)")
+    if target.is_dir():
+        raise UsageError(f"--json-out: {target} is a directory; expected a file name for the JSON report")
+    if not target.parent.is_dir():
+        raise UsageError(f"--json-out: folder {target.parent} does not exist")
+    if target.exists() or target.is_symlink():
+        try:
+            previous = json.loads(target.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            previous = None
+        if not (isinstance(previous, dict) and REPORT_KEY in previous):
+            raise UsageError(
+                f"--json-out: {target} exists and is not a JSON report written by cupyq; refusing to overwrite "
+                f"it (remove it or choose another file name)"
+            )
+    return target
+
+
+def _write_report(path, blob: str):
+    """Write ``blob`` to ``path`` (checked by :func:`_check_json_out`) through a temporary file and a rename,
+    so a reader never sees half a report."""
+    target = _check_json_out(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(blob + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _emit(args, payload, text):
-    """Print ``text`` and/or the JSON ``payload`` as ``--json`` asks."""
-    target = getattr(args, "json", None)
-    if target is None:
-        print(text)
-        return
-    blob = json.dumps(payload, indent=2, default=str)
-    if target == "-":
+    """Print ``text`` or, with ``--json``, the JSON report of ``payload``; with ``--json-out`` also write it."""
+    blob = _report_json(args.command, payload)
+    if getattr(args, "json", False):
         print(blob)
     else:
         print(text)
-        Path(target).write_text(blob + "\n")
-        print(f"wrote {target}")
+    target = getattr(args, "json_out", None)
+    if target:
+        _write_report(target, blob)
+        print(f"wrote {target}", file=sys.stderr)
 
 
 def _gpu_available():
@@ -142,9 +202,26 @@ def _gpu_available():
     return runtime.gpu_available()
 
 
+def _gpu_unavailable_reason():
+    from cupyq import runtime
+
+    return runtime.gpu_unavailable_reason()
+
+
+def _require_gpu(command):
+    """UsageError naming why ``command`` cannot run here when no GPU is usable."""
+    reason = _gpu_unavailable_reason()
+    if reason is not None:
+        raise UsageError(f"{command} needs an NVIDIA GPU with CuPy, and none was found: {reason} (see `cupyq info`)")
+
+
 def _checkpoint_paths(paths, tmp):
     """The checkpoint directories to work on: the given ones, or the built-in sample made in ``tmp``."""
     if paths:
+        for p in paths:
+            if str(p).isdigit() and not Path(p).exists():
+                raise UsageError(f"{p}: no such checkpoint directory; several row counts are written --m 1,{p} "
+                                 f"(or --m 1 --m {p})")
         return [Path(p) for p in paths], False
     from cupyq.sample import make_sample
 
@@ -169,15 +246,26 @@ def cmd_info(args):
     summary = runtime.device_summary()
     cache_dir = runtime.kernel_cache_dir()
     files = runtime.cached_kernel_files()
+    reason = runtime.gpu_unavailable_reason()
+    has_cupy = "cupy" in summary
+    gpus = summary.get("gpus") or []
+    for g in gpus:
+        major, minor = (int(v) for v in str(g.get("compute_capability", "0.0")).split("."))
+        g["supported"] = (major, minor) >= runtime.MIN_COMPUTE_CAPABILITY
+    mismatch = runtime.cuda_mismatch_message()
     payload = {
         "cupyq": cupyq.__version__,
-        "gpu_available": bool(summary.get("gpus")),
+        "gpu_available": bool(gpus),
+        "gpu_unavailable_reason": reason,
+        "can_compile": has_cupy,
+        "supported_gpus": runtime.SUPPORTED_GPUS,
+        "cuda_majors": runtime.cuda_majors(),
+        "warnings": [mismatch] if mismatch else [],
         "device_summary": summary,
         "kernel_cache_dir": str(cache_dir),
         "cached_kernel_files": [{"name": p.name, "bytes": p.stat().st_size} for p in files],
     }
     lines = [f"cupyq {cupyq.__version__}"]
-    gpus = summary.get("gpus") or []
     if gpus:
         rows = [
             {
@@ -186,12 +274,25 @@ def cmd_info(args):
                 "cc": g.get("compute_capability"),
                 "sms": g.get("sms", ""),
                 "memory": _human_bytes(g["memory_bytes"]) if "memory_bytes" in g else "",
+                "supported": g["supported"],
             }
             for g in gpus
         ]
-        lines.append(format_table(rows, [("GPU", "index"), ("name", "name"), ("compute capability", "cc"), ("SMs", "sms"), ("memory", "memory")]))
+        lines.append(format_table(rows, [("GPU", "index"), ("name", "name"), ("compute capability", "cc"), ("SMs", "sms"),
+                                         ("memory", "memory"), ("supported", "supported")]))
+        for g in gpus:
+            if not g["supported"]:
+                lines.append(f"warning: GPU {g['index']} ({g['name']}) has compute capability {g['compute_capability']}; "
+                             f"the kernels need {runtime.SUPPORTED_GPUS}")
+    elif has_cupy:
+        lines.append(f"GPU: none found ({reason}). The GPU kernels cannot run here; the NumPy reference path and "
+                     "`cupyq compile` can.")
     else:
-        lines.append("GPU: none found. The GPU kernels cannot run here; the NumPy reference path and `cupyq compile` can.")
+        lines.append(f"GPU: not usable: {reason}. Only the NumPy reference path runs here; the GPU kernels and "
+                     "`cupyq compile` need CuPy.")
+    lines.append(f"supported GPUs: {runtime.SUPPORTED_GPUS}")
+    if mismatch:
+        lines.append("warning: " + mismatch.removeprefix("cupyq: "))
     libs = [("CuPy", "cupy"), ("CUDA runtime", "cuda_runtime"), ("CUDA driver", "cuda_driver"), ("NVRTC", "nvrtc"), ("torch", "torch"), ("torch CUDA", "torch_cuda")]
     lines.append("libraries: " + ", ".join(f"{label} {summary.get(key) if summary.get(key) is not None else 'n/a'}" for label, key in libs))
     for key, value in summary.items():
@@ -360,7 +461,7 @@ def _verify_layer(ckpt, name, ms, rng, on_gpu, reps):
     w_ref = ckpt.dequantize(name)
     bias = tensors.get("bias")
     qm = ckpt.qmatrix(name, device=0 if on_gpu else None)
-    result = {"errors": {}, "us": {}}
+    results = []
     for m in ms:
         x = rng.standard_normal((m, info.in_features)).astype(np.float16)
         ref = reference.matmul(x, w_ref, bias)
@@ -379,18 +480,25 @@ def _verify_layer(ckpt, name, ms, rng, on_gpu, reps):
                 us = (time.perf_counter() - start) * 1e6
         if y.shape[-1] != ref.shape[-1]:
             y = y[..., : ref.shape[-1]]
-        result["errors"][m] = _relative_error(y, ref)
-        result["us"][m] = us
-    return info, result
+        results.append({"m": m, "error": _relative_error(y, ref), "us": us})
+    return info, results
 
 
 def cmd_verify(args):
     import numpy as np
 
-    ms = args.m or list(DEFAULT_MS)
-    if any(m < 1 for m in ms):
-        raise UsageError(f"--m: expected positive row counts, got {ms}")
-    on_gpu = _gpu_available() and not args.cpu
+    ms = _flat_ms(args.m) or list(DEFAULT_MS)
+    if args.cpu and args.require_gpu:
+        raise UsageError("--cpu and --require-gpu contradict each other")
+    reason = None if args.cpu else _gpu_unavailable_reason()
+    on_gpu = reason is None and not args.cpu
+    if args.require_gpu and not on_gpu:
+        print(f"cupyq verify: no GPU kernel can run ({reason}); failing as --require-gpu asks", file=sys.stderr)
+        payload = {"gpu": False, "gpu_unavailable_reason": reason, "mode": "none", "tolerance": args.tolerance,
+                   "ms": ms, "sample": not args.paths, "passed": False, "layers": [],
+                   "error": f"--require-gpu: no GPU kernel can run: {reason}"}
+        _emit(args, payload, f"FAILED: --require-gpu given and no GPU kernel can run: {reason}")
+        return EXIT_FAIL
     with tempfile.TemporaryDirectory(prefix="cupyq-sample-") as tmp:
         paths, is_sample = _checkpoint_paths(args.paths, tmp)
         checkpoints = [_open(p) for p in paths]
@@ -401,38 +509,37 @@ def cmd_verify(args):
         rows, failed = [], 0
         with Progress(len(jobs), "verify") as bar:
             for ckpt, name in jobs:
-                info, res = _verify_layer(ckpt, name, ms, rng, on_gpu, args.reps)
-                worst = max(res["errors"].values())
+                info, results = _verify_layer(ckpt, name, ms, rng, on_gpu, args.reps)
+                worst = max(r["error"] for r in results)
                 ok = worst <= args.tolerance
                 failed += not ok
-                row = {
+                rows.append({
                     "checkpoint": ckpt.path.name if is_sample else str(ckpt.path),
                     "layer": name,
                     "format": info.format,
                     "bits": _bits_text(info),
                     "shape": f"{info.in_features} x {info.out_features}",
                     "max_rel_error": worst,
+                    "finite": all(math.isfinite(r["error"]) for r in results),
                     "ok": ok,
-                }
-                for m in ms:
-                    row[f"err_m{m}"] = res["errors"][m]
-                    row[f"us_m{m}"] = res["us"][m]
-                rows.append(row)
+                    "results": results,
+                })
                 bar.update(name)
     mode = (
         "GPU kernels (cupyq.gemm on CuPy arrays, fp16) against the float32 NumPy reference"
         if on_gpu
         else "NO GPU KERNEL RAN: checked the CPU path (cupyq.gemm on NumPy arrays, the float32 reference) "
-        + ("because --cpu was given" if args.cpu else "because no GPU was found")
+        + ("because --cpu was given" if args.cpu else f"because no GPU can be used: {reason}")
     )
     cols = [("layer", "layer"), ("format", "format"), ("bits", "bits"), ("in x out", "shape")]
-    cols += [(f"rel err m={m}", f"err_m{m}") for m in ms]
+    cols += [(f"rel err m={m}", f"error_m{m}") for m in ms]
     cols += [(f"us m={m}", f"us_m{m}") for m in ms]
     cols += [("ok", "ok")]
     lines = []
     for ckpt in checkpoints:
         key = ckpt.path.name if is_sample else str(ckpt.path)
-        sub = [r for r in rows if r["checkpoint"] == key]
+        sub = [dict(r, **{f"{k}_m{res['m']}": res[k] for res in r["results"] for k in ("error", "us")})
+               for r in rows if r["checkpoint"] == key]
         if sub:
             lines.append(("sample " if is_sample else "") + key)
             lines.append(format_table(sub, cols))
@@ -446,7 +553,9 @@ def cmd_verify(args):
     )
     payload = {
         "gpu": on_gpu,
-        "mode": mode,
+        "gpu_unavailable_reason": reason,
+        "mode": "gpu" if on_gpu else "cpu",
+        "mode_text": mode,
         "tolerance": args.tolerance,
         "ms": ms,
         "sample": is_sample,
@@ -518,9 +627,10 @@ def cmd_bench(args):
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
-    if not _gpu_available():
-        raise UsageError("bench needs an NVIDIA GPU with CuPy, and none was found (see `cupyq info`)")
+    _require_gpu("bench")
     from cupyq import bench
+
+    ms = _flat_ms(args.m)
 
     shapes, formats = None, args.formats
     if args.path:
@@ -534,11 +644,11 @@ def cmd_bench(args):
             kinds = {"gptq_act" if (i.format == "gptq" and i.act_order) else "gptq" if i.format == "awq" else i.format
                      for i in infos}
             formats = [f for f in ("gptq", "gptq_act", "exl2") if f in kinds]
-    kwargs = {"shapes": shapes, "ms": args.m, "iters": args.iters, "repeats": args.repeats}
+    kwargs = {"shapes": shapes, "ms": ms, "iters": args.iters, "repeats": args.repeats}
     if formats:
         kwargs["formats"] = tuple(formats)
     n_shapes = len(bench.SHAPES if shapes is None else shapes)
-    n_ms = len(bench.MS if args.m is None else args.m)
+    n_ms = len(bench.MS if ms is None else ms)
     n_impls = len(formats or ("gptq", "gptq_act", "exl2")) + 2
     print(f"benchmarking {n_shapes} shape(s) x {n_ms} m value(s)...", file=sys.stderr)
     with Progress(n_shapes * n_ms * n_impls, "bench", delay=0.0) as bar:
@@ -564,8 +674,7 @@ def cmd_bench(args):
 
 
 def cmd_warmup(args):
-    if not _gpu_available():
-        raise UsageError("warmup compiles kernels for this machine's GPU, and none was found (see `cupyq info`)")
+    _require_gpu("warmup (it compiles kernels for this machine's GPU)")
     from cupyq import runtime
 
     before = {p.name for p in runtime.cached_kernel_files()}
@@ -582,7 +691,11 @@ def cmd_warmup(args):
                 qms.append(ckpt.qmatrix(name, device=args.device))
                 bar.update(name)
         load_s = time.perf_counter() - load_start
-        seconds = runtime.warmup(qms, max_m=args.max_m)
+        print(f"warmup: compiling and loading the kernels of {len(qms)} layer(s) for m <= {args.max_m} "
+              "(the first run compiles with NVRTC and can take a minute; later runs read the kernel cache)",
+              file=sys.stderr)
+        with Progress(len(qms), "warmup", delay=0.0) as bar:
+            seconds = runtime.warmup(qms, max_m=args.max_m, progress=lambda i, qm: bar.update(jobs[i][1]))
     after = runtime.cached_kernel_files()
     new = [p.name for p in after if p.name not in before]
     payload = {"layers": len(qms), "load_seconds": load_s, "warmup_seconds": seconds, "max_m": args.max_m,
@@ -602,15 +715,23 @@ def cmd_warmup(args):
 
 def cmd_compile(args):
     from cupyq import runtime
+    from cupyq.sources import list_cuda_sources
 
     archs = args.arch or ["sm_80", "sm_90"]
+    sources = args.source or None
+    n_jobs = len(archs) * len(sources or list_cuda_sources())
     start = time.perf_counter()
+    print(f"cupyq compile: {n_jobs} NVRTC compile(s) for {', '.join(archs)} in parallel threads "
+          "(each takes tens of seconds)...", file=sys.stderr)
+
+    def report(r):
+        print(f"  compiled {r.source} for {r.arch} in {r.seconds:.1f} s", file=sys.stderr, flush=True)
+
     try:
-        reports = runtime.compile_sources(archs, sources=args.source or None)
+        reports = runtime.compile_sources(archs, sources=sources, progress=report)
     except runtime.CompileError as exc:
         print(f"cupyq compile: kernel compilation failed:\n{exc}", file=sys.stderr)
-        if getattr(args, "json", None):
-            _emit(args, {"ok": False, "error": str(exc)}, "compilation failed")
+        _emit(args, {"ok": False, "error": str(exc), "reports": []}, "compilation failed")
         return EXIT_FAIL
     rows = [
         {"source": r.source, "arch": r.arch, "seconds": r.seconds, "cubin_bytes": r.cubin_bytes, "kernels": len(r.kernels)}
@@ -631,23 +752,84 @@ def cmd_compile(args):
 
 
 def _positive_float(text):
-    v = float(text)
-    if not v > 0:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return v
 
 
 def _positive_int(text):
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return v
 
 
+def _row_counts(text):
+    """``--m`` value: one positive integer or a comma-separated list of them (``1,7,64``)."""
+    parts = [t.strip() for t in str(text).split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, such as 1,7,64; got {text!r}")
+    try:
+        return [_positive_int(t) for t in parts]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas, such as 1,7,64; got {text!r}") from None
+
+
+def _flat_ms(values):
+    """The row counts of every ``--m`` given, in order, without repeats; None when there was none."""
+    if not values:
+        return None
+    out = []
+    for group in values:
+        out += [m for m in group if m not in out]
+    return out
+
+
+def _arch(text):
+    from cupyq.runtime import _normalise_arch
+
+    try:
+        _normalise_arch(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("arch: ")) from None
+    return text
+
+
+def _cuda_source_name(text):
+    from cupyq.sources import list_cuda_sources
+
+    available = [p.name for p in list_cuda_sources()]
+    if text not in available:
+        raise argparse.ArgumentTypeError(
+            f"expected the file name of a CUDA source of the package ({', '.join(available)}), got {text!r}")
+    return text
+
+
+class _ArgumentError(Exception):
+    """A command-line usage error (raised instead of argparse's exit so that --json can report it)."""
+
+    def __init__(self, parser, message):
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _ArgumentError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import cupyq
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cupyq",
         description="GPTQ and EXL2 quantized linear layers on NVIDIA GPUs (CUDA C kernels compiled at run time by NVRTC).",
         epilog="Exit status: 0 success, 1 verification or compilation failure, 2 usage or input error.",
@@ -655,11 +837,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cupyq {cupyq.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--json", nargs="?", const="-", metavar="FILE",
-        help="machine-readable JSON instead of tables; with FILE, write it there and keep the table",
-    )
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true",
+                        help="print a JSON report on stdout instead of the table (errors too, as {\"error\": ...})")
+    common.add_argument("--json-out", "-o", metavar="FILE",
+                        help="also write the JSON report to FILE, keeping the table on stdout; an existing FILE is "
+                             "replaced only when it is a JSON report written by cupyq")
 
     p = sub.add_parser("info", parents=[common], help="GPUs, library versions and the kernel cache",
                        description="Show GPUs (compute capability, SMs, memory), CuPy/CUDA/NVRTC/torch versions and "
@@ -676,23 +859,30 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build every quantized layer, run cupyq.gemm on random fp16 inputs for a few m and "
                                    "compare with the float32 NumPy reference (relative Frobenius error). Without a "
                                    "path the built-in sample (GPTQ 4-bit act-order, GPTQ 3-bit v2, EXL2 mixed, AWQ 4-bit) is "
-                                   "made in a temporary directory. Without a GPU the CPU reference path is checked "
-                                   "and the output says that no GPU kernel ran. Exit status 1 when a layer fails.")
+                                   "made in a temporary directory. Without a GPU the CPU reference path is checked, "
+                                   "the output says that no GPU kernel ran and the exit status is still 0 unless "
+                                   "--require-gpu is given. Exit status 1 when a layer fails.")
     p.add_argument("paths", nargs="*", metavar="PATH", help="checkpoint directories (default: the built-in sample)")
-    p.add_argument("--m", type=_positive_int, nargs="+", help=f"rows of x to test (default: {' '.join(map(str, DEFAULT_MS))})")
+    p.add_argument("--m", type=_row_counts, action="append", metavar="M[,M...]",
+                   help=f"rows of x to test: a comma-separated list or the option repeated, --m 1,7 or --m 1 --m 7 "
+                        f"(default: {','.join(map(str, DEFAULT_MS))})")
     p.add_argument("--tolerance", type=_positive_float, default=DEFAULT_TOLERANCE,
                    help=f"largest relative error allowed (default {DEFAULT_TOLERANCE:g}: fp16 rounding gives ~1e-3, "
                         "real bugs give 0.1 or more)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--reps", type=_positive_int, default=20, help="timed repetitions per m (default 20)")
     p.add_argument("--cpu", action="store_true", help="check the CPU reference path even when a GPU is present")
+    p.add_argument("--require-gpu", action="store_true",
+                   help="exit with status 1 when no GPU kernel can run (without it, a machine without a GPU checks "
+                        "the CPU path and exits 0)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", parents=[common], help="benchmark the kernels against fp16 (needs a GPU)",
                        description="Run cupyq.bench.run_benchmark on the checkpoint's layer shapes (or the six standard "
                                    "shapes) and print microseconds per call and the speed-up over an fp16 matmul.")
     p.add_argument("path", nargs="?", help="checkpoint directory whose layer shapes to use (default: standard shapes)")
-    p.add_argument("--m", type=_positive_int, nargs="+", help="rows of x (default: the benchmark's own list)")
+    p.add_argument("--m", type=_row_counts, action="append", metavar="M[,M...]",
+                   help="rows of x: a comma-separated list or the option repeated (default: the benchmark's own list)")
     p.add_argument("--formats", nargs="+", choices=("gptq", "gptq_act", "exl2"),
                    help="formats to run (default: those in the checkpoint, or all)")
     p.add_argument("--iters", type=_positive_int, default=40, help="calls per timing (default 40)")
@@ -713,10 +903,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", parents=[common], help="compile the CUDA sources with NVRTC (no GPU needed)",
                        description="Compile every cuda_src/*.cu for each architecture with NVRTC and report time and "
                                    "cubin size. Exit status 1 with the compiler log on any error or warning.")
-    p.add_argument("--arch", action="append", metavar="ARCH", help="target such as sm_80, 90 or sm_90a; repeatable (default: sm_80 and sm_90)")
-    p.add_argument("--source", action="append", metavar="FILE", help="only this .cu file; repeatable (default: all)")
+    p.add_argument("--arch", action="append", metavar="ARCH", type=_arch,
+                   help="target such as sm_80, 90 or sm_90a, sm_80 or newer; repeatable (default: sm_80 and sm_90)")
+    p.add_argument("--source", action="append", metavar="FILE", type=_cuda_source_name,
+                   help="only this .cu file of the package (a bare name such as qgemm.cu); repeatable (default: all)")
     p.set_defaults(func=cmd_compile)
     return parser
+
+
+def _report_error(args, argv, message):
+    """An error under --json / --json-out: ``{"error": ...}`` on stdout and in the file (when it may be written)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    wants_json = bool(getattr(args, "json", False)) if args is not None else "--json" in words
+    command = getattr(args, "command", None) or next((w for w in words if w in COMMANDS), None)
+    blob = _report_json(command, {"error": message})
+    if wants_json:
+        print(blob)
+    target = getattr(args, "json_out", None)
+    if target:
+        try:
+            _write_report(target, blob)
+        except (UsageError, OSError):
+            pass  # the error is already on stderr; a file that may not be replaced stays as it is
 
 
 def main(argv=None) -> int:
@@ -724,20 +932,39 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, argparse usage errors
+    except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except _ArgumentError as exc:
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        _report_error(None, argv, str(exc))
+        return EXIT_USAGE
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     from cupyq.checkpoint import CheckpointError
+    from cupyq.runtime import SetupError
 
     try:
+        if getattr(args, "json_out", None):
+            _check_json_out(args.json_out)  # before any work: a refused file name fails at once
         return args.func(args)
-    except (UsageError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+    except (UsageError, CheckpointError, SetupError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError) as exc:
         print(f"cupyq {args.command}: error: {exc}", file=sys.stderr)
+        _report_error(args, argv, str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"cupyq {args.command}: interrupted", file=sys.stderr)
+        from cupyq import runtime
+
+        if argv is None and runtime.compile_threads_running():
+            # Run as the program (argv from sys.argv) while NVRTC is still compiling in daemon threads: a normal
+            # interpreter exit would unload the library under them and crash, so leave at once (nothing is
+            # left to save). Called from Python with an argv, return as usual.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

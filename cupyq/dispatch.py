@@ -59,6 +59,8 @@ def gemm(x, qm: QMatrix, out=None, *, force_cuda: bool = False):
     if not isinstance(qm, QMatrix):
         raise TypeError(f"qm: expected a cupyq.QMatrix, got {type(qm).__name__}")
     kind = _kind(x)
+    if kind == "numpy" and not isinstance(x, np.ndarray):
+        raise TypeError(f"x: expected a torch tensor, a CuPy array or a NumPy array, got {type(x).__name__}")
     if kind == "torch":
         if x.device.type != "cuda":
             return _gemm_reference(x, qm, out, kind)

@@ -561,6 +561,12 @@ class QuantLinear(nn.Module):
         super().__init__()
         if isinstance(qweight, torch.Tensor):
             self._init_lorax(qweight, qzeros, scales, g_idx, bias, bits, groupsize)
+        elif hasattr(qweight, "shape") and hasattr(qweight, "dtype"):  # an array, not a weight object
+            raise TypeError(
+                f"qweight: expected a torch tensor (QuantLinear(qweight, qzeros, scales, g_idx, bias, bits, "
+                f"groupsize)) or a GPTQ/EXL2 weight object, got {type(qweight).__module__}.{type(qweight).__name__}; "
+                "convert NumPy arrays with torch.from_numpy"
+            )
         else:
             if scales is not None or g_idx is not None:
                 raise TypeError("QuantLinear(weight, bias): a weight object takes no further tensors")

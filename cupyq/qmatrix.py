@@ -6,6 +6,7 @@ import numpy as np
 
 from cupyq import layout as _layout
 from cupyq import reference
+from cupyq import runtime as _runtime
 from cupyq.formats import awq as _awq
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
@@ -31,7 +32,7 @@ def _resolve_device(arrays, device):
             return None, kind
         from cupyq.scratch import _device_index
 
-        return _device_index(device), kind
+        return _runtime.check_device_supported(_device_index(device)), kind
     for a in present:
         k = _kind(a)
         if k == "cupy":

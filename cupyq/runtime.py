@@ -70,46 +70,65 @@ class CompileReport:
     kernels: list
 
 
+# Oldest architecture the kernels compile for: they use cp.async, bf16 mma and ldmatrix (sm_80 and newer).
+MIN_COMPUTE_CAPABILITY = (8, 0)
+SUPPORTED_GPUS = "sm_80 and newer: A100, A30, A10, L4, L40, RTX 30xx/40xx/50xx, H100/H200, B200"
+
+
 def _normalise_arch(arch) -> str:
+    """``"sm_NN"`` (with an ``a``/``f`` suffix kept) from ``"sm_90"``, ``"90"``, ``"compute_90"`` or ``"9.0"``;
+    ValueError for anything else or an architecture older than sm_80."""
     a = str(arch).strip().lower()
     for prefix in ("sm_", "compute_"):
         if a.startswith(prefix):
             a = a[len(prefix):]
     a = a.replace(".", "")
-    if not a[:2].isdigit():
-        raise ValueError(f"arch: expected something like 'sm_80' or '90', got {arch!r}")
+    digits = a[:-1] if a[-1:] in ("a", "f") else a
+    if not (2 <= len(digits) <= 3 and digits.isdigit()):
+        raise ValueError(f"arch: expected something like 'sm_80', '90' or 'sm_90a', got {arch!r}")
+    if (int(digits[:-1]), int(digits[-1])) < MIN_COMPUTE_CAPABILITY:
+        raise ValueError(f"arch: {arch!r} is older than the kernels support ({SUPPORTED_GPUS})")
     return "sm_" + a
 
 
-def _cuda_include_dirs() -> list[str]:
-    dirs = []
-    try:
-        import cuda.pathfinder as pathfinder
-
-        found = pathfinder.find_nvidia_header_directory("cudart")
-        if found:
-            dirs.append(str(found))
-    except Exception:
-        pass
-    cuda_path = os.environ.get("CUDA_PATH") or os.environ.get("CUDA_HOME")
-    if cuda_path and Path(cuda_path, "include").is_dir():
-        dirs.append(str(Path(cuda_path, "include")))
-    if not dirs and Path("/usr/local/cuda/include").is_dir():
-        dirs.append("/usr/local/cuda/include")
-    return dirs
+def kernel_options() -> tuple:
+    """The NVRTC options cupyq chooses for its kernels (CuPy's ``RawModule`` adds its own, see
+    :func:`nvrtc_options`): ``NVRTC_OPTIONS`` and the include path of ``cuda_src``."""
+    return NVRTC_OPTIONS + (f"-I{cuda_source_dir()}",)
 
 
-def compile_sources(archs, *, sources=None, workers=None) -> list[CompileReport]:
-    """Compile every CUDA source for each architecture with NVRTC; no GPU needed.
+def nvrtc_options(arch) -> list:
+    """Every option NVRTC receives when the kernels are compiled for ``arch`` at run time.
 
-    archs: iterable of architectures such as ``"sm_80"``, ``"90"`` or ``"sm_90a"``.
+    ``cupy.RawModule`` compiles :func:`kernel_options` with CuPy's include paths (its bundled CCCL, its own
+    headers, the CUDA headers it found) around them, ``-ftz=true``, ``-arch=sm_NN`` and
+    ``--device-as-default-execution-space``; the offline compile check builds the same list so that it
+    proves what runs. Needs CuPy, not a GPU.
+    """
+    from cupy._core import core
+
+    options = list(core.assemble_cupy_compiler_options(kernel_options()))
+    options += ["-ftz=true", f"-arch={_normalise_arch(arch)}", "--device-as-default-execution-space"]
+    if os.environ.get("CUPY_NVRTC_USE_PCH", "0") not in ("", "0"):
+        from cupy_backends.cuda.libs import nvrtc
+
+        if nvrtc.getVersion() >= (12, 8):
+            options.append("--pch")
+    return options
+
+
+def compile_sources(archs, *, sources=None, workers=None, progress=None) -> list[CompileReport]:
+    """Compile every CUDA source for each architecture with NVRTC; no GPU needed (CuPy and NVRTC are).
+
+    archs: iterable of architectures such as ``"sm_80"``, ``"90"`` or ``"sm_90a"`` (sm_80 or newer).
     sources: file names inside ``cuda_src`` (default: every ``*.cu``).
     workers: compiles run at once in threads (NVRTC releases the GIL); default: one per CPU core.
+    progress: optional callable, given each :class:`CompileReport` as its compile finishes.
     Returns one report per (architecture, source), in that order. Raises CompileError when NVRTC reports an
-    error or any warning.
+    error or any warning, ValueError for a bad architecture, SetupError without CuPy. On an exception
+    (Ctrl-C included) compiles not yet started are dropped and running ones are not waited for.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
+    require_cupy("cupyq compile (NVRTC)")
     src_dir = cuda_source_dir()
     names = sources if sources is not None else sorted(p.name for p in src_dir.glob("*.cu"))
     if not names:
@@ -117,25 +136,93 @@ def compile_sources(archs, *, sources=None, workers=None) -> list[CompileReport]
     jobs = [(_normalise_arch(arch), name) for arch in archs for name in names]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers <= 1 or len(jobs) <= 1:
-        return [_compile_source(arch, name) for arch, name in jobs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda job: _compile_source(*job), jobs))
+        reports = []
+        for job in jobs:
+            reports.append(_compile_source(*job))
+            if progress is not None:
+                progress(reports[-1])
+        return reports
+    return _run_in_daemon_threads(jobs, workers, progress)
+
+
+_COMPILE_THREAD_PREFIX = "cupyq-nvrtc-"
+
+
+def _run_in_daemon_threads(jobs, workers, progress):
+    """Run ``_compile_source`` on each job in ``workers`` daemon threads; reports in job order.
+
+    Daemon threads rather than a ThreadPoolExecutor: an executor's threads are joined when the interpreter
+    exits, so Ctrl-C would still wait for every running NVRTC compile (tens of seconds). After a compile error
+    the compiles already running are waited for (the rest are dropped); after Ctrl-C nothing is waited for.
+    """
+    import queue
+    import threading
+
+    todo = queue.SimpleQueue()
+    for index, job in enumerate(jobs):
+        todo.put((index, job))
+    finished = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def work():
+        while not stop.is_set():
+            try:
+                index, job = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finished.put((index, _compile_source(*job), None))
+            except BaseException as exc:  # handed to the caller's thread
+                stop.set()
+                finished.put((index, None, exc))
+
+    threads = [threading.Thread(target=work, name=f"{_COMPILE_THREAD_PREFIX}{n}", daemon=True) for n in range(workers)]
+    for t in threads:
+        t.start()
+    reports = [None] * len(jobs)
+    try:
+        for _ in jobs:
+            while True:
+                try:
+                    index, report, exc = finished.get(timeout=0.1)  # short waits keep Ctrl-C responsive
+                    break
+                except queue.Empty:
+                    continue
+            if exc is not None:
+                raise exc
+            reports[index] = report
+            if progress is not None:
+                progress(report)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    except BaseException:
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
+    return reports
+
+
+def compile_threads_running() -> bool:
+    """True while an interrupted :func:`compile_sources` still has NVRTC compiles running in its threads."""
+    import threading
+
+    return any(t.name.startswith(_COMPILE_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate())
 
 
 def _compile_source(arch: str, name: str) -> CompileReport:
-    """Compile every kernel instantiation of one source for one architecture."""
+    """Compile every kernel instantiation of one source for one architecture, with the run time's options."""
     from cupy_backends.cuda.libs import nvrtc
 
-    src_dir = cuda_source_dir()
-    includes = [f"-I{src_dir}"] + [f"-I{d}" for d in _cuda_include_dirs()]
     code = read_cuda_source(name)
     exprs = kernel_names(name)
+    options = nvrtc_options(arch)
     start = time.perf_counter()
     prog = nvrtc.createProgram(code, name, [], [])
     try:
         for e in exprs:
             nvrtc.addNameExpression(prog, e)
-        options = list(NVRTC_OPTIONS) + [f"-arch={arch}"] + includes
         try:
             nvrtc.compileProgram(prog, options)
         except Exception as exc:  # NVRTCError carries no log; fetch it
@@ -169,12 +256,10 @@ def kernel_resources(name: str, arch="sm_90", *, source: str = "qgemm.cu") -> Ke
     from cupy_backends.cuda.libs import nvrtc
 
     arch = _normalise_arch(arch)
-    src_dir = cuda_source_dir()
     prog = nvrtc.createProgram(read_cuda_source(source), source, [], [])
     try:
         nvrtc.addNameExpression(prog, name)
-        options = list(NVRTC_OPTIONS) + [f"-arch={arch}", f"-I{src_dir}", "-Xptxas", "-v"]
-        options += [f"-I{d}" for d in _cuda_include_dirs()]
+        options = nvrtc_options(arch) + ["-Xptxas", "-v"]
         try:
             nvrtc.compileProgram(prog, options)
         except Exception as exc:
@@ -205,6 +290,130 @@ def gpu_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
+
+
+INSTALL_HINT = (
+    "pip install 'cupyq[cuda12]' or 'cupyq[cuda13]', the extra matching the CUDA major of torch.version.cuda "
+    "and of the driver (nvidia-smi shows it)"
+)
+
+
+class SetupError(RuntimeError):
+    """This machine cannot run what was asked: CuPy missing, no usable GPU, or a GPU older than sm_80."""
+
+
+def require_cupy(what: str):
+    """Import and return CuPy; SetupError naming ``what`` and the install command when it is missing."""
+    try:
+        import cupy
+    except ImportError as exc:
+        raise SetupError(f"{what} needs CuPy, which is not installed ({exc}); {INSTALL_HINT}") from None
+    return cupy
+
+
+def gpu_unavailable_reason():
+    """None when CuPy imports and sees a CUDA device; otherwise one sentence naming the cause and the fix."""
+    try:
+        import cupy
+    except ImportError as exc:
+        return f"CuPy is not installed ({exc}); {INSTALL_HINT}"
+    try:
+        driver = cupy.cuda.runtime.driverGetVersion()
+    except Exception:
+        driver = None
+    if driver == 0:
+        return "no NVIDIA driver found: the GPU kernels need an NVIDIA GPU and its driver (nvidia-smi lists them)"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        text = str(exc)
+        if "InsufficientDriver" in text and driver:
+            runtime_version = _cuda_version_text(cupy.cuda.runtime.runtimeGetVersion())
+            return (f"the NVIDIA driver supports CUDA {_cuda_version_text(driver)} but CuPy uses the CUDA "
+                    f"{runtime_version} runtime: update the driver or install the extra of the driver's CUDA "
+                    f"major ({INSTALL_HINT})")
+        return f"CuPy cannot reach a GPU: {text}"
+    if count == 0:
+        return "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and nvidia-smi)"
+    return None
+
+
+def _cuda_version_text(version: int) -> str:
+    """``"12.8"`` from CUDA's integer version 12080."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def cuda_majors() -> dict:
+    """CUDA major versions this process would mix: ``torch`` (torch.version.cuda), ``cupy`` (CuPy's CUDA
+    runtime) and ``nvrtc``; a key is absent when that library is missing or has no CUDA."""
+    majors = {}
+    try:
+        import torch
+
+        if torch.version.cuda:
+            majors["torch"] = int(str(torch.version.cuda).split(".")[0])
+    except Exception:
+        pass
+    try:
+        import cupy
+
+        majors["cupy"] = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+        from cupy_backends.cuda.libs import nvrtc
+
+        majors["nvrtc"] = int(nvrtc.getVersion()[0])
+    except Exception:
+        pass
+    return majors
+
+
+def cuda_mismatch_message(majors=None):
+    """None when every CUDA major in :func:`cuda_majors` agrees; otherwise a warning text with the fix."""
+    majors = cuda_majors() if majors is None else majors
+    if len(set(majors.values())) <= 1:
+        return None
+    found = ", ".join(f"{name} CUDA {major}" for name, major in majors.items())
+    want = majors.get("torch", majors.get("cupy"))
+    return (f"cupyq: CUDA major versions differ in this process ({found}): two CUDA runtimes in one process "
+            f"can fail to load kernels or share memory. Install the cupyq extra matching torch.version.cuda: "
+            f"pip install 'cupyq[cuda{want}]' (and uninstall the other cupy-cuda*x package)")
+
+
+_checked_devices: set = set()
+_warned_mismatch = False
+
+
+def check_device_supported(device_id: int) -> int:
+    """``device_id`` back when it is a usable GPU the kernels support (compute capability 8.0 or newer).
+
+    SetupError names the cause and the fix (CuPy missing, no driver, no device, an older GPU); ValueError
+    for a device index that does not exist. Warns once per process when the CUDA majors of torch, CuPy and
+    NVRTC differ. A device that passed is not asked again.
+    """
+    global _warned_mismatch
+    if device_id in _checked_devices:
+        return device_id
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        raise SetupError(f"device {device_id}: {reason}")
+    import cupy
+
+    count = cupy.cuda.runtime.getDeviceCount()
+    if isinstance(device_id, bool) or not isinstance(device_id, int) or not 0 <= device_id < count:
+        raise ValueError(f"device: expected a CUDA device index 0..{count - 1}, got {device_id!r}")
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    if (props["major"], props["minor"]) < MIN_COMPUTE_CAPABILITY:
+        raise SetupError(
+            f"GPU {device_id} ({name}) has compute capability {props['major']}.{props['minor']}; cupyq's kernels "
+            f"need 8.0 or newer ({SUPPORTED_GPUS})"
+        )
+    if not _warned_mismatch:
+        _warned_mismatch = True
+        message = cuda_mismatch_message()
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    _checked_devices.add(device_id)
+    return device_id
 
 
 def kernel_cache_dir() -> Path:
@@ -285,7 +494,7 @@ def get_function(source: str, name: str, device_id: int):
     with cupy.cuda.Device(device_id):
         mod = cupy.RawModule(
             code=read_cuda_source(source),
-            options=NVRTC_OPTIONS + (f"-I{cuda_source_dir()}",),
+            options=kernel_options(),
             name_expressions=[name],
         )
         fn = mod.get_function(name)
@@ -332,9 +541,14 @@ def torch_stream(device_id: int):
     return s
 
 
-def warmup(qmatrices, *, max_m: int = 64) -> float:
-    """Compile and load every kernel the given QMatrix objects need on their devices; returns seconds."""
+def warmup(qmatrices, *, max_m: int = 64, progress=None) -> float:
+    """Compile and load every kernel the given QMatrix objects need on their devices; returns seconds.
+
+    progress: optional callable, given ``(index, qmatrix)`` after each matrix is ready.
+    """
     start = time.perf_counter()
-    for qm in qmatrices:
+    for i, qm in enumerate(qmatrices):
         qm.warmup(max_m=max_m)
+        if progress is not None:
+            progress(i, qm)
     return time.perf_counter() - start

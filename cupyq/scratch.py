@@ -34,8 +34,8 @@ def _device_index(device) -> int:
         return cupy.cuda.runtime.getDevice()
     if isinstance(device, int):
         return device
-    index = getattr(device, "index", None)  # torch.device
-    if isinstance(index, int):
+    index = None if isinstance(device, str) else getattr(device, "index", None)  # torch.device (str.index is a method)
+    if index is not None:
         return int(index)
     text = str(device)
     if text == "cuda":

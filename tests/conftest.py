@@ -4,6 +4,7 @@ Nothing heavy is imported here: CuPy is imported only when a collected test is m
 torch never.
 """
 
+import sys
 from functools import lru_cache
 
 import pytest
@@ -39,3 +40,18 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CuPy (none found)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """Make ``import cupy`` (and cupyx, cupy_backends) fail as on a machine without CuPy, for one test.
+
+    torch is imported first where installed: its first import inspects loaded modules, which would trip over
+    the hidden ones.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    for name in ("cupy", "cupyx", "cupy_backends"):
+        monkeypatch.setitem(sys.modules, name, None)

@@ -121,9 +121,9 @@ def test_inspect_json(small_ckpt, capsys, tmp_path):
     assert payload["totals"]["quantized_layers"] == 2
     assert payload["totals"]["quantized_weights"] == 2 * 256 * 128
     assert payload["quantization_config"]["group_size"] == 64
-    # --json FILE keeps the table on stdout and writes the JSON to the file
+    # --json-out FILE keeps the table on stdout and writes the JSON to the file
     target = tmp_path / "inspect.json"
-    code, out, _ = run(["inspect", str(small_ckpt), "--json", str(target)], capsys)
+    code, out, _ = run(["inspect", str(small_ckpt), "--json-out", str(target)], capsys)
     assert code == 0 and out.startswith(str(small_ckpt)) and json.loads(target.read_text())["totals"]["layers"] == 3
 
 
@@ -139,7 +139,7 @@ def test_inspect_bad_input_exit_2(tmp_path, small_ckpt, capsys):
 
 
 def test_verify_cpu_path(small_ckpt, capsys):
-    code, out, _ = run(["verify", str(small_ckpt), "--cpu", "--m", "1", "5"], capsys)
+    code, out, _ = run(["verify", str(small_ckpt), "--cpu", "--m", "1,5"], capsys)
     assert code == 0, out
     assert "NO GPU KERNEL RAN" in out
     assert "all 2 layers passed" in out
@@ -230,7 +230,7 @@ def test_bench_pivot_and_speedups():
 def test_compile_table_and_json(monkeypatch, capsys):
     calls = []
 
-    def fake(archs, *, sources=None):
+    def fake(archs, *, sources=None, progress=None):
         calls.append((list(archs), sources))
         return [runtime.CompileReport("qgemm.cu", "sm_80", 1.5, 123456, [("k1", "_Z2k1"), ("k2", "_Z2k2")])]
 
@@ -262,7 +262,7 @@ def test_compile_sources_in_parallel_threads_keeps_order(monkeypatch):
 
 
 def test_compile_error_exit_1_with_log(monkeypatch, capsys):
-    def fake(archs, *, sources=None):
+    def fake(archs, *, sources=None, progress=None):
         raise runtime.CompileError('qgemm.cu for sm_80 failed:\nqgemm.cu(12): error: identifier "x" is undefined')
 
     monkeypatch.setattr(runtime, "compile_sources", fake)
@@ -333,8 +333,8 @@ def test_warmup_gpu(small_ckpt, capsys):
 @pytest.mark.gpu
 def test_bench_gpu_small(small_ckpt, capsys, tmp_path):
     target = tmp_path / "bench.json"
-    code, out, err = run(["bench", str(small_ckpt), "--m", "1", "16", "--iters", "5", "--repeats", "1",
-                          "--json", str(target)], capsys)
+    code, out, err = run(["bench", str(small_ckpt), "--m", "1,16", "--iters", "5", "--repeats", "1",
+                          "--json-out", str(target)], capsys)
     assert code == 0, err
     payload = json.loads(target.read_text())
     impls = {r["impl"] for r in payload["rows"]}

@@ -63,7 +63,7 @@ def _run(cmd, cwd, env=None):
 def _copy_project(dst):
     """Copy what a build needs (metadata, the package, the CUDA sources) into ``dst``."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, dst / name)
     shutil.copytree(REPO / "cupyq", dst / "cupyq", ignore=ignore)
     shutil.copytree(REPO / "cuda_src", dst / "cuda_src", ignore=ignore)
@@ -132,6 +132,32 @@ def test_wheel_contains_package_and_cuda_sources(built):
     assert console["console_scripts"]["cupyq"] == "cupyq.cli:main"
     assert "Requires-Python: >=3.10" in metadata
     assert not any(n.startswith(("tests/", "scripts/")) for n in names)
+
+
+@pytest.mark.slow
+def test_wheel_carries_licence_typing_marker_and_classifiers(built):
+    _, wheel, _ = built
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        licences = [n for n in names if ".dist-info/licenses/" in n or n.endswith(".dist-info/LICENSE")]
+        assert licences, f"no licence file in the wheel: {sorted(names)}"
+        assert zf.read(licences[0]) == (REPO / "LICENSE").read_bytes()
+    assert "cupyq/py.typed" in names
+    assert "License-Expression: Apache-2.0" in metadata or "License: Apache-2.0" in metadata
+    assert "License-File: LICENSE" in metadata
+    for version in ("3.10", "3.11", "3.12", "3.13"):
+        assert f"Classifier: Programming Language :: Python :: {version}" in metadata
+    assert "Classifier: Typing :: Typed" in metadata
+
+
+def test_licence_and_typing_marker_in_checkout():
+    assert "Apache License" in (REPO / "LICENSE").read_text() and "Version 2.0" in (REPO / "LICENSE").read_text()
+    assert (REPO / "cupyq" / "py.typed").is_file()
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    assert cfg["metadata"]["license"] == "Apache-2.0"
+    assert "py.typed" in cfg["options.package_data"]["cupyq"]
 
 
 @pytest.mark.slow
