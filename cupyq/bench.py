@@ -84,9 +84,24 @@ def _random_exl2(rng, k, n):
     )
 
 
+def _random_awq(rng, k, n):
+    from cupyq.formats import awq as A
+
+    groups = k // 128
+    return dict(
+        qweight=A.pack_qweight(rng.integers(0, 16, size=(k, n))),
+        qzeros=A.pack_qzeros(rng.integers(0, 16, size=(groups, n))),
+        scales=(rng.uniform(0.5, 1.5, size=(groups, n)) * 0.003).astype(np.float16),
+    )
+
+
 def _make_qmatrices(impl, k, n, copies, rng, device):
     from cupyq.qmatrix import QMatrix
 
+    if impl == "awq":
+        t = _random_awq(rng, k, n)
+        return [QMatrix.from_awq(t["qweight"], t["qzeros"], t["scales"], group_size=128, device=device)
+                for _ in range(copies)]
     if impl in ("gptq", "gptq_act"):
         t = _random_gptq(rng, k, n, impl == "gptq_act")
         return [QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], device=device)
@@ -151,7 +166,8 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
     """Time cupyq and baselines; returns rows {"K", "N", "m", "impl", "us", "graph_us"} (plus "upstream_us"
     where known), times in µs per call (see the module docstring).
 
-    formats: any of "gptq" (4-bit, group 128), "gptq_act" (the same with act-order), "exl2" (all 4-bit, groups
+    formats: any of "gptq" (4-bit, group 128), "gptq_act" (the same with act-order), "awq" (4-bit, group 128,
+    zero points), "exl2" (all 4-bit, groups
     of 32, random row permutation); baselines: "fp16" (torch.matmul) and "int4" (torch's
     _weight_int4pack_mm, bf16, group 128). Needs torch with CUDA and a GPU.
     """
@@ -167,11 +183,11 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
     for k, n in shapes:
         xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in ms}
         for impl in tuple(formats) + tuple(baselines):
-            if impl in ("gptq", "gptq_act", "exl2"):
+            if impl in ("gptq", "gptq_act", "exl2", "awq"):
                 copies = min(_MAX_COPIES, max(1, -(-rotate_bytes // (k * n // 2))))
                 qms = _make_qmatrices(impl, k, n, copies, rng, device)
                 for qm in qms:
-                    qm.warmup(max_m=64)
+                    qm.warmup(max_m=max(ms))
                 fn_of = lambda m: (lambda i: cupyq.gemm(xs[m], qms[i % len(qms)]))  # noqa: E731
             elif impl == "fp16":
                 copies = min(_MAX_COPIES, max(1, -(-rotate_bytes // (k * n * 2))))
@@ -201,7 +217,7 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
                 rows.append(row)
                 if progress:
                     progress(row)
-            if impl in ("gptq", "gptq_act", "exl2"):
+            if impl in ("gptq", "gptq_act", "exl2", "awq"):
                 for qm in qms:
                     qm.close()
                 del qms
@@ -244,7 +260,7 @@ def summarize(rows) -> str:
         if r.get("m") is None:
             continue
         by.setdefault((r["K"], r["N"], r["m"]), {})[r["impl"]] = r
-    impls = [i for i in ("gptq", "gptq_act", "exl2", "fp16", "int4") if any(i in v for v in by.values())]
+    impls = [i for i in ("gptq", "gptq_act", "exl2", "awq", "fp16", "int4") if any(i in v for v in by.values())]
     head = ["K×N", "m"] + [f"{i} µs" for i in impls] + ["upstream gptq/act/exl2 µs", "gptq vs upstream",
                                                         "exl2 vs upstream", "gptq vs fp16"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -248,26 +248,34 @@ def choose_kernel(qm: QMatrix, m: int, ctype: str, force_cuda: bool = False) -> 
         return "qgemv2", "9-16 rows of fp16 on 4-bit storage: the streaming kernel with two m8 tiles"
     if m > dense_threshold(qm) and not force_cuda:
         return "dense", f"m > {dense_threshold(qm)}: dequantise and multiply densely (compute-bound batches)"
-    cfg = choose_qmma(m)
+    cfg = choose_qmma(m, qm.in_features * qm.out_features)
     return "qmma", f"m = {m}: qmma with {cfg.m_tile}x{cfg.n_tile} tiles"
 
 
 def _qgemm_plan(qm: QMatrix, m: int, ctype: str) -> _Plan:
     if m <= 8 or (m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype)):
         return _qgemv_plan(qm, m, ctype)
-    return _qmma_plan(qm, m, ctype, choose_qmma(m))
+    return _qmma_plan(qm, m, ctype, choose_qmma(m, qm.in_features * qm.out_features))
 
 
 QMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may take on sm_80 and sm_90
 
 
-def choose_qmma(m: int) -> kernels.QmmaConfig:
-    """The qmma tiling for a batch of ``m`` rows: the smallest tile that holds the batch (larger batches run
-    several m blocks of the largest)."""
-    for limit in sorted(kernels.QMMA_CONFIGS):
+# Layers of at least this many weights take the 64 x 256 qmma tile from m = 33 on: enough tiles to fill the GPU.
+WIDE_TILE_WEIGHTS = 1 << 27
+
+
+def choose_qmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.QmmaConfig:
+    """The qmma tiling for a batch of ``m`` rows of a layer of ``weights`` (K x N) weights: the smallest tile
+    that holds the batch, except that layers below WIDE_TILE_WEIGHTS keep the 32-row tile up to m = 64 (the
+    wide tile leaves them too few tiles per multiprocessor); larger batches run several m blocks."""
+    limits = sorted(kernels.QMMA_CONFIGS)
+    if 32 < m <= 64 and weights < WIDE_TILE_WEIGHTS:
+        return kernels.QMMA_CONFIGS[32]
+    for limit in limits:
         if m <= limit:
             return kernels.QMMA_CONFIGS[limit]
-    return kernels.QMMA_CONFIGS[max(kernels.QMMA_CONFIGS)]
+    return kernels.QMMA_CONFIGS[limits[-1]]
 
 
 def _qmma_plan(qm: QMatrix, m: int, ctype: str, cfg: kernels.QmmaConfig) -> _Plan:

@@ -4,6 +4,8 @@
 #   OUT=out bash scripts/gpu_check.sh            # everything
 #   BENCH="--shapes 4096x4096 --ms 1,16" bash scripts/gpu_check.sh   # a smaller benchmark
 #   SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; TESTS="tests/test_gpu_kernels.py" narrows the tests.
+#   SANITIZE=1 also runs every dispatched kernel variant on small matrices under compute-sanitizer memcheck and
+#   racecheck (scripts/sanitize_kernels.py) and fails on any error the tool reports.
 # Logs and JSON go to $OUT; a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -23,6 +25,17 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   tests_rc=${PIPESTATUS[0]}
 fi
 
+sanitize_rc=0
+if [ -n "${SANITIZE:-}" ]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 3 $PY scripts/sanitize_kernels.py > "$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    echo "compute-sanitizer $tool: rc=$rc, $(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitize_$tool.log") clean summaries"
+    tail -n 3 "$OUT/sanitize_$tool.log"
+    [ $rc -eq 0 ] || sanitize_rc=$rc
+  done
+fi
+
 if [ -z "${SKIP_BENCH:-}" ]; then
   $PY scripts/startup.py | tee "$OUT/startup.json"
   $PY scripts/bench.py ${BENCH:-} --json "$OUT/bench.json" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
@@ -36,4 +49,5 @@ echo "== summary =="
 [ -z "${SKIP_TESTS:-}" ] && { grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 1; echo "gpu tests rc=$tests_rc"; }
 [ -z "${SKIP_BENCH:-}" ] && [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
 [ -f "$OUT/startup.json" ] && echo "startup: $(cat "$OUT/startup.json")"
-exit $tests_rc
+[ $tests_rc -ne 0 ] && exit $tests_rc
+exit $sanitize_rc

@@ -515,7 +515,7 @@ def test_cli_inspect_awq(tmp_path, capsys):
 
 def test_cli_verify_awq_cpu(tmp_path, capsys):
     path, _ = _awq_dir(tmp_path, style="autoawq")
-    code = cli.main(["verify", str(path), "--cpu", "--m", "1", "5", "--json"])
+    code = cli.main(["verify", str(path), "--cpu", "--m", "1,5", "--json"])
     payload = json.loads(capsys.readouterr().out)
     assert code == 0 and payload["passed"]
     assert {r["format"] for r in payload["layers"]} == {"awq"} and len(payload["layers"]) == 2

@@ -52,6 +52,8 @@ def test_choose_qmma_picks_the_smallest_tile_that_holds_the_batch():
         cfg = dispatch.choose_qmma(m)
         fits = [lim for lim in limits if m <= lim]
         assert cfg == kernels.QMMA_CONFIGS[fits[0] if fits else limits[-1]]
+        small = dispatch.choose_qmma(m, 4096 * 4096)
+        assert small == (kernels.QMMA_CONFIGS[32] if 32 < m <= 64 else cfg)
 
 
 def _fake(k, n, chunks8=0):
