@@ -448,7 +448,8 @@ def _plan_for(qm: QMatrix, m: int, ctype: str) -> _Plan:
     return plan
 
 
-# A plan's argument slots are shared by every caller of the matrix: filling them and launching is one step.
+# A plan's argument slots are shared by every caller of the matrix, and a stream's workspace by every thread
+# launching on that stream: filling the slots (or the scratch) and launching is one step.
 _launch_lock = threading.Lock()
 
 
@@ -633,12 +634,20 @@ def _dense(x2, out2, qm: QMatrix, ctype: str, stream, ops, capturing) -> bool:
     """out2 = x2 @ W + bias by dequantising W^T into scratch (in chunks of rows when the scratch is smaller than
     the matrix) and dense products (``ops``: _TorchDense or _CupyDense). Returns False, having done nothing, when
     the scratch cannot hold one chunk of 64 rows."""
+    found = _dense_buffers(qm, x2.shape[0], stream.ptr, capturing)
+    if found is None:
+        return False
+    # The stream's scratch holds gathered activations and dequantised weights from the first launch to the
+    # last product: threads sharing the stream must not interleave their launches in between.
+    with _launch_lock:
+        _dense_launches(x2, out2, qm, ctype, stream, ops, found)
+    return True
+
+
+def _dense_launches(x2, out2, qm: QMatrix, ctype: str, stream, ops, found):
     lay = qm.layout
     n = qm.out_features
     m = x2.shape[0]
-    found = _dense_buffers(qm, m, stream.ptr, capturing)
-    if found is None:
-        return False
     buf, offset, rows = found
     xs = x2
     if lay.row_src is not None:  # sorted, padded activations to pair with the sorted weight rows
@@ -656,7 +665,6 @@ def _dense(x2, out2, qm: QMatrix, ctype: str, stream, ops, capturing) -> bool:
         ops.product(xs[:, r0:r1], w, out2, accumulate=c0 > 0, bias=c1 == chunks and c0 == 0)
     if chunks > step:
         ops.add_bias(out2)
-    return True
 
 
 def warmup_matrix(qm: QMatrix, *, max_m: int = 64, dtypes=("float16",)):

@@ -68,7 +68,7 @@ def _set(name, fn, bits=4):
 GPTQ_CASES = [
     ("bits-5", lambda t: (t, 5), ValueError, [r"bits", r"expected one of \(2, 3, 4, 8\)", "5"]),
     ("bits-0", lambda t: (t, 0), ValueError, [r"bits", r"expected one of"]),
-    ("bits-str", lambda t: (t, "four"), ValueError, [r"bits", r"expected one of", "four"]),
+    ("bits-str", lambda t: (t, "four"), TypeError, [r"bits", r"expected an integer", "four"]),
     ("qweight-float32", _set("qweight", lambda a: a.astype(np.float32)), TypeError,
      [r"qweight", r"expected dtype int32", r"float32"]),
     ("qweight-int64", _set("qweight", lambda a: a.astype(np.int64)), TypeError, [r"qweight", r"int32", r"int64"]),
@@ -465,7 +465,7 @@ CKPT_CASES = [
                                                   r"I16"]),
     ("qweight-dtype", _gptq_dir, _m_qweight_dtype, [r"model\.safetensors", r"up_proj\.qweight", r"I32", r"F32"]),
     ("unknown-dtype", _gptq_dir, _m_unknown_dtype, [r"model\.safetensors", r"g_idx", r"unsupported safetensors "
-                                                                                     r"dtype Q7"]),
+                                                                                     r"dtype 'Q7'"]),
     ("scales-shape", _gptq_dir, _m_scales_shape, [r"model\.safetensors", r"up_proj\.", r"expected"]),
     ("truncated-data", _gptq_dir, _m_truncated_data, [r"model\.safetensors", r"bytes|truncated"]),
     ("truncated-header", _gptq_dir, _m_truncated_header, [r"model\.safetensors", r"header length"]),

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cupyq.sources import cuda_source_dir
 from cupyq import cli, runtime
 from cupyq.checkpoint import save_gptq
 from cupyq.quantize import quantize_gptq
@@ -343,7 +344,8 @@ def test_compile_command_prints_progress(monkeypatch, capsys):
     monkeypatch.setattr(runtime, "compile_sources", fake)
     code, out, err = run(["compile", "--arch", "sm_80", "--arch", "sm_90", "--json"], capsys)
     assert code == 0 and _strict_json(out)["ok"]
-    assert "2 NVRTC compile(s) for sm_80, sm_90" in err
+    sources = len(list(cuda_source_dir().glob("*.cu")))
+    assert f"{2 * sources} NVRTC compile(s) for sm_80, sm_90" in err
     assert "compiled qgemm.cu for sm_80 in 1.2 s" in err and "compiled qgemm.cu for sm_90" in err
 
 
