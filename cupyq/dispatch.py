@@ -631,9 +631,10 @@ class _CupyDense:
 
 
 def _dense(x2, out2, qm: QMatrix, ctype: str, stream, ops, capturing) -> bool:
-    """out2 = x2 @ W + bias by dequantising W^T into scratch (in chunks of rows when the scratch is smaller than
-    the matrix) and dense products (``ops``: _TorchDense or _CupyDense). Returns False, having done nothing, when
-    the scratch cannot hold one chunk of 64 rows."""
+    """out2 = x2 @ W + bias by dequantising into scratch and dense products (``ops``: _TorchDense or _CupyDense):
+    W^T in sorted padded row order (in chunks of rows when the scratch is smaller than the matrix, activations
+    gathered into the same order for permuted matrices), or W in original row order for a permuted matrix that
+    fits whole. Returns False, having done nothing, when the scratch cannot hold one chunk of 64 rows."""
     found = _dense_buffers(qm, x2.shape[0], stream.ptr, capturing)
     if found is None:
         return False
@@ -649,6 +650,13 @@ def _dense_launches(x2, out2, qm: QMatrix, ctype: str, stream, ops, found):
     n = qm.out_features
     m = x2.shape[0]
     buf, offset, rows = found
+    if lay.row_src is not None and buf.size >= qm.in_features * lay.padded_cols * 2:
+        # Permuted rows, whole matrix in scratch: W in original row order, so x needs no gather (gathering a
+        # large batch costs more than it saves).
+        w = _half_view(buf, 0, qm.in_features, lay.padded_cols)
+        dequantize_into(qm, w, ctype, stream)
+        ops.product(x2, ops.wrap(w)[:, :n], out2, bias=True)
+        return
     xs = x2
     if lay.row_src is not None:  # sorted, padded activations to pair with the sorted weight rows
         g = _half_view(buf, 0, m, lay.padded_rows)
