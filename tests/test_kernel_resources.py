@@ -1,12 +1,17 @@
-"""Register budget of the streaming kernel, from the ptxas report through NVRTC (no GPU needed).
+"""Register budget of the dispatched kernels, from the ptxas report through NVRTC (no GPU needed).
 
 The qgemv instantiations that dispatch uses were measured with at most 128 registers per thread (two CTAs of
 256 threads per multiprocessor) and no local memory; a change that makes them spill slows the m <= 16 path.
+Every qmma instantiation dispatch can launch must fit its launch bound (255 registers, or 128 with two CTAs
+per multiprocessor) without local memory, and so must the transposed dequantisation of the dense path.
 """
 
 import pytest
 
-from cupyq import runtime
+from cupyq import kernels, runtime
+
+_QMMA = [(cfg, cfg.name(t, zr, h8, h4)) for cfg in kernels.QMMA_CONFIGS.values() for t in kernels.DTYPES
+         for zr in (1, 4) for h8, h4 in kernels.STORAGES]
 
 
 @pytest.mark.parametrize("name", [
@@ -32,3 +37,17 @@ def test_ptxas_report_parsing():
 def test_unknown_kernel_is_a_compile_error():
     with pytest.raises(runtime.CompileError, match="qgemv<float"):
         runtime.kernel_resources("qgemv<float, 1, false, true>", "sm_90")
+
+
+@pytest.mark.parametrize("cfg,name", _QMMA, ids=[n for _, n in _QMMA])
+def test_qmma_registers_without_spills(cfg, name):
+    r = runtime.kernel_resources(name, "sm_90", source="qmma.cu")
+    assert r.registers <= 65536 // (kernels.QMMA_THREADS * cfg.minb), r
+    assert r.stack_bytes == 0 and r.spill_store_bytes == 0 and r.spill_load_bytes == 0, r
+
+
+@pytest.mark.parametrize("name", [kernels.dequant_t_name(t, h8, h4) for t in kernels.DTYPES
+                                  for h8, h4 in kernels.STORAGES])
+def test_dense_path_dequantisation_without_spills(name):
+    r = runtime.kernel_resources(name, "sm_90", source="qmma.cu")
+    assert r.stack_bytes == 0 and r.spill_store_bytes == 0, r
