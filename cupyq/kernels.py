@@ -15,6 +15,11 @@ QMMA_WARPS = QMMA_THREADS // 32
 DTYPES = ("__half", "__nv_bfloat16")
 STORAGES = ((False, True), (True, False), (True, True))  # (has 8-bit storage, has 4-bit storage)
 
+# qgemv's parameters, in the order of its __global__ signature (cuda_src/qgemm.cu).
+QGEMV_PARAMS = ("x", "row_src", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "K", "N",
+                "Npad", "C8", "C4", "chunks_per_split", "x_vec")
+QGEMV_INT_PARAMS = frozenset(("M", "K", "N", "Npad", "C8", "C4", "chunks_per_split", "x_vec"))
+
 # qmma's parameters, in the order of its __global__ signature (cuda_src/qmma.cu).
 QMMA_PARAMS = ("x", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters",
                "M", "ldx", "N", "Npad", "C8", "C4")
@@ -78,7 +83,7 @@ class QmmaConfig:
         return 2 * ctas * self.m_tile * self.n_tile
 
 
-# Tilings by the largest batch they serve (rows of x); the choice rule is dispatch.choose_qmma.
+# Tilings by the largest batch they serve (rows of x); the choice rule is launch.choose_qmma.
 QMMA_CONFIGS = {
     16: QmmaConfig(mw=1, nw=1, wm=1, wn=8, ks=4, stages=4, minb=2),
     32: QmmaConfig(mw=2, nw=1, wm=1, wn=8, ks=4, stages=3, minb=2),

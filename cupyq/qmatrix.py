@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cupyq import launch as _launch
 from cupyq import layout as _layout
 from cupyq import reference
 from cupyq import runtime as _runtime
@@ -379,14 +380,12 @@ class QMatrix:
 
     def dequantize_cupy(self, dtype="float16"):
         """The dequantised weight as a CuPy array [K, N] (bfloat16 returned as its int16 bit pattern)."""
-        from cupyq.dispatch import dequantize_into
-
         import cupy
 
         with cupy.cuda.Device(self.device_id):
             ctype = "__nv_bfloat16" if str(dtype) in ("bfloat16", "torch.bfloat16") else "__half"
             buf = cupy.empty((self.in_features, self.layout.padded_cols), dtype=np.float16 if ctype == "__half" else np.int16)
-            dequantize_into(self, buf, ctype, cupy.cuda.get_current_stream())
+            _launch.dequantize_into(self, buf, ctype, cupy.cuda.get_current_stream())
             return cupy.ascontiguousarray(buf[:, : self.out_features])
 
     def set_scratch(self, buf):
@@ -406,9 +405,7 @@ class QMatrix:
         """Compile and load every kernel this matrix uses for batches up to ``max_m`` and size the workspace."""
         if self.device_id is None:
             return
-        from cupyq.dispatch import warmup_matrix
-
-        warmup_matrix(self, max_m=max_m, dtypes=dtypes)
+        _launch.warmup_matrix(self, max_m=max_m, dtypes=dtypes)
 
     def close(self):
         """Release the device buffers now (the matrix is unusable afterwards)."""

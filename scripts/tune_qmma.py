@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cupyq import dispatch, kernels, reference, runtime
+from cupyq import dispatch, kernels, launch, reference, runtime
 from cupyq.bench import _random_exl2, _random_gptq, _time_graph
 from cupyq.qmatrix import QMatrix
 from cupyq.quantize import quantize_exl2, quantize_gptq
@@ -41,7 +41,7 @@ CT = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 def run_plan(qm, plan, x, out, ctype):
     stream = runtime.torch_stream(x.device.index)
-    dispatch._launch_plan(qm, plan, x.data_ptr(), out.data_ptr(), x.shape[0], ctype, stream,
+    launch._launch_plan(qm, plan, x.data_ptr(), out.data_ptr(), x.shape[0], ctype, stream,
                           torch.cuda.is_current_stream_capturing)
 
 
@@ -74,7 +74,7 @@ def check(rng, report):
     names = set()
     for qm, _ in mats.values():
         h8, h4 = qm.layout.chunks8 > 0, qm.layout.chunks4 > 0
-        zr = 1 if dispatch._chunk_uniform_groups(qm) else 4
+        zr = 1 if launch._chunk_uniform_groups(qm) else 4
         for cfg in CANDIDATES.values():
             for dt in CT.values():
                 names.add(("qmma.cu", cfg.name(dt, zr, h8, h4)))
@@ -90,7 +90,7 @@ def check(rng, report):
                 yref = xq.float().cpu().numpy() @ wref
                 for cname, cfg in CANDIDATES.items():
                     try:
-                        plan = dispatch._qmma_plan(qm, m, ct, cfg)
+                        plan = launch._qmma_plan(qm, m, ct, cfg)
                     except ValueError:
                         continue
                     out = torch.full((m, qm.out_features), float("nan"), device="cuda", dtype=dt)
@@ -158,9 +158,9 @@ def timing(rng, report, quick):
                 cands[cname] = cfg
             for cname, cfg in cands.items():
                 if cfg is None:
-                    plans = [dispatch._qgemv_plan(q, m, "__half") for q in qms]
+                    plans = [launch._qgemv_plan(q, m, "__half") for q in qms]
                 else:
-                    plans = [dispatch._qmma_plan(q, m, "__half", cfg) for q in qms]
+                    plans = [launch._qmma_plan(q, m, "__half", cfg) for q in qms]
                 row[cname] = _time_graph(
                     torch, lambda i: run_plan(qms[i % copies], plans[i % copies], x, outs, "__half"), iters, 7)
             if m >= 64:
@@ -176,7 +176,7 @@ def timing(rng, report, quick):
             bc = cands.get(best[1]) if best[1] in cands else None
             if bc is not None and m in (16, 64, 256):
                 for tag, group in (("act", qact), ("exl2", qex)):
-                    plans = [dispatch._qmma_plan(q, m, "__half", bc) for q in group]
+                    plans = [launch._qmma_plan(q, m, "__half", bc) for q in group]
                     row[tag] = _time_graph(torch, lambda i: run_plan(group[i % copies], plans[i % copies], x, outs,
                                                                     "__half"), iters, 7)
             rows.append(row)

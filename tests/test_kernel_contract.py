@@ -1,4 +1,4 @@
-"""The Python side of the kernel contract (cupyq/kernels.py, cupyq/dispatch.py) against the CUDA sources: parameter
+"""The Python side of the kernel contract (cupyq/kernels.py, cupyq/launch.py) against the CUDA sources: parameter
 lists parsed from the __global__ signatures, shared constants, and the dispatch rules (no GPU needed)."""
 
 import re
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cupyq import dispatch, kernels
+from cupyq import kernels, launch
 from cupyq.sources import read_cuda_source
 
 
@@ -27,7 +27,7 @@ def test_dequant_t_parameters_match_the_source():
 
 
 def test_qgemv_parameters_match_the_source():
-    assert tuple(_signature("qgemm.cu", "qgemv")) == dispatch._QGEMM_PARAMS
+    assert tuple(_signature("qgemm.cu", "qgemv")) == kernels.QGEMV_PARAMS
 
 
 def test_shared_constants_match_the_source():
@@ -43,16 +43,16 @@ def test_qmma_configs_are_consistent(limit, cfg):
     for has8 in (False, True):
         for zr in (1, 4):
             if limit <= 64 or not has8:
-                assert cfg.smem_bytes(has8, zr) <= dispatch.QMMA_SMEM_LIMIT, (cfg, has8, zr)
+                assert cfg.smem_bytes(has8, zr) <= launch.QMMA_SMEM_LIMIT, (cfg, has8, zr)
 
 
 def test_choose_qmma_picks_the_smallest_tile_that_holds_the_batch():
     limits = sorted(kernels.QMMA_CONFIGS)
     for m in range(9, 600):
-        cfg = dispatch.choose_qmma(m)
+        cfg = launch.choose_qmma(m)
         fits = [lim for lim in limits if m <= lim]
         assert cfg == kernels.QMMA_CONFIGS[fits[0] if fits else limits[-1]]
-        small = dispatch.choose_qmma(m, 4096 * 4096)
+        small = launch.choose_qmma(m, 4096 * 4096)
         assert small == (kernels.QMMA_CONFIGS[32] if 32 < m <= 64 else cfg)
 
 
@@ -64,14 +64,14 @@ def _fake(k, n, chunks8=0):
 @pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 28672)])
 def test_dispatch_rules(k, n):
     qm = _fake(k, n)
-    small = k * n < dispatch.SMALL_LAYER_WEIGHTS
-    assert dispatch.choose_kernel(qm, 1, "__half")[0] == "qgemv"
-    assert dispatch.choose_kernel(qm, 8, "__nv_bfloat16")[0] == "qgemv"
-    assert dispatch.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
-    assert dispatch.choose_kernel(qm, 16, "__nv_bfloat16")[0] == "qmma"
-    assert dispatch.choose_kernel(_fake(k, n, chunks8=4), 12, "__half")[0] == "qmma"
-    assert dispatch.choose_kernel(qm, 64, "__half")[0] == "qmma"
-    assert dispatch.choose_kernel(qm, 128, "__half")[0] == ("dense" if small else "qmma")
-    assert dispatch.choose_kernel(qm, 129, "__half")[0] == "dense"
-    kernel, why = dispatch.choose_kernel(qm, 4096, "__half", force_cuda=True)
+    small = k * n < launch.SMALL_LAYER_WEIGHTS
+    assert launch.choose_kernel(qm, 1, "__half")[0] == "qgemv"
+    assert launch.choose_kernel(qm, 8, "__nv_bfloat16")[0] == "qgemv"
+    assert launch.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
+    assert launch.choose_kernel(qm, 16, "__nv_bfloat16")[0] == "qmma"
+    assert launch.choose_kernel(_fake(k, n, chunks8=4), 12, "__half")[0] == "qmma"
+    assert launch.choose_kernel(qm, 64, "__half")[0] == "qmma"
+    assert launch.choose_kernel(qm, 128, "__half")[0] == ("dense" if small else "qmma")
+    assert launch.choose_kernel(qm, 129, "__half")[0] == "dense"
+    kernel, why = launch.choose_kernel(qm, 4096, "__half", force_cuda=True)
     assert kernel == "qmma" and "4096" in why

@@ -1,0 +1,412 @@
+"""Kernel launches for a prepared matrix: which kernel a batch gets (the dispatch rules), launch plans (grid,
+shared memory, argument slots by name), the launcher, the GEMM / dequantise / gather launches, and warm-up.
+
+Everything here takes a QMatrix-like object (``layout``, ``device_id``, ``in_features``, ``out_features``, the
+bias copies and the plan cache ``_plans``) and imports nothing from ``cupyq.qmatrix`` or ``cupyq.dispatch``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+from cupyq import kernels, runtime
+from cupyq.scratch import workspace
+
+# Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given. Measured on an
+# H200 (BENCHMARKS.md): qmma wins up to m = 128 on layers of 32 M weights or more, and up to m = 64 on smaller
+# ones, where the dense product is cheap and the quantized kernel's work per weight dominates.
+DENSE_THRESHOLD = int(os.environ.get("CUPYQ_DENSE_THRESHOLD", 128))
+SMALL_LAYER_WEIGHTS = 1 << 25
+SMALL_LAYER_THRESHOLD = min(64, DENSE_THRESHOLD)
+
+
+def dense_threshold(qm) -> int:
+    """Largest batch (rows of x) that :func:`gemm` sends to the quantized kernel for this matrix."""
+    if qm.in_features * qm.out_features < SMALL_LAYER_WEIGHTS:
+        return SMALL_LAYER_THRESHOLD
+    return DENSE_THRESHOLD
+
+
+# Batches of at most this many rows (two m8 tiles; see _two_tile_gemv for 9-16) use the streaming kernel qgemv:
+# whole waves of CTAs (normally one), each warp running through a long range of rows, only the M activation
+# rows in shared memory.
+GEMV_MAX_M = 16
+_GEMV_SMEM_LIMIT = 112 * 1024  # per CTA, so that two fit in a multiprocessor's 228 KB
+
+_THREADS = 256
+_STEP_CHUNKS = 4
+_STATIC_SMEM_LIMIT = 48 * 1024
+
+_CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+class _Launcher:
+    """Launches one kernel with a fixed argument list through the driver API, rewriting only the argument
+    slots that change between calls (CuPy's generic launcher converts every argument on every call).
+
+    params: the kernel's parameter names in signature order; values: name -> value; int_params: the names of
+    32-bit integer parameters (the others are pointers)."""
+
+    def __init__(self, kernel, grid, block, smem, params, values, int_params):
+        missing = set(params) - set(values)
+        if missing:
+            raise ValueError(f"kernel arguments missing: {sorted(missing)}")
+        self.f = kernel.kernel.ptr
+        self.grid = tuple(int(v) for v in grid)
+        self.block = tuple(int(v) for v in block)
+        self.smem = int(smem)
+        self._slots = {
+            name: ctypes.c_int32(int(values[name])) if name in int_params else ctypes.c_uint64(int(values[name]))
+            for name in params
+        }
+        self.params = (ctypes.c_void_p * len(params))(*[ctypes.addressof(self._slots[n]) for n in params])
+        self.params_ptr = ctypes.addressof(self.params)
+
+    def slot(self, name: str):
+        """The ctypes object holding parameter ``name`` (assign ``.value`` before a launch)."""
+        return self._slots[name]
+
+    def launch(self, stream_ptr: int):
+        from cupy_backends.cuda.api import driver
+
+        g, b = self.grid, self.block
+        driver.launchKernel(self.f, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, stream_ptr, self.params_ptr, 0)
+
+
+class LaunchPlan:
+    """A launch plan: the launcher with its argument slots, and what a call must provide.
+
+    x, out, ws, counters, x_vec: the ctypes slots of those parameters (x_vec: None for kernels that need
+    16-byte aligned activations, which are gathered into a copy when misaligned). partial_floats, counters_n:
+    workspace sizes (0: the launch needs no workspace). gather: activations must be gathered into sorted
+    padded order first. x_vec_default: the x_vec value for aligned activations.
+    """
+
+    __slots__ = ("kernel", "partial_floats", "counters_n", "gather", "x_vec_default", "launcher", "x", "out", "ws",
+                 "counters", "x_vec")
+
+
+def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
+    """(kernel, reason): which path :func:`gemm` takes for ``m`` rows of ``ctype`` activations, by rules in
+    order. Kernels: "qgemv" (streaming, one m8 tile), "qgemv2" (two m8 tiles), "qmma" (pipelined tensor-core
+    kernel), "dense" (dequantise into scratch + dense matmul; falls back to qmma when the scratch cannot hold a
+    chunk of 64 rows)."""
+    if m <= 8:
+        return "qgemv", "m <= 8: the streaming kernel with one m8 tile"
+    if m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype):
+        return "qgemv2", "9-16 rows of fp16 on 4-bit storage: the streaming kernel with two m8 tiles"
+    if m > dense_threshold(qm) and not force_cuda:
+        return "dense", f"m > {dense_threshold(qm)}: dequantise and multiply densely (compute-bound batches)"
+    cfg = choose_qmma(m, qm.in_features * qm.out_features)
+    return "qmma", f"m = {m}: qmma with {cfg.m_tile}x{cfg.n_tile} tiles"
+
+
+def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:
+    """The plan of the quantized kernel choose_kernel names for m rows (qmma for batches it would send to the
+    dense path: the caller took the quantized kernel on purpose)."""
+    if m <= 8 or (m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype)):
+        return _qgemv_plan(qm, m, ctype)
+    return _qmma_plan(qm, m, ctype, choose_qmma(m, qm.in_features * qm.out_features))
+
+
+QMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may take on sm_80 and sm_90
+
+
+# Layers of at least this many weights take the 64 x 256 qmma tile from m = 33 on: enough tiles to fill the GPU.
+WIDE_TILE_WEIGHTS = 1 << 27
+
+
+def choose_qmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.QmmaConfig:
+    """The qmma tiling for a batch of ``m`` rows of a layer of ``weights`` (K x N) weights: the smallest tile
+    that holds the batch, except that layers below WIDE_TILE_WEIGHTS keep the 32-row tile up to m = 64 (the
+    wide tile leaves them too few tiles per multiprocessor); larger batches run several m blocks."""
+    limits = sorted(kernels.QMMA_CONFIGS)
+    if 32 < m <= 64 and weights < WIDE_TILE_WEIGHTS:
+        return kernels.QMMA_CONFIGS[32]
+    for limit in limits:
+        if m <= limit:
+            return kernels.QMMA_CONFIGS[limit]
+    return kernels.QMMA_CONFIGS[limits[-1]]
+
+
+def _qmma_plan(qm, m: int, ctype: str, cfg: kernels.QmmaConfig) -> LaunchPlan:
+    """Launch plan of qmma: one CTA per resident slot (stream-K over the tile iterations)."""
+    lay = qm.layout
+    has8, has4 = lay.chunks8 > 0, lay.chunks4 > 0
+    zr = 1 if _chunk_uniform_groups(qm) else 4
+    name = cfg.name(ctype, zr, has8, has4)
+    fn = runtime.get_function("qmma.cu", name, qm.device_id)
+    smem = cfg.smem_bytes(has8, zr)
+    if smem > QMMA_SMEM_LIMIT:
+        raise ValueError(f"qm: {name} needs {smem} bytes of shared memory, more than {QMMA_SMEM_LIMIT}")
+    _allow_smem(fn, smem)
+    chunks = lay.chunks8 + lay.chunks4
+    ksteps = chunks // cfg.ks
+    nblocks = -(-(lay.padded_cols // 16) // (cfg.wn * cfg.nw))
+    mblocks = -(-m // cfg.m_tile)
+    total = mblocks * nblocks * ksteps
+    resident = _ctas_per_sm(fn, qm.device_id, smem) * runtime.sm_count(qm.device_id)
+    if resident < 1:
+        raise RuntimeError(f"qm: kernel {name} does not fit a multiprocessor")
+    ctas = min(total, resident)
+    bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
+    values = dict(
+        x=0, w8=_ptr(lay.w8), w4=_ptr(lay.w4), tile_group=_ptr(lay.tile_group), zs=_ptr(lay.zs), bias=_ptr(bias),
+        out=0, ws=0, counters=0, M=m, ldx=lay.padded_rows, N=qm.out_features, Npad=lay.padded_cols,
+        C8=lay.chunks8, C4=lay.chunks4,
+    )
+    launcher = _Launcher(fn, (ctas, 1, 1), (kernels.QMMA_THREADS, 1, 1), smem, kernels.QMMA_PARAMS, values,
+                         kernels.QMMA_INT_PARAMS)
+    p = LaunchPlan()
+    p.kernel = name
+    p.launcher = launcher
+    p.partial_floats = cfg.workspace_floats(ctas)
+    p.counters_n = mblocks * nblocks
+    p.gather = lay.row_src is not None
+    p.x_vec_default = None
+    p.x, p.out, p.ws, p.counters = (launcher.slot(k) for k in ("x", "out", "ws", "counters"))
+    p.x_vec = None
+    return p
+
+
+def _chunk_uniform_groups(qm) -> bool:
+    """Whether the four 16-row tiles of every 64-row chunk share one group (GPTQ with groups of 64 rows or more
+    and no act-order): qmma then stages one row of scale/zero words per chunk instead of four."""
+    cached = qm._plans.get("chunk_uniform")
+    if cached is None:
+        tg = qm.layout.tile_group
+        tg = (tg.get() if hasattr(tg, "get") else np.asarray(tg)).reshape(-1, 4)
+        cached = qm._plans["chunk_uniform"] = bool((tg == tg[:, :1]).all())
+    return cached
+
+
+def _two_tile_gemv(qm, ctype: str) -> bool:
+    """Whether batches of 9-16 rows take qgemv with two m8 tiles: measured faster than qmma for fp16 activations
+    and weights in 4-bit storage (2-4 bits); other matrices run qmma for them."""
+    return ctype == "__half" and qm.layout.chunks8 == 0
+
+
+def _qgemv_plan(qm, m: int, ctype: str) -> LaunchPlan:
+    """Launch plan of the small-batch kernel (see :func:`_gemv_splits`)."""
+    lay = qm.layout
+    col_blocks = -(-(lay.padded_cols // 16) // 8)
+    steps = (lay.chunks8 + lay.chunks4) // _STEP_CHUNKS  # storage segments are whole steps
+    mt = 1 if m <= 8 else 2
+    fn = runtime.get_function("qgemm.cu", runtime.qgemv_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
+                              qm.device_id)
+    sms = runtime.sm_count(qm.device_id)
+    choice = _gemv_splits(steps, col_blocks, m, lambda smem: _ctas_per_sm(fn, qm.device_id, smem) * sms)
+    if choice is None:
+        raise ValueError(f"qm: {qm.in_features} rows do not fit the small-batch kernel's shared memory")
+    splits, per_split, smem = choice
+    return _finish_plan(qm, m, ctype, fn, (col_blocks, splits, 1), smem, per_split, splits * mt * 8 * lay.padded_cols,
+                        col_blocks)
+
+
+
+
+def _finish_plan(qm, m: int, ctype: str, fn, grid, smem: int, steps_per_split: int, partial_floats: int,
+                 counters: int) -> LaunchPlan:
+    """The launch plan of qgemv for the given grid (column blocks, K splits, 1), dynamic shared memory, and
+    workspace sizes (used only with more than one split)."""
+    lay = qm.layout
+    p = LaunchPlan()
+    _allow_smem(fn, smem)
+    splits = grid[1]
+    p.kernel = getattr(fn, "name", "qgemm")
+    p.partial_floats = partial_floats if splits > 1 else 0
+    p.counters_n = counters if splits > 1 else 0
+    # Permuted (act-order, EXL2) or padded activations are gathered once into sorted order by a small kernel:
+    # every column block reads the same rows, and gathering them in each CTA costs a 32-byte sector of L2
+    # traffic per 2-byte value. The kernels' row_src parameter therefore stays null.
+    p.gather = lay.row_src is not None
+    p.x_vec_default = 1 if p.gather or qm.in_features % 8 == 0 else 0
+    bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
+    values = dict(
+        x=0, row_src=0, w8=_ptr(lay.w8), w4=_ptr(lay.w4), tile_group=_ptr(lay.tile_group), zs=_ptr(lay.zs),
+        bias=_ptr(bias), out=0, ws=0, counters=0, M=m, K=lay.padded_rows if p.gather else qm.in_features,
+        N=qm.out_features, Npad=lay.padded_cols, C8=lay.chunks8, C4=lay.chunks4,
+        chunks_per_split=steps_per_split * _STEP_CHUNKS, x_vec=p.x_vec_default,
+    )
+    p.launcher = _Launcher(fn, grid, (_THREADS, 1, 1), smem, kernels.QGEMV_PARAMS, values, kernels.QGEMV_INT_PARAMS)
+    p.x, p.out, p.ws, p.counters, p.x_vec = (p.launcher.slot(k) for k in ("x", "out", "ws", "counters", "x_vec"))
+    return p
+
+
+# Fixed cost of a wave of qgemv CTAs (staging, first loads, split-K reduction), in steps of streaming.
+_WAVE_OVERHEAD_STEPS = 2
+
+
+def _gemv_splits(steps: int, col_blocks: int, m: int, resident_ctas):
+    """(splits, steps per split, shared bytes) for qgemv: the split of the ``steps`` 256-row steps of each
+    column block that minimises waves x (steps per split + a fixed cost per wave), fewer splits on ties, within
+    the shared-memory limit. ``resident_ctas(smem)``: CTAs the GPU holds at once with that much shared memory.
+    None when not even one step fits."""
+    best = None
+    for splits in range(1, steps + 1):
+        per_split = -(-steps // splits)
+        if splits > 1 and -(-steps // (splits - 1)) == per_split:
+            continue  # the same ranges as a smaller split count
+        chunks = per_split * _STEP_CHUNKS
+        smem = m * (chunks * 64 + 8) * 2 + 5 * chunks * 4  # activations, chunk groups, tile groups
+        if smem > _GEMV_SMEM_LIMIT:
+            continue
+        used = -(-steps // per_split)
+        waves = -(-(col_blocks * used) // max(1, resident_ctas(smem)))
+        cost = waves * (per_split + _WAVE_OVERHEAD_STEPS)
+        if best is None or cost < best[0]:
+            best = (cost, used, per_split, smem)
+    return None if best is None else best[1:]
+
+
+_occupancy: dict = {}
+
+
+def _ctas_per_sm(fn, device_id: int, smem: int) -> int:
+    """Resident CTAs of ``fn`` per multiprocessor with ``smem`` bytes of dynamic shared memory."""
+    key = (id(fn), smem)
+    n = _occupancy.get(key)
+    if n is None:
+        import cupy
+        from cupy_backends.cuda.api import driver
+
+        _allow_smem(fn, smem)
+        with cupy.cuda.Device(device_id):
+            n = _occupancy[key] = driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, _THREADS, smem)
+    return n
+
+
+def _allow_smem(fn, smem: int):
+    """Let ``fn`` take ``smem`` bytes of dynamic shared memory (the limit only ever grows: launch plans of other
+    matrices may rely on it)."""
+    if smem > _STATIC_SMEM_LIMIT and smem > fn.max_dynamic_shared_size_bytes:
+        fn.max_dynamic_shared_size_bytes = smem
+
+
+def _ptr(a) -> int:
+    return 0 if a is None or a.size == 0 else int(a.data.ptr)
+
+
+def _plan_for(qm, m: int, ctype: str) -> LaunchPlan:
+    """The launch plan of ``qm`` for ``m`` rows of ``ctype`` activations, made once and kept on the matrix."""
+    plan = qm._plans.get((m, ctype))
+    if plan is None:
+        plan = qm._plans[(m, ctype)] = _qgemm_plan(qm, m, ctype)
+    return plan
+
+
+# A plan's argument slots are shared by every caller of the matrix, and a stream's workspace by every thread
+# launching on that stream: filling the slots (or the scratch) and launching is one step.
+_launch_lock = threading.Lock()
+
+
+def _launch_qgemm(qm, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing):
+    """Launch the quantized GEMM; ``stream`` is a CuPy stream object, ``capturing()`` tells whether a CUDA graph
+    is being captured on it (asked only when a buffer must grow)."""
+    _launch_plan(qm, _plan_for(qm, m, ctype), x_ptr, out_ptr, m, ctype, stream, capturing)
+
+
+def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing):
+    """Launch ``plan`` on ``stream``. Workspaces belong to the stream, so launches on different streams never
+    share partial sums or counters."""
+    ws = workspace(qm.device_id, stream.ptr, capturing)
+    with _launch_lock:
+        if plan.partial_floats:
+            partials, counters = ws.ensure(plan.partial_floats, plan.counters_n, capturing)
+            plan.ws.value = partials.data.ptr
+            plan.counters.value = counters.data.ptr
+        if plan.gather or (plan.x_vec is None and x_ptr & 15):
+            gathered = ws.gather_buffer(m * qm.layout.padded_rows, capturing)
+            _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
+            x_ptr = gathered.data.ptr
+        if plan.x_vec is not None:
+            plan.x_vec.value = 0 if x_ptr & 15 else plan.x_vec_default  # misaligned rows: element-wise staging
+        plan.x.value = x_ptr
+        plan.out.value = out_ptr
+        if _get_device() != qm.device_id:  # the driver launches in the current device's context
+            import cupy
+
+            with cupy.cuda.Device(qm.device_id):
+                plan.launcher.launch(stream.ptr)
+            return
+        plan.launcher.launch(stream.ptr)
+
+
+def _get_device() -> int:
+    from cupy_backends.cuda.api import runtime as cuda_runtime
+
+    return cuda_runtime.getDevice()
+
+
+def dequantize_into(qm, buf, ctype: str, stream, *, chunk_begin: int = 0, chunk_end: int | None = None,
+                    scatter: bool = True):
+    """Dequantise sorted chunks [chunk_begin, chunk_end) of ``qm`` into ``buf`` (a CuPy 2-D array of 2-byte
+    elements, row stride buf.shape[1] >= padded columns): with scatter, whole matrix in original row order;
+    otherwise a block of sorted rows starting at row 0 of buf, padding rows zero."""
+    lay = qm.layout
+    chunks = lay.chunks8 + lay.chunks4
+    chunk_end = chunks if chunk_end is None else chunk_end
+    fn = runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
+                              qm.device_id)
+    grid = (-(-(lay.padded_cols // 16) // 8), chunk_end - chunk_begin, 1)
+    args = (
+        _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(lay.row_src), int(buf.data.ptr),
+        np.int32(buf.shape[1]), np.int32(min(buf.shape[1], lay.padded_cols)), np.int32(lay.padded_cols),
+        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(chunk_begin), np.int32(1 if scatter else 0),
+    )
+    fn(grid, (_THREADS, 1, 1), args, stream=stream)
+
+
+def _gather_columns(qm, x_ptr: int, out_ptr: int, m: int, ctype: str, stream):
+    lay = qm.layout
+    fn = runtime.get_function("qgemm.cu", runtime.gather_name(ctype), qm.device_id)
+    grid = (-(-lay.padded_rows // 256), m, 1)
+    fn(grid, (256, 1, 1), (x_ptr, _ptr(lay.row_src), out_ptr, np.int32(m), np.int32(qm.in_features),
+                           np.int32(lay.padded_rows)), stream=stream)
+
+
+def dequantize_t_into(qm, buf, ctype: str, stream, chunk_begin: int, chunk_end: int):
+    """Dequantise sorted chunks [chunk_begin, chunk_end) of ``qm`` transposed: ``buf`` (a CuPy 2-D array of
+    2-byte elements, at least padded_cols rows, row stride a multiple of 8 and at least the chunks' rows)
+    receives W^T[n, j - 64 * chunk_begin] for the sorted padded rows j, padding rows zero."""
+    lay = qm.layout
+    fn = runtime.get_function("qmma.cu", kernels.dequant_t_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
+                              qm.device_id)
+    blocks = -(-(chunk_end - chunk_begin) // kernels.DEQUANT_T_CHUNKS_PER_CTA)
+    grid = (-(-(lay.padded_cols // 16) // kernels.QMMA_WARPS), blocks, 1)
+    args = (
+        _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), int(buf.data.ptr), np.int32(buf.shape[1]),
+        np.int32(lay.padded_cols), np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(chunk_begin),
+        np.int32(chunk_end),
+    )
+    fn(grid, (kernels.QMMA_THREADS, 1, 1), args, stream=stream)
+
+
+def warmup_matrix(qm, *, max_m: int = 64, dtypes=("float16",)):
+    """Compile the kernels ``qm`` uses for batches up to max_m and size the workspaces (that of the current
+    CuPy stream and the device's spare, which a stream capturing a CUDA graph takes)."""
+    import cupy
+
+    with cupy.cuda.Device(qm.device_id):
+        ws = workspace(qm.device_id, cupy.cuda.get_current_stream().ptr)
+        for dt in dtypes:
+            ctype = _CTYPES[str(dt).removeprefix("torch.")]
+            # Within each kernel variant the largest batch needs the largest workspace.
+            for m in sorted({1, 2, 3, 4, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, max_m}):
+                if m > max_m:
+                    continue
+                if m > dense_threshold(qm):
+                    runtime.get_function("qmma.cu", kernels.dequant_t_name(ctype, qm.layout.chunks8 > 0,
+                                                                           qm.layout.chunks4 > 0), qm.device_id)
+                    continue
+                plan = _plan_for(qm, m, ctype)
+                if plan.partial_floats:
+                    ws.ensure(plan.partial_floats, plan.counters_n, lambda: False)
+                ws.gather_buffer(m * qm.layout.padded_rows, lambda: False)
+            runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, qm.layout.chunks8 > 0,
+                                                                  qm.layout.chunks4 > 0), qm.device_id)
+            runtime.get_function("qgemm.cu", runtime.gather_name(ctype), qm.device_id)

@@ -1,0 +1,72 @@
+"""Structure of the package: no import cycle between cupyq's modules (counting imports inside functions too),
+and the constants the CUDA sources and the launches share agree (no GPU needed)."""
+
+import ast
+from pathlib import Path
+
+import cupyq
+from cupyq import kernels, launch
+from cupyq.sources import read_cuda_source
+
+ROOT = Path(cupyq.__file__).parent
+
+
+def _modules() -> dict:
+    mods = {}
+    for p in ROOT.rglob("*.py"):
+        parts = ("cupyq",) + p.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = p
+    return mods
+
+
+def _imports(name: str, path: Path, mods: dict) -> set:
+    """cupyq modules that ``name`` imports anywhere in its file (the package face ``cupyq`` excluded: it only
+    exposes submodules lazily)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                cand = f"{base}.{alias.name}"
+                found.add(cand if cand in mods else base)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in mods and m not in (name, "cupyq")}
+
+
+def test_no_import_cycles():
+    mods = _modules()
+    graph = {name: _imports(name, path, mods) for name, path in mods.items()}
+    state: dict = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycle = trail[trail.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, trail + [dep])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_qmatrix_and_launch_do_not_import_dispatch():
+    mods = _modules()
+    for name in ("cupyq.qmatrix", "cupyq.launch", "cupyq.kernels"):
+        assert "cupyq.dispatch" not in _imports(name, mods[name], mods), name
+
+
+def test_streaming_kernel_constants_match_the_source():
+    code = read_cuda_source("qgemm.cu")
+    assert f"constexpr int kStepChunks = {launch._STEP_CHUNKS};" in code
+    assert f"constexpr int kWarps = {launch._THREADS // 32};" in code
+    assert launch._THREADS == kernels.QMMA_THREADS
