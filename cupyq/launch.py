@@ -386,6 +386,33 @@ def dequantize_t_into(qm, buf, ctype: str, stream, chunk_begin: int, chunk_end: 
     fn(grid, (kernels.QMMA_THREADS, 1, 1), args, stream=stream)
 
 
+def _warmup_batches(max_m: int) -> list:
+    """Batch sizes warm-up runs: the largest of each kernel variant needs the largest workspace."""
+    return [m for m in sorted({1, 2, 3, 4, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, max_m}) if m <= max_m]
+
+
+def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:
+    """(source, kernel name) of every kernel ``qm``'s calls of up to ``max_m`` rows use, found by the dispatch
+    rules without compiling anything."""
+    lay = qm.layout
+    has8, has4 = lay.chunks8 > 0, lay.chunks4 > 0
+    names = set()
+    for dt in dtypes:
+        ctype = _CTYPES[str(dt).removeprefix("torch.")]
+        for m in _warmup_batches(max_m):
+            kernel, _ = choose_kernel(qm, m, ctype)
+            if kernel == "dense":
+                names.add(("qmma.cu", kernels.dequant_t_name(ctype, has8, has4)))
+            elif kernel in ("qgemv", "qgemv2"):
+                names.add(("qgemm.cu", runtime.qgemv_name(ctype, 1 if kernel == "qgemv" else 2, has8, has4)))
+            else:
+                zr = 1 if _chunk_uniform_groups(qm) else 4
+                names.add(("qmma.cu", choose_qmma(m, qm.in_features * qm.out_features).name(ctype, zr, has8, has4)))
+        names.add(("qgemm.cu", runtime.dequant_name(ctype, has8, has4)))
+        names.add(("qgemm.cu", runtime.gather_name(ctype)))
+    return names
+
+
 def warmup_matrix(qm, *, max_m: int = 64, dtypes=("float16",)):
     """Compile the kernels ``qm`` uses for batches up to max_m and size the workspaces (that of the current
     CuPy stream and the device's spare, which a stream capturing a CUDA graph takes)."""
@@ -395,10 +422,7 @@ def warmup_matrix(qm, *, max_m: int = 64, dtypes=("float16",)):
         ws = workspace(qm.device_id, cupy.cuda.get_current_stream().ptr)
         for dt in dtypes:
             ctype = _CTYPES[str(dt).removeprefix("torch.")]
-            # Within each kernel variant the largest batch needs the largest workspace.
-            for m in sorted({1, 2, 3, 4, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, max_m}):
-                if m > max_m:
-                    continue
+            for m in _warmup_batches(max_m):
                 if m > dense_threshold(qm):
                     runtime.get_function("qmma.cu", kernels.dequant_t_name(ctype, qm.layout.chunks8 > 0,
                                                                            qm.layout.chunks4 > 0), qm.device_id)

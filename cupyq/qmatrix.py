@@ -407,6 +407,13 @@ class QMatrix:
             return
         _launch.warmup_matrix(self, max_m=max_m, dtypes=dtypes)
 
+    def needed_kernels(self, *, max_m: int = 64, dtypes=("float16",)) -> set:
+        """(CUDA source, kernel name) of every kernel this matrix uses for batches up to ``max_m`` (empty on the
+        CPU); nothing is compiled."""
+        if self.device_id is None:
+            return set()
+        return _launch.needed_kernels(self, max_m=max_m, dtypes=dtypes)
+
     def close(self):
         """Release the device buffers now (the matrix is unusable afterwards)."""
         for name in ("layout", "bias16", "bias_bf16", "_scratch"):

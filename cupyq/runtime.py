@@ -541,12 +541,21 @@ def torch_stream(device_id: int):
     return s
 
 
-def warmup(qmatrices, *, max_m: int = 64, progress=None) -> float:
+def warmup(qmatrices, *, max_m: int = 64, progress=None, workers=None) -> float:
     """Compile and load every kernel the given QMatrix objects need on their devices; returns seconds.
 
-    progress: optional callable, given ``(index, qmatrix)`` after each matrix is ready.
+    The kernels are compiled first, all at once in ``workers`` threads (default: one per CPU core; NVRTC
+    releases the GIL), then each matrix sizes its workspaces. progress: optional callable, given
+    ``(index, qmatrix)`` after each matrix is ready.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     start = time.perf_counter()
+    qmatrices = list(qmatrices)
+    jobs = sorted({(qm.device_id, source, name) for qm in qmatrices for source, name in qm.needed_kernels(max_m=max_m)})
+    if len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=workers or min(len(jobs), os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda job: get_function(job[1], job[2], job[0]), jobs))
     for i, qm in enumerate(qmatrices):
         qm.warmup(max_m=max_m)
         if progress is not None:

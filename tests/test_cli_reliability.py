@@ -388,6 +388,9 @@ def test_runtime_warmup_reports_each_matrix():
         def warmup(self, *, max_m):
             self.max_m = max_m
 
+        def needed_kernels(self, *, max_m):
+            return set()
+
     mats = [FakeMatrix() for _ in range(3)]
     seen = []
     seconds = runtime.warmup(mats, max_m=16, progress=lambda i, qm: seen.append((i, qm)))

@@ -4,6 +4,7 @@ lists parsed from the __global__ signatures, shared constants, and the dispatch 
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from cupyq import kernels, launch
@@ -56,9 +57,11 @@ def test_choose_qmma_picks_the_smallest_tile_that_holds_the_batch():
         assert small == (kernels.QMMA_CONFIGS[32] if 32 < m <= 64 else cfg)
 
 
-def _fake(k, n, chunks8=0):
-    layout = SimpleNamespace(chunks8=chunks8, chunks4=k // 64 - chunks8, padded_cols=n, padded_rows=k)
-    return SimpleNamespace(in_features=k, out_features=n, layout=layout)
+def _fake(k, n, chunks8=0, uniform=True):
+    tile_group = np.repeat(np.arange(k // 128), 8) if uniform else np.arange(k // 16)
+    layout = SimpleNamespace(chunks8=chunks8, chunks4=k // 64 - chunks8, padded_cols=n, padded_rows=k,
+                             tile_group=tile_group)
+    return SimpleNamespace(in_features=k, out_features=n, layout=layout, device_id=0, _plans={})
 
 
 @pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 28672)])
@@ -75,3 +78,36 @@ def test_dispatch_rules(k, n):
     assert launch.choose_kernel(qm, 129, "__half")[0] == "dense"
     kernel, why = launch.choose_kernel(qm, 4096, "__half", force_cuda=True)
     assert kernel == "qmma" and "4096" in why
+
+
+def test_needed_kernels_follow_the_rules():
+    big = launch.needed_kernels(_fake(8192, 28672), max_m=256)
+    assert ("qgemm.cu", "qgemv<__half, 1, false, true>") in big and ("qgemm.cu", "qgemv<__half, 2, false, true>") in big
+    for limit in (32, 128):
+        assert ("qmma.cu", kernels.QMMA_CONFIGS[limit].name("__half", 1, False, True)) in big
+    assert ("qmma.cu", kernels.dequant_t_name("__half", False, True)) in big  # m = 129 and 256: dense
+    small = launch.needed_kernels(_fake(4096, 4096, chunks8=8, uniform=False), max_m=64, dtypes=("bfloat16",))
+    assert ("qmma.cu", kernels.QMMA_CONFIGS[16].name("__nv_bfloat16", 4, True, True)) in small
+    assert not any("128" in n or "__half," in n for _, n in small if n.startswith("qmma"))
+
+
+def test_runtime_warmup_compiles_every_needed_kernel_first(monkeypatch):
+    from cupyq import runtime
+
+    compiled, order = [], []
+    monkeypatch.setattr(runtime, "get_function", lambda src, name, dev: compiled.append((dev, src, name)))
+
+    class Fake:
+        def __init__(self, names):
+            self.names, self.device_id = names, 0
+
+        def needed_kernels(self, *, max_m):
+            return self.names
+
+        def warmup(self, *, max_m):
+            order.append(len(compiled))
+
+    mats = [Fake({("qgemm.cu", "a"), ("qmma.cu", "b")}), Fake({("qmma.cu", "b"), ("qmma.cu", "c")})]
+    runtime.warmup(mats, max_m=8, workers=2)
+    assert sorted(compiled) == [(0, "qgemm.cu", "a"), (0, "qmma.cu", "b"), (0, "qmma.cu", "c")]
+    assert order == [3, 3]  # every kernel compiled before any matrix warms up
