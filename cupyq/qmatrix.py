@@ -31,9 +31,9 @@ def _resolve_device(arrays, device):
         text = str(device)
         if text == "cpu":
             return None, kind
-        from cupyq.scratch import _device_index
+        from cupyq.scratch import device_index
 
-        return _runtime.check_device_supported(_device_index(device)), kind
+        return _runtime.check_device_supported(device_index(device)), kind
     for a in present:
         k = _kind(a)
         if k == "cupy":

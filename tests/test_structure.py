@@ -70,3 +70,30 @@ def test_streaming_kernel_constants_match_the_source():
     assert f"constexpr int kStepChunks = {launch._STEP_CHUNKS};" in code
     assert f"constexpr int kWarps = {launch._THREADS // 32};" in code
     assert launch._THREADS == kernels.QMMA_THREADS
+
+
+def test_device_index_accepts_the_usual_spellings(monkeypatch):
+    import sys
+    import types
+
+    import pytest
+
+    from cupyq.scratch import device_index
+
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 3)))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    torch = pytest.importorskip("torch")
+    assert device_index(0) == 0 and device_index(2) == 2
+    assert device_index("cuda:1") == 1 and device_index("cuda") == 3 and device_index(None) == 3
+    assert device_index(torch.device("cuda", 1)) == 1 and device_index(torch.device("cuda")) == 3
+
+    class Device:  # CuPy's Device spelling: an integer .id
+        __module__ = "cupy.cuda.device"
+
+        def __init__(self, i):
+            self.id = i
+
+    assert device_index(Device(5)) == 5
+    for bad in ("cuda:x", "gpu", "cuda:-1", -1, True, 1.5, torch.device("cpu")):
+        with pytest.raises(ValueError, match="device"):
+            device_index(bad)
