@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -476,6 +478,7 @@ def device_summary() -> dict:
 
 _modules: dict = {}
 _functions: dict = {}
+COMPILE_NOTICE_S = 1.0  # a kernel load that takes longer than this prints one line on stderr
 _sm_counts: dict = {}
 
 
@@ -491,13 +494,22 @@ def get_function(source: str, name: str, device_id: int):
         return fn
     import cupy
 
-    with cupy.cuda.Device(device_id):
-        mod = cupy.RawModule(
-            code=read_cuda_source(source),
-            options=kernel_options(),
-            name_expressions=[name],
-        )
-        fn = mod.get_function(name)
+    # A compile takes seconds; loading from CuPy's disk cache a few milliseconds. Say so when it is slow.
+    notice = threading.Timer(COMPILE_NOTICE_S, lambda: print(
+        f"cupyq: compiling {name} with NVRTC (first use on this machine; cached afterwards)...",
+        file=sys.stderr, flush=True))
+    notice.daemon = True
+    notice.start()
+    try:
+        with cupy.cuda.Device(device_id):
+            mod = cupy.RawModule(
+                code=read_cuda_source(source),
+                options=kernel_options(),
+                name_expressions=[name],
+            )
+            fn = mod.get_function(name)
+    finally:
+        notice.cancel()
     _modules[key] = mod
     _functions[key] = fn
     return fn

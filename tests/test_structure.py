@@ -97,3 +97,32 @@ def test_device_index_accepts_the_usual_spellings(monkeypatch):
     for bad in ("cuda:x", "gpu", "cuda:-1", -1, True, 1.5, torch.device("cpu")):
         with pytest.raises(ValueError, match="device"):
             device_index(bad)
+
+
+def test_slow_kernel_compile_says_so(monkeypatch, capsys):
+    import contextlib
+    import sys
+    import time
+    import types
+
+    from cupyq import runtime
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            time.sleep(0.3)  # a compile, not a cache hit
+
+        def get_function(self, name):
+            return ("fn", name)
+
+    fake = types.SimpleNamespace(RawModule=RawModule,
+                                 cuda=types.SimpleNamespace(Device=lambda i: contextlib.nullcontext()))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(runtime, "kernel_options", lambda: ())
+    monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 0.05)
+    assert runtime.get_function("qmma.cu", "qmma<test-only>", 7) == ("fn", "qmma<test-only>")
+    assert "compiling qmma<test-only> with NVRTC" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 5.0)
+    runtime.get_function("qmma.cu", "qmma<test-only-2>", 7)
+    assert capsys.readouterr().err == ""  # quick loads stay silent
+    for key in [k for k in runtime._functions if k[2] == 7]:
+        del runtime._functions[key], runtime._modules[key]
