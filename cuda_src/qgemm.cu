@@ -17,7 +17,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kCtaCols = kWarps * 16;
 constexpr int kStepChunks = 4;                      // 64-row chunks per step (one step of weights in flight)
-constexpr int kStepRows = kStepChunks * 64;
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     // Weights are read once: keep them out of L1 so the small tables stay there.
