@@ -306,7 +306,7 @@ def test_checkpoint_layer_shards_equal_shards_of_the_loaded_layer(tmp_path, kind
 
 
 def test_checkpoint_layer_column_read_touches_only_the_slice(tmp_path, monkeypatch):
-    import cupyq.checkpoint
+    import cupyq.checkpoint.directory
 
     name = "model.layers.0.self_attn.q_proj"
     save_gptq(tmp_path, {name: _gptq((4, 32, False, "gptq"))}, bits=4, group_size=32, desc_act=False, sym=True)
@@ -315,7 +315,7 @@ def test_checkpoint_layer_column_read_touches_only_the_slice(tmp_path, monkeypat
     def no_whole_reads(rec):
         raise AssertionError(f"read the whole of {rec.name}")
 
-    monkeypatch.setattr(cupyq.checkpoint, "_read_record", no_whole_reads)
+    monkeypatch.setattr(cupyq.checkpoint.directory, "_read_record", no_whole_reads)  # where load_tensor looks it up
     for mode in ("column", "row"):
         shard_gptq(lazy, rank=1, world_size=2, mode=mode)  # memory-mapped slices only
     part = lazy.read("qweight", cols=slice(64, 128))

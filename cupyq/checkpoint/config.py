@@ -1,0 +1,277 @@
+"""Quantisation settings of a checkpoint directory: :class:`QuantConfig` and :func:`read_quant_config`.
+
+GPTQ (AutoGPTQ, GPTQModel, optimum), EXL2 and AWQ (AutoAWQ, transformers) settings, from
+``quantize_config.json``, ``quant_config.json`` or ``config.json["quantization_config"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cupyq.checkpoint.errors import _fail, _read_json
+
+__all__ = ["QUANT_CONFIG_FILES", "QuantConfig", "read_quant_config", "v1_zero_encoding"]
+
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json", "config.json")
+
+_GPTQ_BITS = (2, 3, 4, 8)
+_GPTQ_FORMATS = ("gptq", "gptq_v2")
+# Loading hints older transformers/optimum wrote into checkpoints: not part of the format.
+_IGNORED_HINTS = (
+    "use_exllama",
+    "exllama_config",
+    "disable_exllama",
+    "use_cuda_fp16",
+    "max_input_length",
+    "backend",
+)
+_AWQ_VERSIONS = ("gemm",)
+# Loading hints transformers writes into AWQ configs: not part of the format.
+_AWQ_HINTS = ("backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse", "exllama_config")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantisation settings of a checkpoint, normalised from any of the accepted files.
+
+    Attributes:
+        quant_method: ``"gptq"``, ``"exl2"`` or ``"awq"``.
+        source: the file the settings came from (``config.json`` means its ``quantization_config``).
+        bits: GPTQ / AWQ bit width (int) or the EXL2 target bits per weight (float, informational); or None.
+        group_size: GPTQ / AWQ rows per group, -1 for one group, None when the config does not say
+            (then it is inferred per layer from the tensor shapes).
+        desc_act: GPTQ act-order flag. sym: symmetric flag (True when missing; AWQ: ``not zero_point``).
+        checkpoint_format: ``"gptq"`` (v1 zeros, stored z-1) or ``"gptq_v2"``; None for AWQ.
+        dynamic: GPTQModel per-module overrides ``{"+:regex" | "regex": {...}, "-:regex": {}}``.
+        head_bits: EXL2 ``head_bits`` (informational).
+        hints: loading hints found in the file (``use_exllama``...), accepted and ignored.
+        raw: the parsed JSON object.
+        version: AWQ packing version, lower case (``"gemm"``, the only one supported); None otherwise.
+        modules_to_not_convert: AWQ modules kept dense (a module is kept when one entry is a substring
+            of its name, as transformers matches them); ``()`` otherwise.
+    """
+
+    quant_method: str
+    source: Path
+    bits: object = None
+    group_size: object = None
+    desc_act: bool = False
+    sym: bool = True
+    checkpoint_format: str = "gptq"
+    dynamic: dict = field(default_factory=dict)
+    head_bits: object = None
+    hints: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)
+    version: str | None = None
+    modules_to_not_convert: tuple = ()
+
+    def keeps_dense(self, name) -> bool:
+        """True when ``modules_to_not_convert`` keeps module ``name`` unquantized."""
+        return any(key in name for key in self.modules_to_not_convert)
+
+    def for_layer(self, name):
+        """(bits, group_size, desc_act, sym) for module ``name`` after ``dynamic`` overrides.
+
+        Returns None when a ``-:`` rule excludes the module from quantisation.
+        """
+        bits, gs, act, sym = self.bits, self.group_size, self.desc_act, self.sym
+        for pattern, override in self.dynamic.items():
+            negative = pattern.startswith("-:")
+            regex = pattern[2:] if pattern[:2] in ("+:", "-:") else pattern
+            if re.match(regex, name):
+                if negative:
+                    return None
+                bits = override.get("bits", bits)
+                gs = override.get("group_size", gs)
+                act = override.get("desc_act", act)
+                sym = override.get("sym", sym)
+        return bits, gs, act, sym
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _quantizers(raw):
+    """The ``meta.quantizer`` entries of a quantization config as ``[(tool, version tuple)]``."""
+    meta = raw.get("meta") if isinstance(raw, dict) else None
+    entries = meta.get("quantizer") if isinstance(meta, dict) else None
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list):
+        return []
+    found = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            continue
+        tool, _, version = entry.partition(":")
+        numbers = tuple(int(m) for m in re.findall(r"\d+", version.split("+")[0])[:3])
+        found.append((tool.strip().lower(), numbers))
+    return found
+
+
+def v1_zero_encoding(quant_config):
+    """How the producer of a v1 GPTQ checkpoint applied the stored ``z - 1``, from ``meta.quantizer``.
+
+    ``"word"`` for GPTQModel 0.9.0 or later (it subtracts a per-field constant from each packed word, see
+    :mod:`cupyq.formats.gptq`), ``"field"`` for cupyq's own writer, None when the config does not name a
+    producer whose encoding is known (such files are read per field; :func:`zero_point_warnings` says where
+    that reading is uncertain). quant_config: a :class:`QuantConfig` or None.
+    """
+    if quant_config is None or quant_config.quant_method != "gptq":
+        return None
+    tools = _quantizers(quant_config.raw)
+    if any(tool == "gptqmodel" and version >= (0, 9, 0) for tool, version in tools):
+        return "word"
+    if any(tool == "cupyq" for tool, _ in tools):
+        return "field"
+    return None
+
+
+def _parse_gptq_config(d, source) -> QuantConfig:
+    def bad(key, problem):
+        _fail(source, f"quantization config key '{key}': {problem}")
+
+    fmt = d.get("format")
+    alias = d.get("checkpoint_format")
+    if fmt is not None and alias is not None and str(fmt).lower() != str(alias).lower():
+        bad("format", f"'format' is {fmt!r} but 'checkpoint_format' is {alias!r}")
+    fmt = fmt if fmt is not None else alias
+    fmt = "gptq" if fmt is None else fmt
+    if not isinstance(fmt, str) or fmt.lower() not in _GPTQ_FORMATS:
+        bad("format", f"expected one of {_GPTQ_FORMATS}, got {fmt!r} (marlin/gptq_p checkpoints are not supported)")
+    if "bits" not in d:
+        bad("bits", "missing")
+    bits = d["bits"]
+    if not _is_int(bits) or bits not in _GPTQ_BITS:
+        bad("bits", f"expected one of {_GPTQ_BITS}, got {bits!r}")
+    gs = d.get("group_size")
+    if gs is not None and (not _is_int(gs) or not (gs == -1 or gs > 0)):
+        bad("group_size", f"expected -1 or a positive integer, got {gs!r}")
+    desc_act = d.get("desc_act", False)
+    if not isinstance(desc_act, bool):
+        bad("desc_act", f"expected true or false, got {desc_act!r}")
+    sym = d.get("sym", True)
+    if not isinstance(sym, bool):
+        bad("sym", f"expected true or false, got {sym!r}")
+    dynamic = d.get("dynamic") or {}
+    if not isinstance(dynamic, dict) or not all(isinstance(v, dict) for v in dynamic.values()):
+        bad("dynamic", f"expected an object of pattern -> overrides, got {dynamic!r}")
+    for pattern, override in dynamic.items():
+        try:
+            re.compile(pattern[2:] if pattern[:2] in ("+:", "-:") else pattern)
+        except re.error as exc:
+            bad("dynamic", f"pattern {pattern!r} is not a valid regular expression ({exc})")
+        if "bits" in override and (not _is_int(override["bits"]) or override["bits"] not in _GPTQ_BITS):
+            bad("dynamic", f"pattern {pattern!r}: bits must be one of {_GPTQ_BITS}, got {override['bits']!r}")
+    hints = {k: d[k] for k in _IGNORED_HINTS if k in d}
+    return QuantConfig(
+        "gptq",
+        Path(source),
+        bits=int(bits),
+        group_size=None if gs is None else int(gs),
+        desc_act=desc_act,
+        sym=sym,
+        checkpoint_format=fmt.lower(),
+        dynamic=dict(dynamic),
+        hints=hints,
+        raw=dict(d),
+    )
+
+
+def _parse_awq_config(d, source) -> QuantConfig:
+    """transformers / GPTQModel (``bits``, ``group_size``, ``zero_point``, ``version`` or ``format``) and
+    AutoAWQ ``quant_config.json`` (``w_bit``, ``q_group_size``, ``zero_point``, ``version``) settings."""
+
+    def bad(key, problem):
+        _fail(source, f"quantization config key '{key}': {problem}")
+
+    def one_of(*keys):
+        present = [k for k in keys if d.get(k) is not None]
+        values = {json.dumps(d[k]).lower() for k in present}
+        if len(values) > 1:
+            bad(present[0], " but ".join(f"'{k}' is {d[k]!r}" for k in present))
+        return (present[0], d[present[0]]) if present else (keys[0], None)
+
+    key, version = one_of("version", "format")
+    version = "gemm" if version is None else version
+    if not isinstance(version, str) or version.lower() not in _AWQ_VERSIONS:
+        bad(key, f"AWQ version {version!r} is not supported; only GEMM-packed AWQ checkpoints ('gemm') are "
+                 "(GEMV, GEMV_FAST and the other versions store different layouts)")
+    key, bits = one_of("bits", "w_bit")
+    if bits is None:
+        bad("bits", "missing (an AWQ config gives 'bits' or 'w_bit')")
+    if not _is_int(bits) or bits != 4:
+        bad(key, f"AWQ GEMM checkpoints are 4-bit, got {bits!r}")
+    key, gs = one_of("group_size", "q_group_size")
+    if gs is not None and (not _is_int(gs) or not (gs == -1 or gs > 0)):
+        bad(key, f"expected -1 or a positive integer, got {gs!r}")
+    # Informational: the zero points are read from each layer's qzeros whatever this says.
+    zero_point = d.get("zero_point", True)
+    if not isinstance(zero_point, bool):
+        bad("zero_point", f"expected true or false, got {zero_point!r}")
+    keep = d.get("modules_to_not_convert") or []
+    if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
+        bad("modules_to_not_convert", f"expected a list of module names or null, got {keep!r}")
+    return QuantConfig(
+        "awq",
+        Path(source),
+        bits=4,
+        group_size=None if gs is None else int(gs),
+        sym=not zero_point,
+        checkpoint_format=None,
+        hints={k: d[k] for k in _AWQ_HINTS if k in d},
+        raw=dict(d),
+        version=version.lower(),
+        modules_to_not_convert=tuple(keep),
+    )
+
+
+def _parse_quant_config(d, source) -> QuantConfig:
+    if not isinstance(d, dict):
+        _fail(source, f"quantization config must be a JSON object, got {type(d).__name__}")
+    method = d.get("quant_method", d.get("method"))
+    method = method.lower() if isinstance(method, str) else method
+    if method == "awq" or (method is None and ("zero_point" in d or "w_bit" in d)):
+        return _parse_awq_config(d, source)
+    if method == "exl2":
+        bits = d.get("bits")
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float))):
+            _fail(source, f"quantization config key 'bits': expected a number (bits per weight), got {bits!r}")
+        return QuantConfig("exl2", Path(source), bits=bits, head_bits=d.get("head_bits"), raw=dict(d))
+    if method not in (None, "gptq"):
+        _fail(source, f"quantization config key 'quant_method': expected 'gptq', 'exl2' or 'awq', got {method!r}")
+    return _parse_gptq_config(d, source)
+
+
+def read_quant_config(directory):
+    """The quantisation config of a checkpoint directory, or None when it has none.
+
+    Looks in ``quantize_config.json``, then ``quant_config.json``, then ``config.json`` key
+    ``quantization_config`` (the order AutoGPTQ, GPTQModel and TGI use). Accepts ``format`` or its
+    alias ``checkpoint_format``; reads and ignores the loading hints ``use_exllama``,
+    ``exllama_config``, ``disable_exllama``, ``use_cuda_fp16``, ``max_input_length`` and ``backend``.
+    AWQ settings come from the same places (AutoAWQ writes ``quant_config.json`` with ``w_bit`` /
+    ``q_group_size``, transformers ``quantization_config`` with ``quant_method: awq``).
+    Raises :class:`CheckpointError` for unparsable JSON, bad values or unsupported methods (Marlin, AWQ
+    versions other than GEMM).
+    """
+    directory = Path(directory)
+    for name in QUANT_CONFIG_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        d = _read_json(path)
+        if name == "config.json":
+            if not isinstance(d, dict):
+                _fail(path, "config.json must be a JSON object")
+            if d.get("quantization_config") is None:
+                continue
+            d = d["quantization_config"]
+        return _parse_quant_config(d, path)
+    return None
