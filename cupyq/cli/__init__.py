@@ -16,8 +16,8 @@ import argparse
 import os
 import sys
 
-from cupyq.cli.arguments import (_arch, _ArgumentError, _cuda_source_name, _Parser, _positive_float, _positive_int,
-                                 _row_counts)
+from cupyq.cli.arguments import (_arch, _ArgumentError, _cuda_source_name, _names, _Parser, _positive_float,
+                                 _positive_int, _row_counts)
 from cupyq.cli.bench import cmd_bench
 from cupyq.cli.common import EXIT_OK, EXIT_USAGE, UsageError
 from cupyq.cli.compile import cmd_compile
@@ -92,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run cupyq.bench.run_benchmark on the checkpoint's layer shapes (or the six standard "
                                    "shapes) and print microseconds per call and the speed-up over an fp16 matmul.")
     p.add_argument("path", nargs="?", help="checkpoint directory whose layer shapes to use (default: standard shapes)")
-    p.add_argument("--m", type=_row_counts, action="append", metavar="M[,M...]",
-                   help="rows of x: a comma-separated list or the option repeated (default: the benchmark's own list)")
-    p.add_argument("--formats", nargs="+", choices=("gptq", "gptq_act", "exl2"),
-                   help="formats to run (default: those in the checkpoint, or all)")
+    p.add_argument("--m", "--ms", dest="m", type=_row_counts, action="append", metavar="M[,M...]",
+                   help="rows of x: a comma-separated list or the option repeated, --m 1,16 or --m 1 --m 16; --ms is "
+                        "the same option, as in scripts/bench.py (default: the benchmark's own list)")
+    p.add_argument("--formats", nargs="+", type=_names(("gptq", "gptq_act", "exl2")), metavar="FORMAT",
+                   help="formats to run, of gptq, gptq_act and exl2: separated by commas or spaces, --formats gptq,exl2 "
+                        "or --formats gptq exl2 (default: those in the checkpoint, or all)")
     p.add_argument("--iters", type=_positive_int, default=40, help="calls per timing (default 40)")
     p.add_argument("--repeats", type=_positive_int, default=5,
                    help="CUDA-graph replays per point for graph_us, the median is kept (default 5)")

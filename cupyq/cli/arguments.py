@@ -39,13 +39,29 @@ def _row_counts(text):
             f"expected positive integers separated by commas, such as 1,7,64; got {text!r}") from None
 
 
-def _flat_ms(values):
-    """The row counts of every ``--m`` given, in order, without repeats; None when there was none."""
+def _names(choices):
+    """An argparse type for a list option such as ``--formats``: one of ``choices`` or a comma-separated list of
+    them (``gptq,exl2``); the value is a list of names."""
+    expected = ", ".join(choices)
+
+    def parse(text):
+        names = [t.strip() for t in str(text).split(",")]
+        if not all(n in choices for n in names):
+            raise argparse.ArgumentTypeError(f"expected one of {expected}, or several separated by commas or spaces; "
+                                             f"got {text!r}")
+        return names
+
+    return parse
+
+
+def _flat_lists(values):
+    """The values of every occurrence of a list option (``--m 1,7 --m 64``, ``--formats gptq exl2``: lists of
+    lists), in order and without repeats; None when the option was not given."""
     if not values:
         return None
     out = []
     for group in values:
-        out += [m for m in group if m not in out]
+        out += [v for v in group if v not in out]
     return out
 
 

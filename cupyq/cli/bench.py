@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from cupyq.cli.arguments import _flat_ms
-from cupyq.cli.common import EXIT_OK, UsageError, _open, _require_gpu
+from cupyq.cli.arguments import _flat_lists
+from cupyq.cli.common import EXIT_OK, UsageError, _open, _reject_row_count, _require_gpu
 from cupyq.cli.output import Progress, _emit, format_table
 
 
@@ -64,12 +64,14 @@ def cmd_bench(args):
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+    if args.path:
+        _reject_row_count(args.path)
     _require_gpu("bench")
     from cupyq import bench
 
-    ms = _flat_ms(args.m)
+    ms = _flat_lists(args.m)
 
-    shapes, formats = None, args.formats
+    shapes, formats = None, _flat_lists(args.formats)
     if args.path:
         ckpt = _open(args.path)
         infos = [ckpt.layers[n] for n in ckpt.quantized_layers]

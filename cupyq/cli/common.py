@@ -34,13 +34,18 @@ def _checkpoint_paths(paths, tmp):
     """The checkpoint directories to work on: the given ones, or the built-in sample made in ``tmp``."""
     if paths:
         for p in paths:
-            if str(p).isdigit() and not Path(p).exists():
-                raise UsageError(f"{p}: no such checkpoint directory; several row counts are written --m 1,{p} "
-                                 f"(or --m 1 --m {p})")
+            _reject_row_count(p)
         return [Path(p) for p in paths], False
     from cupyq.sample import make_sample
 
     return list(make_sample(tmp).values()), True
+
+
+def _reject_row_count(path):
+    """UsageError for a checkpoint path that is a number and no file: a row count given as ``--m 1 16``."""
+    if str(path).isdigit() and not Path(path).exists():
+        raise UsageError(f"{path}: no such checkpoint directory; several row counts are written --m 1,{path} "
+                         f"(or --m 1 --m {path})")
 
 
 def _open(path):

@@ -8,7 +8,7 @@ import tempfile
 import time
 import warnings
 
-from cupyq.cli.arguments import _flat_ms
+from cupyq.cli.arguments import _flat_lists
 from cupyq.cli.common import EXIT_FAIL, EXIT_OK, UsageError, _checkpoint_paths, _gpu_unavailable_reason, _open
 from cupyq.cli.inspect import _bits_text, _zero_point_warnings
 from cupyq.cli.output import Progress, _emit, format_table
@@ -84,7 +84,7 @@ def _verify_layer(ckpt, name, ms, rng, on_gpu, reps):
 def cmd_verify(args):
     import numpy as np
 
-    ms = _flat_ms(args.m) or list(DEFAULT_MS)
+    ms = _flat_lists(args.m) or list(DEFAULT_MS)
     if args.cpu and args.require_gpu:
         raise UsageError("--cpu and --require-gpu contradict each other")
     reason = None if args.cpu else _gpu_unavailable_reason()
