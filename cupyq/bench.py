@@ -283,17 +283,22 @@ def summarize(rows) -> str:
 def main(argv=None):
     import argparse
 
+    from cupyq.cli.arguments import _flat_lists, _row_counts
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=None, help="comma list KxN (default: the six standard shapes)")
-    p.add_argument("--ms", default=None, help="comma list of m (default: 1,2,4,...,4096)")
-    p.add_argument("--formats", default="gptq,gptq_act,exl2")
+    p.add_argument("--ms", "--m", dest="ms", type=_row_counts, action="append", metavar="M[,M...]",
+                   help="rows of x: a comma-separated list or the option repeated, --ms 1,16 or --ms 1 --ms 16; --m is "
+                        "the same option, as in `cupyq bench` (default: 1,2,4,...,4096)")
+    p.add_argument("--formats", default="gptq,gptq_act,exl2",
+                   help="comma list of gptq, gptq_act, exl2, awq (default: gptq,gptq_act,exl2)")
     p.add_argument("--baselines", default="fp16,int4", help="comma list; '' for none")
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--json", default=None, help="write rows to this JSON file")
     p.add_argument("--markdown", default=None, help="write the summary table to this file")
     a = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
-    ms = [int(v) for v in a.ms.split(",")] if a.ms else None
+    ms = _flat_lists(a.ms)
     rows = run_benchmark(shapes, ms, formats=[f for f in a.formats.split(",") if f],
                          baselines=[b for b in a.baselines.split(",") if b], iters=a.iters,
                          progress=lambda r: print(json.dumps(r), flush=True))

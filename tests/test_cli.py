@@ -224,6 +224,51 @@ def test_bench_pivot_and_speedups():
     assert [(r["m"], r["x_gptq"]) for r in table] == [(1, 2.0), (8, 0.5)]
 
 
+def test_bench_takes_comma_lists_and_the_flags_of_the_script(monkeypatch, capsys):
+    """`cupyq bench` reads --m / --ms and --formats as comma lists, repeated or space-separated, in order."""
+    import cupyq.bench
+
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return [{"K": 64, "N": 32, "m": 1, "impl": "gptq", "us": 5.0}, {"K": 64, "N": 32, "m": 1, "impl": "fp16", "us": 10.0}]
+
+    monkeypatch.setattr(runtime, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cupyq.bench, "run_benchmark", fake_run)
+    code, out, err = run(["bench", "--ms", "1,16", "--m", "4", "--m", "16", "--formats", "gptq,exl2", "gptq_act",
+                          "--json"], capsys)
+    assert code == 0, err
+    assert seen["ms"] == [1, 16, 4] and seen["formats"] == ("gptq", "exl2", "gptq_act")
+    assert json.loads(out)["table"][0]["x_gptq"] == 2.0
+
+
+def test_bench_bad_lists_exit_2(capsys):
+    code, _, err = run(["bench", "--m", "1", "16"], capsys)  # 16 lands on the checkpoint path
+    assert code == 2 and "several row counts are written --m 1,16" in err
+    code, _, err = run(["bench", "--formats", "gptq,int8"], capsys)
+    assert code == 2 and "expected one of gptq, gptq_act, exl2" in err and "'gptq,int8'" in err
+    code, _, err = run(["bench", "--ms", "1,,4"], capsys)
+    assert code == 2 and "positive integers separated by commas" in err
+
+
+def test_bench_script_takes_the_row_counts_of_cupyq_bench(monkeypatch, capsys):
+    """scripts/bench.py (cupyq.bench.main) reads --ms / --m like `cupyq bench`."""
+    import cupyq.bench
+
+    seen = {}
+    monkeypatch.setattr(cupyq.bench, "run_benchmark", lambda shapes, ms, **kwargs: seen.update(ms=ms) or [])
+    monkeypatch.setattr(cupyq.bench, "host_overhead", lambda: {})
+    monkeypatch.setattr(cupyq.bench, "summarize", lambda rows: "table")
+    cupyq.bench.main(["--ms", "1,16", "--m", "4"])
+    assert seen["ms"] == [1, 16, 4]
+    cupyq.bench.main([])
+    assert seen["ms"] is None
+    with pytest.raises(SystemExit) as exc:
+        cupyq.bench.main(["--m", "1,x"])
+    assert exc.value.code == 2 and "positive integers separated by commas" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ compile
 
 

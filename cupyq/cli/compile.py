@@ -1,0 +1,42 @@
+"""``cupyq compile``: compile the CUDA sources with NVRTC for given architectures (no GPU needed)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from cupyq.cli.common import EXIT_FAIL, EXIT_OK
+from cupyq.cli.output import _emit, format_table
+
+
+def cmd_compile(args):
+    from cupyq import runtime
+    from cupyq.sources import list_cuda_sources
+
+    archs = args.arch or ["sm_80", "sm_90"]
+    sources = args.source or None
+    n_jobs = len(archs) * len(sources or list_cuda_sources())
+    start = time.perf_counter()
+    print(f"cupyq compile: {n_jobs} NVRTC compile(s) for {', '.join(archs)} in parallel threads "
+          "(each takes tens of seconds)...", file=sys.stderr)
+
+    def report(r):
+        print(f"  compiled {r.source} for {r.arch} in {r.seconds:.1f} s", file=sys.stderr, flush=True)
+
+    try:
+        reports = runtime.compile_sources(archs, sources=sources, progress=report)
+    except runtime.CompileError as exc:
+        print(f"cupyq compile: kernel compilation failed:\n{exc}", file=sys.stderr)
+        _emit(args, {"ok": False, "error": str(exc), "reports": []}, "compilation failed")
+        return EXIT_FAIL
+    rows = [
+        {"source": r.source, "arch": r.arch, "seconds": r.seconds, "cubin_bytes": r.cubin_bytes, "kernels": len(r.kernels)}
+        for r in reports
+    ]
+    text = format_table(rows, [("source", "source"), ("arch", "arch"), ("seconds", "seconds"),
+                               ("cubin bytes", "cubin_bytes"), ("kernels", "kernels")])
+    text += f"\ncompiled {len(rows)} module(s) in {time.perf_counter() - start:.2f} s (in parallel threads)"
+    payload = {"ok": True, "reports": [dict(r, kernel_names=[k if isinstance(k, str) else k[0] for k in rep.kernels])
+                                       for r, rep in zip(rows, reports)]}
+    _emit(args, payload, text)
+    return EXIT_OK
