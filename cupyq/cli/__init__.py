@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", "--ms", dest="m", type=_row_counts, action="append", metavar="M[,M...]",
                    help="rows of x: a comma-separated list or the option repeated, --m 1,16 or --m 1 --m 16; --ms is "
                         "the same option, as in scripts/bench.py (default: the benchmark's own list)")
-    p.add_argument("--formats", nargs="+", type=_names(("gptq", "gptq_act", "exl2")), metavar="FORMAT",
-                   help="formats to run, of gptq, gptq_act and exl2: separated by commas or spaces, --formats gptq,exl2 "
+    p.add_argument("--formats", nargs="+", type=_names(("gptq", "gptq_act", "exl2", "awq")), metavar="FORMAT",
+                   help="formats to run, of gptq, gptq_act, exl2 and awq: separated by commas or spaces, --formats gptq,exl2 "
                         "or --formats gptq exl2 (default: those in the checkpoint, or all)")
     p.add_argument("--iters", type=_positive_int, default=40, help="calls per timing (default 40)")
     p.add_argument("--repeats", type=_positive_int, default=5,

@@ -79,16 +79,14 @@ def cmd_bench(args):
             raise UsageError(f"{args.path}: no GPTQ or EXL2 layers")
         shapes = sorted({(i.in_features, i.out_features) for i in infos})
         if not formats:
-            # AWQ layers run the kernels of GPTQ without act-order.
-            kinds = {"gptq_act" if (i.format == "gptq" and i.act_order) else "gptq" if i.format == "awq" else i.format
-                     for i in infos}
-            formats = [f for f in ("gptq", "gptq_act", "exl2") if f in kinds]
+            kinds = {"gptq_act" if (i.format == "gptq" and i.act_order) else i.format for i in infos}
+            formats = [f for f in ("gptq", "gptq_act", "exl2", "awq") if f in kinds]
     kwargs = {"shapes": shapes, "ms": ms, "iters": args.iters, "repeats": args.repeats}
     if formats:
         kwargs["formats"] = tuple(formats)
     n_shapes = len(bench.SHAPES if shapes is None else shapes)
     n_ms = len(bench.MS if ms is None else ms)
-    n_impls = len(formats or ("gptq", "gptq_act", "exl2")) + 2
+    n_impls = len(formats or ("gptq", "gptq_act", "exl2")) + 2  # the benchmark's default formats, and baselines
     print(f"benchmarking {n_shapes} shape(s) x {n_ms} m value(s)...", file=sys.stderr)
     with Progress(n_shapes * n_ms * n_impls, "bench", delay=0.0) as bar:
         kwargs["progress"] = lambda row: bar.update(f"{row['impl']} {row['K']}x{row['N']} m={row['m']}")
