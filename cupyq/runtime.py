@@ -479,6 +479,7 @@ def device_summary() -> dict:
 _modules: dict = {}
 _functions: dict = {}
 COMPILE_NOTICE_S = 1.0  # a kernel load that takes longer than this prints one line on stderr
+COLD_LOAD_S = 0.25  # a first load slower than this means a cold kernel cache (warmup then compiles in threads)
 _sm_counts: dict = {}
 
 
@@ -565,9 +566,18 @@ def warmup(qmatrices, *, max_m: int = 64, progress=None, workers=None) -> float:
     start = time.perf_counter()
     qmatrices = list(qmatrices)
     jobs = sorted({(qm.device_id, source, name) for qm in qmatrices for source, name in qm.needed_kernels(max_m=max_m)})
-    if len(jobs) > 1:
-        with ThreadPoolExecutor(max_workers=workers or min(len(jobs), os.cpu_count() or 1)) as pool:
-            list(pool.map(lambda job: get_function(job[1], job[2], job[0]), jobs))
+    if jobs:
+        # The first load tells a cold kernel cache (seconds: compile the rest in threads) from a warm one
+        # (milliseconds: threads only add overhead).
+        t0 = time.perf_counter()
+        get_function(jobs[0][1], jobs[0][2], jobs[0][0])
+        rest = jobs[1:]
+        if rest and time.perf_counter() - t0 > COLD_LOAD_S:
+            with ThreadPoolExecutor(max_workers=workers or min(len(rest), os.cpu_count() or 1)) as pool:
+                list(pool.map(lambda job: get_function(job[1], job[2], job[0]), rest))
+        else:
+            for dev, source, name in rest:
+                get_function(source, name, dev)
     for i, qm in enumerate(qmatrices):
         qm.warmup(max_m=max_m)
         if progress is not None:
