@@ -193,3 +193,16 @@ def test_cupy_matches_numpy():
     assert np.array_equal(words.get(), pack_by_description(q))
     assert np.array_equal(A.unpack_qweight(words).get(), q)
     assert np.array_equal(A.unpack_qzeros(cupy.asarray(pack_by_description(q))).get(), q)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scales_rejected(bad):
+    rng = np.random.default_rng(41)
+    qweight = A.pack_qweight(rng.integers(0, 16, size=(64, 16)))
+    qzeros = A.pack_qzeros(rng.integers(0, 16, size=(2, 16)))
+    scales = rng.uniform(0.5, 1.5, size=(2, 16)).astype(np.float16)
+    scales[1, 3] = bad
+    before = scales.copy()
+    with pytest.raises(ValueError, match=r"scales: expected finite values"):
+        A.check_awq(qweight, qzeros, scales, 32)
+    assert np.array_equal(scales, before, equal_nan=True)

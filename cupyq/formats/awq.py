@@ -20,7 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cupyq.formats.common import require_dtype, require_integer, require_ndim, require_shape, resolve_xp
+from cupyq.formats.common import (
+    require_dtype, require_finite, require_integer, require_ndim, require_shape, resolve_xp,
+)
 
 __all__ = [
     "AWQ_BITS",
@@ -150,7 +152,8 @@ def check_awq(qweight, qzeros, scales, group_size) -> AWQLayout:
 
     qweight: int32 [K, N/8]; qzeros: int32 [K/group_size, N/8]; scales: float16/float32/bfloat16
     [K/group_size, N]; group_size: positive and dividing K, or -1 for one group. Works on NumPy, CuPy
-    and torch arrays. Raises TypeError (dtype) or ValueError (shape, group size) naming the tensor.
+    and torch arrays. Raises TypeError (dtype) or ValueError (shape, group size, NaN/Inf scales) naming the
+    tensor.
     """
     require_dtype("qweight", qweight, "int32")
     require_ndim("qweight", qweight, 2)
@@ -166,6 +169,7 @@ def check_awq(qweight, qzeros, scales, group_size) -> AWQLayout:
     groups = in_features // gs
     require_shape("qzeros", qzeros, (groups, words))
     require_shape("scales", scales, (groups, out_features))
+    require_finite("scales", scales)
     return AWQLayout(in_features, out_features, groups, gs, AWQ_BITS)
 
 
