@@ -106,9 +106,10 @@ def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
 
 
 def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:
-    """The plan of the quantized kernel choose_kernel names for m rows (qmma for batches it would send to the
-    dense path: the caller took the quantized kernel on purpose)."""
-    if m <= 8 or (m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype)):
+    """The plan of the quantized kernel choose_kernel names for m rows (as with force_cuda: a batch reaches the
+    quantized kernel only when the dense path was not taken)."""
+    kernel, _ = choose_kernel(qm, m, ctype, force_cuda=True)
+    if kernel in ("qgemv", "qgemv2"):
         return _qgemv_plan(qm, m, ctype)
     return _qmma_plan(qm, m, ctype, choose_qmma(m, qm.in_features * qm.out_features))
 
@@ -205,8 +206,6 @@ def _qgemv_plan(qm, m: int, ctype: str) -> LaunchPlan:
     splits, per_split, smem = choice
     return _finish_plan(qm, m, ctype, fn, (col_blocks, splits, 1), smem, per_split, splits * mt * 8 * lay.padded_cols,
                         col_blocks)
-
-
 
 
 def _finish_plan(qm, m: int, ctype: str, fn, grid, smem: int, steps_per_split: int, partial_floats: int,
