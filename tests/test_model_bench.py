@@ -1,0 +1,26 @@
+"""scripts/model_bench.py end to end on a tiny Llama on the CPU (--dry-run): the checkpoint of random quantized
+tensors is written, loaded into a meta-device model by patch_model, and both models run every case."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "exl2"])
+def test_model_bench_dry_run(tmp_path, fmt):
+    pytest.importorskip("transformers")
+    out = tmp_path / "model.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "model_bench.py"), "--dry-run", "--format", fmt,
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["format"] == fmt and report["config"]["layers"] == 2
+    cases = [(r["case"], r["batch"], r["tokens"]) for r in report["rows"]]
+    assert cases == [("decode", 1, 1), ("decode", 3, 1), ("prefill", 1, 16)]
+    assert all(0 < r["max_abs_logit"] < 1e3 for r in report["rows"])  # finite, real logits
