@@ -38,7 +38,6 @@ widths work through :meth:`cupyq.QMatrix.from_gptq` and :class:`cupyq.torch_ops.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,6 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cupyq import torch_ops
+from cupyq.scratch import (  # the scratch budget lives next to the dense path's buffer layout
+    MIN_DEQUANT_ROWS, SCRATCH_ALIGN, ScratchNeed, _check_size, _round_up, dequant_scratch_budget, scratch_need,
+)
 
 __all__ = [
     "DEVICE",
@@ -65,8 +67,6 @@ __all__ = [
     "set_device",
 ]
 
-SCRATCH_ALIGN = 128  # bytes; every scratch slice starts and ends on this boundary
-MIN_DEQUANT_ROWS = 256  # dequantised rows per chunk never go below this (small max_total_tokens)
 
 # Placeholder for an absent tensor, as in the original module (which passed it to C++ for "None").
 # Every function here also accepts plain None.
@@ -77,18 +77,6 @@ DEVICE = None  # set by set_device(); informational: scratch goes on each layer'
 FIXED_BYTES = 0  # the largest full fp16 dequantised copy among constructed layers (temp_dq_size), bytes
 LAYERS: list = []  # every constructed QuantLinear, in construction order
 _DEVICE_TENSORS: dict = {}  # torch.device -> ExLlamaV2DeviceTensors made by create_exllama_buffers
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _check_size(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int number of bytes, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name}: expected a non-negative number of bytes, got {value}")
-    return int(value)
 
 
 def _normalise_device(device) -> torch.device:
@@ -217,63 +205,6 @@ class ExLlamaV2DeviceTensors:
             f"ExLlamaV2DeviceTensors(device={self.device}, scratch_bytes={self.scratch_bytes}, "
             f"used_bytes={self.used_bytes}, allocated={self.scratch is not None})"
         )
-
-
-class ScratchNeed(NamedTuple):
-    """What one layer's large-m path needs from the dequantisation scratch (bytes).
-
-    full_bytes: a whole fp16 dequantised copy (+128): with that much, no chunking at all.
-    row_bytes: one dequantised row in the chunked path (padded output width * 2).
-    gather_bytes: per input row of x, the activations gathered into sorted row order first (layers
-        with a row permutation: act-order GPTQ, most EXL2), else 0.
-    """
-
-    full_bytes: int
-    row_bytes: int
-    gather_bytes: int
-
-
-def scratch_need(qm) -> ScratchNeed:
-    """The :class:`ScratchNeed` of a ``cupyq.QMatrix``."""
-    layout = getattr(qm, "layout", None)
-    cols = getattr(layout, "padded_cols", None) or _round_up(qm.out_features, 16)
-    rows = getattr(layout, "padded_rows", None) or _round_up(qm.in_features, 64)
-    gathers = getattr(layout, "row_src", None) is not None if layout is not None else bool(qm.act_order)
-    full = getattr(qm, "dequant_scratch_bytes", None)
-    if full is None:
-        full = qm.in_features * cols * 2 + SCRATCH_ALIGN
-    return ScratchNeed(int(full), cols * 2, rows * 2 if gathers else 0)
-
-
-def dequant_scratch_budget(needs, max_total_tokens=None) -> int:
-    """Bytes of dequantisation scratch for layers that share one region.
-
-    needs: one :class:`ScratchNeed` per layer; max_total_tokens: the most rows of x one forward sees
-    (``None``: no token bound, every layer gets its full copy).
-
-    With a token bound ``T`` a layer gets at most what it needs to dequantise ``R = max(2T,
-    MIN_DEQUANT_ROWS)`` rows (rounded up to 64) per chunk after gathering ``T`` rows of activations:
-    ``min(full_bytes, ceil256(T * gather_bytes) + 256 + R * row_bytes + 128)``. ``R * row_bytes`` is
-    about the ``4 * T * N`` bytes the original module reserved per layer as (unused) forward scratch;
-    a chunk of at least ``2 * m`` rows keeps the dense matmul of ``m`` input rows efficient. The result
-    is the largest per-layer figure rounded up to 128.
-    """
-    needs = [ScratchNeed(*(_check_size("needs", int(v)) for v in need)) for need in needs]
-    if not needs:
-        return 0
-    if max_total_tokens is None:
-        return _round_up(max(n.full_bytes for n in needs), SCRATCH_ALIGN)
-    if isinstance(max_total_tokens, bool) or not isinstance(max_total_tokens, (int, np.integer)):
-        raise TypeError(f"max_total_tokens: expected an int or None, got {type(max_total_tokens).__name__}")
-    if max_total_tokens <= 0:
-        raise ValueError(f"max_total_tokens: expected a positive number of tokens, got {max_total_tokens}")
-    tokens = int(max_total_tokens)
-    rows = _round_up(max(2 * tokens, MIN_DEQUANT_ROWS), 64)
-    per_layer = [
-        min(n.full_bytes, _round_up(tokens * n.gather_bytes, 256) + 256 + rows * n.row_bytes + SCRATCH_ALIGN)
-        for n in needs
-    ]
-    return _round_up(max(per_layer), SCRATCH_ALIGN)
 
 
 # --------------------------------------------------------------------------------------------

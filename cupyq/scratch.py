@@ -16,15 +16,28 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import NamedTuple
+
+import numpy as np
 
 ALIGNMENT = 128
+SCRATCH_ALIGN = ALIGNMENT  # bytes; every scratch slice starts and ends on this boundary
 DEFAULT_SCRATCH_BYTES = int(os.environ.get("CUPYQ_SCRATCH_BYTES", 512 * 1024 * 1024))
+MIN_DEQUANT_ROWS = 256  # dequantised rows per chunk never go below this (small max_total_tokens)
 
 _CAPTURE_HINT = "run the layer once (or QMatrix.warmup) with the largest batch before capturing"
 
 
 def _round_up(n: int, m: int = ALIGNMENT) -> int:
     return -(-int(n) // m) * m
+
+
+def _check_size(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int number of bytes, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: expected a non-negative number of bytes, got {value}")
+    return int(value)
 
 
 def device_index(device) -> int:
@@ -168,3 +181,62 @@ def workspace(device: int, stream_ptr: int = 0, capturing=lambda: False) -> Work
 def default_scratch(device: int, needed_bytes: int, stream_ptr: int = 0, capturing=lambda: False):
     """The dequantisation scratch of the (device, stream) workspace: see :meth:`Workspace.scratch`."""
     return workspace(device, stream_ptr, capturing).scratch(needed_bytes, capturing)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The dense path's buffer (dispatch._dense_buffers): gathered activations rounded to 256 bytes, then dequantised rows
+
+class ScratchNeed(NamedTuple):
+    """What one layer's large-m path needs from the dequantisation scratch (bytes).
+
+    full_bytes: a whole fp16 dequantised copy (+128): with that much, no chunking at all.
+    row_bytes: one dequantised row in the chunked path (padded output width * 2).
+    gather_bytes: per input row of x, the activations gathered into sorted row order first (layers
+        with a row permutation: act-order GPTQ, most EXL2), else 0.
+    """
+
+    full_bytes: int
+    row_bytes: int
+    gather_bytes: int
+
+
+def scratch_need(qm) -> ScratchNeed:
+    """The :class:`ScratchNeed` of a ``cupyq.QMatrix`` (a CPU matrix has no device layout: its figures are
+    those the layout would have)."""
+    layout = getattr(qm, "layout", None)
+    if layout is None:
+        cols, rows, gathers = _round_up(qm.out_features, 16), _round_up(qm.in_features, 64), bool(qm.act_order)
+    else:
+        cols, rows, gathers = layout.padded_cols, layout.padded_rows, layout.row_src is not None
+    return ScratchNeed(int(qm.dequant_scratch_bytes), cols * 2, rows * 2 if gathers else 0)
+
+
+def dequant_scratch_budget(needs, max_total_tokens=None) -> int:
+    """Bytes of dequantisation scratch for layers that share one region.
+
+    needs: one :class:`ScratchNeed` per layer; max_total_tokens: the most rows of x one forward sees
+    (``None``: no token bound, every layer gets its full copy).
+
+    With a token bound ``T`` a layer gets at most what it needs to dequantise ``R = max(2T,
+    MIN_DEQUANT_ROWS)`` rows (rounded up to 64) per chunk after gathering ``T`` rows of activations:
+    ``min(full_bytes, ceil256(T * gather_bytes) + 256 + R * row_bytes + 128)``. ``R * row_bytes`` is
+    about the ``4 * T * N`` bytes the original module reserved per layer as (unused) forward scratch;
+    a chunk of at least ``2 * m`` rows keeps the dense matmul of ``m`` input rows efficient. The result
+    is the largest per-layer figure rounded up to 128.
+    """
+    needs = [ScratchNeed(*(_check_size("needs", int(v)) for v in need)) for need in needs]
+    if not needs:
+        return 0
+    if max_total_tokens is None:
+        return _round_up(max(n.full_bytes for n in needs), SCRATCH_ALIGN)
+    if isinstance(max_total_tokens, bool) or not isinstance(max_total_tokens, (int, np.integer)):
+        raise TypeError(f"max_total_tokens: expected an int or None, got {type(max_total_tokens).__name__}")
+    if max_total_tokens <= 0:
+        raise ValueError(f"max_total_tokens: expected a positive number of tokens, got {max_total_tokens}")
+    tokens = int(max_total_tokens)
+    rows = _round_up(max(2 * tokens, MIN_DEQUANT_ROWS), 64)
+    per_layer = [
+        min(n.full_bytes, _round_up(tokens * n.gather_bytes, 256) + 256 + rows * n.row_bytes + SCRATCH_ALIGN)
+        for n in needs
+    ]
+    return _round_up(max(per_layer), SCRATCH_ALIGN)
