@@ -341,21 +341,19 @@ def _get_device() -> int:
     return cuda_runtime.getDevice()
 
 
-def dequantize_into(qm, buf, ctype: str, stream, *, chunk_begin: int = 0, chunk_end: int | None = None,
-                    scatter: bool = True):
-    """Dequantise sorted chunks [chunk_begin, chunk_end) of ``qm`` into ``buf`` (a CuPy 2-D array of 2-byte
-    elements, row stride buf.shape[1] >= padded columns): with scatter, whole matrix in original row order;
-    otherwise a block of sorted rows starting at row 0 of buf, padding rows zero."""
+def dequantize_into(qm, buf, ctype: str, stream):
+    """Dequantise the whole of ``qm`` into ``buf`` in original row order: a CuPy 2-D array of 2-byte elements,
+    at least in_features rows, row stride buf.shape[1] >= padded columns. (The kernel's other mode, a block of
+    sorted rows, is no longer launched: the dense path uses dequant_t for that.)"""
     lay = qm.layout
     chunks = lay.chunks8 + lay.chunks4
-    chunk_end = chunks if chunk_end is None else chunk_end
     fn = runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
                               qm.device_id)
-    grid = (-(-(lay.padded_cols // 16) // 8), chunk_end - chunk_begin, 1)
+    grid = (-(-(lay.padded_cols // 16) // 8), chunks, 1)
     args = (
         _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(lay.row_src), int(buf.data.ptr),
         np.int32(buf.shape[1]), np.int32(min(buf.shape[1], lay.padded_cols)), np.int32(lay.padded_cols),
-        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(chunk_begin), np.int32(1 if scatter else 0),
+        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(0), np.int32(1),  # chunk_begin, scatter
     )
     fn(grid, (_THREADS, 1, 1), args, stream=stream)
 
