@@ -8,7 +8,7 @@ The model is built by transformers from a LlamaConfig (hidden 4096, intermediate
 ``--layers`` decoder layers, a 32000-token vocabulary so the embeddings stay small) with random fp16 weights.
 Its linear layers are written as a checkpoint of random quantized tensors (GPTQ 4-bit, group 128, act-order; or
 EXL2 at about 4.65 bits per weight: 10 % of the rows at 6 bits, 45 % at 5 and 45 % at 4, groups of 32 rows), and
-``cupyq.patch_model`` loads that checkpoint into a copy of the model built on the meta device. Timed, each under CUDA-graph replay (median of 20 replays, CUDA events):
+``cupyq.patch_model`` loads that checkpoint into a copy of the model built on the meta device. Timed, each under CUDA-graph replay (median of 20 replays, CUDA events, with cupyq.bench's graph timer):
 
 * decode: one forward of ``[B, 1]`` tokens without a KV cache (the layer stack on one token per sequence), for
   every batch size B;
@@ -96,35 +96,12 @@ def write_checkpoint(directory, model, fmt: str, seed: int = 0):
     return save_exl2(directory, layers, extra_tensors=extra, config=config)
 
 
-def _time_graph(torch, fn, repeats=20):
-    """Median ms of one replay of a CUDA graph of ``fn()`` (captured after three warm-up calls)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
-
-
 def run(args) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
     import cupyq
+    from cupyq.bench import _time_graph
 
     tiny = args.dry_run
     device = "cpu" if tiny else "cuda"
@@ -151,7 +128,8 @@ def run(args) -> dict:
                 dense(ids, use_cache=False)
             else:
                 for label, model in (("fp16_ms", dense), ("cupyq_ms", quant)):
-                    row[label] = _time_graph(torch, lambda m=model: m(ids, use_cache=False))
+                    # one step per graph, median of 20 replays (cupyq.bench's graph timer, which returns µs)
+                    row[label] = _time_graph(torch, lambda i, m=model: m(ids, use_cache=False), 1, 20) / 1e3
                 row["cupyq_ms_per_layer"] = row["cupyq_ms"] / args.layers
                 row["fp16_ms_per_layer"] = row["fp16_ms"] / args.layers
                 row["cupyq_tokens_per_s"] = batch * tokens / (row["cupyq_ms"] / 1e3)
