@@ -88,25 +88,32 @@ def test_two_streams_alternating(layer):
     assert _run_many(qm, w, torch.cuda.current_stream(), seed=9, rounds=1) < REL_TOL
 
 
-def test_four_threads_each_on_its_own_stream(layer):
-    import torch
-
-    qm, w = layer
+def _in_threads(job, count=4):
+    """Run ``job(i)`` in ``count`` threads at once; returns {i: result}, failing with every thread's error."""
     results, errors = {}, []
 
     def work(i):
         try:
-            results[i] = _run_many(qm, w, torch.cuda.Stream(), seed=100 + i)
+            results[i] = job(i)
         except Exception as exc:  # reported below, with the thread's index
             errors.append((i, repr(exc)))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
-    assert len(results) == 4 and max(results.values()) < REL_TOL, results
+    assert len(results) == count, results
+    return results
+
+
+def test_four_threads_each_on_its_own_stream(layer):
+    import torch
+
+    qm, w = layer
+    results = _in_threads(lambda i: _run_many(qm, w, torch.cuda.Stream(), seed=100 + i))
+    assert max(results.values()) < REL_TOL, results
     assert _run_many(qm, w, torch.cuda.current_stream(), seed=7, rounds=1) < REL_TOL
 
 
@@ -115,18 +122,5 @@ def test_four_threads_sharing_one_stream(layer):
 
     qm, w = layer
     shared = torch.cuda.Stream()
-    results, errors = {}, []
-
-    def work(i):
-        try:
-            results[i] = _run_many(qm, w, shared, seed=200 + i, rounds=3)
-        except Exception as exc:
-            errors.append((i, repr(exc)))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
-    assert len(results) == 4 and max(results.values()) < REL_TOL, results
+    results = _in_threads(lambda i: _run_many(qm, w, shared, seed=200 + i, rounds=3))
+    assert max(results.values()) < REL_TOL, results
