@@ -5,8 +5,12 @@
 // columns). The weight layout is the fragment order of qdq.cuh: inside a 64-row chunk the lane with lane%4 == t
 // owns rows t*16 .. t*16 + 15, and word j of its uint4 holds rows t*16 + 8*kh + 2*j + {0, 1} of columns
 // n0 + lane/4 and n0 + 8 + lane/4. Mma j of a chunk therefore sums over a permutation of the chunk's rows (its
-// "virtual" k = 2t + {0,1} and 8 + 2t + {0,1} are rows t*16 + 2j + {0,1} and t*16 + 8 + 2j + {0,1}); the A
-// fragment of the same rows is word j of four 16-byte vectors of staged activations, so no shuffle is needed.
+// "virtual" k = 2t + {0,1} and 8 + 2t + {0,1} are rows t*16 + 2j + {0,1} and t*16 + 8 + 2j + {0,1}).
+//
+// The activations reach qmma in the matching A-fragment order, written by frag_x: for every 16 batch rows and
+// 64-row chunk, 4 x 32 uint4, where uint4 (j, lane) is lane's A fragment of mma j. One 16-byte shared load then
+// gives a fragment in the four consecutive registers mma.sync wants (staged in natural order, each fragment
+// took four register moves, as many instructions as its dequantisation).
 //
 // Work: the CTA tile is kMTile batch rows x kNTile columns; its K range is cut into stages of KS chunks. The
 // (m block, column block, stage) iterations are numbered m block-major and split into gridDim.x equal
@@ -129,10 +133,12 @@ struct Shape {
     static constexpr int kNT = WN * NW;                 // 16-column tiles per tile
     static constexpr int kNTile = kNT * 16;
     static constexpr int kChunkVecs = HAS8 ? 64 : 32;   // uint4 per (16-column tile, 64-row chunk), widest storage
-    static constexpr int kXLd = KS * 64 + 8;            // staged activation row, elements (odd multiple of 16 B)
+    static constexpr int kMBlocks = kMTile / 16;        // 16-row blocks of fragment-ordered activations
+    static constexpr int kXVecs = 128;                  // uint4 per (16-row block, chunk): 4 mma x 32 lanes
     static constexpr int kZLd = kNTile + 8;             // scale/zero words per staged row (ZR rows per chunk)
     static constexpr int kWBytes = kNT * KS * kChunkVecs * 16;
-    static constexpr int kXBytes = kMTile * kXLd * 2;
+    static constexpr int kXBytes = kMBlocks * KS * kXVecs * 16;
+    static constexpr int kXUnits = kMBlocks * KS * kXVecs;  // 16-byte copies of activations per stage
     static constexpr int kZBytes = KS * ZR * kZLd * 4;
     static constexpr int kStageBytes = kWBytes + kXBytes + kZBytes;
     static constexpr int kRedBytes = (kWK - 1) * kMTile * kNTile * 4;
@@ -163,8 +169,7 @@ __device__ __forceinline__ long long range_begin(long long c, long long total, l
 }  // namespace cupyq
 
 // Parameters:
-//   x: [M, ldx] activations in the matrix's sorted padded row order (gathered for permuted matrices; ldx = Kp,
-//      a multiple of 256; rows 16-byte aligned).
+//   x: the activations in A-fragment order (frag_x): ceil(M / 16) blocks of (C8 + C4) chunks of 128 uint4.
 //   w8, w4, tile_group, zs: the device layout (qdq.cuh, cupyq/layout.py). bias: [N] or null.
 //   out: [M, N]. ws: fp32, 2 * gridDim.x * kMTile * kNTile. counters: int, one per (m block, column block),
 //   zero before the first launch (the kernel leaves them zero).
@@ -175,8 +180,8 @@ template <typename T, int MW, int NW, int WM, int WN, int KS, int STAGES, int ZR
 __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
     qmma(const T* __restrict__ x, const uint4* __restrict__ w8, const uint4* __restrict__ w4,
          const int* __restrict__ tile_group, const unsigned* __restrict__ zs, const T* __restrict__ bias,
-         T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters, int M, int ldx, int N, int Npad,
-         int C8, int C4) {
+         T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters, int M, int N, int Npad, int C8,
+         int C4) {
     using namespace cupyq;
     using namespace cupyq::qmma_detail;
     using S = Shape<MW, NW, WM, WN, KS, STAGES, ZR, HAS8>;
@@ -230,6 +235,29 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
         }
         if (++g_ks == ksteps) g_ks = 0;
     };
+    // Weights of one stage: the KS chunks of each of the tile's 16-column tiles (kVecs uint4 per tile and chunk).
+    auto copy_weights = [&](unsigned char* st, int nb, int chunk0, auto is8_tag) {
+        constexpr bool IS8 = decltype(is8_tag)::is8;
+        constexpr int kVecs = IS8 ? 64 : 32;
+        constexpr int kUnits = S::kNT * KS * kVecs;
+        const uint4* base = IS8 ? w8 : w4;
+        const int stride = IS8 ? C8 : C4;
+        const int c0 = IS8 ? chunk0 : chunk0 - C8;
+#pragma unroll
+        for (int r = 0; r < (kUnits + kThreads - 1) / kThreads; ++r) {
+            const int u = tid + r * kThreads;
+            if (kUnits % kThreads == 0 || u < kUnits) {
+                const int ct = u / (KS * kVecs);
+                const int gct = nb * S::kNT + ct;
+                const bool ok = gct < T16;
+                const uint4* src = ok ? base + ((size_t)gct * stride + c0) * kVecs + (u - ct * KS * kVecs) : base;
+                cp_async16(st + (size_t)u * 16, src, ok);
+            }
+        }
+    };
+    const uint4* xf = reinterpret_cast<const uint4*>(x);
+    const int xblocks = (M + 15) / 16;
+    const int chunks = C8 + C4;
     auto load_stage = [&](int buf) {
         const int nb = p_nb;
         const int mb = p_mb;
@@ -244,31 +272,23 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
         unsigned char* st = smem + (size_t)buf * S::kStageBytes;
         const bool is8 = HAS8 && (!HAS4 || chunk0 < C8);
         if (HAS8 && is8) {
-            for (int u = tid; u < S::kNT * KS * 64; u += kThreads) {
-                const int ct = u / (KS * 64);
-                const int gct = nb * S::kNT + ct;
-                const bool ok = gct < T16;
-                const uint4* src = ok ? w8 + ((size_t)gct * C8 + chunk0) * 64 + (u - ct * KS * 64) : w8;
-                cp_async16(st + (size_t)u * 16, src, ok);
-            }
+            copy_weights(st, nb, chunk0, StorageTag<HAS8>{});
         } else {
-            for (int u = tid; u < S::kNT * KS * 32; u += kThreads) {
-                const int ct = u / (KS * 32);
-                const int gct = nb * S::kNT + ct;
-                const bool ok = gct < T16;
-                const uint4* src = ok ? w4 + ((size_t)gct * C4 + (chunk0 - C8)) * 32 + (u - ct * KS * 32) : w4;
-                cp_async16(st + (size_t)u * 16, src, ok);
-            }
+            copy_weights(st, nb, chunk0, StorageTag<false>{});
         }
+        // Activations: for each 16-row block of the tile, its KS chunks are one contiguous run.
         unsigned char* xs = st + S::kWBytes;
-        constexpr int kRowVecs = KS * 8;
-        for (int u = tid; u < S::kMTile * kRowVecs; u += kThreads) {
-            const int row = u / kRowVecs;
-            const int v = u - row * kRowVecs;
-            const int m = mb * S::kMTile + row;
-            const bool ok = m < M;
-            const T* src = ok ? x + (size_t)m * ldx + chunk0 * 64 + v * 8 : x;
-            cp_async16(xs + ((size_t)row * S::kXLd + v * 8) * 2, src, ok);
+#pragma unroll
+        for (int r = 0; r < (S::kXUnits + kThreads - 1) / kThreads; ++r) {
+            const int u = tid + r * kThreads;
+            if (S::kXUnits % kThreads == 0 || u < S::kXUnits) {
+                const int rb = u / (KS * S::kXVecs);
+                const int blk = mb * S::kMBlocks + rb;
+                const bool ok = blk < xblocks;
+                const uint4* src = ok ? xf + ((size_t)blk * chunks + chunk0) * S::kXVecs + (u - rb * KS * S::kXVecs)
+                                      : xf;
+                cp_async16(xs + (size_t)u * 16, src, ok);
+            }
         }
         unsigned char* zsm = xs + S::kXBytes;
 #pragma unroll
@@ -298,48 +318,43 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
 
     auto compute_chunk = [&](const unsigned char* st, int cc, auto is8_tag) {
         constexpr bool IS8 = decltype(is8_tag)::is8;
+        constexpr int kVecs = IS8 ? 2 : 1;  // uint4 of a lane per (16-column tile, chunk)
         using D = Dequant<T>;
         const uint4* wsm = reinterpret_cast<const uint4*>(st);
-        const T* xsm = reinterpret_cast<const T*>(st + S::kWBytes);
+        const uint4* xsm = reinterpret_cast<const uint4*>(st + S::kWBytes);
         const unsigned* zsm = reinterpret_cast<const unsigned*>(st + S::kWBytes + S::kXBytes);
-        unsigned b[NW][4][4];
+        typename D::Consts c[NW];
+        uint4 v[NW][kVecs];
 #pragma unroll
         for (int i = 0; i < NW; ++i) {
             const int ct = wn * NW + i;
             const unsigned* zrow = zsm + (ZR == 4 ? cc * 4 + t : cc) * S::kZLd + ct * 16 + g;
-            const typename D::Consts c = D::template consts<IS8>(zrow[0], zrow[8]);
-            if constexpr (IS8) {
-                const uint4 v0 = wsm[((size_t)ct * KS + cc) * 64 + lane];
-                const uint4 v1 = wsm[((size_t)ct * KS + cc) * 64 + 32 + lane];
-                D::word8(v0.x, v0.y, c, b[i][0]);
-                D::word8(v0.z, v0.w, c, b[i][1]);
-                D::word8(v1.x, v1.y, c, b[i][2]);
-                D::word8(v1.z, v1.w, c, b[i][3]);
-            } else {
-                const uint4 v = wsm[((size_t)ct * KS + cc) * 32 + lane];
-                D::word4(v.x, c, b[i][0]);
-                D::word4(v.y, c, b[i][1]);
-                D::word4(v.z, c, b[i][2]);
-                D::word4(v.w, c, b[i][3]);
-            }
+            c[i] = D::template consts<IS8>(zrow[0], zrow[8]);
+#pragma unroll
+            for (int h = 0; h < kVecs; ++h) v[i][h] = wsm[((size_t)ct * KS + cc) * 32 * kVecs + 32 * h + lane];
         }
+        // Mma j: dequantise word j of every column tile, then multiply it with each batch tile's fragment j.
 #pragma unroll
-        for (int mt = 0; mt < MW; ++mt) {
-            const T* r0 = xsm + (size_t)((wm * MW + mt) * 16 + g) * S::kXLd + cc * 64 + t * 16;
-            const T* r1 = r0 + 8 * S::kXLd;
-            uint4 xv[4];
-            xv[0] = *reinterpret_cast<const uint4*>(r0);      // row g, rows t*16 + 0..7 of the chunk
-            xv[1] = *reinterpret_cast<const uint4*>(r1);      // row g + 8
-            xv[2] = *reinterpret_cast<const uint4*>(r0 + 8);  // row g, rows t*16 + 8..15
-            xv[3] = *reinterpret_cast<const uint4*>(r1 + 8);  // row g + 8
-            const unsigned* xw = reinterpret_cast<const unsigned*>(xv);
+        for (int j = 0; j < 4; ++j) {
+            unsigned b[NW][4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const unsigned a[4] = {xw[j], xw[4 + j], xw[8 + j], xw[12 + j]};
+            for (int i = 0; i < NW; ++i) {
+                if constexpr (IS8) {
+                    const uint4& w = v[i][j / 2];
+                    D::word8(j % 2 ? w.z : w.x, j % 2 ? w.w : w.y, c[i], b[i]);
+                } else {
+                    const uint4& w = v[i][0];
+                    D::word4(j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w, c[i], b[i]);
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < MW; ++mt) {
+                const uint4 av = xsm[((size_t)(wm * MW + mt) * KS + cc) * S::kXVecs + j * 32 + lane];
+                const unsigned a[4] = {av.x, av.y, av.z, av.w};
 #pragma unroll
                 for (int i = 0; i < NW; ++i) {
-                    Mma<T>::run(acc[mt][i][0], a, b[i][j][0], b[i][j][2]);
-                    Mma<T>::run(acc[mt][i][1], a, b[i][j][1], b[i][j][3]);
+                    Mma<T>::run(acc[mt][i][0], a, b[i][0], b[i][2]);
+                    Mma<T>::run(acc[mt][i][1], a, b[i][1], b[i][3]);
                 }
             }
         }
@@ -588,4 +603,60 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
         *reinterpret_cast<uint4*>(hi) = make_uint4(b[0][1], b[1][1], b[2][1], b[3][1]);
         *reinterpret_cast<uint4*>(hi + 8) = make_uint4(b[0][3], b[1][3], b[2][3], b[3][3]);
     }
+}
+
+// The activations of qmma in A-fragment order: xf[(b * chunks + c) * 128 + j * 32 + lane] is lane's A fragment
+// of mma j (see the header) for batch rows b*16 .. b*16 + 15 and chunk c of the sorted padded rows:
+//   {x[r][k], x[r][k+1]}, {x[r+8][k], x[r+8][k+1]}, {x[r][k+8], x[r][k+9]}, {x[r+8][k+8], x[r+8][k+9]}
+// with r = b*16 + lane/4 and sorted row k = c*64 + (lane%4)*16 + 2j. Sorted row k holds x[.., row_src[k]]
+// (x[.., k] when row_src is null); rows past M and sorted rows without a source (padding, or past K) are zero.
+// x: [M, K], row stride K. vec: 1 when row_src is null, K % 8 == 0 and x is 16-byte aligned (16-byte loads).
+// Grid: one thread per (16-row block, chunk, lane), ceil(M / 16) * chunks * 32 threads.
+template <typename T>
+__global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
+    frag_x(const T* __restrict__ x, const int* __restrict__ row_src, uint4* __restrict__ xf, int M, int K,
+           int chunks, int vec) {
+    using namespace cupyq;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int lane = (int)(idx & 31);
+    const long long bc = idx >> 5;  // block * chunks + chunk
+    if (bc >= (long long)((M + 15) / 16) * chunks) return;
+    const int blk = (int)(bc / chunks);
+    const int c = (int)(bc - (long long)blk * chunks);
+    const int k0 = c * 64 + (lane & 3) * 16;
+    // rows[h]: the 16 sorted rows k0 .. k0 + 15 of batch row blk*16 + lane/4 + 8h, as 8 words (pairs).
+    unsigned rows[2][8];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = blk * 16 + (lane >> 2) + 8 * h;
+        if (vec) {
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int k = k0 + 8 * q;
+                uint4 u = make_uint4(0u, 0u, 0u, 0u);
+                if (m < M && k < K) u = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k));
+                rows[h][4 * q] = u.x;
+                rows[h][4 * q + 1] = u.y;
+                rows[h][4 * q + 2] = u.z;
+                rows[h][4 * q + 3] = u.w;
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                unsigned short pair[2];
+#pragma unroll
+                for (int o = 0; o < 2; ++o) {
+                    const int k = k0 + 2 * e + o;
+                    const int src = row_src ? __ldg(row_src + k) : (k < K ? k : -1);
+                    T val = from_float<T>(0.0f);
+                    if (m < M && src >= 0 && src < K) val = x[(size_t)m * K + src];
+                    pair[o] = *reinterpret_cast<const unsigned short*>(&val);
+                }
+                rows[h][e] = pair[0] | ((unsigned)pair[1] << 16);
+            }
+        }
+    }
+    uint4* dst = xf + (size_t)bc * 128 + lane;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dst[j * 32] = make_uint4(rows[0][j], rows[1][j], rows[0][4 + j], rows[1][4 + j]);
 }

@@ -21,9 +21,14 @@ QGEMV_PARAMS = ("x", "row_src", "w8", "w4", "tile_group", "zs", "bias", "out", "
 QGEMV_INT_PARAMS = frozenset(("M", "K", "N", "Npad", "C8", "C4", "chunks_per_split", "x_vec"))
 
 # qmma's parameters, in the order of its __global__ signature (cuda_src/qmma.cu).
-QMMA_PARAMS = ("x", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters",
-               "M", "ldx", "N", "Npad", "C8", "C4")
-QMMA_INT_PARAMS = frozenset(("M", "ldx", "N", "Npad", "C8", "C4"))
+QMMA_PARAMS = ("x", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "N", "Npad", "C8", "C4")
+QMMA_INT_PARAMS = frozenset(("M", "N", "Npad", "C8", "C4"))
+
+# frag_x writes qmma's activations in A-fragment order (cuda_src/qmma.cu): per 16 batch rows and 64-row chunk,
+# FRAG_X_BLOCK_BYTES bytes; one thread per (16-row block, chunk, lane).
+FRAG_X_PARAMS = ("x", "row_src", "xf", "M", "K", "chunks", "vec")
+FRAG_X_INT_PARAMS = frozenset(("M", "K", "chunks", "vec"))
+FRAG_X_BLOCK_BYTES = 16 * CHUNK_ROWS * 2
 
 DEQUANT_T_PARAMS = ("w8", "w4", "tile_group", "zs", "outT", "ld_out", "Npad", "C8", "C4", "chunk_begin",
                     "chunk_end")
@@ -68,7 +73,7 @@ class QmmaConfig:
         scale/zero rows per chunk, 1 or 4)."""
         nt = self.wn * self.nw
         w = nt * self.ks * (64 if has8 else 32) * 16
-        x = self.m_tile * (self.ks * CHUNK_ROWS + 8) * 2
+        x = self.m_tile * self.ks * CHUNK_ROWS * 2
         z = self.ks * zr * (self.n_tile + 8) * 4
         red = (self.wk - 1) * self.m_tile * self.n_tile * 4
         return self.stages * (w + x + z) + red
@@ -96,6 +101,11 @@ def dequant_t_name(ctype: str, has8: bool, has4: bool) -> str:
     return f"dequant_t<{ctype}, {_b(has8)}, {_b(has4)}>"
 
 
+def frag_x_name(ctype: str) -> str:
+    """Template instantiation name of the kernel that writes qmma's activations in fragment order."""
+    return f"frag_x<{ctype}>"
+
+
 def qmma_kernel_names(configs=None) -> list[str]:
     """Every instantiation of cuda_src/qmma.cu that dispatch can launch."""
     configs = list(QMMA_CONFIGS.values()) if configs is None else list(configs)
@@ -103,4 +113,5 @@ def qmma_kernel_names(configs=None) -> list[str]:
     for cfg in dict.fromkeys(configs):
         names += [cfg.name(t, zr, h8, h4) for t in DTYPES for zr in (1, 4) for h8, h4 in STORAGES]
     names += [dequant_t_name(t, h8, h4) for t in DTYPES for h8, h4 in STORAGES]
+    names += [frag_x_name(t) for t in DTYPES]
     return names

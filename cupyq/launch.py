@@ -83,11 +83,13 @@ class LaunchPlan:
     x, out, ws, counters, x_vec: the ctypes slots of those parameters (x_vec: None for kernels that need
     16-byte aligned activations, which are gathered into a copy when misaligned). partial_floats, counters_n:
     workspace sizes (0: the launch needs no workspace). gather: activations must be gathered into sorted
-    padded order first. x_vec_default: the x_vec value for aligned activations.
+    padded order first. x_vec_default: the x_vec value for aligned activations. frag: None, or the launcher of
+    frag_x, which writes the activations in qmma's fragment order into frag_halves elements of the workspace
+    (gather is then False: frag_x reads through the row permutation itself).
     """
 
     __slots__ = ("kernel", "partial_floats", "counters_n", "gather", "x_vec_default", "launcher", "x", "out", "ws",
-                 "counters", "x_vec")
+                 "counters", "x_vec", "frag", "frag_halves", "frag_vec_ok")
 
 
 def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
@@ -157,8 +159,7 @@ def _qmma_plan(qm, m: int, ctype: str, cfg: kernels.QmmaConfig) -> LaunchPlan:
     bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
     values = dict(
         x=0, w8=_ptr(lay.w8), w4=_ptr(lay.w4), tile_group=_ptr(lay.tile_group), zs=_ptr(lay.zs), bias=_ptr(bias),
-        out=0, ws=0, counters=0, M=m, ldx=lay.padded_rows, N=qm.out_features, Npad=lay.padded_cols,
-        C8=lay.chunks8, C4=lay.chunks4,
+        out=0, ws=0, counters=0, M=m, N=qm.out_features, Npad=lay.padded_cols, C8=lay.chunks8, C4=lay.chunks4,
     )
     launcher = _Launcher(fn, (ctas, 1, 1), (kernels.QMMA_THREADS, 1, 1), smem, kernels.QMMA_PARAMS, values,
                          kernels.QMMA_INT_PARAMS)
@@ -167,10 +168,18 @@ def _qmma_plan(qm, m: int, ctype: str, cfg: kernels.QmmaConfig) -> LaunchPlan:
     p.launcher = launcher
     p.partial_floats = cfg.workspace_floats(ctas)
     p.counters_n = mblocks * nblocks
-    p.gather = lay.row_src is not None
+    p.gather = False
     p.x_vec_default = None
     p.x, p.out, p.ws, p.counters = (launcher.slot(k) for k in ("x", "out", "ws", "counters"))
     p.x_vec = None
+    blocks16 = -(-m // 16)
+    ffn = runtime.get_function("qmma.cu", kernels.frag_x_name(ctype), qm.device_id)
+    threads = blocks16 * chunks * 32
+    p.frag = _Launcher(ffn, (-(-threads // kernels.QMMA_THREADS), 1, 1), (kernels.QMMA_THREADS, 1, 1), 0,
+                       kernels.FRAG_X_PARAMS, dict(x=0, row_src=_ptr(lay.row_src), xf=0, M=m, K=qm.in_features,
+                                                   chunks=chunks, vec=0), kernels.FRAG_X_INT_PARAMS)
+    p.frag_halves = blocks16 * chunks * kernels.FRAG_X_BLOCK_BYTES // 2
+    p.frag_vec_ok = lay.row_src is None and qm.in_features % 8 == 0
     return p
 
 
@@ -233,6 +242,7 @@ def _finish_plan(qm, m: int, ctype: str, fn, grid, smem: int, steps_per_split: i
     )
     p.launcher = _Launcher(fn, grid, (_THREADS, 1, 1), smem, kernels.QGEMV_PARAMS, values, kernels.QGEMV_INT_PARAMS)
     p.x, p.out, p.ws, p.counters, p.x_vec = (p.launcher.slot(k) for k in ("x", "out", "ws", "counters", "x_vec"))
+    p.frag = None
     return p
 
 
@@ -318,7 +328,16 @@ def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: 
             partials, counters = ws.ensure(plan.partial_floats, plan.counters_n, capturing)
             plan.ws.value = partials.data.ptr
             plan.counters.value = counters.data.ptr
-        if plan.gather or (plan.x_vec is None and x_ptr & 15):
+        # Activations: qmma's in fragment order; the streaming kernel's in sorted order when permuted, padded or
+        # misaligned.
+        frag = plan.frag
+        if frag is not None:
+            buf = ws.gather_buffer(plan.frag_halves, capturing).data.ptr
+            frag.slot("x").value = x_ptr
+            frag.slot("xf").value = buf
+            frag.slot("vec").value = 1 if plan.frag_vec_ok and not x_ptr & 15 else 0
+            x_ptr = buf
+        elif plan.gather or (plan.x_vec is None and x_ptr & 15):
             gathered = ws.gather_buffer(m * qm.layout.padded_rows, capturing)
             _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
             x_ptr = gathered.data.ptr
@@ -330,8 +349,12 @@ def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: 
             import cupy
 
             with cupy.cuda.Device(qm.device_id):
+                if frag is not None:
+                    frag.launch(stream.ptr)
                 plan.launcher.launch(stream.ptr)
             return
+        if frag is not None:
+            frag.launch(stream.ptr)
         plan.launcher.launch(stream.ptr)
 
 
@@ -405,6 +428,7 @@ def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:
             else:
                 zr = 1 if _chunk_uniform_groups(qm) else 4
                 names.add(("qmma.cu", choose_qmma(m, qm.in_features * qm.out_features).name(ctype, zr, has8, has4)))
+                names.add(("qmma.cu", kernels.frag_x_name(ctype)))
         names.add(("qgemm.cu", runtime.dequant_name(ctype, has8, has4)))
         names.add(("qgemm.cu", runtime.gather_name(ctype)))
     return names
@@ -427,7 +451,7 @@ def warmup_matrix(qm, *, max_m: int = 64, dtypes=("float16",)):
                 plan = _plan_for(qm, m, ctype)
                 if plan.partial_floats:
                     ws.ensure(plan.partial_floats, plan.counters_n, lambda: False)
-                ws.gather_buffer(m * qm.layout.padded_rows, lambda: False)
+                ws.gather_buffer(max(m * qm.layout.padded_rows, plan.frag_halves if plan.frag else 0), lambda: False)
             runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, qm.layout.chunks8 > 0,
                                                                   qm.layout.chunks4 > 0), qm.device_id)
             runtime.get_function("qgemm.cu", runtime.gather_name(ctype), qm.device_id)

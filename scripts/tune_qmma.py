@@ -25,7 +25,6 @@ from cupyq.quantize import quantize_exl2, quantize_gptq
 
 K = kernels.QmmaConfig
 CANDIDATES = {
-    "m16a": K(1, 2, 1, 4, 2, 4, 2),
     "s16": K(1, 1, 1, 8, 4, 4, 2),
     "s16b": K(1, 2, 1, 4, 4, 4, 2),
     "s16c": K(1, 1, 1, 8, 8, 3, 1),
@@ -35,6 +34,7 @@ CANDIDATES = {
     "s64w": K(4, 2, 1, 8, 2, 3, 1),
     "m64a": K(2, 2, 2, 4, 2, 3, 2),
     "m128a": K(4, 2, 2, 4, 2, 4, 1),
+    "m128c": K(4, 2, 2, 4, 2, 3, 1),
 }
 CT = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
