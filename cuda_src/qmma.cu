@@ -44,6 +44,44 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Copies of one stage's kRuns runs of kRunVecs contiguous uint4 (run i at src + i * run_stride) to consecutive
+// shared memory. The CTA's threads take consecutive uint4; each thread's byte offsets from `src` do not change
+// from stage to stage, so they are computed once and a copy costs a 64-bit add and a compare.
+template <int kRuns, int kRunVecs>
+struct RunCopy {
+    static_assert(kRunVecs % kThreads == 0 || kThreads % kRunVecs == 0, "runs tile the thread block evenly");
+    static constexpr int kUnits = kRuns * kRunVecs;
+    static constexpr int kPerThread = (kUnits + kThreads - 1) / kThreads;
+    static constexpr int kRunsPerPass = kRunVecs >= kThreads ? 0 : kThreads / kRunVecs;
+    // Run of unit tid + r * kThreads, relative to run0.
+    static __device__ __forceinline__ constexpr int run_step(int r) {
+        return kRunsPerPass ? r * kRunsPerPass : (r * kThreads) / kRunVecs;
+    }
+    unsigned off[kPerThread];
+    int run0;
+
+    __device__ __forceinline__ void init(int run_stride, int tid) {
+        run0 = kRunsPerPass ? tid / kRunVecs : 0;
+        const int pos0 = kRunsPerPass ? tid % kRunVecs : tid;
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) {
+            const int dp = kRunsPerPass ? 0 : (r * kThreads) % kRunVecs;
+            off[r] = ((unsigned)(run0 + run_step(r)) * (unsigned)run_stride + (unsigned)(pos0 + dp)) * 16u;
+        }
+    }
+    // dst: shared-space address of the stage's first uint4; runs from runs_valid on are not copied.
+    __device__ __forceinline__ void copy(unsigned dst, const uint4* src, int runs_valid, int tid) const {
+        const char* base = reinterpret_cast<const char*>(src);
+        const unsigned d = dst + (unsigned)tid * 16u;
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) {
+            if ((kUnits % kThreads == 0 || tid + r * kThreads < kUnits) && run0 + run_step(r) < runs_valid)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d + r * kThreads * 16),
+                             "l"(base + off[r]));
+        }
+    }
+};
+
 // B fragments of one chunk word: b[0], b[2] are the fragment of columns n0 .. n0 + 7, b[1], b[3] that of
 // columns n0 + 8 .. n0 + 15 (rows as in the header). Scale and zero of the lane's two columns come from the
 // (scale, zc) words of qdq.cuh.
@@ -138,7 +176,6 @@ struct Shape {
     static constexpr int kZLd = kNTile + 8;             // scale/zero words per staged row (ZR rows per chunk)
     static constexpr int kWBytes = kNT * KS * kChunkVecs * 16;
     static constexpr int kXBytes = kMBlocks * KS * kXVecs * 16;
-    static constexpr int kXUnits = kMBlocks * KS * kXVecs;  // 16-byte copies of activations per stage
     static constexpr int kZBytes = KS * ZR * kZLd * 4;
     static constexpr int kStageBytes = kWBytes + kXBytes + kZBytes;
     static constexpr int kRedBytes = (kWK - 1) * kMTile * kNTile * 4;
@@ -235,29 +272,18 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
         }
         if (++g_ks == ksteps) g_ks = 0;
     };
-    // Weights of one stage: the KS chunks of each of the tile's 16-column tiles (kVecs uint4 per tile and chunk).
-    auto copy_weights = [&](unsigned char* st, int nb, int chunk0, auto is8_tag) {
-        constexpr bool IS8 = decltype(is8_tag)::is8;
-        constexpr int kVecs = IS8 ? 64 : 32;
-        constexpr int kUnits = S::kNT * KS * kVecs;
-        const uint4* base = IS8 ? w8 : w4;
-        const int stride = IS8 ? C8 : C4;
-        const int c0 = IS8 ? chunk0 : chunk0 - C8;
-#pragma unroll
-        for (int r = 0; r < (kUnits + kThreads - 1) / kThreads; ++r) {
-            const int u = tid + r * kThreads;
-            if (kUnits % kThreads == 0 || u < kUnits) {
-                const int ct = u / (KS * kVecs);
-                const int gct = nb * S::kNT + ct;
-                const bool ok = gct < T16;
-                const uint4* src = ok ? base + ((size_t)gct * stride + c0) * kVecs + (u - ct * KS * kVecs) : base;
-                cp_async16(st + (size_t)u * 16, src, ok);
-            }
-        }
-    };
     const uint4* xf = reinterpret_cast<const uint4*>(x);
     const int xblocks = (M + 15) / 16;
     const int chunks = C8 + C4;
+    // One stage: for each of the tile's 16-column tiles its KS chunks of weights (one contiguous run), for each of
+    // its 16-row blocks its KS chunks of activations (one run), and the chunks' scale/zero rows. Runs past the
+    // matrix (last column block, last m block) are not copied: their columns and rows are never written.
+    RunCopy<S::kNT, KS * 64> copy_w8;
+    RunCopy<S::kNT, KS * 32> copy_w4;
+    RunCopy<S::kMBlocks, KS * S::kXVecs> copy_x;
+    if (HAS8) copy_w8.init(C8 * 64, tid);
+    if (HAS4) copy_w4.init(C4 * 32, tid);
+    copy_x.init(chunks * S::kXVecs, tid);
     auto load_stage = [&](int buf) {
         const int nb = p_nb;
         const int mb = p_mb;
@@ -270,26 +296,16 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
             }
         }
         unsigned char* st = smem + (size_t)buf * S::kStageBytes;
+        const unsigned st_u32 = smem_u32(st);
         const bool is8 = HAS8 && (!HAS4 || chunk0 < C8);
         if (HAS8 && is8) {
-            copy_weights(st, nb, chunk0, StorageTag<HAS8>{});
+            copy_w8.copy(st_u32, w8 + ((size_t)nb * S::kNT * C8 + chunk0) * 64, T16 - nb * S::kNT, tid);
         } else {
-            copy_weights(st, nb, chunk0, StorageTag<false>{});
+            copy_w4.copy(st_u32, w4 + ((size_t)nb * S::kNT * C4 + (chunk0 - C8)) * 32, T16 - nb * S::kNT, tid);
         }
-        // Activations: for each 16-row block of the tile, its KS chunks are one contiguous run.
         unsigned char* xs = st + S::kWBytes;
-#pragma unroll
-        for (int r = 0; r < (S::kXUnits + kThreads - 1) / kThreads; ++r) {
-            const int u = tid + r * kThreads;
-            if (S::kXUnits % kThreads == 0 || u < S::kXUnits) {
-                const int rb = u / (KS * S::kXVecs);
-                const int blk = mb * S::kMBlocks + rb;
-                const bool ok = blk < xblocks;
-                const uint4* src = ok ? xf + ((size_t)blk * chunks + chunk0) * S::kXVecs + (u - rb * KS * S::kXVecs)
-                                      : xf;
-                cp_async16(xs + (size_t)u * 16, src, ok);
-            }
-        }
+        copy_x.copy(st_u32 + S::kWBytes, xf + ((size_t)mb * S::kMBlocks * chunks + chunk0) * S::kXVecs,
+                    xblocks - mb * S::kMBlocks, tid);
         unsigned char* zsm = xs + S::kXBytes;
 #pragma unroll
         for (int r = 0; r < S::kZPerThread; ++r) {
