@@ -92,7 +92,7 @@ class QmmaConfig:
 QMMA_CONFIGS = {
     16: QmmaConfig(mw=1, nw=1, wm=1, wn=8, ks=4, stages=4, minb=2),
     32: QmmaConfig(mw=2, nw=1, wm=1, wn=8, ks=4, stages=3, minb=2),
-    128: QmmaConfig(mw=4, nw=2, wm=1, wn=8, ks=2, stages=3, minb=1),
+    128: QmmaConfig(mw=4, nw=1, wm=1, wn=8, ks=2, stages=4, minb=2),
 }
 
 

@@ -119,7 +119,7 @@ def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:
 QMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may take on sm_80 and sm_90
 
 
-# Layers of at least this many weights take the 64 x 256 qmma tile from m = 33 on: enough tiles to fill the GPU.
+# Layers of at least this many weights take the 64-row qmma tile from m = 33 on: enough tiles to fill the GPU.
 WIDE_TILE_WEIGHTS = 1 << 27
 
 

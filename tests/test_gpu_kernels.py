@@ -356,3 +356,34 @@ def _golden(fmt, case):
         ours = rel_err(y, y_ref)
         upstream = rel_err(t[f"c_m{m}"].astype(np.float32), y_ref)
         assert ours <= max(upstream * 1.5, 1.5e-3), (m, ours, upstream)
+
+
+@pytest.mark.parametrize("fmt,act_order", [("gptq", False), ("gptq", True), ("exl2", True)])
+@pytest.mark.parametrize("m", [9, 17, 33, 100, 200])
+def test_qmma_activation_staging(fmt, act_order, m):
+    """qmma reads its activations through frag_x: 16-byte loads for aligned rows of non-permuted matrices,
+    element loads through the row permutation otherwise. Rows that are not 16-byte aligned (a view one element
+    into its storage), a K that is not a multiple of the 64-row chunk (padding rows), batches that are not a
+    multiple of 16 and batches of several m blocks all go through it."""
+    import cupyq
+    import torch
+
+    rng = np.random.default_rng(m * 7 + act_order)
+    k, n = 1000, 200
+    if fmt == "gptq":
+        t = random_gptq(rng, k, n, group_size=40, act_order=act_order)
+    else:
+        t = random_exl2(rng, 1024, n, EXL2_MIXES["all"])
+        k = 1024
+    qm = build(fmt, t)
+    w = ref_weight(fmt, t).astype(np.float64)
+    for offset in (0, 1):
+        store = torch.from_numpy(rng.standard_normal(m * k + offset).astype(np.float32)).cuda().half()
+        x = store[offset:].view(m, k)
+        assert (x.data_ptr() % 16 != 0) == (offset == 1)
+        x_before = x.clone()
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        cupyq.gemm(x, qm, out=out, force_cuda=True)
+        assert torch.equal(x, x_before)
+        y_ref = x.float().cpu().numpy().astype(np.float64) @ w
+        assert rel_err(out.float().cpu().numpy(), y_ref) < REL_TOL
