@@ -30,6 +30,13 @@ FRAG_X_PARAMS = ("x", "row_src", "xf", "M", "K", "chunks", "vec")
 FRAG_X_INT_PARAMS = frozenset(("M", "K", "chunks", "vec"))
 FRAG_X_BLOCK_BYTES = 16 * CHUNK_ROWS * 2
 
+# qwgmma (cuda_src/qwgmma.cu, sm_90a) takes qmma's parameters; frag_xw writes its activations: per 8 batch rows
+# and 64-row chunk WGMMA_X_GROUP_BYTES bytes of core matrices; one thread per 16 bytes.
+FRAG_XW_PARAMS = ("x", "row_src", "xf", "M", "K", "chunks")
+FRAG_XW_INT_PARAMS = frozenset(("M", "K", "chunks"))
+WGMMA_X_GROUP_BYTES = 8 * CHUNK_ROWS * 2
+WGMMA_N_TILE = 128  # output columns of a qwgmma CTA: two warpgroups of 64
+
 DEQUANT_T_PARAMS = ("w8", "w4", "tile_group", "zs", "outT", "ld_out", "Npad", "C8", "C4", "chunk_begin",
                     "chunk_end")
 DEQUANT_T_INT_PARAMS = frozenset(("ld_out", "Npad", "C8", "C4", "chunk_begin", "chunk_end"))
@@ -94,6 +101,53 @@ QMMA_CONFIGS = {
     32: QmmaConfig(mw=2, nw=1, wm=1, wn=8, ks=4, stages=3, minb=2),
     128: QmmaConfig(mw=4, nw=1, wm=1, wn=8, ks=2, stages=4, minb=2),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class WgmmaConfig:
+    """One tiling of the sm_90a kernel qwgmma (cuda_src/qwgmma.cu, template parameters NB, KS, STAGES): tiles of
+    ``nb`` batch rows x 128 columns, stages of ``ks`` 64-row chunks, ``stages`` of them in flight."""
+
+    nb: int
+    ks: int
+    stages: int
+
+    m_tile = property(lambda self: self.nb)
+    n_tile = WGMMA_N_TILE
+
+    def smem_bytes(self, has8: bool, zr: int) -> int:
+        """Dynamic shared memory of one CTA: ``WShape<...>::kSmemBytes`` in cuda_src/qwgmma.cu."""
+        w = (WGMMA_N_TILE // 16) * self.ks * (64 if has8 else 32) * 16
+        x = (self.nb // 8) * self.ks * WGMMA_X_GROUP_BYTES
+        z = self.ks * zr * (WGMMA_N_TILE + 8) * 4
+        return self.stages * (-(-(w + x + z) // 128) * 128)
+
+    def name(self, ctype: str, zr: int, has8: bool, has4: bool) -> str:
+        return f"qwgmma<{ctype}, {self.nb}, {self.ks}, {self.stages}, {zr}, {_b(has8)}, {_b(has4)}>"
+
+    def workspace_floats(self, ctas: int) -> int:
+        """fp32 partial sums the kernel may write: two tiles per CTA."""
+        return 2 * ctas * self.nb * WGMMA_N_TILE
+
+
+# Tilings of qwgmma by the largest batch they serve; larger batches run several m blocks.
+WGMMA_CONFIGS = {
+    64: WgmmaConfig(nb=64, ks=2, stages=4),
+    128: WgmmaConfig(nb=128, ks=2, stages=4),
+}
+
+
+def frag_xw_name(ctype: str) -> str:
+    """Template instantiation name of the kernel that writes qwgmma's activations (core-matrix order)."""
+    return f"frag_xw<{ctype}>"
+
+
+def qwgmma_kernel_names(configs=None) -> list[str]:
+    """Every instantiation of cuda_src/qwgmma.cu that dispatch can launch (on sm_90 devices only)."""
+    configs = list(WGMMA_CONFIGS.values()) if configs is None else list(configs)
+    names = [cfg.name(t, zr, h8, h4) for cfg in dict.fromkeys(configs) for t in DTYPES for zr in (1, 4)
+             for h8, h4 in STORAGES]
+    return names + [frag_xw_name(t) for t in DTYPES]
 
 
 def dequant_t_name(ctype: str, has8: bool, has4: bool) -> str:

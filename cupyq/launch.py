@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from cupyq import kernels, runtime
+from cupyq import cubin, kernels, runtime
 from cupyq.scratch import workspace
 
 # Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given. Measured on an
@@ -84,12 +84,13 @@ class LaunchPlan:
     16-byte aligned activations, which are gathered into a copy when misaligned). partial_floats, counters_n:
     workspace sizes (0: the launch needs no workspace). gather: activations must be gathered into sorted
     padded order first. x_vec_default: the x_vec value for aligned activations. frag: None, or the launcher of
-    frag_x, which writes the activations in qmma's fragment order into frag_halves elements of the workspace
-    (gather is then False: frag_x reads through the row permutation itself).
+    frag_x / frag_xw, which writes the activations in the tensor-core kernel's order into frag_halves elements of
+    the workspace (gather is then False: it reads through the row permutation itself); frag_x, frag_xf: its
+    input and output slots; frag_vec: its 16-byte-load flag slot, None where it never applies.
     """
 
     __slots__ = ("kernel", "partial_floats", "counters_n", "gather", "x_vec_default", "launcher", "x", "out", "ws",
-                 "counters", "x_vec", "frag", "frag_halves", "frag_vec_ok")
+                 "counters", "x_vec", "frag", "frag_halves", "frag_x", "frag_xf", "frag_vec")
 
 
 def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
@@ -136,20 +137,28 @@ def choose_qmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.QmmaConfig:
     return kernels.QMMA_CONFIGS[limits[-1]]
 
 
-def _qmma_plan(qm, m: int, ctype: str, cfg: kernels.QmmaConfig) -> LaunchPlan:
-    """Launch plan of qmma: one CTA per resident slot (stream-K over the tile iterations)."""
+def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
+    """Launch plan of qmma (cfg: a kernels.QmmaConfig) or of qwgmma on sm_90 (cfg: a kernels.WgmmaConfig): one CTA
+    per resident slot (stream-K over the tile iterations), after frag_x / frag_xw has written the activations in
+    the kernel's order."""
     lay = qm.layout
     has8, has4 = lay.chunks8 > 0, lay.chunks4 > 0
     zr = 1 if _chunk_uniform_groups(qm) else 4
     name = cfg.name(ctype, zr, has8, has4)
-    fn = runtime.get_function("qmma.cu", name, qm.device_id)
+    wgmma = isinstance(cfg, kernels.WgmmaConfig)
+    if wgmma:
+        fn = cubin.get_function("qwgmma.cu", name, qm.device_id)
+        ffn = cubin.get_function("qwgmma.cu", kernels.frag_xw_name(ctype), qm.device_id)
+    else:
+        fn = runtime.get_function("qmma.cu", name, qm.device_id)
+        ffn = runtime.get_function("qmma.cu", kernels.frag_x_name(ctype), qm.device_id)
     smem = cfg.smem_bytes(has8, zr)
     if smem > QMMA_SMEM_LIMIT:
         raise ValueError(f"qm: {name} needs {smem} bytes of shared memory, more than {QMMA_SMEM_LIMIT}")
     _allow_smem(fn, smem)
     chunks = lay.chunks8 + lay.chunks4
     ksteps = chunks // cfg.ks
-    nblocks = -(-(lay.padded_cols // 16) // (cfg.wn * cfg.nw))
+    nblocks = -(-(lay.padded_cols // 16) // (cfg.n_tile // 16))
     mblocks = -(-m // cfg.m_tile)
     total = mblocks * nblocks * ksteps
     resident = _ctas_per_sm(fn, qm.device_id, smem) * runtime.sm_count(qm.device_id)
@@ -172,14 +181,22 @@ def _qmma_plan(qm, m: int, ctype: str, cfg: kernels.QmmaConfig) -> LaunchPlan:
     p.x_vec_default = None
     p.x, p.out, p.ws, p.counters = (launcher.slot(k) for k in ("x", "out", "ws", "counters"))
     p.x_vec = None
-    blocks16 = -(-m // 16)
-    ffn = runtime.get_function("qmma.cu", kernels.frag_x_name(ctype), qm.device_id)
-    threads = blocks16 * chunks * 32
-    p.frag = _Launcher(ffn, (-(-threads // kernels.QMMA_THREADS), 1, 1), (kernels.QMMA_THREADS, 1, 1), 0,
-                       kernels.FRAG_X_PARAMS, dict(x=0, row_src=_ptr(lay.row_src), xf=0, M=m, K=qm.in_features,
-                                                   chunks=chunks, vec=0), kernels.FRAG_X_INT_PARAMS)
-    p.frag_halves = blocks16 * chunks * kernels.FRAG_X_BLOCK_BYTES // 2
-    p.frag_vec_ok = lay.row_src is None and qm.in_features % 8 == 0
+    frag_values = dict(x=0, row_src=_ptr(lay.row_src), xf=0, M=m, K=qm.in_features, chunks=chunks)
+    if wgmma:
+        rows = -(-m // 8)
+        threads = rows * chunks * kernels.WGMMA_X_GROUP_BYTES // 16
+        p.frag = _Launcher(ffn, (-(-threads // kernels.QMMA_THREADS), 1, 1), (kernels.QMMA_THREADS, 1, 1), 0,
+                           kernels.FRAG_XW_PARAMS, frag_values, kernels.FRAG_XW_INT_PARAMS)
+        p.frag_halves = rows * chunks * kernels.WGMMA_X_GROUP_BYTES // 2
+        p.frag_vec = None
+    else:
+        blocks16 = -(-m // 16)
+        threads = blocks16 * chunks * 32
+        p.frag = _Launcher(ffn, (-(-threads // kernels.QMMA_THREADS), 1, 1), (kernels.QMMA_THREADS, 1, 1), 0,
+                           kernels.FRAG_X_PARAMS, dict(frag_values, vec=0), kernels.FRAG_X_INT_PARAMS)
+        p.frag_halves = blocks16 * chunks * kernels.FRAG_X_BLOCK_BYTES // 2
+        p.frag_vec = p.frag.slot("vec") if lay.row_src is None and qm.in_features % 8 == 0 else None
+    p.frag_x, p.frag_xf = p.frag.slot("x"), p.frag.slot("xf")
     return p
 
 
@@ -333,9 +350,10 @@ def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: 
         frag = plan.frag
         if frag is not None:
             buf = ws.gather_buffer(plan.frag_halves, capturing).data.ptr
-            frag.slot("x").value = x_ptr
-            frag.slot("xf").value = buf
-            frag.slot("vec").value = 1 if plan.frag_vec_ok and not x_ptr & 15 else 0
+            plan.frag_x.value = x_ptr
+            plan.frag_xf.value = buf
+            if plan.frag_vec is not None:
+                plan.frag_vec.value = 0 if x_ptr & 15 else 1
             x_ptr = buf
         elif plan.gather or (plan.x_vec is None and x_ptr & 15):
             gathered = ws.gather_buffer(m * qm.layout.padded_rows, capturing)
