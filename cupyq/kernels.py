@@ -104,3 +104,31 @@ def qmma_kernel_names(configs=None) -> list[str]:
         names += [cfg.name(t, zr, h8, h4) for t in DTYPES for zr in (1, 4) for h8, h4 in STORAGES]
     names += [dequant_t_name(t, h8, h4) for t in DTYPES for h8, h4 in STORAGES]
     return names
+
+
+def qgemv_name(ctype: str, mt: int, has8: bool, has4: bool) -> str:
+    """Template instantiation name of the small-batch GEMM kernel (``mt`` m8 tiles of batch rows)."""
+    return f"qgemv<{ctype}, {mt}, {_b(has8)}, {_b(has4)}>"
+
+
+def dequant_name(ctype: str, has8: bool, has4: bool) -> str:
+    """Template instantiation name of the dequantise kernel."""
+    return f"dequant<{ctype}, {_b(has8)}, {_b(has4)}>"
+
+
+def gather_name(ctype: str) -> str:
+    """Template instantiation name of the activation gather kernel."""
+    return f"gather_columns<{ctype}>"
+
+
+def kernel_names(source: str) -> list[str]:
+    """Every kernel instantiation a source file provides (what the compile check builds)."""
+    if source == "qgemm.cu":
+        names = [qgemv_name(t, 1, h8, h4) for t in DTYPES for h8, h4 in STORAGES]
+        names.append(qgemv_name("__half", 2, False, True))  # two m8 tiles: fp16, 4-bit storage (launch.py)
+        names += [dequant_name(t, h8, h4) for t in DTYPES for h8, h4 in STORAGES]
+        names += [gather_name(t) for t in DTYPES]
+        return names
+    if source == "qmma.cu":
+        return qmma_kernel_names()
+    return []

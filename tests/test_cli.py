@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cupyq import cli, runtime
+from cupyq import cli, device, nvrtc, runtime
 from cupyq.checkpoint import save_gptq
 from cupyq.quantize import quantize_exl2, quantize_gptq
 
-HAS_GPU = runtime.gpu_available()
+HAS_GPU = device.gpu_available()
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -234,7 +234,7 @@ def test_bench_takes_comma_lists_and_the_flags_of_the_script(monkeypatch, capsys
         seen.update(kwargs)
         return [{"K": 64, "N": 32, "m": 1, "impl": "gptq", "us": 5.0}, {"K": 64, "N": 32, "m": 1, "impl": "fp16", "us": 10.0}]
 
-    monkeypatch.setattr(runtime, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: None)
     monkeypatch.setattr(cupyq.bench, "run_benchmark", fake_run)
     code, out, err = run(["bench", "--ms", "1,16", "--m", "4", "--m", "16", "--formats", "gptq,exl2", "gptq_act",
                           "--json"], capsys)
@@ -277,9 +277,9 @@ def test_compile_table_and_json(monkeypatch, capsys):
 
     def fake(archs, *, sources=None, progress=None):
         calls.append((list(archs), sources))
-        return [runtime.CompileReport("qgemm.cu", "sm_80", 1.5, 123456, [("k1", "_Z2k1"), ("k2", "_Z2k2")])]
+        return [nvrtc.CompileReport("qgemm.cu", "sm_80", 1.5, 123456, [("k1", "_Z2k1"), ("k2", "_Z2k2")])]
 
-    monkeypatch.setattr(runtime, "compile_sources", fake)
+    monkeypatch.setattr(nvrtc, "compile_sources", fake)
     code, out, _ = run(["compile", "--arch", "sm_80", "--arch", "90", "--source", "qgemm.cu"], capsys)
     assert code == 0 and calls == [(["sm_80", "90"], ["qgemm.cu"])]
     assert "qgemm.cu" in out and "123456" in out and "compiled 1 module(s)" in out
@@ -297,20 +297,20 @@ def test_compile_sources_in_parallel_threads_keeps_order(monkeypatch):
     def fake(arch, name):
         threads.add(threading.get_ident())
         time.sleep(0.3)
-        return runtime.CompileReport(name, arch, 0.3, 1, [])
+        return nvrtc.CompileReport(name, arch, 0.3, 1, [])
 
-    monkeypatch.setattr(runtime, "_compile_source", fake)
+    monkeypatch.setattr(nvrtc, "_compile_source", fake)
     start = time.perf_counter()
-    reports = runtime.compile_sources(["80", "sm_86", "sm_89", "90"], sources=["qgemm.cu"], workers=4)
+    reports = nvrtc.compile_sources(["80", "sm_86", "sm_89", "90"], sources=["qgemm.cu"], workers=4)
     assert [r.arch for r in reports] == ["sm_80", "sm_86", "sm_89", "sm_90"]
     assert len(threads) > 1 and time.perf_counter() - start < 0.9  # four 0.3 s jobs, not one after another
 
 
 def test_compile_error_exit_1_with_log(monkeypatch, capsys):
     def fake(archs, *, sources=None, progress=None):
-        raise runtime.CompileError('qgemm.cu for sm_80 failed:\nqgemm.cu(12): error: identifier "x" is undefined')
+        raise nvrtc.CompileError('qgemm.cu for sm_80 failed:\nqgemm.cu(12): error: identifier "x" is undefined')
 
-    monkeypatch.setattr(runtime, "compile_sources", fake)
+    monkeypatch.setattr(nvrtc, "compile_sources", fake)
     code, _, err = run(["compile", "--arch", "sm_80"], capsys)
     assert code == 1 and 'identifier "x" is undefined' in err
 

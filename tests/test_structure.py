@@ -105,7 +105,7 @@ def test_slow_kernel_compile_says_so(monkeypatch, capsys):
     import time
     import types
 
-    from cupyq import runtime
+    from cupyq import nvrtc, runtime
 
     class RawModule:
         def __init__(self, code, options, name_expressions):
@@ -117,7 +117,7 @@ def test_slow_kernel_compile_says_so(monkeypatch, capsys):
     fake = types.SimpleNamespace(RawModule=RawModule,
                                  cuda=types.SimpleNamespace(Device=lambda i: contextlib.nullcontext()))
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(runtime, "kernel_options", lambda: ())
+    monkeypatch.setattr(nvrtc, "kernel_options", lambda: ())
     monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 0.05)
     assert runtime.get_function("qmma.cu", "qmma<test-only>", 7) == ("fn", "qmma<test-only>")
     assert "compiling qmma<test-only> with NVRTC" in capsys.readouterr().err

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     from cupyq.checkpoint import CheckpointError
-    from cupyq.runtime import SetupError
+    from cupyq.device import SetupError
 
     try:
         if getattr(args, "json_out", None):
@@ -169,9 +169,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"cupyq {args.command}: interrupted", file=sys.stderr)
-        from cupyq import runtime
+        from cupyq import nvrtc
 
-        if argv is None and runtime.compile_threads_running():
+        if argv is None and nvrtc.compile_threads_running():
             # Run as the program (argv from sys.argv) while NVRTC is still compiling in daemon threads: a normal
             # interpreter exit would unload the library under them and crash, so leave at once (nothing is
             # left to save). Called from Python with an argv, return as usual.
