@@ -269,6 +269,72 @@ def test_bench_script_takes_the_row_counts_of_cupyq_bench(monkeypatch, capsys):
     assert exc.value.code == 2 and "positive integers separated by commas" in capsys.readouterr().err
 
 
+def test_bench_model_dry_run(capsys, tmp_path):
+    """`cupyq bench --model --dry-run`: the tiny model on the CPU through the whole flow, a JSON report."""
+    pytest.importorskip("transformers")
+    target = tmp_path / "model.json"
+    code, out, err = run(["bench", "--model", "--dry-run", "--format", "exl2", "--json", "-o", str(target)], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report == json.loads(target.read_text())
+    assert report["cupyq_report"]["command"] == "bench"
+    assert report["format"] == "exl2" and report["config"]["layers"] == 2 and report["config"]["hidden"] == 128
+    cases = [(r["case"], r["batch"], r["tokens"]) for r in report["rows"]]
+    assert cases == [("decode", 1, 1), ("decode", 3, 1), ("prefill", 1, 16)]
+    assert all(0 < r["max_abs_logit"] < 1e3 for r in report["rows"])  # finite, real logits
+    code, out, err = run(["bench", "--model", "--dry-run"], capsys)
+    assert code == 0, err
+    assert out.startswith("gptq model: 2 decoder layer(s)") and "nothing was timed" in out
+
+
+def test_bench_model_passes_its_options(monkeypatch, capsys):
+    """--layers, --format, --batches and --prefill reach run_model_benchmark; the table shows the timed rows."""
+    pytest.importorskip("transformers")
+    from cupyq import model_bench
+
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        row = {"case": "decode", "batch": 4, "tokens": 1, "fp16_ms": 2.0, "cupyq_ms": 1.0, "cupyq_ms_per_layer": 1 / 3,
+               "fp16_ms_per_layer": 2 / 3, "cupyq_tokens_per_s": 4000.0, "speedup_over_fp16": 2.0}
+        kwargs["progress"](row)
+        return {"config": {"layers": 3, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8},
+                "format": kwargs["fmt"], "rows": [row]}
+
+    monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(model_bench, "run_model_benchmark", fake)
+    code, out, err = run(["bench", "--model", "--layers", "3", "--format", "exl2", "--batches", "1,4", "--batches", "8",
+                          "--prefill", "128"], capsys)
+    assert code == 0, err
+    assert seen["layers"] == 3 and seen["fmt"] == "exl2" and seen["dry_run"] is False
+    assert seen["batches"] == [1, 4, 8] and seen["prefill"] == [128]
+    assert "exl2 model: 3 decoder layer(s)" in out and "speed-up" in out
+    run(["bench", "--model"], capsys)
+    assert seen["layers"] == model_bench.DEFAULT_LAYERS and seen["fmt"] == "gptq"
+    assert seen["batches"] == list(model_bench.DEFAULT_BATCHES) and seen["prefill"] == list(model_bench.DEFAULT_PREFILL)
+
+
+def test_bench_model_options_exit_2(capsys, tmp_path):
+    code, _, err = run(["bench", "--layers", "2"], capsys)
+    assert code == 2 and "--layers: option(s) of the model benchmark; add --model" in err
+    code, _, err = run(["bench", "--dry-run", "--batches", "1"], capsys)
+    assert code == 2 and "--batches, --dry-run" in err
+    code, _, err = run(["bench", "--model", "--dry-run", "--m", "1", str(tmp_path)], capsys)
+    assert code == 2 and "--model builds its own model: a checkpoint path, --m (options" in err
+    code, _, err = run(["bench", "--model", "--format", "awq"], capsys)
+    assert code == 2 and "invalid choice: 'awq'" in err
+    code, _, err = run(["bench", "--model", "--layers", "0"], capsys)
+    assert code == 2 and "positive integer" in err
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU message")
+def test_bench_model_without_gpu_exit_2(capsys):
+    pytest.importorskip("transformers")
+    code, _, err = run(["bench", "--model"], capsys)
+    assert code == 2 and "bench --model needs an NVIDIA GPU" in err
+
+
 # ------------------------------------------------------------------------------------------------ compile
 
 
