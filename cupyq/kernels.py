@@ -14,6 +14,16 @@ QMMA_THREADS = 256
 QMMA_WARPS = QMMA_THREADS // 32
 DTYPES = ("__half", "__nv_bfloat16")
 STORAGES = ((False, True), (True, False), (True, True))  # (has 8-bit storage, has 4-bit storage)
+GEMV_THREADS = 256  # threads of a qgemv or dequant CTA: 8 warps of 16 output columns (cuda_src/qgemm.cu)
+STEP_CHUNKS = 4  # chunks qgemv streams per step; storage segments are whole steps (cupyq/layout.py)
+
+# The constants the CUDA sources share with Python, handed to NVRTC as -DNAME=value options (cupyq.nvrtc's option
+# set, which also keys CuPy's kernel cache); cuda_src/qgemm.cu and qdq.cuh do not compile without them.
+NVRTC_DEFINES = {
+    "CUPYQ_CHUNK_ROWS": CHUNK_ROWS,
+    "CUPYQ_GEMV_THREADS": GEMV_THREADS,
+    "CUPYQ_STEP_CHUNKS": STEP_CHUNKS,
+}
 
 # qgemv's parameters, in the order of its __global__ signature (cuda_src/qgemm.cu).
 QGEMV_PARAMS = ("x", "row_src", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "K", "N",

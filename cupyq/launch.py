@@ -38,8 +38,8 @@ def dense_threshold(qm) -> int:
 GEMV_MAX_M = 16
 _GEMV_SMEM_LIMIT = 112 * 1024  # per CTA, so that two fit in a multiprocessor's 228 KB
 
-_THREADS = 256
-_STEP_CHUNKS = 4
+_THREADS = kernels.GEMV_THREADS
+_STEP_CHUNKS = kernels.STEP_CHUNKS
 _STATIC_SMEM_LIMIT = 48 * 1024
 
 _CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}

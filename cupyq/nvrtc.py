@@ -51,8 +51,11 @@ def _normalise_arch(arch) -> str:
 
 def kernel_options() -> tuple:
     """The NVRTC options cupyq chooses for its kernels (CuPy's ``RawModule`` adds its own, see
-    :func:`nvrtc_options`): ``NVRTC_OPTIONS`` and the include path of ``cuda_src``."""
-    return NVRTC_OPTIONS + (f"-I{cuda_source_dir()}",)
+    :func:`nvrtc_options`): ``NVRTC_OPTIONS``, the shared constants of ``kernels.NVRTC_DEFINES`` as
+    ``-DNAME=value`` and the include path of ``cuda_src``. CuPy keys its kernel cache with these options, so a
+    changed constant compiles afresh."""
+    defines = tuple(f"-D{name}={value}" for name, value in sorted(kernels.NVRTC_DEFINES.items()))
+    return NVRTC_OPTIONS + defines + (f"-I{cuda_source_dir()}",)
 
 
 def nvrtc_options(arch) -> list:

@@ -367,6 +367,45 @@ def test_nvrtc_options_are_what_cupy_compiles(monkeypatch):
                                 name_expressions=[name])
     assert captured == [nvrtc.nvrtc_options("sm_90")]
     assert "-ftz=true" in captured[0] and "--std=c++17" in captured[0]
+    assert all(f"-D{k}={v}" in captured[0] for k, v in kernels.NVRTC_DEFINES.items())
+
+
+def test_a_changed_shared_constant_changes_the_kernel_cache_key(monkeypatch):
+    """CuPy names its cached module after a hash of the options RawModule gets: kernels.NVRTC_DEFINES is in it."""
+    pytest.importorskip("cupy")
+    import cupy.cuda.compiler as compiler
+    from cupy._core import core
+
+    from cupyq.sources import read_cuda_source
+
+    class Stop(Exception):
+        pass
+
+    class EmptyProgram:  # CuPy preprocesses an empty file for its cache key; nothing else is compiled here
+        def __init__(self, src, *args, **kwargs):
+            assert not src
+
+        def compile(self, options=(), log_stream=None):
+            return b"", {}
+
+    keys = []
+
+    def record(key_src):
+        keys.append(key_src)
+        raise Stop
+
+    monkeypatch.setattr(compiler, "_NVRTCProgram", EmptyProgram)
+    monkeypatch.setattr(compiler, "_get_arch", lambda: "90")
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=sm_{arch}", "cubin"))
+    monkeypatch.setattr(compiler, "_hash_hexdigest", record)
+    monkeypatch.setattr(compiler, "_empty_file_preprocess_cache", {})  # keep the fake preprocess out of CuPy's
+    code, name = read_cuda_source("qgemm.cu"), kernels.kernel_names("qgemm.cu")[0]
+    for step_chunks in (kernels.STEP_CHUNKS, kernels.STEP_CHUNKS * 2, kernels.STEP_CHUNKS):
+        monkeypatch.setitem(kernels.NVRTC_DEFINES, "CUPYQ_STEP_CHUNKS", step_chunks)
+        with pytest.raises(Stop):
+            core.compile_with_cache(code, nvrtc.kernel_options(), prepend_cupy_headers=False, name_expressions=[name])
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    assert f"-DCUPYQ_STEP_CHUNKS={kernels.STEP_CHUNKS * 2}".encode() in keys[1]
 
 
 # ------------------------------------------------------------------------------------------------ architectures
