@@ -451,3 +451,20 @@ def test_bench_gpu_small(small_ckpt, capsys, tmp_path):
     impls = {r["impl"] for r in payload["rows"]}
     assert {"fp16", "exl2", "gptq_act"} <= impls
     assert "speed-up" in out
+
+
+@pytest.mark.gpu
+def test_bench_model_gpu_small(capsys):
+    """`cupyq bench --model` with one Llama-3-8B-shaped layer: timed rows whose derived figures agree."""
+    pytest.importorskip("transformers")
+    code, out, err = run(["bench", "--model", "--layers", "1", "--format", "gptq", "--batches", "1,8", "--prefill", "64",
+                          "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["config"] == {"layers": 1, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8}
+    assert [(r["case"], r["batch"], r["tokens"]) for r in report["rows"]] == [("decode", 1, 1), ("decode", 8, 1),
+                                                                              ("prefill", 1, 64)]
+    for r in report["rows"]:
+        assert r["fp16_ms"] > 0 and r["cupyq_ms"] > 0
+        assert r["speedup_over_fp16"] == pytest.approx(r["fp16_ms"] / r["cupyq_ms"])
+        assert r["cupyq_tokens_per_s"] == pytest.approx(r["batch"] * r["tokens"] * 1e3 / r["cupyq_ms"])
