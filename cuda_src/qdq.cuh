@@ -19,7 +19,15 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// Constants shared with Python come from cupyq/kernels.py (NVRTC_DEFINES) as -D options.
+#ifndef CUPYQ_CHUNK_ROWS
+#error "CUPYQ_CHUNK_ROWS is not defined: compile with cupyq.nvrtc.kernel_options()"
+#endif
+
 namespace cupyq {
+
+constexpr int kChunkRows = CUPYQ_CHUNK_ROWS;  // rows of one chunk: four 16-row tiles
+static_assert(kChunkRows == 64, "the fragment layout above has 64-row chunks of four 16-row tiles");
 
 __device__ __forceinline__ unsigned lop3_and_or(unsigned a, unsigned mask, unsigned magic) {
     unsigned r;

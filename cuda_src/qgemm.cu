@@ -11,12 +11,19 @@
 // reset by that CTA, so the kernel can be replayed in a CUDA graph.
 #include "qdq.cuh"
 
+// Constants shared with Python come from cupyq/kernels.py (NVRTC_DEFINES) as -D options.
+#if !defined(CUPYQ_GEMV_THREADS) || !defined(CUPYQ_STEP_CHUNKS)
+#error "CUPYQ_GEMV_THREADS or CUPYQ_STEP_CHUNKS is not defined: compile with cupyq.nvrtc.kernel_options()"
+#endif
+
 namespace cupyq {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
+constexpr int kThreads = CUPYQ_GEMV_THREADS;
+constexpr int kWarps = kThreads / 32;
 constexpr int kCtaCols = kWarps * 16;
-constexpr int kStepChunks = 4;                      // 64-row chunks per step (one step of weights in flight)
+constexpr int kStepChunks = CUPYQ_STEP_CHUNKS;      // 64-row chunks per step (one step of weights in flight)
+static_assert(kThreads % 32 == 0, "whole warps");
+static_assert(kStepChunks == 4, "a step reads the groups of its chunks as one int4");
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     // Weights are read once: keep them out of L1 so the small tables stay there.
@@ -379,7 +386,7 @@ __global__ void __launch_bounds__(cupyq::kThreads)
             int N, int Npad, int C8, int C4, int chunk_begin, int scatter) {
     using namespace cupyq;
     constexpr int kLd = 16 + 8;
-    __shared__ __align__(16) T tiles[kWarps][64][kLd];
+    __shared__ __align__(16) T tiles[kWarps][kChunkRows][kLd];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int tile = blockIdx.x * kWarps + warp;
@@ -432,14 +439,14 @@ __global__ void __launch_bounds__(cupyq::kThreads)
     for (int p = 0; p < 4; ++p) {
         const int rr = p * 16 + (lane >> 1);
         const int half_idx = lane & 1;
-        const int j = chunk * 64 + rr;
+        const int j = chunk * kChunkRows + rr;
         int dst;
         bool zero = false;
         if (scatter) {
             dst = row_src ? __ldg(row_src + j) : j;
             if (dst < 0) continue;
         } else {
-            dst = j - chunk_begin * 64;
+            dst = j - chunk_begin * kChunkRows;
             zero = row_src ? __ldg(row_src + j) < 0 : false;
         }
         const int n = tile * 16 + half_idx * 8;

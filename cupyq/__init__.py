@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 __all__ = ["QMatrix", "gemm", "patch_model", "__version__"]
 
-_SUBMODULES = ("awq", "bench", "checkpoint", "distributed", "exllamav2", "formats", "kernels", "layout", "model",
-               "quantize", "reference", "runtime", "sample", "scratch", "torch_ops")
+_SUBMODULES = ("awq", "bench", "checkpoint", "device", "distributed", "exllamav2", "formats", "kernels", "layout",
+               "model", "model_bench", "nvrtc", "quantize", "reference", "runtime", "sample", "scratch", "torch_ops")
 
 
 def __getattr__(name):

@@ -1,7 +1,7 @@
 """Kernels built for an architecture-specific target (``sm_90a``: the ``wgmma`` instructions of qwgmma.cu).
 
 CuPy's ``RawModule`` compiles for the device's plain architecture only, so these are compiled here with NVRTC
-(the same options as every other kernel, :func:`cupyq.runtime.nvrtc_options`, with the target changed),
+(the same options as every other kernel, :func:`cupyq.nvrtc.nvrtc_options`, with the target changed),
 cached on disk beside CuPy's kernel cache, keyed by the source text, options, name and NVRTC version, and
 loaded as a module. :func:`get_function` returns an object that the launch code uses like a CuPy kernel.
 """
@@ -14,7 +14,7 @@ import json
 import os
 import threading
 
-from cupyq import runtime
+from cupyq import kernels, nvrtc as cupyq_nvrtc, runtime
 from cupyq.sources import read_cuda_source
 
 _lock = threading.Lock()
@@ -71,7 +71,7 @@ def _compile(source: str, name: str, arch: str) -> tuple:
     from cupy_backends.cuda.libs import nvrtc
 
     code = read_cuda_source(source)
-    options = runtime.nvrtc_options(arch)
+    options = cupyq_nvrtc.nvrtc_options(arch)
     key = hashlib.sha256(json.dumps([code, options, name, nvrtc.getVersion()]).encode()).hexdigest()
     cache = runtime.kernel_cache_dir() / f"cupyq_{arch}_{key}.cubin"
     meta = cache.with_suffix(".json")
@@ -83,7 +83,7 @@ def _compile(source: str, name: str, arch: str) -> tuple:
         try:
             nvrtc.compileProgram(prog, options)
         except Exception as exc:  # NVRTCError carries no log; fetch it
-            raise runtime.CompileError(f"{name} for {arch} failed:\n{nvrtc.getProgramLog(prog) or exc}") from None
+            raise cupyq_nvrtc.CompileError(f"{name} for {arch} failed:\n{nvrtc.getProgramLog(prog) or exc}") from None
         cubin = _cubin_bytes(prog)
         lowered = nvrtc.getLoweredName(prog, name)
     finally:
@@ -96,8 +96,10 @@ def _compile(source: str, name: str, arch: str) -> tuple:
     return cubin, lowered
 
 
-def get_function(source: str, name: str, device_id: int, arch: str = "sm_90a") -> CubinKernel:
-    """Kernel ``name`` of ``cuda_src/source`` compiled for ``arch`` and loaded on ``device_id`` (cached)."""
+def get_function(source: str, name: str, device_id: int, arch: str = "sm_90") -> CubinKernel:
+    """Kernel ``name`` of ``cuda_src/source`` compiled for the target ``source`` needs on ``arch`` devices
+    (:func:`cupyq.kernels.target_arch`) and loaded on ``device_id`` (cached)."""
+    arch = kernels.target_arch(source, arch)
     key = (source, name, device_id, arch)
     fn = _functions.get(key)
     if fn is not None:

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 
-from cupyq import runtime
+from cupyq.device import torch_stream
 from cupyq.launch import (
     _CTYPES, _gather_columns, _launch_lock, _launch_qgemm, dense_threshold, dequantize_into, dequantize_t_into,
 )
@@ -130,7 +130,7 @@ def _gemm_torch(x, qm: QMatrix, out, force_cuda):
             raise ValueError(f"out: expected a tensor on {x.device}, got {out.device}")
     if m == 0:
         return out
-    stream = runtime.torch_stream(dev)
+    stream = torch_stream(dev)
     dense = m > dense_threshold(qm) and not force_cuda
     capturing = torch.cuda.is_current_stream_capturing
     if not (dense and _dense(x.view(m, qm.in_features), out.view(m, n), qm, ctype, stream,

@@ -14,6 +14,16 @@ QMMA_THREADS = 256
 QMMA_WARPS = QMMA_THREADS // 32
 DTYPES = ("__half", "__nv_bfloat16")
 STORAGES = ((False, True), (True, False), (True, True))  # (has 8-bit storage, has 4-bit storage)
+GEMV_THREADS = 256  # threads of a qgemv or dequant CTA: 8 warps of 16 output columns (cuda_src/qgemm.cu)
+STEP_CHUNKS = 4  # chunks qgemv streams per step; storage segments are whole steps (cupyq/layout.py)
+
+# The constants the CUDA sources share with Python, handed to NVRTC as -DNAME=value options (cupyq.nvrtc's option
+# set, which also keys CuPy's kernel cache); cuda_src/qgemm.cu and qdq.cuh do not compile without them.
+NVRTC_DEFINES = {
+    "CUPYQ_CHUNK_ROWS": CHUNK_ROWS,
+    "CUPYQ_GEMV_THREADS": GEMV_THREADS,
+    "CUPYQ_STEP_CHUNKS": STEP_CHUNKS,
+}
 
 # qgemv's parameters, in the order of its __global__ signature (cuda_src/qgemm.cu).
 QGEMV_PARAMS = ("x", "row_src", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "K", "N",
@@ -169,3 +179,43 @@ def qmma_kernel_names(configs=None) -> list[str]:
     names += [dequant_t_name(t, h8, h4) for t in DTYPES for h8, h4 in STORAGES]
     names += [frag_x_name(t) for t in DTYPES]
     return names
+
+
+def qgemv_name(ctype: str, mt: int, has8: bool, has4: bool) -> str:
+    """Template instantiation name of the small-batch GEMM kernel (``mt`` m8 tiles of batch rows)."""
+    return f"qgemv<{ctype}, {mt}, {_b(has8)}, {_b(has4)}>"
+
+
+def dequant_name(ctype: str, has8: bool, has4: bool) -> str:
+    """Template instantiation name of the dequantise kernel."""
+    return f"dequant<{ctype}, {_b(has8)}, {_b(has4)}>"
+
+
+def gather_name(ctype: str) -> str:
+    """Template instantiation name of the activation gather kernel."""
+    return f"gather_columns<{ctype}>"
+
+
+def kernel_names(source: str) -> list[str]:
+    """Every kernel instantiation a source file provides (what the compile check builds)."""
+    if source == "qgemm.cu":
+        names = [qgemv_name(t, 1, h8, h4) for t in DTYPES for h8, h4 in STORAGES]
+        names.append(qgemv_name("__half", 2, False, True))  # two m8 tiles: fp16, 4-bit storage (launch.py)
+        names += [dequant_name(t, h8, h4) for t in DTYPES for h8, h4 in STORAGES]
+        names += [gather_name(t) for t in DTYPES]
+        return names
+    if source == "qmma.cu":
+        return qmma_kernel_names()
+    if source == "qwgmma.cu":
+        return qwgmma_kernel_names()
+    return []
+
+
+# Sources whose kernels need an architecture-specific target: on an sm_90 device qwgmma.cu is built for sm_90a
+# (wgmma); for other targets it compiles to kernels that trap, which dispatch never launches.
+_SOURCE_TARGETS = {"qwgmma.cu": {"sm_90": "sm_90a"}}
+
+
+def target_arch(source: str, arch: str) -> str:
+    """The NVRTC target that ``source`` is built for when kernels are compiled for ``arch`` ("sm_NN")."""
+    return _SOURCE_TARGETS.get(source, {}).get(arch, arch)

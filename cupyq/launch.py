@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from cupyq import cubin, kernels, runtime
+from cupyq.device import sm_count
 from cupyq.scratch import workspace
 
 # Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given. Measured on an
@@ -37,8 +38,8 @@ def dense_threshold(qm) -> int:
 GEMV_MAX_M = 16
 _GEMV_SMEM_LIMIT = 112 * 1024  # per CTA, so that two fit in a multiprocessor's 228 KB
 
-_THREADS = 256
-_STEP_CHUNKS = 4
+_THREADS = kernels.GEMV_THREADS
+_STEP_CHUNKS = kernels.STEP_CHUNKS
 _STATIC_SMEM_LIMIT = 48 * 1024
 
 _CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
@@ -161,7 +162,7 @@ def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
     nblocks = -(-(lay.padded_cols // 16) // (cfg.n_tile // 16))
     mblocks = -(-m // cfg.m_tile)
     total = mblocks * nblocks * ksteps
-    resident = _ctas_per_sm(fn, qm.device_id, smem) * runtime.sm_count(qm.device_id)
+    resident = _ctas_per_sm(fn, qm.device_id, smem) * sm_count(qm.device_id)
     if resident < 1:
         raise RuntimeError(f"qm: kernel {name} does not fit a multiprocessor")
     ctas = min(total, resident)
@@ -223,9 +224,9 @@ def _qgemv_plan(qm, m: int, ctype: str) -> LaunchPlan:
     col_blocks = -(-(lay.padded_cols // 16) // 8)
     steps = (lay.chunks8 + lay.chunks4) // _STEP_CHUNKS  # storage segments are whole steps
     mt = 1 if m <= 8 else 2
-    fn = runtime.get_function("qgemm.cu", runtime.qgemv_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
+    fn = runtime.get_function("qgemm.cu", kernels.qgemv_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
                               qm.device_id)
-    sms = runtime.sm_count(qm.device_id)
+    sms = sm_count(qm.device_id)
     choice = _gemv_splits(steps, col_blocks, m, lambda smem: _ctas_per_sm(fn, qm.device_id, smem) * sms)
     if choice is None:
         raise ValueError(f"qm: {qm.in_features} rows do not fit the small-batch kernel's shared memory")
@@ -388,7 +389,7 @@ def dequantize_into(qm, buf, ctype: str, stream):
     sorted rows, is no longer launched: the dense path uses dequant_t for that.)"""
     lay = qm.layout
     chunks = lay.chunks8 + lay.chunks4
-    fn = runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
+    fn = runtime.get_function("qgemm.cu", kernels.dequant_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
                               qm.device_id)
     grid = (-(-(lay.padded_cols // 16) // 8), chunks, 1)
     args = (
@@ -401,7 +402,7 @@ def dequantize_into(qm, buf, ctype: str, stream):
 
 def _gather_columns(qm, x_ptr: int, out_ptr: int, m: int, ctype: str, stream):
     lay = qm.layout
-    fn = runtime.get_function("qgemm.cu", runtime.gather_name(ctype), qm.device_id)
+    fn = runtime.get_function("qgemm.cu", kernels.gather_name(ctype), qm.device_id)
     grid = (-(-lay.padded_rows // 256), m, 1)
     fn(grid, (256, 1, 1), (x_ptr, _ptr(lay.row_src), out_ptr, np.int32(m), np.int32(qm.in_features),
                            np.int32(lay.padded_rows)), stream=stream)
@@ -442,13 +443,13 @@ def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:
             if kernel == "dense":
                 names.add(("qmma.cu", kernels.dequant_t_name(ctype, has8, has4)))
             elif kernel in ("qgemv", "qgemv2"):
-                names.add(("qgemm.cu", runtime.qgemv_name(ctype, 1 if kernel == "qgemv" else 2, has8, has4)))
+                names.add(("qgemm.cu", kernels.qgemv_name(ctype, 1 if kernel == "qgemv" else 2, has8, has4)))
             else:
                 zr = 1 if _chunk_uniform_groups(qm) else 4
                 names.add(("qmma.cu", choose_qmma(m, qm.in_features * qm.out_features).name(ctype, zr, has8, has4)))
                 names.add(("qmma.cu", kernels.frag_x_name(ctype)))
-        names.add(("qgemm.cu", runtime.dequant_name(ctype, has8, has4)))
-        names.add(("qgemm.cu", runtime.gather_name(ctype)))
+        names.add(("qgemm.cu", kernels.dequant_name(ctype, has8, has4)))
+        names.add(("qgemm.cu", kernels.gather_name(ctype)))
     return names
 
 
@@ -470,6 +471,6 @@ def warmup_matrix(qm, *, max_m: int = 64, dtypes=("float16",)):
                 if plan.partial_floats:
                     ws.ensure(plan.partial_floats, plan.counters_n, lambda: False)
                 ws.gather_buffer(max(m * qm.layout.padded_rows, plan.frag_halves if plan.frag else 0), lambda: False)
-            runtime.get_function("qgemm.cu", runtime.dequant_name(ctype, qm.layout.chunks8 > 0,
+            runtime.get_function("qgemm.cu", kernels.dequant_name(ctype, qm.layout.chunks8 > 0,
                                                                   qm.layout.chunks4 > 0), qm.device_id)
-            runtime.get_function("qgemm.cu", runtime.gather_name(ctype), qm.device_id)
+            runtime.get_function("qgemm.cu", kernels.gather_name(ctype), qm.device_id)

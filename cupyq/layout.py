@@ -20,10 +20,12 @@ import dataclasses
 
 import numpy as np
 
+from cupyq import kernels
+
 TILE_ROWS = 16
-CHUNK_ROWS = 64
-STEP_ROWS = 256
-CTA_COLS = 128
+CHUNK_ROWS = kernels.CHUNK_ROWS
+STEP_ROWS = kernels.STEP_CHUNKS * CHUNK_ROWS
+CTA_COLS = kernels.GEMV_THREADS // 32 * 16
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import numpy as np
 from cupyq import launch as _launch
 from cupyq import layout as _layout
 from cupyq import reference
-from cupyq import runtime as _runtime
+from cupyq.device import check_device_supported
 from cupyq.formats import awq as _awq
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
@@ -33,7 +33,7 @@ def _resolve_device(arrays, device):
             return None, kind
         from cupyq.scratch import device_index
 
-        return _runtime.check_device_supported(device_index(device)), kind
+        return check_device_supported(device_index(device)), kind
     for a in present:
         k = _kind(a)
         if k == "cupy":

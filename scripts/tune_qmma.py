@@ -20,6 +20,7 @@ import torch
 
 from cupyq import dispatch, kernels, launch, reference, runtime
 from cupyq.bench import _random_exl2, _random_gptq, _time_graph
+from cupyq.device import torch_stream
 from cupyq.qmatrix import QMatrix
 from cupyq.quantize import quantize_exl2, quantize_gptq
 
@@ -43,7 +44,7 @@ CT = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
 def run_plan(qm, plan, x, out, ctype):
-    stream = runtime.torch_stream(x.device.index)
+    stream = torch_stream(x.device.index)
     launch._launch_plan(qm, plan, x.data_ptr(), out.data_ptr(), x.shape[0], ctype, stream,
                           torch.cuda.is_current_stream_capturing)
 
@@ -169,7 +170,7 @@ def timing(rng, report, quick):
             if m >= 64:
                 ops = [dispatch._TorchDense(q, "__half", torch.float16) for q in qms[:2]]
                 row["dense"] = _time_graph(torch, lambda i: dispatch._dense(
-                    x, outs, qms[i % 2], "__half", runtime.torch_stream(0), ops[i % 2],
+                    x, outs, qms[i % 2], "__half", torch_stream(0), ops[i % 2],
                     torch.cuda.is_current_stream_capturing), iters, 7)
                 wt = [torch.empty(n, k, device="cuda", dtype=torch.float16) for _ in range(2)]
                 row["fp16_nt"] = _time_graph(torch, lambda i: torch.mm(x, wt[i % 2].t(), out=outs), iters, 7)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cupyq import cli, runtime
+from cupyq import cli, device, nvrtc, runtime
 from cupyq.checkpoint import save_gptq
 from cupyq.quantize import quantize_exl2, quantize_gptq
 
-HAS_GPU = runtime.gpu_available()
+HAS_GPU = device.gpu_available()
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -234,7 +234,7 @@ def test_bench_takes_comma_lists_and_the_flags_of_the_script(monkeypatch, capsys
         seen.update(kwargs)
         return [{"K": 64, "N": 32, "m": 1, "impl": "gptq", "us": 5.0}, {"K": 64, "N": 32, "m": 1, "impl": "fp16", "us": 10.0}]
 
-    monkeypatch.setattr(runtime, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: None)
     monkeypatch.setattr(cupyq.bench, "run_benchmark", fake_run)
     code, out, err = run(["bench", "--ms", "1,16", "--m", "4", "--m", "16", "--formats", "gptq,exl2", "gptq_act",
                           "--json"], capsys)
@@ -269,6 +269,72 @@ def test_bench_script_takes_the_row_counts_of_cupyq_bench(monkeypatch, capsys):
     assert exc.value.code == 2 and "positive integers separated by commas" in capsys.readouterr().err
 
 
+def test_bench_model_dry_run(capsys, tmp_path):
+    """`cupyq bench --model --dry-run`: the tiny model on the CPU through the whole flow, a JSON report."""
+    pytest.importorskip("transformers")
+    target = tmp_path / "model.json"
+    code, out, err = run(["bench", "--model", "--dry-run", "--format", "exl2", "--json", "-o", str(target)], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report == json.loads(target.read_text())
+    assert report["cupyq_report"]["command"] == "bench"
+    assert report["format"] == "exl2" and report["config"]["layers"] == 2 and report["config"]["hidden"] == 128
+    cases = [(r["case"], r["batch"], r["tokens"]) for r in report["rows"]]
+    assert cases == [("decode", 1, 1), ("decode", 3, 1), ("prefill", 1, 16)]
+    assert all(0 < r["max_abs_logit"] < 1e3 for r in report["rows"])  # finite, real logits
+    code, out, err = run(["bench", "--model", "--dry-run"], capsys)
+    assert code == 0, err
+    assert out.startswith("gptq model: 2 decoder layer(s)") and "nothing was timed" in out
+
+
+def test_bench_model_passes_its_options(monkeypatch, capsys):
+    """--layers, --format, --batches and --prefill reach run_model_benchmark; the table shows the timed rows."""
+    pytest.importorskip("transformers")
+    from cupyq import model_bench
+
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        row = {"case": "decode", "batch": 4, "tokens": 1, "fp16_ms": 2.0, "cupyq_ms": 1.0, "cupyq_ms_per_layer": 1 / 3,
+               "fp16_ms_per_layer": 2 / 3, "cupyq_tokens_per_s": 4000.0, "speedup_over_fp16": 2.0}
+        kwargs["progress"](row)
+        return {"config": {"layers": 3, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8},
+                "format": kwargs["fmt"], "rows": [row]}
+
+    monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(model_bench, "run_model_benchmark", fake)
+    code, out, err = run(["bench", "--model", "--layers", "3", "--format", "exl2", "--batches", "1,4", "--batches", "8",
+                          "--prefill", "128"], capsys)
+    assert code == 0, err
+    assert seen["layers"] == 3 and seen["fmt"] == "exl2" and seen["dry_run"] is False
+    assert seen["batches"] == [1, 4, 8] and seen["prefill"] == [128]
+    assert "exl2 model: 3 decoder layer(s)" in out and "speed-up" in out
+    run(["bench", "--model"], capsys)
+    assert seen["layers"] == model_bench.DEFAULT_LAYERS and seen["fmt"] == "gptq"
+    assert seen["batches"] == list(model_bench.DEFAULT_BATCHES) and seen["prefill"] == list(model_bench.DEFAULT_PREFILL)
+
+
+def test_bench_model_options_exit_2(capsys, tmp_path):
+    code, _, err = run(["bench", "--layers", "2"], capsys)
+    assert code == 2 and "--layers: option(s) of the model benchmark; add --model" in err
+    code, _, err = run(["bench", "--dry-run", "--batches", "1"], capsys)
+    assert code == 2 and "--batches, --dry-run" in err
+    code, _, err = run(["bench", "--model", "--dry-run", "--m", "1", str(tmp_path)], capsys)
+    assert code == 2 and "--model builds its own model: a checkpoint path, --m (options" in err
+    code, _, err = run(["bench", "--model", "--format", "awq"], capsys)
+    assert code == 2 and "invalid choice: 'awq'" in err
+    code, _, err = run(["bench", "--model", "--layers", "0"], capsys)
+    assert code == 2 and "positive integer" in err
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU message")
+def test_bench_model_without_gpu_exit_2(capsys):
+    pytest.importorskip("transformers")
+    code, _, err = run(["bench", "--model"], capsys)
+    assert code == 2 and "bench --model needs an NVIDIA GPU" in err
+
+
 # ------------------------------------------------------------------------------------------------ compile
 
 
@@ -277,9 +343,9 @@ def test_compile_table_and_json(monkeypatch, capsys):
 
     def fake(archs, *, sources=None, progress=None):
         calls.append((list(archs), sources))
-        return [runtime.CompileReport("qgemm.cu", "sm_80", 1.5, 123456, [("k1", "_Z2k1"), ("k2", "_Z2k2")])]
+        return [nvrtc.CompileReport("qgemm.cu", "sm_80", 1.5, 123456, [("k1", "_Z2k1"), ("k2", "_Z2k2")])]
 
-    monkeypatch.setattr(runtime, "compile_sources", fake)
+    monkeypatch.setattr(nvrtc, "compile_sources", fake)
     code, out, _ = run(["compile", "--arch", "sm_80", "--arch", "90", "--source", "qgemm.cu"], capsys)
     assert code == 0 and calls == [(["sm_80", "90"], ["qgemm.cu"])]
     assert "qgemm.cu" in out and "123456" in out and "compiled 1 module(s)" in out
@@ -297,20 +363,20 @@ def test_compile_sources_in_parallel_threads_keeps_order(monkeypatch):
     def fake(arch, name):
         threads.add(threading.get_ident())
         time.sleep(0.3)
-        return runtime.CompileReport(name, arch, 0.3, 1, [])
+        return nvrtc.CompileReport(name, arch, 0.3, 1, [])
 
-    monkeypatch.setattr(runtime, "_compile_source", fake)
+    monkeypatch.setattr(nvrtc, "_compile_source", fake)
     start = time.perf_counter()
-    reports = runtime.compile_sources(["80", "sm_86", "sm_89", "90"], sources=["qgemm.cu"], workers=4)
+    reports = nvrtc.compile_sources(["80", "sm_86", "sm_89", "90"], sources=["qgemm.cu"], workers=4)
     assert [r.arch for r in reports] == ["sm_80", "sm_86", "sm_89", "sm_90"]
     assert len(threads) > 1 and time.perf_counter() - start < 0.9  # four 0.3 s jobs, not one after another
 
 
 def test_compile_error_exit_1_with_log(monkeypatch, capsys):
     def fake(archs, *, sources=None, progress=None):
-        raise runtime.CompileError('qgemm.cu for sm_80 failed:\nqgemm.cu(12): error: identifier "x" is undefined')
+        raise nvrtc.CompileError('qgemm.cu for sm_80 failed:\nqgemm.cu(12): error: identifier "x" is undefined')
 
-    monkeypatch.setattr(runtime, "compile_sources", fake)
+    monkeypatch.setattr(nvrtc, "compile_sources", fake)
     code, _, err = run(["compile", "--arch", "sm_80"], capsys)
     assert code == 1 and 'identifier "x" is undefined' in err
 
@@ -385,3 +451,20 @@ def test_bench_gpu_small(small_ckpt, capsys, tmp_path):
     impls = {r["impl"] for r in payload["rows"]}
     assert {"fp16", "exl2", "gptq_act"} <= impls
     assert "speed-up" in out
+
+
+@pytest.mark.gpu
+def test_bench_model_gpu_small(capsys):
+    """`cupyq bench --model` with one Llama-3-8B-shaped layer: timed rows whose derived figures agree."""
+    pytest.importorskip("transformers")
+    code, out, err = run(["bench", "--model", "--layers", "1", "--format", "gptq", "--batches", "1,8", "--prefill", "64",
+                          "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["config"] == {"layers": 1, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8}
+    assert [(r["case"], r["batch"], r["tokens"]) for r in report["rows"]] == [("decode", 1, 1), ("decode", 8, 1),
+                                                                              ("prefill", 1, 64)]
+    for r in report["rows"]:
+        assert r["fp16_ms"] > 0 and r["cupyq_ms"] > 0
+        assert r["speedup_over_fp16"] == pytest.approx(r["fp16_ms"] / r["cupyq_ms"])
+        assert r["cupyq_tokens_per_s"] == pytest.approx(r["batch"] * r["tokens"] * 1e3 / r["cupyq_ms"])

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from cupyq.sources import cuda_source_dir
-from cupyq import cli, runtime
+from cupyq import cli, device, nvrtc, runtime
 from cupyq.checkpoint import save_gptq
 from cupyq.quantize import quantize_gptq
 
-HAS_GPU = runtime.gpu_available()
+HAS_GPU = device.gpu_available()
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -272,9 +272,9 @@ def test_every_report_is_strict_json(ckpt, monkeypatch, capsys):
         assert code == 0 and _strict_json(out)[cli.REPORT_KEY]["command"] == argv[0]
 
     def fake(archs, *, sources=None, progress=None):
-        return [runtime.CompileReport("qgemm.cu", "sm_80", float("inf"), 10, [("k", "_Zk")])]
+        return [nvrtc.CompileReport("qgemm.cu", "sm_80", float("inf"), 10, [("k", "_Zk")])]
 
-    monkeypatch.setattr(runtime, "compile_sources", fake)
+    monkeypatch.setattr(nvrtc, "compile_sources", fake)
     code, out, _ = run(["compile", "--json"], capsys)
     assert code == 0 and _strict_json(out)["reports"][0]["seconds"] is None
 
@@ -286,33 +286,33 @@ def _fake_compile(delays, started):
     def fake(arch, name):
         started.append(arch)
         time.sleep(delays.get(arch, 0.05))
-        return runtime.CompileReport(name, arch, delays.get(arch, 0.05), 1, [])
+        return nvrtc.CompileReport(name, arch, delays.get(arch, 0.05), 1, [])
 
     return fake
 
 
 def test_compile_sources_reports_progress(monkeypatch):
     started, seen = [], []
-    monkeypatch.setattr(runtime, "_compile_source", _fake_compile({"sm_80": 0.4, "sm_90": 0.05}, started))
-    reports = runtime.compile_sources(["sm_80", "sm_90"], sources=["qgemm.cu"], workers=2, progress=seen.append)
+    monkeypatch.setattr(nvrtc, "_compile_source", _fake_compile({"sm_80": 0.4, "sm_90": 0.05}, started))
+    reports = nvrtc.compile_sources(["sm_80", "sm_90"], sources=["qgemm.cu"], workers=2, progress=seen.append)
     assert [r.arch for r in reports] == ["sm_80", "sm_90"]  # job order
     assert [r.arch for r in seen] == ["sm_90", "sm_80"]  # completion order
     seen.clear()
-    runtime.compile_sources(["sm_86"], sources=["qgemm.cu"], progress=seen.append)
+    nvrtc.compile_sources(["sm_86"], sources=["qgemm.cu"], progress=seen.append)
     assert [r.arch for r in seen] == ["sm_86"]
 
 
 def test_compile_sources_stops_promptly_on_interrupt(monkeypatch):
     started = []
     delays = {"sm_80": 0.05, "sm_86": 3.0, "sm_89": 3.0, "sm_90": 3.0, "sm_90a": 3.0, "sm_100": 3.0}
-    monkeypatch.setattr(runtime, "_compile_source", _fake_compile(delays, started))
+    monkeypatch.setattr(nvrtc, "_compile_source", _fake_compile(delays, started))
 
     def interrupt(report):
         raise KeyboardInterrupt
 
     start = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
-        runtime.compile_sources(list(delays), sources=["qgemm.cu"], workers=2, progress=interrupt)
+        nvrtc.compile_sources(list(delays), sources=["qgemm.cu"], workers=2, progress=interrupt)
     assert time.perf_counter() - start < 1.5  # not waiting for the 3 s compiles
     time.sleep(0.2)
     assert len(started) <= 3  # the jobs not yet started were dropped
@@ -324,24 +324,24 @@ def test_compile_sources_error_drops_the_rest(monkeypatch):
     def fake(arch, name):
         started.append(arch)
         if arch == "sm_80":
-            raise runtime.CompileError("qgemm.cu for sm_80 failed: boom")
+            raise nvrtc.CompileError("qgemm.cu for sm_80 failed: boom")
         time.sleep(0.5)
-        return runtime.CompileReport(name, arch, 0.5, 1, [])
+        return nvrtc.CompileReport(name, arch, 0.5, 1, [])
 
-    monkeypatch.setattr(runtime, "_compile_source", fake)
-    with pytest.raises(runtime.CompileError, match="boom"):
-        runtime.compile_sources(["sm_80", "sm_86", "sm_89", "sm_90", "sm_100"], sources=["qgemm.cu"], workers=2)
+    monkeypatch.setattr(nvrtc, "_compile_source", fake)
+    with pytest.raises(nvrtc.CompileError, match="boom"):
+        nvrtc.compile_sources(["sm_80", "sm_86", "sm_89", "sm_90", "sm_100"], sources=["qgemm.cu"], workers=2)
     assert "sm_80" in started and set(started) <= {"sm_80", "sm_86"}  # the pending ones never started
 
 
 def test_compile_command_prints_progress(monkeypatch, capsys):
     def fake(archs, *, sources=None, progress=None):
-        reports = [runtime.CompileReport("qgemm.cu", a, 1.25, 10, []) for a in archs]
+        reports = [nvrtc.CompileReport("qgemm.cu", a, 1.25, 10, []) for a in archs]
         for r in reports:
             progress(r)
         return reports
 
-    monkeypatch.setattr(runtime, "compile_sources", fake)
+    monkeypatch.setattr(nvrtc, "compile_sources", fake)
     code, out, err = run(["compile", "--arch", "sm_80", "--arch", "sm_90", "--json"], capsys)
     assert code == 0 and _strict_json(out)["ok"]
     sources = len(list(cuda_source_dir().glob("*.cu")))
@@ -353,7 +353,7 @@ def test_compile_command_interrupted_exit_130(monkeypatch, capsys):
     def fake(archs, *, sources=None, progress=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runtime, "compile_sources", fake)
+    monkeypatch.setattr(nvrtc, "compile_sources", fake)
     code, _, err = run(["compile"], capsys)
     assert code == 130 and "interrupted" in err
 

@@ -15,7 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cupyq import exllamav2 as ex  # noqa: E402
-from cupyq import reference  # noqa: E402
+from cupyq import reference, torch_ops  # noqa: E402
+from cupyq.exllamav2.ext import bind_scratch  # noqa: E402
 from cupyq.formats import exl2 as fexl2  # noqa: E402
 from cupyq.quantize import quantize_exl2, quantize_gptq  # noqa: E402
 
@@ -434,7 +435,7 @@ def test_ext_make_q_matrix_rejects_unknown_weights():
     with pytest.raises(TypeError, match="temp_dq"):
         tt2, _, _, _, _ = _gptq("trivial")
         qm = ex.ext_make_q_matrix(tt2)
-        ex._bind_scratch(_CudaLike(qm), "scratch")
+        bind_scratch(_CudaLike(qm), "scratch")
 
 
 class _CudaLike:
@@ -457,7 +458,7 @@ def test_ext_gemm_widths():
     assert y.shape == (3, 64)
     assert (y[:, 40:] == 0).all()
     torch.testing.assert_close(y[:, :40], _expected(x, w, b), rtol=1e-5, atol=1e-5)
-    handle = ex.torch_ops.register_qmatrix(qm)
+    handle = torch_ops.register_qmatrix(qm)
     torch.testing.assert_close(ex.ext_gemm_half_q_half(x, handle, 40, False), y[:, :40])
     with pytest.raises(ValueError, match="q4_width"):
         ex.ext_gemm_half_q_half(x, qm, 32, False)

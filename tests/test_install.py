@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cupyq import runtime
+from cupyq import device, kernels, nvrtc, runtime
 from cupyq.quantize import quantize_exl2, quantize_gptq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_cuda13_extra_wheels_provide_the_libraries(component):
 
 
 def _fake_cupy(*, driver=13000, runtime_version=13000, devices=(("NVIDIA H200", 9, 0),), count_error=None):
-    """A stand-in for the ``cupy`` module with just the calls runtime.py makes about devices."""
+    """A stand-in for the ``cupy`` module with just the calls cupyq.device makes about devices."""
 
     def get_count():
         if count_error is not None:
@@ -130,16 +130,16 @@ def _fake_cupy(*, driver=13000, runtime_version=13000, devices=(("NVIDIA H200", 
 
 @pytest.fixture
 def fresh_checks(monkeypatch):
-    monkeypatch.setattr(runtime, "_checked_devices", set())
-    monkeypatch.setattr(runtime, "_warned_mismatch", False)
+    monkeypatch.setattr(device, "_checked_devices", set())
+    monkeypatch.setattr(device, "_warned_mismatch", False)
 
 
 @pytest.mark.parametrize("name, major, minor", [("Tesla T4", 7, 5), ("Tesla V100-SXM2-32GB", 7, 0),
                                                 ("NVIDIA GeForce RTX 2080", 7, 5), ("Tesla P100", 6, 0)])
 def test_device_older_than_sm80_is_refused(monkeypatch, fresh_checks, name, major, minor):
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(devices=((name, major, minor),)))
-    with pytest.raises(runtime.SetupError) as info:
-        runtime.check_device_supported(0)
+    with pytest.raises(device.SetupError) as info:
+        device.check_device_supported(0)
     text = str(info.value)
     assert name in text and f"{major}.{minor}" in text and "sm_80" in text and "H100" in text
 
@@ -148,14 +148,14 @@ def test_device_older_than_sm80_is_refused(monkeypatch, fresh_checks, name, majo
                                                 ("NVIDIA H200", 9, 0), ("NVIDIA B200", 10, 0)])
 def test_device_sm80_and_newer_is_accepted(monkeypatch, fresh_checks, name, major, minor):
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(devices=((name, major, minor),)))
-    assert runtime.check_device_supported(0) == 0
-    assert 0 in runtime._checked_devices
+    assert device.check_device_supported(0) == 0
+    assert 0 in device._checked_devices
 
 
 def test_device_index_out_of_range(monkeypatch, fresh_checks):
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
     with pytest.raises(ValueError, match=r"device: expected a CUDA device index 0\.\.0, got 3"):
-        runtime.check_device_supported(3)
+        device.check_device_supported(3)
 
 
 def _gptq_tensors(seed=0):
@@ -169,11 +169,11 @@ def test_qmatrix_checks_the_device_capability(monkeypatch, fresh_checks):
     g = _gptq_tensors()
     before = {k: v.copy() for k, v in g.items()}
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(devices=(("Tesla T4", 7, 5),)))
-    with pytest.raises(runtime.SetupError, match=r"Tesla T4.*7\.5.*8\.0 or newer"):
+    with pytest.raises(device.SetupError, match=r"Tesla T4.*7\.5.*8\.0 or newer"):
         cupyq.QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4, device=0)
     e = quantize_exl2(np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32), bits=(4,),
                       proportions=(1.0,))
-    with pytest.raises(runtime.SetupError, match="Tesla T4"):
+    with pytest.raises(device.SetupError, match="Tesla T4"):
         cupyq.QMatrix.from_exl2(e["q_weight"], e["q_invperm"], e["q_scale"], e["q_scale_max"], e["q_groups"],
                                 device="cuda:0")
     for k, v in g.items():
@@ -189,7 +189,7 @@ def test_info_marks_unsupported_gpu(monkeypatch, fresh_checks, capsys):
     from cupyq import cli
 
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(devices=(("Tesla V100", 7, 0), ("NVIDIA H100", 9, 0))))
-    monkeypatch.setattr(runtime, "gpu_available", lambda: True)
+    monkeypatch.setattr(device, "gpu_available", lambda: True)
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "warning: GPU 0 (Tesla V100) has compute capability 7.0" in out and "sm_80 and newer" in out
@@ -203,8 +203,8 @@ def test_info_marks_unsupported_gpu(monkeypatch, fresh_checks, capsys):
 
 
 def test_missing_cupy_named_by_device_check(monkeypatch, fresh_checks, no_cupy):
-    with pytest.raises(runtime.SetupError) as info:
-        runtime.check_device_supported(0)
+    with pytest.raises(device.SetupError) as info:
+        device.check_device_supported(0)
     assert "CuPy is not installed" in str(info.value) and "cupyq[cuda12]" in str(info.value)
 
 
@@ -212,41 +212,41 @@ def test_missing_cupy_named_by_qmatrix_on_device(fresh_checks, no_cupy):
     import cupyq
 
     g = _gptq_tensors(2)
-    with pytest.raises(runtime.SetupError, match=r"CuPy is not installed.*pip install 'cupyq\[cuda12\]'"):
+    with pytest.raises(device.SetupError, match=r"CuPy is not installed.*pip install 'cupyq\[cuda12\]'"):
         cupyq.QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4, device=0)
 
 
 def test_no_driver_is_named_not_insufficient_driver(monkeypatch, fresh_checks):
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(driver=0, count_error="cudaErrorInsufficientDriver: ..."))
-    with pytest.raises(runtime.SetupError) as info:
-        runtime.check_device_supported(0)
+    with pytest.raises(device.SetupError) as info:
+        device.check_device_supported(0)
     assert "no NVIDIA driver found" in str(info.value) and "cudaError" not in str(info.value)
 
 
 def test_old_driver_is_named_with_versions(monkeypatch, fresh_checks):
     fake = _fake_cupy(driver=12040, runtime_version=13000, count_error="cudaErrorInsufficientDriver: CUDA driver")
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    reason = runtime.gpu_unavailable_reason()
+    reason = device.gpu_unavailable_reason()
     assert "driver supports CUDA 12.4" in reason and "CUDA 13.0 runtime" in reason and "cuda12" in reason
 
 
 def test_no_visible_device(monkeypatch, fresh_checks):
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(devices=()))
-    assert "CUDA_VISIBLE_DEVICES" in runtime.gpu_unavailable_reason()
+    assert "CUDA_VISIBLE_DEVICES" in device.gpu_unavailable_reason()
 
 
 def test_compile_sources_without_cupy(monkeypatch, no_cupy):
-    with pytest.raises(runtime.SetupError, match=r"cupyq compile \(NVRTC\) needs CuPy.*cupyq\[cuda13\]"):
-        runtime.compile_sources(["sm_80"])
+    with pytest.raises(device.SetupError, match=r"cupyq compile \(NVRTC\) needs CuPy.*cupyq\[cuda13\]"):
+        nvrtc.compile_sources(["sm_80"])
 
 
 # ------------------------------------------------------------------------------------------------ CUDA majors
 
 
 def test_cuda_mismatch_message():
-    assert runtime.cuda_mismatch_message({"torch": 13, "cupy": 13, "nvrtc": 13}) is None
-    assert runtime.cuda_mismatch_message({"cupy": 13, "nvrtc": 13}) is None
-    text = runtime.cuda_mismatch_message({"torch": 12, "cupy": 13, "nvrtc": 13})
+    assert device.cuda_mismatch_message({"torch": 13, "cupy": 13, "nvrtc": 13}) is None
+    assert device.cuda_mismatch_message({"cupy": 13, "nvrtc": 13}) is None
+    text = device.cuda_mismatch_message({"torch": 12, "cupy": 13, "nvrtc": 13})
     assert "torch CUDA 12" in text and "cupy CUDA 13" in text and "pip install 'cupyq[cuda12]'" in text
 
 
@@ -254,7 +254,7 @@ def test_cuda_majors_reads_torch_and_cupy(monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(runtime_version=13000))
-    majors = runtime.cuda_majors()
+    majors = device.cuda_majors()
     assert majors["torch"] == 12 and majors["cupy"] == 13
 
 
@@ -263,11 +263,11 @@ def test_first_device_check_warns_on_mismatch(monkeypatch, fresh_checks):
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(runtime_version=13000))
     with pytest.warns(RuntimeWarning, match=r"torch CUDA 12.*cupy CUDA 13"):
-        runtime.check_device_supported(0)
-    runtime._checked_devices.clear()
+        device.check_device_supported(0)
+    device._checked_devices.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        runtime.check_device_supported(0)  # once per process
+        device.check_device_supported(0)  # once per process
 
 
 def test_info_warns_on_mismatch(monkeypatch, capsys):
@@ -275,7 +275,7 @@ def test_info_warns_on_mismatch(monkeypatch, capsys):
 
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    monkeypatch.setattr(runtime, "cuda_majors", lambda: {"torch": 12, "cupy": 13, "nvrtc": 13})
+    monkeypatch.setattr(device, "cuda_majors", lambda: {"torch": 12, "cupy": 13, "nvrtc": 13})
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "warning: CUDA major versions differ" in out and "cupyq[cuda12]" in out
@@ -307,9 +307,9 @@ def test_compile_check_uses_the_run_time_options(monkeypatch):
         getLoweredName = staticmethod(lambda prog, e: "_Z" + e)
 
     monkeypatch.setattr(libs, "nvrtc", FakeNvrtc)
-    report = runtime._compile_source("sm_86", "qgemm.cu")
+    report = nvrtc._compile_source("sm_86", "qgemm.cu")
     assert report.arch == "sm_86"
-    assert seen["compile"] == runtime.nvrtc_options("sm_86")
+    assert seen["compile"] == nvrtc.nvrtc_options("sm_86")
 
     class FakeRawModule:
         def __init__(self, *, code, options, name_expressions):
@@ -329,9 +329,9 @@ def test_compile_check_uses_the_run_time_options(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(runtime, "_functions", {})
     monkeypatch.setattr(runtime, "_modules", {})
-    name = runtime.kernel_names("qgemm.cu")[0]
+    name = kernels.kernel_names("qgemm.cu")[0]
     runtime.get_function("qgemm.cu", name, 0)
-    assert seen["raw"] == runtime.kernel_options()
+    assert seen["raw"] == nvrtc.kernel_options()
 
 
 def test_nvrtc_options_are_what_cupy_compiles(monkeypatch):
@@ -361,12 +361,51 @@ def test_nvrtc_options_are_what_cupy_compiles(monkeypatch):
     monkeypatch.setattr(compiler, "_NVRTCProgram", FakeProgram)
     monkeypatch.setattr(compiler, "_get_arch", lambda: "90")
     monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=sm_{arch}", "cubin"))
-    name = runtime.kernel_names("qgemm.cu")[0]
+    name = kernels.kernel_names("qgemm.cu")[0]
     with pytest.raises(Stop):
-        core.compile_with_cache(read_cuda_source("qgemm.cu"), runtime.kernel_options(), prepend_cupy_headers=False,
+        core.compile_with_cache(read_cuda_source("qgemm.cu"), nvrtc.kernel_options(), prepend_cupy_headers=False,
                                 name_expressions=[name])
-    assert captured == [runtime.nvrtc_options("sm_90")]
+    assert captured == [nvrtc.nvrtc_options("sm_90")]
     assert "-ftz=true" in captured[0] and "--std=c++17" in captured[0]
+    assert all(f"-D{k}={v}" in captured[0] for k, v in kernels.NVRTC_DEFINES.items())
+
+
+def test_a_changed_shared_constant_changes_the_kernel_cache_key(monkeypatch):
+    """CuPy names its cached module after a hash of the options RawModule gets: kernels.NVRTC_DEFINES is in it."""
+    pytest.importorskip("cupy")
+    import cupy.cuda.compiler as compiler
+    from cupy._core import core
+
+    from cupyq.sources import read_cuda_source
+
+    class Stop(Exception):
+        pass
+
+    class EmptyProgram:  # CuPy preprocesses an empty file for its cache key; nothing else is compiled here
+        def __init__(self, src, *args, **kwargs):
+            assert not src
+
+        def compile(self, options=(), log_stream=None):
+            return b"", {}
+
+    keys = []
+
+    def record(key_src):
+        keys.append(key_src)
+        raise Stop
+
+    monkeypatch.setattr(compiler, "_NVRTCProgram", EmptyProgram)
+    monkeypatch.setattr(compiler, "_get_arch", lambda: "90")
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=sm_{arch}", "cubin"))
+    monkeypatch.setattr(compiler, "_hash_hexdigest", record)
+    monkeypatch.setattr(compiler, "_empty_file_preprocess_cache", {})  # keep the fake preprocess out of CuPy's
+    code, name = read_cuda_source("qgemm.cu"), kernels.kernel_names("qgemm.cu")[0]
+    for step_chunks in (kernels.STEP_CHUNKS, kernels.STEP_CHUNKS * 2, kernels.STEP_CHUNKS):
+        monkeypatch.setitem(kernels.NVRTC_DEFINES, "CUPYQ_STEP_CHUNKS", step_chunks)
+        with pytest.raises(Stop):
+            core.compile_with_cache(code, nvrtc.kernel_options(), prepend_cupy_headers=False, name_expressions=[name])
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    assert f"-DCUPYQ_STEP_CHUNKS={kernels.STEP_CHUNKS * 2}".encode() in keys[1]
 
 
 # ------------------------------------------------------------------------------------------------ architectures
@@ -376,19 +415,19 @@ def test_nvrtc_options_are_what_cupy_compiles(monkeypatch):
                                             ("compute_86", "sm_86"), ("8.9", "sm_89"), ("sm_100a", "sm_100a"),
                                             (" SM_120 ", "sm_120")])
 def test_normalise_arch(arch, expected):
-    assert runtime._normalise_arch(arch) == expected
+    assert nvrtc._normalise_arch(arch) == expected
 
 
 @pytest.mark.parametrize("arch", ["banana", "", "foo", "sm_", "8", "sm_9x", "sm_80;rm", "sm_1000"])
 def test_normalise_arch_refuses_garbage(arch):
     with pytest.raises(ValueError, match="expected something like 'sm_80'"):
-        runtime._normalise_arch(arch)
+        nvrtc._normalise_arch(arch)
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "70", "sm_61"])
 def test_normalise_arch_refuses_old_gpus(arch):
     with pytest.raises(ValueError, match="older than the kernels support.*sm_80"):
-        runtime._normalise_arch(arch)
+        nvrtc._normalise_arch(arch)
 
 
 # ------------------------------------------------------------------------------------------------ docs
@@ -413,8 +452,8 @@ def test_ci_runs_the_readme_commands():
 
 @pytest.mark.gpu
 def test_real_device_passes_the_check(fresh_checks):
-    assert runtime.check_device_supported(0) == 0
-    assert runtime.gpu_unavailable_reason() is None
+    assert device.check_device_supported(0) == 0
+    assert device.gpu_unavailable_reason() is None
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ per multiprocessor) without local memory, and so must the transposed dequantisat
 
 import pytest
 
-from cupyq import kernels, runtime
+from cupyq import kernels, nvrtc
 
 _QMMA = [(cfg, cfg.name(t, zr, h8, h4)) for cfg in kernels.QMMA_CONFIGS.values() for t in kernels.DTYPES
          for zr in (1, 4) for h8, h4 in kernels.STORAGES]
@@ -21,7 +21,7 @@ _QMMA = [(cfg, cfg.name(t, zr, h8, h4)) for cfg in kernels.QMMA_CONFIGS.values()
     "qgemv<__nv_bfloat16, 1, false, true>",
 ])
 def test_streaming_kernel_registers_without_spills(name):
-    r = runtime.kernel_resources(name, "sm_90")
+    r = nvrtc.kernel_resources(name, "sm_90")
     assert r.registers <= 128, r
     assert r.stack_bytes == 0 and r.spill_store_bytes == 0 and r.spill_load_bytes == 0, r
 
@@ -30,18 +30,18 @@ def test_ptxas_report_parsing():
     log = ("ptxas info    : Compiling entry function '_Z5qgemm' for 'sm_90'\n"
            "ptxas         .     384 bytes stack frame, 480 bytes spill stores, 644 bytes spill loads\n"
            "ptxas info    : Used 128 registers, used 1 barriers, 384 bytes cumulative stack size, 16 bytes smem\n")
-    assert runtime._parse_ptxas_report(log) == (128, 384, 480, 644)
-    assert runtime._parse_ptxas_report("ptxas info    : Compile time = 235.980 ms") is None
+    assert nvrtc._parse_ptxas_report(log) == (128, 384, 480, 644)
+    assert nvrtc._parse_ptxas_report("ptxas info    : Compile time = 235.980 ms") is None
 
 
 def test_unknown_kernel_is_a_compile_error():
-    with pytest.raises(runtime.CompileError, match="qgemv<float"):
-        runtime.kernel_resources("qgemv<float, 1, false, true>", "sm_90")
+    with pytest.raises(nvrtc.CompileError, match="qgemv<float"):
+        nvrtc.kernel_resources("qgemv<float, 1, false, true>", "sm_90")
 
 
 @pytest.mark.parametrize("cfg,name", _QMMA, ids=[n for _, n in _QMMA])
 def test_qmma_registers_without_spills(cfg, name):
-    r = runtime.kernel_resources(name, "sm_90", source="qmma.cu")
+    r = nvrtc.kernel_resources(name, "sm_90", source="qmma.cu")
     assert r.registers <= 65536 // (kernels.QMMA_THREADS * cfg.minb), r
     assert r.stack_bytes == 0 and r.spill_store_bytes == 0 and r.spill_load_bytes == 0, r
 
@@ -49,5 +49,5 @@ def test_qmma_registers_without_spills(cfg, name):
 @pytest.mark.parametrize("name", [kernels.dequant_t_name(t, h8, h4) for t in kernels.DTYPES
                                   for h8, h4 in kernels.STORAGES])
 def test_dense_path_dequantisation_without_spills(name):
-    r = runtime.kernel_resources(name, "sm_90", source="qmma.cu")
+    r = nvrtc.kernel_resources(name, "sm_90", source="qmma.cu")
     assert r.stack_bytes == 0 and r.spill_store_bytes == 0, r

@@ -1,5 +1,6 @@
-"""scripts/model_bench.py end to end on a tiny Llama on the CPU (--dry-run): the checkpoint of random quantized
-tensors is written, loaded into a meta-device model by patch_model, and both models run every case."""
+"""The model benchmark (cupyq.model_bench) end to end through scripts/model_bench.py on a tiny Llama on the CPU
+(--dry-run): the checkpoint of random quantized tensors is written, loaded into a meta-device model by
+patch_model, and both models run every case."""
 
 import json
 import subprocess
@@ -24,3 +25,13 @@ def test_model_bench_dry_run(tmp_path, fmt):
     cases = [(r["case"], r["batch"], r["tokens"]) for r in report["rows"]]
     assert cases == [("decode", 1, 1), ("decode", 3, 1), ("prefill", 1, 16)]
     assert all(0 < r["max_abs_logit"] < 1e3 for r in report["rows"])  # finite, real logits
+
+
+def test_run_model_benchmark_refuses_bad_arguments():
+    from cupyq.model_bench import run_model_benchmark
+
+    with pytest.raises(ValueError, match="fmt: expected one of gptq, exl2, got 'awq'"):
+        run_model_benchmark(fmt="awq", dry_run=True)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="layers: expected a positive int"):
+            run_model_benchmark(layers=bad, dry_run=True)

@@ -65,11 +65,46 @@ def test_qmatrix_and_launch_do_not_import_dispatch():
         assert "cupyq.dispatch" not in _imports(name, mods[name], mods), name
 
 
-def test_streaming_kernel_constants_match_the_source():
-    code = read_cuda_source("qgemm.cu")
-    assert f"constexpr int kStepChunks = {launch._STEP_CHUNKS};" in code
-    assert f"constexpr int kWarps = {launch._THREADS // 32};" in code
-    assert launch._THREADS == kernels.QMMA_THREADS
+# Where each shared constant is defined in CUDA: (source, constexpr) per NVRTC define of kernels.py.
+_DEFINED_IN = {
+    "CUPYQ_CHUNK_ROWS": ("qdq.cuh", "kChunkRows"),
+    "CUPYQ_GEMV_THREADS": ("qgemm.cu", "kThreads"),
+    "CUPYQ_STEP_CHUNKS": ("qgemm.cu", "kStepChunks"),
+}
+
+
+def test_shared_constants_reach_the_sources_as_nvrtc_defines():
+    """Each constant the CUDA sources share with Python has its value only in kernels.py: the sources take it from
+    the -D option (and refuse to compile without it), and the launches and the layout read kernels.py."""
+    import re
+
+    from cupyq import layout, nvrtc
+
+    assert set(kernels.NVRTC_DEFINES) == set(_DEFINED_IN)
+    options = nvrtc.kernel_options()
+    for name, value in kernels.NVRTC_DEFINES.items():
+        assert isinstance(value, int) and f"-D{name}={value}" in options
+        source, constant = _DEFINED_IN[name]
+        code = read_cuda_source(source)
+        assert re.search(rf"constexpr int {constant} = {name};", code), (source, constant)
+        assert re.search(rf"#(ifndef {name}|if [^\n]*!defined\({name}\)[^\n]*)\n#error", code), (source, name)
+        assert not re.search(rf"constexpr int {constant} = \d", code)  # no second, literal definition
+    assert launch._THREADS == kernels.GEMV_THREADS and launch._STEP_CHUNKS == kernels.STEP_CHUNKS
+    assert layout.CHUNK_ROWS == kernels.CHUNK_ROWS and layout.STEP_ROWS == kernels.STEP_CHUNKS * kernels.CHUNK_ROWS
+
+
+def test_sources_refuse_to_compile_without_the_defines(monkeypatch):
+    import pytest
+
+    pytest.importorskip("cupy")
+    from cupyq import nvrtc
+
+    every = dict(kernels.NVRTC_DEFINES)
+    for name in every:
+        defines = {k: v for k, v in every.items() if k != name}
+        monkeypatch.setattr(kernels, "NVRTC_DEFINES", defines)
+        with pytest.raises(nvrtc.CompileError, match=rf"#error.*{name}"):
+            nvrtc.kernel_resources(kernels.qgemv_name("__half", 1, False, True), "sm_80")
 
 
 def test_device_index_accepts_the_usual_spellings(monkeypatch):
@@ -80,9 +115,9 @@ def test_device_index_accepts_the_usual_spellings(monkeypatch):
 
     from cupyq.scratch import device_index
 
+    torch = pytest.importorskip("torch")  # before cupy is faked: importing torch may import the real cupyx
     fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 3)))
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
-    torch = pytest.importorskip("torch")
     assert device_index(0) == 0 and device_index(2) == 2
     assert device_index("cuda:1") == 1 and device_index("cuda") == 3 and device_index(None) == 3
     assert device_index(torch.device("cuda", 1)) == 1 and device_index(torch.device("cuda")) == 3
@@ -105,7 +140,7 @@ def test_slow_kernel_compile_says_so(monkeypatch, capsys):
     import time
     import types
 
-    from cupyq import runtime
+    from cupyq import nvrtc, runtime
 
     class RawModule:
         def __init__(self, code, options, name_expressions):
@@ -117,7 +152,7 @@ def test_slow_kernel_compile_says_so(monkeypatch, capsys):
     fake = types.SimpleNamespace(RawModule=RawModule,
                                  cuda=types.SimpleNamespace(Device=lambda i: contextlib.nullcontext()))
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(runtime, "kernel_options", lambda: ())
+    monkeypatch.setattr(nvrtc, "kernel_options", lambda: ())
     monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 0.05)
     assert runtime.get_function("qmma.cu", "qmma<test-only>", 7) == ("fn", "qmma<test-only>")
     assert "compiling qmma<test-only> with NVRTC" in capsys.readouterr().err

@@ -39,6 +39,7 @@ COMMANDS = ("info", "inspect", "verify", "bench", "warmup", "compile")
 
 def build_parser() -> argparse.ArgumentParser:
     import cupyq
+    from cupyq import model_bench
 
     parser = _Parser(
         prog="cupyq",
@@ -90,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="benchmark the kernels against fp16 (needs a GPU)",
                        description="Run cupyq.bench.run_benchmark on the checkpoint's layer shapes (or the six standard "
-                                   "shapes) and print microseconds per call and the speed-up over an fp16 matmul.")
+                                   "shapes) and print microseconds per call and the speed-up over an fp16 matmul. "
+                                   "With --model, time a Llama-3-8B-shaped model patched with cupyq against the same "
+                                   "model in fp16 instead (cupyq.model_bench: decode batches and prefill lengths "
+                                   "under CUDA-graph replay; needs transformers).")
     p.add_argument("path", nargs="?", help="checkpoint directory whose layer shapes to use (default: standard shapes)")
     p.add_argument("--m", "--ms", dest="m", type=_row_counts, action="append", metavar="M[,M...]",
                    help="rows of x: a comma-separated list or the option repeated, --m 1,16 or --m 1 --m 16; --ms is "
@@ -102,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=5,
                    help="CUDA-graph replays per point for graph_us, the median is kept (default 5)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG of the speed-up over fp16 against m (needs matplotlib)")
+    p.add_argument("--model", action="store_true",
+                   help="benchmark a whole decoder model instead of single layers (the options below; --iters, "
+                        "--repeats, --m, --formats, --plot and a path are for the layer benchmark)")
+    p.add_argument("--layers", type=_positive_int, metavar="N",
+                   help=f"--model: decoder layers (default {model_bench.DEFAULT_LAYERS})")
+    p.add_argument("--format", choices=model_bench.FORMATS,
+                   help="--model: the quantized model's checkpoint format, GPTQ 4-bit act-order or EXL2 at about "
+                        "4.65 bits per weight (default gptq)")
+    p.add_argument("--batches", type=_row_counts, action="append", metavar="B[,B...]",
+                   help="--model: decode batch sizes, a comma-separated list or the option repeated (default "
+                        f"{','.join(map(str, model_bench.DEFAULT_BATCHES))})")
+    p.add_argument("--prefill", type=_row_counts, action="append", metavar="T[,T...]",
+                   help="--model: prefill lengths in tokens, as --batches (default "
+                        f"{','.join(map(str, model_bench.DEFAULT_PREFILL))})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="--model: a tiny model on the CPU with its own small batches, through the whole flow; times "
+                        "nothing and needs no GPU")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("warmup", parents=[common], help="compile every kernel a checkpoint needs (needs a GPU)",
@@ -156,7 +177,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     from cupyq.checkpoint import CheckpointError
-    from cupyq.runtime import SetupError
+    from cupyq.device import SetupError
 
     try:
         if getattr(args, "json_out", None):
@@ -169,9 +190,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"cupyq {args.command}: interrupted", file=sys.stderr)
-        from cupyq import runtime
+        from cupyq import nvrtc
 
-        if argv is None and runtime.compile_threads_running():
+        if argv is None and nvrtc.compile_threads_running():
             # Run as the program (argv from sys.argv) while NVRTC is still compiling in daemon threads: a normal
             # interpreter exit would unload the library under them and crash, so leave at once (nothing is
             # left to save). Called from Python with an argv, return as usual.

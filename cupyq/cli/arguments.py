@@ -66,7 +66,7 @@ def _flat_lists(values):
 
 
 def _arch(text):
-    from cupyq.runtime import _normalise_arch
+    from cupyq.nvrtc import _normalise_arch
 
     try:
         _normalise_arch(text)

@@ -1,4 +1,5 @@
-"""``cupyq bench``: cupyq.bench.run_benchmark on a checkpoint's layer shapes, speed-ups over fp16."""
+"""``cupyq bench``: cupyq.bench.run_benchmark on a checkpoint's layer shapes, speed-ups over fp16; with ``--model``,
+cupyq.model_bench.run_model_benchmark (a decoder model against fp16)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,16 @@ def _plot(rows, impls, path):
     plt.close(fig)
 
 
+# Options of the model benchmark (argparse destinations; unset they are None or False).
+_MODEL_OPTIONS = ("layers", "format", "batches", "prefill", "dry_run")
+
+
 def cmd_bench(args):
+    if args.model:
+        return _cmd_model_bench(args)
+    given = [f"--{name.replace('_', '-')}" for name in _MODEL_OPTIONS if getattr(args, name) not in (None, False)]
+    if given:
+        raise UsageError(f"{', '.join(given)}: option(s) of the model benchmark; add --model")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -102,4 +112,44 @@ def cmd_bench(args):
         _plot(table, impls, args.plot)
         text += f"\nwrote plot {args.plot}"
     _emit(args, {"rows": rows, "table": table}, text)
+    return EXIT_OK
+
+
+def _cmd_model_bench(args):
+    layer_only = [name for name, value in (("a checkpoint path", args.path), ("--m", args.m), ("--formats", args.formats),
+                                           ("--plot", args.plot)) if value]
+    if layer_only:
+        raise UsageError(f"--model builds its own model: {', '.join(layer_only)} (options of the layer benchmark) "
+                         "cannot be given with it")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError("--model needs transformers, which is not installed (pip install transformers)") from None
+    if not args.dry_run:
+        _require_gpu("bench --model")
+    from cupyq import model_bench
+
+    batches = _flat_lists(args.batches) or list(model_bench.DEFAULT_BATCHES)
+    prefill = _flat_lists(args.prefill) or list(model_bench.DEFAULT_PREFILL)
+    if args.dry_run:
+        n_cases = len(model_bench.DRY_RUN_BATCHES) + len(model_bench.DRY_RUN_PREFILL)
+    else:
+        n_cases = len(batches) + len(prefill)
+    with Progress(n_cases, "bench --model", delay=0.0) as bar:
+        report = model_bench.run_model_benchmark(
+            layers=args.layers or model_bench.DEFAULT_LAYERS, fmt=args.format or "gptq", batches=batches,
+            prefill=prefill, dry_run=args.dry_run,
+            progress=lambda row: bar.update(f"{row['case']} batch {row['batch']} x {row['tokens']} tokens"))
+    cfg = report["config"]
+    cols = [("case", "case"), ("batch", "batch"), ("tokens", "tokens")]
+    if args.dry_run:
+        cols += [("max |logit|", "max_abs_logit")]
+    else:
+        cols += [("fp16 ms", "fp16_ms"), ("cupyq ms", "cupyq_ms"), ("cupyq ms/layer", "cupyq_ms_per_layer"),
+                 ("cupyq tokens/s", "cupyq_tokens_per_s"), ("speed-up", "speedup_over_fp16")]
+    text = (f"{report['format']} model: {cfg['layers']} decoder layer(s), hidden {cfg['hidden']}, intermediate "
+            f"{cfg['intermediate']}\n" + format_table(report["rows"], cols))
+    if args.dry_run:
+        text += "\ndry run: a tiny model on the CPU; nothing was timed"
+    _emit(args, report, text)
     return EXIT_OK

@@ -12,15 +12,15 @@ class UsageError(Exception):
 
 
 def _gpu_available():
-    from cupyq import runtime
+    from cupyq import device
 
-    return runtime.gpu_available()
+    return device.gpu_available()
 
 
 def _gpu_unavailable_reason():
-    from cupyq import runtime
+    from cupyq import device
 
-    return runtime.gpu_unavailable_reason()
+    return device.gpu_unavailable_reason()
 
 
 def _require_gpu(command):

@@ -10,7 +10,7 @@ from cupyq.cli.output import _emit, format_table
 
 
 def cmd_compile(args):
-    from cupyq import runtime
+    from cupyq import nvrtc
     from cupyq.sources import list_cuda_sources
 
     archs = args.arch or ["sm_80", "sm_90"]
@@ -24,8 +24,8 @@ def cmd_compile(args):
         print(f"  compiled {r.source} for {r.arch} in {r.seconds:.1f} s", file=sys.stderr, flush=True)
 
     try:
-        reports = runtime.compile_sources(archs, sources=sources, progress=report)
-    except runtime.CompileError as exc:
+        reports = nvrtc.compile_sources(archs, sources=sources, progress=report)
+    except nvrtc.CompileError as exc:
         print(f"cupyq compile: kernel compilation failed:\n{exc}", file=sys.stderr)
         _emit(args, {"ok": False, "error": str(exc), "reports": []}, "compilation failed")
         return EXIT_FAIL

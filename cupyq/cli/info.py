@@ -8,25 +8,25 @@ from cupyq.cli.output import _emit, _human_bytes, format_table
 
 def cmd_info(args):
     import cupyq
-    from cupyq import runtime
+    from cupyq import device, runtime
 
-    summary = runtime.device_summary()
+    summary = device.device_summary()
     cache_dir = runtime.kernel_cache_dir()
     files = runtime.cached_kernel_files()
-    reason = runtime.gpu_unavailable_reason()
+    reason = device.gpu_unavailable_reason()
     has_cupy = "cupy" in summary
     gpus = summary.get("gpus") or []
     for g in gpus:
         major, minor = (int(v) for v in str(g.get("compute_capability", "0.0")).split("."))
-        g["supported"] = (major, minor) >= runtime.MIN_COMPUTE_CAPABILITY
-    mismatch = runtime.cuda_mismatch_message()
+        g["supported"] = (major, minor) >= device.MIN_COMPUTE_CAPABILITY
+    mismatch = device.cuda_mismatch_message()
     payload = {
         "cupyq": cupyq.__version__,
         "gpu_available": bool(gpus),
         "gpu_unavailable_reason": reason,
         "can_compile": has_cupy,
-        "supported_gpus": runtime.SUPPORTED_GPUS,
-        "cuda_majors": runtime.cuda_majors(),
+        "supported_gpus": device.SUPPORTED_GPUS,
+        "cuda_majors": device.cuda_majors(),
         "warnings": [mismatch] if mismatch else [],
         "device_summary": summary,
         "kernel_cache_dir": str(cache_dir),
@@ -50,14 +50,14 @@ def cmd_info(args):
         for g in gpus:
             if not g["supported"]:
                 lines.append(f"warning: GPU {g['index']} ({g['name']}) has compute capability {g['compute_capability']}; "
-                             f"the kernels need {runtime.SUPPORTED_GPUS}")
+                             f"the kernels need {device.SUPPORTED_GPUS}")
     elif has_cupy:
         lines.append(f"GPU: none found ({reason}). The GPU kernels cannot run here; the NumPy reference path and "
                      "`cupyq compile` can.")
     else:
         lines.append(f"GPU: not usable: {reason}. Only the NumPy reference path runs here; the GPU kernels and "
                      "`cupyq compile` need CuPy.")
-    lines.append(f"supported GPUs: {runtime.SUPPORTED_GPUS}")
+    lines.append(f"supported GPUs: {device.SUPPORTED_GPUS}")
     if mismatch:
         lines.append("warning: " + mismatch.removeprefix("cupyq: "))
     libs = [("CuPy", "cupy"), ("CUDA runtime", "cuda_runtime"), ("CUDA driver", "cuda_driver"), ("NVRTC", "nvrtc"), ("torch", "torch"), ("torch CUDA", "torch_cuda")]

@@ -1,0 +1,157 @@
+"""Checkpoint tensors to a :class:`cupyq.QMatrix` for the exllamav2-compatible module: the fields of a mapping
+(LoRAX) or a weight object (TGI), GPTQ 4-bit validation, the EXL2 group map, and the absent-tensor placeholder.
+
+Helpers of the :mod:`cupyq.exllamav2` package; its public names are imported from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+
+# Placeholder for an absent tensor, as in the original module (which passed it to C++ for "None").
+# Every function of the package also accepts plain None.
+none_tensor = torch.empty((1, 1), device="meta")
+
+
+def is_absent(t) -> bool:
+    """True for None and for a meta tensor such as :data:`none_tensor` (the original's "no tensor")."""
+    return t is None or (isinstance(t, torch.Tensor) and t.is_meta)
+
+
+def make_group_map(q_groups, num_qrows) -> torch.Tensor:
+    """EXL2 group map: per sorted row ``(group index, rows left in the group counting this row)``.
+
+    q_groups: int16/int32 torch tensor ``[2G]`` of ``(bits, first packed row)`` pairs; num_qrows:
+    ``q_weight.shape[0]``. Returns int16 ``[2 * rows]`` on ``q_groups.device``, interleaved
+    ``[g0, left0, g1, left1, ...]``, where every group counts its full capacity ``qrows * 32 // bits``
+    (identical to :func:`cupyq.formats.exl2.make_group_map`).
+    """
+    from cupyq.formats import exl2
+
+    if not isinstance(q_groups, torch.Tensor):
+        raise TypeError(f"q_groups: expected a torch tensor, got {type(q_groups).__name__}")
+    host = q_groups.detach().cpu().numpy()
+    group_map = np.ascontiguousarray(exl2.make_group_map(host, int(num_qrows), xp=np))
+    return torch.from_numpy(group_map).to(q_groups.device)
+
+
+_GPTQ_FIELDS = ("qweight", "qzeros", "scales", "g_idx", "bias", "bits", "checkpoint_format")
+_EXL2_FIELDS = ("q_weight", "q_invperm", "q_perm", "q_scale", "q_scale_max", "q_groups", "q_group_map", "bias")
+
+
+def weight_fields(w):
+    """``(fields, scale_max_divided)`` from a mapping (LoRAX) or a weight object (TGI)."""
+    if isinstance(w, Mapping):
+        return dict(w), False
+    fields = {name: getattr(w, name) for name in _GPTQ_FIELDS + _EXL2_FIELDS if hasattr(w, name)}
+    # TGI's Exl2Weight divides q_scale_max by 256 when it is created; the checkpoint value is 256x that.
+    return fields, "q_weight" in fields
+
+
+def _widen_invperm(q_invperm):
+    # int16 holds K up to 65535 only when read as unsigned (TGI narrows q_invperm to int16).
+    if isinstance(q_invperm, torch.Tensor) and q_invperm.dtype == torch.int16:
+        return q_invperm.to(torch.int32) & 0xFFFF
+    return q_invperm
+
+
+def _make_exl2(fields, scale_max_divided, name):
+    from cupyq.qmatrix import QMatrix
+
+    missing = [k for k in ("q_weight", "q_scale", "q_scale_max", "q_groups") if is_absent(fields.get(k))]
+    if is_absent(fields.get("q_invperm")) and is_absent(fields.get("q_perm")):
+        missing.append("q_invperm (or q_perm)")
+    if missing:
+        raise ValueError(f"{name}: EXL2 weights lack {', '.join(missing)}")
+    q_invperm = fields.get("q_invperm")
+    if is_absent(q_invperm):
+        q_perm = _widen_invperm(fields["q_perm"]).to(torch.int64)
+        q_invperm = torch.argsort(q_perm).to(torch.int32)
+    q_invperm = _widen_invperm(q_invperm)
+    q_scale_max = fields["q_scale_max"]
+    if scale_max_divided:
+        q_scale_max = q_scale_max * 256  # a new tensor; exact (power of two)
+    bias = None if is_absent(fields.get("bias")) else fields["bias"]
+    # q_group_map is not needed: QMatrix derives its row layout from q_groups and q_invperm.
+    return QMatrix.from_exl2(
+        fields["q_weight"], q_invperm, fields["q_scale"], q_scale_max, fields["q_groups"], bias
+    )
+
+
+def _make_gptq(fields, name):
+    from cupyq.qmatrix import QMatrix
+
+    missing = [k for k in ("qweight", "qzeros", "scales") if is_absent(fields.get(k))]
+    if missing:
+        raise ValueError(f"{name}: GPTQ weights lack {', '.join(missing)}")
+    qweight = fields["qweight"]
+    g_idx = None if is_absent(fields.get("g_idx")) else fields["g_idx"]  # any device (read on the host)
+    bias = None if is_absent(fields.get("bias")) else fields["bias"]
+    bits = fields.get("bits", 4)
+    checkpoint_format = fields.get("checkpoint_format", "gptq")
+    return QMatrix.from_gptq(
+        qweight, fields["qzeros"], fields["scales"], g_idx, bias, bits=bits, checkpoint_format=checkpoint_format
+    )
+
+
+def build_qmatrix(fields, scale_max_divided, name):
+    """The QMatrix of GPTQ or EXL2 ``fields`` (from :func:`weight_fields`); errors name the layer ``name``."""
+    make = None
+    if "q_weight" in fields:
+        make = lambda: _make_exl2(fields, scale_max_divided, name)  # noqa: E731
+    elif "qweight" in fields:
+        make = lambda: _make_gptq(fields, name)  # noqa: E731
+    if make is not None:
+        try:
+            return make()
+        except (TypeError, ValueError) as exc:
+            if str(exc).startswith(f"{name}: "):
+                raise
+            raise type(exc)(f"{name}: {exc}") from exc  # say which layer the bad tensor belongs to
+    raise ValueError(
+        f"{name}: expected GPTQ weights (qweight, qzeros, scales[, g_idx, bias]) or EXL2 weights "
+        f"(q_weight, q_invperm, q_scale, q_scale_max, q_groups[, q_perm, q_group_map, bias]), "
+        f"got {sorted(fields)}"
+    )
+
+
+def validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize):
+    """The checked GPTQ layout of a 4-bit layer given to QuantLinear (TypeError / ValueError naming the argument)."""
+    from cupyq.formats import gptq
+
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"bits: expected an integer (4), got {type(bits).__name__} {bits!r}")
+    if bits != 4:
+        raise ValueError(
+            f"cupyq.exllamav2.QuantLinear supports only bits=4 GPTQ layers, got bits={bits}; "
+            "use cupyq.QMatrix.from_gptq with cupyq.torch_ops.QuantizedLinear for 2-, 3- and 8-bit layers"
+        )
+    for tensor_name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{tensor_name}: expected a torch tensor, got {type(t).__name__}")
+    if g_idx is not None and not isinstance(g_idx, torch.Tensor):
+        raise TypeError(f"g_idx: expected a torch tensor or None, got {type(g_idx).__name__}")
+    layout = gptq.check_gptq(qweight, qzeros, scales, g_idx, 4)
+    if groupsize is not None and groupsize != -1:
+        if isinstance(groupsize, bool) or not isinstance(groupsize, (int, np.integer)) or groupsize <= 0:
+            raise ValueError(f"groupsize: expected a positive int or -1, got {groupsize!r}")
+        if g_idx is None and -(-layout.in_features // int(groupsize)) != layout.groups:
+            raise ValueError(
+                f"groupsize: {groupsize} gives {-(-layout.in_features // int(groupsize))} groups for "
+                f"{layout.in_features} input features, but qzeros/scales have {layout.groups}"
+            )
+    return layout
+
+
+def implied_g_idx(qweight, groupsize, in_features, groups):
+    """The explicit g_idx of a layer given without one, when its group size does not divide K."""
+    from cupyq.formats import gptq
+
+    if groupsize is None or groupsize == -1 or in_features % groups == 0 and in_features // groups == groupsize:
+        return None
+    g_idx = gptq.default_g_idx(in_features, int(groupsize))
+    return torch.from_numpy(g_idx).to(qweight.device)
