@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
               int chunk_begin, int chunk_end) {
     using namespace cupyq;
     using namespace cupyq::qmma_detail;
-    constexpr int kChunksPerCta = 4;
+    constexpr int kChunksPerCta = kDequantTChunks;
     const int lane = threadIdx.x & 31;
     const int tile = blockIdx.x * kWarps + (threadIdx.x >> 5);
     if (tile >= Npad / 16) return;

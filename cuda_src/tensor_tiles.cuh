@@ -3,10 +3,17 @@
 #pragma once
 #include "qdq.cuh"
 
+// Constants shared with Python come from cupyq/kernels.py (NVRTC_DEFINES) as -D options.
+#if !defined(CUPYQ_TC_THREADS) || !defined(CUPYQ_DEQUANT_T_CHUNKS)
+#error "CUPYQ_TC_THREADS or CUPYQ_DEQUANT_T_CHUNKS is not defined: compile with cupyq.nvrtc.kernel_options()"
+#endif
+
 namespace cupyq {
 namespace qmma_detail {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = CUPYQ_TC_THREADS;
+constexpr int kDequantTChunks = CUPYQ_DEQUANT_T_CHUNKS;  // 64-row chunks of one dequant_t CTA (qmma.cu)
+static_assert(kThreads == 256, "8 warps: two warpgroups (qwgmma), K slices x WM x WN (qmma)");
 constexpr int kWarps = kThreads / 32;
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {

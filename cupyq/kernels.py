@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 CHUNK_ROWS = 64  # rows of one fragment chunk (cupyq/layout.py, cuda_src/qdq.cuh)
-QMMA_THREADS = 256
+QMMA_THREADS = 256  # threads of a qmma, qwgmma or dequant_t CTA (cuda_src/tensor_tiles.cuh)
+DEQUANT_T_CHUNKS_PER_CTA = 4  # 64-row chunks one dequant_t CTA writes (cuda_src/qmma.cu)
 QMMA_WARPS = QMMA_THREADS // 32
 DTYPES = ("__half", "__nv_bfloat16")
 STORAGES = ((False, True), (True, False), (True, True))  # (has 8-bit storage, has 4-bit storage)
@@ -23,6 +24,8 @@ NVRTC_DEFINES = {
     "CUPYQ_CHUNK_ROWS": CHUNK_ROWS,
     "CUPYQ_GEMV_THREADS": GEMV_THREADS,
     "CUPYQ_STEP_CHUNKS": STEP_CHUNKS,
+    "CUPYQ_TC_THREADS": QMMA_THREADS,
+    "CUPYQ_DEQUANT_T_CHUNKS": DEQUANT_T_CHUNKS_PER_CTA,
 }
 
 # qgemv's parameters, in the order of its __global__ signature (cuda_src/qgemm.cu).
@@ -50,7 +53,6 @@ WGMMA_N_TILE = 128  # output columns of a qwgmma CTA: two warpgroups of 64
 DEQUANT_T_PARAMS = ("w8", "w4", "tile_group", "zs", "outT", "ld_out", "Npad", "C8", "C4", "chunk_begin",
                     "chunk_end")
 DEQUANT_T_INT_PARAMS = frozenset(("ld_out", "Npad", "C8", "C4", "chunk_begin", "chunk_end"))
-DEQUANT_T_CHUNKS_PER_CTA = 4
 
 
 def _b(v: bool) -> str:

@@ -18,13 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cupyq import dispatch, kernels, launch, reference, runtime
+from cupyq import cubin, dispatch, kernels, launch, reference, runtime
 from cupyq.bench import _random_exl2, _random_gptq, _time_graph
 from cupyq.device import torch_stream
 from cupyq.qmatrix import QMatrix
 from cupyq.quantize import quantize_exl2, quantize_gptq
 
 K = kernels.QmmaConfig
+W = kernels.WgmmaConfig
 CANDIDATES = {
     "s16": K(1, 1, 1, 8, 4, 4, 2),
     "s16b": K(1, 2, 1, 4, 4, 4, 2),
@@ -39,6 +40,10 @@ CANDIDATES = {
     "s64_3": K(4, 1, 1, 8, 2, 3, 2),
     "s64k4": K(4, 1, 1, 8, 4, 2, 2),
     "s64_6": K(4, 1, 1, 8, 2, 6, 1),
+    "wg64": W(64, 2, 4),
+    "wg128": W(128, 2, 4),
+    "wg128k1": W(128, 1, 6),
+    "wg64k4": W(64, 4, 3),
 }
 CT = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
@@ -52,7 +57,8 @@ def run_plan(qm, plan, x, out, ctype):
 def precompile(names):
     t = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda n: runtime.get_function(n[0], n[1], 0), names))
+        list(pool.map(lambda n: (cubin.get_function if n[0] == "qwgmma.cu" else runtime.get_function)(n[0], n[1], 0),
+                      names))
     return time.perf_counter() - t
 
 
@@ -81,7 +87,7 @@ def check(rng, report):
         zr = 1 if launch._chunk_uniform_groups(qm) else 4
         for cfg in CANDIDATES.values():
             for dt in CT.values():
-                names.add(("qmma.cu", cfg.name(dt, zr, h8, h4)))
+                names.add(("qwgmma.cu" if isinstance(cfg, W) else "qmma.cu", cfg.name(dt, zr, h8, h4)))
             names.add(("qmma.cu", kernels.dequant_t_name("__half", h8, h4)))
     report["compile_check_s"] = precompile(sorted(names))
     worst = {}

@@ -387,3 +387,43 @@ def test_qmma_activation_staging(fmt, act_order, m):
         assert torch.equal(x, x_before)
         y_ref = x.float().cpu().numpy().astype(np.float64) @ w
         assert rel_err(out.float().cpu().numpy(), y_ref) < REL_TOL
+
+
+def _sm90():
+    import cupy
+
+    return cupy.cuda.Device(0).compute_capability == "90"
+
+
+@pytest.mark.parametrize("layout", ["gptq4", "gptq4_act", "gptq8", "exl2_all"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("nb", [64, 128])
+def test_qwgmma_matches_reference(layout, dtype, nb):
+    """The sm_90a warpgroup kernel on every storage (4-bit, 8-bit, EXL2 mixes with act-order permutation), both
+    activation types, batches that are not a multiple of 8 and span several m blocks, outputs poisoned."""
+    import torch
+
+    from cupyq import kernels, launch
+    from cupyq.device import torch_stream
+
+    if not _sm90():
+        pytest.skip("qwgmma needs an sm_90 GPU")
+    rng = np.random.default_rng(nb + len(layout) + len(dtype))
+    if layout.startswith("gptq"):
+        bits = 8 if layout == "gptq8" else 4
+        t = random_gptq(rng, 1024, 320, bits=bits, group_size=64, act_order=layout.endswith("act"), bias=True)
+        qm, w = build("gptq", t, bits=bits), ref_weight("gptq", t, bits=bits)
+    else:
+        t = random_exl2(rng, 1024, 320, EXL2_MIXES["all"], bias=True)
+        qm, w = build("exl2", t), ref_weight("exl2", t)
+    cfg = kernels.WgmmaConfig(nb, 2, 3)
+    ct = "__half" if dtype == "float16" else "__nv_bfloat16"
+    tol = REL_TOL if dtype == "float16" else 1.5e-2
+    for m in (1, 13, 64, nb + 9, 2 * nb + 40):
+        x = torch.from_numpy(rng.standard_normal((m, 1024)).astype(np.float32)).cuda().to(getattr(torch, dtype))
+        out = torch.full((m, 320), float("nan"), dtype=x.dtype, device="cuda")
+        plan = launch._qmma_plan(qm, m, ct, cfg)
+        launch._launch_plan(qm, plan, x.data_ptr(), out.data_ptr(), m, ct, torch_stream(0),
+                            torch.cuda.is_current_stream_capturing)
+        y_ref = x.float().cpu().numpy().astype(np.float64) @ w.astype(np.float64) + t["bias"].astype(np.float64)
+        assert rel_err(out.float().cpu().numpy(), y_ref) < tol, m

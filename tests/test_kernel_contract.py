@@ -31,10 +31,10 @@ def test_qgemv_parameters_match_the_source():
     assert tuple(_signature("qgemm.cu", "qgemv")) == kernels.QGEMV_PARAMS
 
 
-def test_shared_constants_match_the_source():
-    code = read_cuda_source("qmma.cu")
-    assert f"constexpr int kThreads = {kernels.QMMA_THREADS};" in code
-    assert f"constexpr int kChunksPerCta = {kernels.DEQUANT_T_CHUNKS_PER_CTA};" in code
+def test_qwgmma_parameters_match_the_source():
+    assert tuple(_signature("qwgmma.cu", "qwgmma")) == kernels.QMMA_PARAMS
+    assert tuple(_signature("qwgmma.cu", "frag_xw")) == kernels.FRAG_XW_PARAMS
+    assert tuple(_signature("qmma.cu", "frag_x")) == kernels.FRAG_X_PARAMS
 
 
 @pytest.mark.parametrize("limit,cfg", sorted(kernels.QMMA_CONFIGS.items()))

@@ -70,6 +70,8 @@ _DEFINED_IN = {
     "CUPYQ_CHUNK_ROWS": ("qdq.cuh", "kChunkRows"),
     "CUPYQ_GEMV_THREADS": ("qgemm.cu", "kThreads"),
     "CUPYQ_STEP_CHUNKS": ("qgemm.cu", "kStepChunks"),
+    "CUPYQ_TC_THREADS": ("tensor_tiles.cuh", "kThreads"),
+    "CUPYQ_DEQUANT_T_CHUNKS": ("tensor_tiles.cuh", "kDequantTChunks"),
 }
 
 
@@ -103,8 +105,13 @@ def test_sources_refuse_to_compile_without_the_defines(monkeypatch):
     for name in every:
         defines = {k: v for k, v in every.items() if k != name}
         monkeypatch.setattr(kernels, "NVRTC_DEFINES", defines)
+        source = _DEFINED_IN[name][0]
+        if source == "tensor_tiles.cuh":  # included by qmma.cu
+            kernel, source = kernels.dequant_t_name("__half", False, True), "qmma.cu"
+        else:
+            kernel, source = kernels.qgemv_name("__half", 1, False, True), "qgemm.cu"
         with pytest.raises(nvrtc.CompileError, match=rf"#error.*{name}"):
-            nvrtc.kernel_resources(kernels.qgemv_name("__half", 1, False, True), "sm_80")
+            nvrtc.kernel_resources(kernel, "sm_80", source=source)
 
 
 def test_device_index_accepts_the_usual_spellings(monkeypatch):
