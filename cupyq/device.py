@@ -204,6 +204,22 @@ def sm_count(device_id: int) -> int:
     return n
 
 
+_capabilities: dict = {}
+
+
+def compute_capability(device_id) -> tuple:
+    """(major, minor) compute capability of a device (cached); (0, 0) for ``None`` (a CPU matrix)."""
+    cc = _capabilities.get(device_id)
+    if cc is None:
+        if device_id is None:
+            return (0, 0)
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(device_id)
+        cc = _capabilities[device_id] = (int(props["major"]), int(props["minor"]))
+    return cc
+
+
 _external_streams: dict = {}
 
 

@@ -144,7 +144,7 @@ class WgmmaConfig:
 
 # Tilings of qwgmma by the largest batch they serve; larger batches run several m blocks.
 WGMMA_CONFIGS = {
-    64: WgmmaConfig(nb=64, ks=2, stages=4),
+    64: WgmmaConfig(nb=64, ks=4, stages=3),
     128: WgmmaConfig(nb=128, ks=2, stages=4),
 }
 
@@ -216,6 +216,11 @@ def kernel_names(source: str) -> list[str]:
 # Sources whose kernels need an architecture-specific target: on an sm_90 device qwgmma.cu is built for sm_90a
 # (wgmma); for other targets it compiles to kernels that trap, which dispatch never launches.
 _SOURCE_TARGETS = {"qwgmma.cu": {"sm_90": "sm_90a"}}
+
+
+def has_specific_targets(source: str) -> bool:
+    """Whether ``source`` is built for an architecture-specific target on some devices."""
+    return source in _SOURCE_TARGETS
 
 
 def target_arch(source: str, arch: str) -> str:

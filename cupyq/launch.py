@@ -13,23 +13,36 @@ import threading
 
 import numpy as np
 
-from cupyq import cubin, kernels, runtime
+from cupyq import kernels, runtime
+from cupyq.device import compute_capability as device_compute_capability
 from cupyq.device import sm_count
 from cupyq.scratch import workspace
 
 # Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given. Measured on an
 # H200 (BENCHMARKS.md): qmma wins up to m = 128 on layers of 32 M weights or more, and up to m = 64 on smaller
-# ones, where the dense product is cheap and the quantized kernel's work per weight dominates.
+# ones, where the dense product is cheap and the quantized kernel's work per weight dominates; where qwgmma runs
+# (sm_90), it wins up to m = 256 and 128.
 DENSE_THRESHOLD = int(os.environ.get("CUPYQ_DENSE_THRESHOLD", 128))
 SMALL_LAYER_WEIGHTS = 1 << 25
 SMALL_LAYER_THRESHOLD = min(64, DENSE_THRESHOLD)
+WGMMA_DENSE_THRESHOLD = int(os.environ.get("CUPYQ_WGMMA_DENSE_THRESHOLD", 256))
+WGMMA_SMALL_LAYER_THRESHOLD = min(128, WGMMA_DENSE_THRESHOLD)
+WGMMA_MIN_M = 33  # qwgmma from this many rows on (measured even with qmma at m = 32)
 
 
 def dense_threshold(qm) -> int:
     """Largest batch (rows of x) that :func:`gemm` sends to the quantized kernel for this matrix."""
-    if qm.in_features * qm.out_features < SMALL_LAYER_WEIGHTS:
-        return SMALL_LAYER_THRESHOLD
-    return DENSE_THRESHOLD
+    small = qm.in_features * qm.out_features < SMALL_LAYER_WEIGHTS
+    if wgmma_supported(qm):
+        return WGMMA_SMALL_LAYER_THRESHOLD if small else WGMMA_DENSE_THRESHOLD
+    return SMALL_LAYER_THRESHOLD if small else DENSE_THRESHOLD
+
+
+def wgmma_supported(qm) -> bool:
+    """Whether qwgmma can run ``qm``: an sm_90 device, and weights in one storage width (8-bit or 4-bit chunks,
+    not both: EXL2 mixes with 5-8-bit and 2-4-bit groups take qmma)."""
+    lay = qm.layout
+    return device_compute_capability(qm.device_id) == (9, 0) and not (lay.chunks8 > 0 and lay.chunks4 > 0)
 
 
 # Batches of at most this many rows (two m8 tiles; see _two_tile_gemv for 9-16) use the streaming kernel qgemv:
@@ -96,16 +109,20 @@ class LaunchPlan:
 
 def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
     """(kernel, reason): which path :func:`gemm` takes for ``m`` rows of ``ctype`` activations, by rules in
-    order. Kernels: "qgemv" (streaming, one m8 tile), "qgemv2" (two m8 tiles), "qmma" (pipelined tensor-core
-    kernel), "dense" (dequantise into scratch + dense matmul; falls back to qmma when the scratch cannot hold a
-    chunk of 64 rows)."""
+    order. Kernels: "qgemv" (streaming, one m8 tile), "qgemv2" (two m8 tiles), "qwgmma" (warpgroup tensor-core
+    kernel, sm_90), "qmma" (pipelined tensor-core kernel), "dense" (dequantise into scratch + dense matmul; falls
+    back to the quantized kernel when the scratch cannot hold a chunk of 64 rows)."""
     if m <= 8:
         return "qgemv", "m <= 8: the streaming kernel with one m8 tile"
     if m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype):
         return "qgemv2", "9-16 rows of fp16 on 4-bit storage: the streaming kernel with two m8 tiles"
     if m > dense_threshold(qm) and not force_cuda:
         return "dense", f"m > {dense_threshold(qm)}: dequantise and multiply densely (compute-bound batches)"
-    cfg = choose_qmma(m, qm.in_features * qm.out_features)
+    weights = qm.in_features * qm.out_features
+    if m >= WGMMA_MIN_M and wgmma_supported(qm):
+        cfg = choose_wgmma(m, weights)
+        return "qwgmma", f"m = {m} on sm_90: qwgmma with {cfg.m_tile}x{cfg.n_tile} tiles"
+    cfg = choose_qmma(m, weights)
     return "qmma", f"m = {m}: qmma with {cfg.m_tile}x{cfg.n_tile} tiles"
 
 
@@ -115,6 +132,8 @@ def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:
     kernel, _ = choose_kernel(qm, m, ctype, force_cuda=True)
     if kernel in ("qgemv", "qgemv2"):
         return _qgemv_plan(qm, m, ctype)
+    if kernel == "qwgmma":
+        return _qmma_plan(qm, m, ctype, choose_wgmma(m, qm.in_features * qm.out_features))
     return _qmma_plan(qm, m, ctype, choose_qmma(m, qm.in_features * qm.out_features))
 
 
@@ -138,6 +157,14 @@ def choose_qmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.QmmaConfig:
     return kernels.QMMA_CONFIGS[limits[-1]]
 
 
+def choose_wgmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.WgmmaConfig:
+    """The qwgmma tiling for ``m`` rows of a layer of ``weights`` weights: 64-row tiles, 128-row tiles for
+    batches above 64 rows on layers of WIDE_TILE_WEIGHTS or more."""
+    if m > 64 and weights >= WIDE_TILE_WEIGHTS:
+        return kernels.WGMMA_CONFIGS[128]
+    return kernels.WGMMA_CONFIGS[64]
+
+
 def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
     """Launch plan of qmma (cfg: a kernels.QmmaConfig) or of qwgmma on sm_90 (cfg: a kernels.WgmmaConfig): one CTA
     per resident slot (stream-K over the tile iterations), after frag_x / frag_xw has written the activations in
@@ -148,8 +175,8 @@ def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
     name = cfg.name(ctype, zr, has8, has4)
     wgmma = isinstance(cfg, kernels.WgmmaConfig)
     if wgmma:
-        fn = cubin.get_function("qwgmma.cu", name, qm.device_id)
-        ffn = cubin.get_function("qwgmma.cu", kernels.frag_xw_name(ctype), qm.device_id)
+        fn = runtime.get_function("qwgmma.cu", name, qm.device_id)
+        ffn = runtime.get_function("qwgmma.cu", kernels.frag_xw_name(ctype), qm.device_id)
     else:
         fn = runtime.get_function("qmma.cu", name, qm.device_id)
         ffn = runtime.get_function("qmma.cu", kernels.frag_x_name(ctype), qm.device_id)
@@ -442,6 +469,10 @@ def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:
             kernel, _ = choose_kernel(qm, m, ctype)
             if kernel == "dense":
                 names.add(("qmma.cu", kernels.dequant_t_name(ctype, has8, has4)))
+            elif kernel == "qwgmma":
+                zr = 1 if _chunk_uniform_groups(qm) else 4
+                names.add(("qwgmma.cu", choose_wgmma(m, qm.in_features * qm.out_features).name(ctype, zr, has8, has4)))
+                names.add(("qwgmma.cu", kernels.frag_xw_name(ctype)))
             elif kernel in ("qgemv", "qgemv2"):
                 names.add(("qgemm.cu", kernels.qgemv_name(ctype, 1 if kernel == "qgemv" else 2, has8, has4)))
             else:

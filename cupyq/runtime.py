@@ -5,13 +5,16 @@ directory, and the warmup that compiles everything a set of matrices needs at on
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import json
 import os
 import sys
 import threading
 import time
 from pathlib import Path
 
-from cupyq import nvrtc
+from cupyq import kernels, nvrtc
 from cupyq.sources import read_cuda_source
 
 
@@ -38,13 +41,21 @@ def get_function(source: str, name: str, device_id: int):
     """The compiled kernel ``name`` from ``cuda_src/source`` on ``device_id``.
 
     Each instantiation is its own module, compiled on first use (and cached on disk by CuPy), so a model
-    compiles only the variants it needs.
+    compiles only the variants it needs. Sources that need an architecture-specific target on this device
+    (:func:`cupyq.kernels.target_arch`: qwgmma.cu on sm_90 is built for sm_90a) are compiled by NVRTC directly
+    and loaded from a cubin (:class:`CubinKernel`).
     """
     key = (source, name, device_id)
     fn = _functions.get(key)
     if fn is not None:
         return fn
     import cupy
+
+    if kernels.has_specific_targets(source):
+        arch = "sm_" + cupy.cuda.Device(device_id).compute_capability
+        target = kernels.target_arch(source, arch)
+        if target != arch:
+            return _load_cubin_function(source, name, device_id, target)
 
     # A compile takes seconds; loading from CuPy's disk cache a few milliseconds. Say so when it is slow.
     notice = threading.Timer(COMPILE_NOTICE_S, lambda: print(
@@ -96,3 +107,101 @@ def warmup(qmatrices, *, max_m: int = 64, progress=None, workers=None) -> float:
         if progress is not None:
             progress(i, qm)
     return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Architecture-specific kernels, loaded from cubins
+
+_cubin_lock = threading.Lock()
+_MAX_DYNAMIC_SMEM_ATTR = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+
+class CubinKernel:
+    """A kernel loaded from a cubin: ``kernel.ptr`` is its CUfunction, ``name`` its expression, and
+    ``max_dynamic_shared_size_bytes`` reads and raises its dynamic shared-memory limit."""
+
+    def __init__(self, module, function, name: str):
+        self._module = module  # keeps the module loaded
+        self.kernel = function
+        self.name = name
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        from cupy_backends.cuda.api import driver
+
+        return driver.funcGetAttribute(_MAX_DYNAMIC_SMEM_ATTR, self.kernel.ptr)
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int):
+        from cupy_backends.cuda.api import driver
+
+        driver.funcSetAttribute(self.kernel.ptr, _MAX_DYNAMIC_SMEM_ATTR, int(value))
+
+
+def _nvrtc_library():
+    """The libnvrtc CuPy loaded (its program handles are only valid there), found in the process's mappings."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if "libnvrtc.so" in os.path.basename(path):
+                return ctypes.CDLL(path)
+    raise RuntimeError("cupyq: CuPy's NVRTC library is not loaded")
+
+
+def _cubin_bytes(prog: int) -> bytes:
+    # CuPy's nvrtc.getCUBIN returns one byte short of the image; ask NVRTC for the size itself.
+    lib = _nvrtc_library()
+    size = ctypes.c_size_t()
+    if lib.nvrtcGetCUBINSize(ctypes.c_void_p(prog), ctypes.byref(size)) != 0:
+        raise RuntimeError("cupyq: nvrtcGetCUBINSize failed")
+    buf = ctypes.create_string_buffer(size.value)
+    if lib.nvrtcGetCUBIN(ctypes.c_void_p(prog), buf) != 0:
+        raise RuntimeError("cupyq: nvrtcGetCUBIN failed")
+    return buf.raw
+
+
+def _compile_cubin(source: str, name: str, arch: str) -> tuple:
+    """(cubin bytes, lowered name) of one instantiation, from the disk cache or NVRTC."""
+    from cupy_backends.cuda.libs import nvrtc as libnvrtc
+
+    code = read_cuda_source(source)
+    options = nvrtc.nvrtc_options(arch)
+    key = hashlib.sha256(json.dumps([code, options, name, libnvrtc.getVersion()]).encode()).hexdigest()
+    cache = kernel_cache_dir() / f"cupyq_{arch}_{key}.cubin"
+    meta = cache.with_suffix(".json")
+    if cache.exists() and meta.exists():
+        return cache.read_bytes(), json.loads(meta.read_text())["lowered"]
+    prog = libnvrtc.createProgram(code, source, [], [])
+    try:
+        libnvrtc.addNameExpression(prog, name)
+        try:
+            libnvrtc.compileProgram(prog, options)
+        except Exception as exc:  # NVRTCError carries no log; fetch it
+            raise nvrtc.CompileError(f"{name} for {arch} failed:\n{libnvrtc.getProgramLog(prog) or exc}") from None
+        cubin = _cubin_bytes(prog)
+        lowered = libnvrtc.getLoweredName(prog, name)
+    finally:
+        libnvrtc.destroyProgram(prog)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(cubin)
+    os.replace(tmp, cache)  # readers see a whole file or none
+    meta.write_text(json.dumps({"name": name, "lowered": lowered}))
+    return cubin, lowered
+
+
+def _load_cubin_function(source: str, name: str, device_id: int, arch: str) -> CubinKernel:
+    """Kernel ``name`` of ``cuda_src/source`` compiled for ``arch`` and loaded on ``device_id`` (cached)."""
+    key = (source, name, device_id)
+    with _cubin_lock:
+        fn = _functions.get(key)
+        if fn is None:
+            import cupy
+            from cupy.cuda import function
+
+            cubin, lowered = _compile_cubin(source, name, arch)
+            with cupy.cuda.Device(device_id):
+                module = function.Module()
+                module.load(cubin)
+                fn = _functions[key] = CubinKernel(module, module.get_function(lowered), name)
+    return fn

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cupyq import cubin, dispatch, kernels, launch, reference, runtime
+from cupyq import dispatch, kernels, launch, reference, runtime
 from cupyq.bench import _random_exl2, _random_gptq, _time_graph
 from cupyq.device import torch_stream
 from cupyq.qmatrix import QMatrix
@@ -57,7 +57,7 @@ def run_plan(qm, plan, x, out, ctype):
 def precompile(names):
     t = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda n: (cubin.get_function if n[0] == "qwgmma.cu" else runtime.get_function)(n[0], n[1], 0),
+        list(pool.map(lambda n: runtime.get_function(n[0], n[1], 0),
                       names))
     return time.perf_counter() - t
 

@@ -395,12 +395,13 @@ def _sm90():
     return cupy.cuda.Device(0).compute_capability == "90"
 
 
-@pytest.mark.parametrize("layout", ["gptq4", "gptq4_act", "gptq8", "exl2_all"])
+@pytest.mark.parametrize("layout", ["gptq4", "gptq4_act", "gptq8", "gptq3_act", "exl2_3_2", "exl2_6_5"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("nb", [64, 128])
 def test_qwgmma_matches_reference(layout, dtype, nb):
-    """The sm_90a warpgroup kernel on every storage (4-bit, 8-bit, EXL2 mixes with act-order permutation), both
-    activation types, batches that are not a multiple of 8 and span several m blocks, outputs poisoned."""
+    """The sm_90a warpgroup kernel on both storages it runs (4-bit: GPTQ 2-4 bits, EXL2 mixes of 2-4 bits;
+    8-bit: GPTQ 8 bits, EXL2 mixes of 5-8 bits), with act-order and EXL2 row permutations, both activation
+    types, batches that are not a multiple of 8 and span several m blocks, outputs poisoned."""
     import torch
 
     from cupyq import kernels, launch
@@ -410,12 +411,13 @@ def test_qwgmma_matches_reference(layout, dtype, nb):
         pytest.skip("qwgmma needs an sm_90 GPU")
     rng = np.random.default_rng(nb + len(layout) + len(dtype))
     if layout.startswith("gptq"):
-        bits = 8 if layout == "gptq8" else 4
+        bits = int(layout[4])
         t = random_gptq(rng, 1024, 320, bits=bits, group_size=64, act_order=layout.endswith("act"), bias=True)
         qm, w = build("gptq", t, bits=bits), ref_weight("gptq", t, bits=bits)
     else:
-        t = random_exl2(rng, 1024, 320, EXL2_MIXES["all"], bias=True)
+        t = random_exl2(rng, 1024, 320, EXL2_MIXES[layout[5:]], bias=True)
         qm, w = build("exl2", t), ref_weight("exl2", t)
+    assert launch.wgmma_supported(qm)
     cfg = kernels.WgmmaConfig(nb, 2, 3)
     ct = "__half" if dtype == "float16" else "__nv_bfloat16"
     tol = REL_TOL if dtype == "float16" else 1.5e-2

@@ -57,6 +57,12 @@ def test_choose_qmma_picks_the_smallest_tile_that_holds_the_batch():
         assert small == (kernels.QMMA_CONFIGS[32] if 32 < m <= 64 else cfg)
 
 
+@pytest.fixture(autouse=True)
+def _sm80(monkeypatch):
+    """The rules are checked for an sm_80 device unless a test says otherwise (no GPU is asked)."""
+    monkeypatch.setattr(launch, "device_compute_capability", lambda device_id: (8, 0))
+
+
 def _fake(k, n, chunks8=0, uniform=True):
     tile_group = np.repeat(np.arange(k // 128), 8) if uniform else np.arange(k // 16)
     layout = SimpleNamespace(chunks8=chunks8, chunks4=k // 64 - chunks8, padded_cols=n, padded_rows=k,
@@ -78,6 +84,38 @@ def test_dispatch_rules(k, n):
     assert launch.choose_kernel(qm, 129, "__half")[0] == "dense"
     kernel, why = launch.choose_kernel(qm, 4096, "__half", force_cuda=True)
     assert kernel == "qmma" and "4096" in why
+
+
+@pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 28672)])
+def test_dispatch_rules_on_sm90(monkeypatch, k, n):
+    monkeypatch.setattr(launch, "device_compute_capability", lambda device_id: (9, 0))
+    qm = _fake(k, n)
+    small = k * n < launch.SMALL_LAYER_WEIGHTS
+    assert launch.choose_kernel(qm, 8, "__half")[0] == "qgemv"
+    assert launch.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
+    assert launch.choose_kernel(qm, 32, "__half")[0] == "qmma"
+    assert launch.choose_kernel(qm, 33, "__nv_bfloat16")[0] == "qwgmma"
+    assert launch.choose_kernel(qm, 128, "__half")[0] == "qwgmma"
+    assert launch.choose_kernel(qm, 256, "__half")[0] == ("dense" if small else "qwgmma")
+    assert launch.choose_kernel(qm, 257, "__half")[0] == "dense"
+    kernel, why = launch.choose_kernel(qm, 100, "__half")
+    assert "sm_90" in why and ("128x128" if k * n >= launch.WIDE_TILE_WEIGHTS else "64x128") in why
+    mixed = _fake(k, n, chunks8=4)  # 8-bit and 4-bit storage: qmma, and qmma's dense thresholds
+    assert launch.choose_kernel(mixed, 64, "__half")[0] == "qmma"
+    assert launch.choose_kernel(mixed, 129, "__half")[0] == "dense"
+    names = launch.needed_kernels(qm, max_m=256)
+    assert ("qwgmma.cu", kernels.frag_xw_name("__half")) in names
+    assert ("qwgmma.cu", kernels.WGMMA_CONFIGS[64].name("__half", 1, False, True)) in names
+
+
+def test_choose_wgmma():
+    assert launch.choose_wgmma(64) == kernels.WGMMA_CONFIGS[64]
+    assert launch.choose_wgmma(65) == kernels.WGMMA_CONFIGS[128]
+    assert launch.choose_wgmma(65, 4096 * 14336) == kernels.WGMMA_CONFIGS[64]
+    for cfg in kernels.WGMMA_CONFIGS.values():
+        for has8 in (False, True):
+            for zr in (1, 4):
+                assert cfg.smem_bytes(has8, zr) <= launch.QMMA_SMEM_LIMIT, (cfg, has8, zr)
 
 
 def test_needed_kernels_follow_the_rules():

@@ -51,3 +51,14 @@ def test_qmma_registers_without_spills(cfg, name):
 def test_dense_path_dequantisation_without_spills(name):
     r = nvrtc.kernel_resources(name, "sm_90", source="qmma.cu")
     assert r.stack_bytes == 0 and r.spill_store_bytes == 0, r
+
+
+_QWGMMA = [n for n in kernels.qwgmma_kernel_names() if n.startswith("qwgmma")]
+
+
+@pytest.mark.parametrize("name", _QWGMMA)
+def test_qwgmma_registers_without_spills(name):
+    # sm_90a: the wgmma target; one CTA of 256 threads per multiprocessor (launch bound 255 registers)
+    r = nvrtc.kernel_resources(name, "sm_90a", source="qwgmma.cu")
+    assert r.registers <= 255, r
+    assert r.stack_bytes == 0 and r.spill_store_bytes == 0 and r.spill_load_bytes == 0, r
