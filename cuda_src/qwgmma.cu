@@ -309,14 +309,18 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, 1)
 
         const unsigned char* st = smem + (size_t)(it % STAGES) * S::kStageBytes;
         const bool is8 = HAS8 && (!HAS4 || c_ks * KS < C8);
+        // Each branch completes its wgmmas before the branches join (this stage's buffer may be refilled after the
+        // next barrier): the compiler may move the accumulators at the join, which it must not do while a wgmma
+        // still writes them.
         if (HAS8 && is8) {
 #pragma unroll
             for (int cc = 0; cc < KS; ++cc) compute_chunk(st, cc, StorageTag<HAS8>{});
+            wgmma_wait<0>();
         } else {
 #pragma unroll
             for (int cc = 0; cc < KS; ++cc) compute_chunk(st, cc, StorageTag<false>{});
+            wgmma_wait<0>();
         }
-        wgmma_wait<0>();  // this stage's buffer may be refilled after the next barrier
         if (it + 1 == end || c_ks == ksteps - 1) finish_tile(it);
         if (++c_ks == ksteps) c_ks = 0;
     }
