@@ -2,7 +2,8 @@
 
 Meant to run under compute-sanitizer (scripts/gpu_check.sh SANITIZE=1 runs it with memcheck and racecheck):
 small shapes, padded columns, odd batch sizes, fp16 and bf16, every storage (4-bit, 8-bit, mixed), the
-streaming kernel (one and two m8 tiles), each qmma tiling (whole tiles and stream-K partial sums), the dense
+streaming kernel (one and two m8 tiles), each qmma tiling and, on sm_90, each qwgmma tiling (whole tiles and
+stream-K partial sums; with frag_x / frag_xw, which write their activations), the dense
 path (gather + transposed dequantisation + cuBLAS) and the dequantise kernel. Exits 1 on a wrong result.
 """
 
@@ -33,7 +34,8 @@ def main() -> int:
     e = quantize_exl2(w, bits=(8, 4), proportions=(0.5, 0.5))
     args = (e["q_weight"], e["q_invperm"], e["q_scale"], e["q_scale_max"], e["q_groups"])
     mats.append(("exl2_8_4", QMatrix.from_exl2(*args, device=0), reference.dequantize_exl2(*args)))
-    ms = sorted({1, 12, 40} | {lim + 1 for lim in kernels.QMMA_CONFIGS} | {200})
+    ms = sorted({1, 12, 33, 40} | {lim + 1 for lim in kernels.QMMA_CONFIGS} | {lim + 1 for lim in kernels.WGMMA_CONFIGS}
+                | {200})
     bad = 0
     for name, qm, wref in mats:
         for dtype, tol in ((torch.float16, 3e-3), (torch.bfloat16, 2e-2)):
