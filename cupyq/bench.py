@@ -69,6 +69,10 @@ def _upstream_us():
 
 
 UPSTREAM_US = _upstream_us()
+
+# The formats run_benchmark times; "gptq_bf16" is "gptq" with bfloat16 activations, the others take float16.
+FORMATS = ("gptq", "gptq_act", "exl2", "awq", "gptq_bf16")
+_BF16_FORMATS = ("gptq_bf16",)
 # Small layers would need thousands of copies to exceed rotate_bytes; past this many they are timed from L2.
 _MAX_COPIES = 64
 
@@ -121,7 +125,7 @@ def _make_qmatrices(impl, k, n, copies, rng, device):
         t = _random_awq(rng, k, n)
         return [QMatrix.from_awq(t["qweight"], t["qzeros"], t["scales"], group_size=128, device=device)
                 for _ in range(copies)]
-    if impl in ("gptq", "gptq_act"):
+    if impl in ("gptq", "gptq_act", "gptq_bf16"):
         t = _random_gptq(rng, k, n, impl == "gptq_act")
         return [QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], device=device)
                 for _ in range(copies)]
@@ -185,10 +189,10 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
     """Time cupyq and baselines; returns rows {"K", "N", "m", "impl", "us", "graph_us"} (plus "upstream_us"
     where known), times in µs per call (see the module docstring).
 
-    formats: any of "gptq" (4-bit, group 128), "gptq_act" (the same with act-order), "awq" (4-bit, group 128,
-    zero points), "exl2" (all 4-bit, groups
-    of 32, random row permutation); baselines: "fp16" (torch.matmul) and "int4" (torch's
-    _weight_int4pack_mm, bf16, group 128). Needs torch with CUDA and a GPU.
+    formats: any of :data:`FORMATS`: "gptq" (4-bit, group 128), "gptq_act" (the same with act-order), "awq" (4-bit,
+    group 128, zero points), "exl2" (all 4-bit, groups of 32, random row permutation), "gptq_bf16" ("gptq" with
+    bfloat16 activations and output; every other format and fp16 take float16 x [m, K]); baselines: "fp16"
+    (torch.matmul) and "int4" (torch's _weight_int4pack_mm, bf16, group 128). Needs torch with CUDA and a GPU.
     """
     import torch
 
@@ -202,12 +206,14 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
     for k, n in shapes:
         xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in ms}
         for impl in tuple(formats) + tuple(baselines):
-            if impl in ("gptq", "gptq_act", "exl2", "awq"):
+            if impl in FORMATS:
                 copies = min(_MAX_COPIES, max(1, -(-rotate_bytes // (k * n // 2))))
                 qms = _make_qmatrices(impl, k, n, copies, rng, device)
+                bf16 = impl in _BF16_FORMATS
                 for qm in qms:
-                    qm.warmup(max_m=max(ms))
-                fn_of = lambda m: (lambda i: cupyq.gemm(xs[m], qms[i % len(qms)]))  # noqa: E731
+                    qm.warmup(max_m=max(ms), dtypes=("bfloat16",) if bf16 else ("float16",))
+                xq = {m: x.to(torch.bfloat16) for m, x in xs.items()} if bf16 else xs
+                fn_of = lambda m: (lambda i: cupyq.gemm(xq[m], qms[i % len(qms)]))  # noqa: E731
             elif impl == "fp16":
                 copies = min(_MAX_COPIES, max(1, -(-rotate_bytes // (k * n * 2))))
                 ws = [torch.randn(k, n, device=dev, dtype=torch.float16) for _ in range(copies)]
@@ -236,7 +242,7 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
                 rows.append(row)
                 if progress:
                     progress(row)
-            if impl in ("gptq", "gptq_act", "exl2", "awq"):
+            if impl in FORMATS:
                 for qm in qms:
                     qm.close()
                 del qms
@@ -279,7 +285,7 @@ def summarize(rows) -> str:
         if r.get("m") is None:
             continue
         by.setdefault((r["K"], r["N"], r["m"]), {})[r["impl"]] = r
-    impls = [i for i in ("gptq", "gptq_act", "exl2", "awq", "fp16", "int4") if any(i in v for v in by.values())]
+    impls = [i for i in FORMATS + ("fp16", "int4") if any(i in v for v in by.values())]
     head = ["K×N", "m"] + [f"{i} µs" for i in impls] + ["upstream gptq/act/exl2 µs", "gptq vs upstream",
                                                         "exl2 vs upstream", "gptq vs fp16"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -310,7 +316,7 @@ def main(argv=None):
                    help="rows of x: a comma-separated list or the option repeated, --ms 1,16 or --ms 1 --ms 16; --m is "
                         "the same option, as in `cupyq bench` (default: 1,2,4,...,4096)")
     p.add_argument("--formats", default="gptq,gptq_act,exl2",
-                   help="comma list of gptq, gptq_act, exl2, awq (default: gptq,gptq_act,exl2)")
+                   help=f"comma list of {', '.join(FORMATS)} (default: gptq,gptq_act,exl2)")
     p.add_argument("--baselines", default="fp16,int4", help="comma list; '' for none")
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--json", default=None, help="write rows to this JSON file")
@@ -318,7 +324,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
     ms = _flat_lists(a.ms)
-    rows = run_benchmark(shapes, ms, formats=[f for f in a.formats.split(",") if f],
+    formats = [f for f in a.formats.split(",") if f]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        p.error(f"--formats: expected names of {', '.join(FORMATS)}; got {', '.join(map(repr, unknown))}")
+    rows = run_benchmark(shapes, ms, formats=formats,
                          baselines=[b for b in a.baselines.split(",") if b], iters=a.iters,
                          progress=lambda r: print(json.dumps(r), flush=True))
     host = host_overhead()
