@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from cupyq.bench import recorded_peers
+from cupyq.bench import SHAPES, recorded_peers
 
 # The memory rate: a device-to-device copy on the H200, counting bytes read and written; the math rate: the dense
 # bf16 matrix rate measured on the same card.
@@ -117,20 +117,23 @@ def results_table(cells, previous=None, previous_label="previous GPTQ", peers=No
 
 
 def _faster_by_m(cells, peers, recording, keep_m):
-    """{m: (cells where GPTQ is faster than the recording, cells with both figures)} over every shape."""
-    out = {}
+    """{m: (cells where GPTQ is faster than the recording, cells with both figures)} over every shape, and the
+    shapes counted."""
+    out, shapes = {}, set()
     for (k, n, m), v in sorted(cells.items(), key=lambda kv: (kv[0][2], kv[0][:2])):
         peer = _peer_us(peers, recording, k, n, m)
         if not keep_m(m) or v.get("gptq") is None or peer is None:
             continue
         wins, total = out.get(m, (0, 0))
         out[m] = (wins + (v["gptq"] < peer), total + 1)
-    return out
+        shapes.add((k, n))
+    return out, shapes
 
 
 def targets(cells, peers=None) -> list:
     """The targets, each {"target", "measured", "met"} (met: True, False or None when not measured): GPTQ on
-    8192×28672 by m, bf16 activations beside fp16, and the floor of done over every shape of the run."""
+    8192×28672 by m, bf16 activations beside fp16, and the floor of done over every shape of the run (met only
+    when the run has all six standard shapes; a loss on fewer is "not met" all the same)."""
     peers = recorded_peers() if peers is None else peers
     k, n = TARGET_SHAPE
     shape = f"{k}×{n}"
@@ -158,13 +161,17 @@ def targets(cells, peers=None) -> list:
     for recording, label, keep_m, where in (
             (MARLIN, "Marlin", lambda m: m <= MARLIN_MAX_M, f"m ≤ {MARLIN_MAX_M}"),
             (EXLLAMAV2, "exllamav2 GPTQ", lambda m: m >= EXLLAMAV2_MIN_M, f"m ≥ {EXLLAMAV2_MIN_M}")):
-        by_m = _faster_by_m(cells, peers, recording, keep_m)
+        by_m, shapes = _faster_by_m(cells, peers, recording, keep_m)
         wins, total = sum(w for w, _ in by_m.values()), sum(t for _, t in by_m.values())
         per_m = ", ".join(f"m = {m}: {w}/{t}" for m, (w, t) in by_m.items())
+        missing = len(set(SHAPES) - shapes)
+        measured = f"{wins} of {total} cells ({per_m})" if total else "-"
+        if total and missing:
+            measured += f"; {missing} of the {len(SHAPES)} shapes not measured"
         out.append({"target": f"floor of done: GPTQ faster than recorded {label} in every cell with {where}, "
-                              "every shape",
-                    "measured": f"{wins} of {total} cells ({per_m})" if total else "-",
-                    "met": None if not total else wins == total})
+                              f"all {len(SHAPES)} shapes",
+                    "measured": measured,
+                    "met": False if wins < total else (None if missing or not total else True)})
     return out
 
 

@@ -165,7 +165,15 @@ def test_targets():
     # exllamav2, m >= 512: 4096×4096 m = 1024 (70 > 62) no; 8192×28672 m = 1024 has no recording
     t = _target(rows, "floor of done: GPTQ faster than recorded exllamav2")
     assert t["met"] is False and t["measured"].startswith("0 of 1 cells")
+    assert "5 of the 6 shapes not measured" in t["measured"]  # only 4096×4096 has both figures
     assert report.targets({}, PEERS) and all(t["met"] is None for t in report.targets({}, PEERS))
+    # the floor of done is met only over all six shapes: wins on two shapes alone are not enough
+    wins_on_two = {(4096, 4096, 1): {"gptq": 6.5}, (k, n, 16): {"gptq": 30.0}}
+    assert _target(report.targets(wins_on_two, PEERS), "floor of done: GPTQ faster than recorded Marlin")["met"] is None
+    six = {(kk, nn, 1): {"gptq": 5.0} for kk, nn in bench.SHAPES}
+    six_peers = {"marlin-2026-12-01": {"gptq": {shape: {1: 6.0} for shape in bench.SHAPES}}}
+    t = _target(report.targets(six, six_peers), "floor of done: GPTQ faster than recorded Marlin")
+    assert t["met"] is True and t["measured"] == "6 of 6 cells (m = 1: 6/6)"
     table = report.targets_table(rows)
     assert "| not measured |" in table and "| yes |" in table and "| no |" in table
 
