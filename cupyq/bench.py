@@ -16,40 +16,63 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 
+# Recorded figures of other runtimes (same method, same GPU model): benchmarks/recorded_peers.json, shipped as the
+# package data of cupyq.benchmarks.
+RECORDED_PEERS_FILE = "recorded_peers.json"
+
+
+def _recorded_peers_path():
+    here = Path(__file__).resolve().parent
+    tried = []
+    for folder in (here / "benchmarks", here.parent / "benchmarks"):  # an installed wheel; a source checkout
+        path = folder / RECORDED_PEERS_FILE
+        if path.is_file():
+            return path
+        tried.append(str(path))
+    raise FileNotFoundError(f"{RECORDED_PEERS_FILE} not found; looked in: {', '.join(tried)}")
+
+
+def recorded_peers() -> dict:
+    """The recorded peer figures: {recording: {impl: {(K, N): {m: µs}}}} (ints K, N, m; float µs per call).
+
+    Recordings are named "<runtime>-<date>" (e.g. "marlin-2026-12-01"); impl uses this module's names ("gptq",
+    "gptq_act", "exl2"). The file's "about" and each recording's "runtime", "date" and "setup" describe them.
+    """
+    with open(_recorded_peers_path(), encoding="utf-8") as f:
+        doc = json.load(f)
+    out = {}
+    for name, rec in doc["recordings"].items():
+        out[name] = {impl: {tuple(int(v) for v in shape.split("x")): {int(m): float(us) for m, us in cells.items()}
+                            for shape, cells in shapes.items()}
+                     for impl, shapes in rec["us"].items()}
+    return out
+
+
 # The original ExLlama v2 runtime (0.3.2, built from source) on one H200 with torch 2.11 / CUDA 13, summed
-# kernel time per call from the torch profiler (µs): GPTQ group 128, GPTQ act-order, EXL2 all 4-bit g32.
-UPSTREAM_US = {
-    (4096, 4096): {1: (10.4, 10.9, 9.0), 2: (11.1, 11.6, 11.2), 4: (12.9, 13.6, 15.9), 8: (14.8, 15.7, 24.0),
-                   16: (25.8, 27.1, 35.3), 32: (37.1, 38.7, 62.8), 64: (26.5, 28.2, 24.7), 128: (30.1, 32.2, 28.6),
-                   256: (32.3, 34.1, 31.6), 1024: (62.5, 63.8, 61.1), 4096: (189.9, 191.9, 189.0)},
-    (4096, 14336): {1: (13.3, 14.0, 18.4), 2: (14.9, 15.9, 24.0), 4: (19.9, 20.9, 33.5), 8: (32.4, 33.7, 53.9),
-                    16: (57.5, 58.6, 98.0), 32: (105.1, 106.5, 187.1), 64: (80.4, 85.0, 85.6),
-                    128: (78.8, 84.8, 83.2), 256: (86.9, 91.6, 91.7), 1024: (206.7, 212.1, 211.2),
-                    4096: (658.9, 671.5, 668.5)},
-    (14336, 4096): {1: (15.8, 14.8, 23.9), 2: (19.4, 17.8, 32.1), 4: (21.8, 22.9, 39.9), 8: (33.1, 35.5, 55.2),
-                    16: (58.5, 60.7, 100.0), 32: (106.8, 110.4, 189.6), 64: (79.6, 84.2, 84.8),
-                    128: (85.7, 90.4, 90.6), 256: (95.1, 100.5, 101.3), 1024: (189.8, 193.9, 195.3),
-                    4096: (637.0, 642.6, 648.0)},
-    (8192, 8192): {1: (21.1, 21.9, 20.7), 2: (22.9, 24.1, 27.1), 4: (28.3, 29.8, 39.2), 8: (40.7, 42.4, 65.6),
-                   16: (66.2, 68.0, 121.6), 32: (120.4, 123.1, 234.2), 64: (89.9, 100.2, 91.9),
-                   128: (96.8, 107.2, 99.0), 256: (104.7, 114.8, 106.9), 1024: (253.2, 264.5, 254.9),
-                   4096: (778.6, 790.3, 777.5)},
-    (8192, 28672): {1: (46.4, 47.2, 57.4), 2: (52.0, 53.0, 77.5), 4: (64.4, 66.0, 108.6), 8: (112.6, 114.7, 192.7),
-                    16: (207.7, 210.9, 371.6), 32: (396.9, 402.2, 730.3), 64: (280.9, 315.8, 289.7),
-                    128: (285.9, 322.2, 296.0), 256: (335.8, 371.1, 343.1), 1024: (786.1, 831.4, 802.3),
-                    4096: (2893.0, 2978.2, 2893.0)},
-    (28672, 8192): {1: (46.9, 48.6, 58.5), 2: (52.4, 54.2, 79.5), 4: (69.2, 71.3, 111.7), 8: (115.6, 117.8, 195.2),
-                    16: (211.1, 216.9, 375.4), 32: (403.1, 413.3, 736.0), 64: (289.8, 323.5, 298.3),
-                    128: (287.8, 321.5, 296.8), 256: (338.5, 372.8, 347.0), 1024: (787.8, 820.8, 788.8),
-                    4096: (2994.4, 3033.1, 3022.9)},
-}
+# kernel time per call from the torch profiler (µs): {(K, N): {m: (GPTQ group 128, GPTQ act-order, EXL2 all
+# 4-bit g32)}}, the recording "exllamav2-2026-11-28" of recorded_peers().
+UPSTREAM_RECORDING = "exllamav2-2026-11-28"
 UPSTREAM_IMPLS = ("gptq", "gptq_act", "exl2")
+
+
+def _upstream_us():
+    rec = recorded_peers()[UPSTREAM_RECORDING]
+    return {shape: {m: tuple(rec[impl][shape][m] for impl in UPSTREAM_IMPLS) for m in cells}
+            for shape, cells in rec[UPSTREAM_IMPLS[0]].items()}
+
+
+UPSTREAM_US = _upstream_us()
+
+# The formats run_benchmark times; "gptq_bf16" is "gptq" with bfloat16 activations, the others take float16.
+FORMATS = ("gptq", "gptq_act", "exl2", "awq", "gptq_bf16")
+_BF16_FORMATS = ("gptq_bf16",)
 # Small layers would need thousands of copies to exceed rotate_bytes; past this many they are timed from L2.
 _MAX_COPIES = 64
 
@@ -102,7 +125,7 @@ def _make_qmatrices(impl, k, n, copies, rng, device):
         t = _random_awq(rng, k, n)
         return [QMatrix.from_awq(t["qweight"], t["qzeros"], t["scales"], group_size=128, device=device)
                 for _ in range(copies)]
-    if impl in ("gptq", "gptq_act"):
+    if impl in ("gptq", "gptq_act", "gptq_bf16"):
         t = _random_gptq(rng, k, n, impl == "gptq_act")
         return [QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], device=device)
                 for _ in range(copies)]
@@ -166,10 +189,10 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
     """Time cupyq and baselines; returns rows {"K", "N", "m", "impl", "us", "graph_us"} (plus "upstream_us"
     where known), times in µs per call (see the module docstring).
 
-    formats: any of "gptq" (4-bit, group 128), "gptq_act" (the same with act-order), "awq" (4-bit, group 128,
-    zero points), "exl2" (all 4-bit, groups
-    of 32, random row permutation); baselines: "fp16" (torch.matmul) and "int4" (torch's
-    _weight_int4pack_mm, bf16, group 128). Needs torch with CUDA and a GPU.
+    formats: any of :data:`FORMATS`: "gptq" (4-bit, group 128), "gptq_act" (the same with act-order), "awq" (4-bit,
+    group 128, zero points), "exl2" (all 4-bit, groups of 32, random row permutation), "gptq_bf16" ("gptq" with
+    bfloat16 activations and output; every other format and fp16 take float16 x [m, K]); baselines: "fp16"
+    (torch.matmul) and "int4" (torch's _weight_int4pack_mm, bf16, group 128). Needs torch with CUDA and a GPU.
     """
     import torch
 
@@ -183,12 +206,14 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
     for k, n in shapes:
         xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in ms}
         for impl in tuple(formats) + tuple(baselines):
-            if impl in ("gptq", "gptq_act", "exl2", "awq"):
+            if impl in FORMATS:
                 copies = min(_MAX_COPIES, max(1, -(-rotate_bytes // (k * n // 2))))
                 qms = _make_qmatrices(impl, k, n, copies, rng, device)
+                bf16 = impl in _BF16_FORMATS
                 for qm in qms:
-                    qm.warmup(max_m=max(ms))
-                fn_of = lambda m: (lambda i: cupyq.gemm(xs[m], qms[i % len(qms)]))  # noqa: E731
+                    qm.warmup(max_m=max(ms), dtypes=("bfloat16",) if bf16 else ("float16",))
+                xq = {m: x.to(torch.bfloat16) for m, x in xs.items()} if bf16 else xs
+                fn_of = lambda m: (lambda i: cupyq.gemm(xq[m], qms[i % len(qms)]))  # noqa: E731
             elif impl == "fp16":
                 copies = min(_MAX_COPIES, max(1, -(-rotate_bytes // (k * n * 2))))
                 ws = [torch.randn(k, n, device=dev, dtype=torch.float16) for _ in range(copies)]
@@ -217,7 +242,7 @@ def run_benchmark(shapes=None, ms=None, *, formats=("gptq", "gptq_act", "exl2"),
                 rows.append(row)
                 if progress:
                     progress(row)
-            if impl in ("gptq", "gptq_act", "exl2", "awq"):
+            if impl in FORMATS:
                 for qm in qms:
                     qm.close()
                 del qms
@@ -260,7 +285,7 @@ def summarize(rows) -> str:
         if r.get("m") is None:
             continue
         by.setdefault((r["K"], r["N"], r["m"]), {})[r["impl"]] = r
-    impls = [i for i in ("gptq", "gptq_act", "exl2", "awq", "fp16", "int4") if any(i in v for v in by.values())]
+    impls = [i for i in FORMATS + ("fp16", "int4") if any(i in v for v in by.values())]
     head = ["K×N", "m"] + [f"{i} µs" for i in impls] + ["upstream gptq/act/exl2 µs", "gptq vs upstream",
                                                         "exl2 vs upstream", "gptq vs fp16"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -291,7 +316,7 @@ def main(argv=None):
                    help="rows of x: a comma-separated list or the option repeated, --ms 1,16 or --ms 1 --ms 16; --m is "
                         "the same option, as in `cupyq bench` (default: 1,2,4,...,4096)")
     p.add_argument("--formats", default="gptq,gptq_act,exl2",
-                   help="comma list of gptq, gptq_act, exl2, awq (default: gptq,gptq_act,exl2)")
+                   help=f"comma list of {', '.join(FORMATS)} (default: gptq,gptq_act,exl2)")
     p.add_argument("--baselines", default="fp16,int4", help="comma list; '' for none")
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--json", default=None, help="write rows to this JSON file")
@@ -299,7 +324,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
     ms = _flat_lists(a.ms)
-    rows = run_benchmark(shapes, ms, formats=[f for f in a.formats.split(",") if f],
+    formats = [f for f in a.formats.split(",") if f]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        p.error(f"--formats: expected names of {', '.join(FORMATS)}; got {', '.join(map(repr, unknown))}")
+    rows = run_benchmark(shapes, ms, formats=formats,
                          baselines=[b for b in a.baselines.split(",") if b], iters=a.iters,
                          progress=lambda r: print(json.dumps(r), flush=True))
     host = host_overhead()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cupyq import sources
+from cupyq import bench, sources
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_SUFFIXES = (".cu", ".cuh")
@@ -67,6 +67,7 @@ def _copy_project(dst):
         shutil.copy2(REPO / name, dst / name)
     shutil.copytree(REPO / "cupyq", dst / "cupyq", ignore=ignore)
     shutil.copytree(REPO / "cuda_src", dst / "cuda_src", ignore=ignore)
+    shutil.copytree(REPO / "benchmarks", dst / "benchmarks", ignore=ignore)
     return dst
 
 
@@ -132,6 +133,24 @@ def test_wheel_contains_package_and_cuda_sources(built):
     assert console["console_scripts"]["cupyq"] == "cupyq.cli:main"
     assert "Requires-Python: >=3.10" in metadata
     assert not any(n.startswith(("tests/", "scripts/")) for n in names)
+
+
+@pytest.mark.slow
+def test_wheel_carries_only_the_recorded_peer_figures_of_benchmarks(built, tmp_path):
+    """cupyq.bench reads benchmarks/recorded_peers.json; the wheel has that file (and no benchmark rows), and the
+    unpacked wheel finds it without the checkout."""
+    _, wheel, _ = built
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = sorted(n for n in zf.namelist() if n.startswith("cupyq/benchmarks/"))
+        assert shipped == ["cupyq/benchmarks/recorded_peers.json"], shipped
+        assert zf.read(shipped[0]) == (REPO / "benchmarks" / "recorded_peers.json").read_bytes()
+        zf.extractall(tmp_path / "site")
+    env = _clean_env()
+    env["PYTHONPATH"] = str(tmp_path / "site")  # the running interpreter brings numpy
+    probe = "import cupyq.bench as b; print(b._recorded_peers_path()); print(sorted(b.UPSTREAM_US))"
+    path, shapes = _run([sys.executable, "-c", probe], tmp_path, env).strip().splitlines()[-2:]
+    assert Path(path) == tmp_path / "site" / "cupyq" / "benchmarks" / "recorded_peers.json"
+    assert shapes == str(sorted(bench.SHAPES))
 
 
 @pytest.mark.slow

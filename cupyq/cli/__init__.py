@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from cupyq.bench import FORMATS as BENCH_FORMATS
 from cupyq.cli.arguments import (_arch, _ArgumentError, _cuda_source_name, _names, _Parser, _positive_float,
                                  _positive_int, _row_counts)
 from cupyq.cli.bench import cmd_bench
@@ -99,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", "--ms", dest="m", type=_row_counts, action="append", metavar="M[,M...]",
                    help="rows of x: a comma-separated list or the option repeated, --m 1,16 or --m 1 --m 16; --ms is "
                         "the same option, as in scripts/bench.py (default: the benchmark's own list)")
-    p.add_argument("--formats", nargs="+", type=_names(("gptq", "gptq_act", "exl2", "awq")), metavar="FORMAT",
-                   help="formats to run, of gptq, gptq_act, exl2 and awq: separated by commas or spaces, --formats gptq,exl2 "
-                        "or --formats gptq exl2 (default: those in the checkpoint, or all)")
+    p.add_argument("--formats", nargs="+", type=_names(BENCH_FORMATS), metavar="FORMAT",
+                   help=f"formats to run, of {', '.join(BENCH_FORMATS)} (gptq_bf16: gptq with bfloat16 activations): "
+                        "separated by commas or spaces, --formats gptq,exl2 or --formats gptq exl2 (default: those in "
+                        "the checkpoint, or gptq, gptq_act and exl2)")
     p.add_argument("--iters", type=_positive_int, default=40, help="calls per timing (default 40)")
     p.add_argument("--repeats", type=_positive_int, default=5,
                    help="CUDA-graph replays per point for graph_us, the median is kept (default 5)")
