@@ -7,7 +7,7 @@ import json
 import pytest
 
 import cupyq.bench
-from cupyq import cli, runtime
+from cupyq import cli, device
 
 DEFAULT_FORMATS = ("gptq", "gptq_act", "exl2")
 
@@ -49,7 +49,7 @@ def test_cupyq_bench_selects_gptq_bf16(monkeypatch, capsys):
         return [{"K": 64, "N": 32, "m": 1, "impl": "gptq_bf16", "us": 5.0},
                 {"K": 64, "N": 32, "m": 1, "impl": "fp16", "us": 10.0}]
 
-    monkeypatch.setattr(runtime, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: None)
     monkeypatch.setattr(cupyq.bench, "run_benchmark", fake_run)
     code = cli.main(["bench", "--formats", "gptq", "gptq_bf16", "--json"])
     out, err = capsys.readouterr()
