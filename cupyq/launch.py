@@ -8,6 +8,7 @@ bias copies and the plan cache ``_plans``) and imports nothing from ``cupyq.qmat
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 
@@ -52,6 +53,8 @@ class _Launcher:
     32-bit integer parameters (the others are pointers)."""
 
     def __init__(self, kernel, grid, block, smem, params, values, int_params):
+        from cupy_backends.cuda.api import driver
+
         missing = set(params) - set(values)
         if missing:
             raise ValueError(f"kernel arguments missing: {sorted(missing)}")
@@ -65,16 +68,15 @@ class _Launcher:
         }
         self.params = (ctypes.c_void_p * len(params))(*[ctypes.addressof(self._slots[n]) for n in params])
         self.params_ptr = ctypes.addressof(self.params)
+        # Everything but the stream bound once: a launch is one call into the driver binding.
+        self._launch = functools.partial(driver.launchKernel, self.f, *self.grid, *self.block, self.smem)
 
     def slot(self, name: str):
         """The ctypes object holding parameter ``name`` (assign ``.value`` before a launch)."""
         return self._slots[name]
 
     def launch(self, stream_ptr: int):
-        from cupy_backends.cuda.api import driver
-
-        g, b = self.grid, self.block
-        driver.launchKernel(self.f, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, stream_ptr, self.params_ptr, 0)
+        self._launch(stream_ptr, self.params_ptr, 0)
 
 
 class LaunchPlan:
@@ -87,7 +89,12 @@ class LaunchPlan:
     """
 
     __slots__ = ("kernel", "partial_floats", "counters_n", "gather", "x_vec_default", "launcher", "x", "out", "ws",
-                 "counters", "x_vec")
+                 "counters", "x_vec", "ws_bound", "ws_version")
+
+    def __init__(self):
+        # The workspace whose partials and counters the ws and counters slots hold, and its version then.
+        self.ws_bound = None
+        self.ws_version = -1
 
 
 def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
@@ -294,8 +301,17 @@ def _plan_for(qm, m: int, ctype: str) -> LaunchPlan:
     """The launch plan of ``qm`` for ``m`` rows of ``ctype`` activations, made once and kept on the matrix."""
     plan = qm._plans.get((m, ctype))
     if plan is None:
+        _count_devices()
         plan = qm._plans[(m, ctype)] = _qgemm_plan(qm, m, ctype)
     return plan
+
+
+def _count_devices():
+    global _device_count
+    if not _device_count:
+        import cupy
+
+        _device_count = cupy.cuda.runtime.getDeviceCount()
 
 
 # A plan's argument slots are shared by every caller of the matrix, and a stream's workspace by every thread
@@ -309,36 +325,50 @@ def _launch_qgemm(qm, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capt
     _launch_plan(qm, _plan_for(qm, m, ctype), x_ptr, out_ptr, m, ctype, stream, capturing)
 
 
-def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing):
+def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing, ws=None):
     """Launch ``plan`` on ``stream``. Workspaces belong to the stream, so launches on different streams never
-    share partial sums or counters."""
-    ws = workspace(qm.device_id, stream.ptr, capturing)
-    with _launch_lock:
-        if plan.partial_floats:
+    share partial sums or counters; ``ws``: the stream's workspace, when the caller has it at hand."""
+    if ws is None:
+        ws = workspace(qm.device_id, stream.ptr, capturing)
+    _launch_lock.acquire()  # (a with block costs more per call)
+    try:
+        if plan.partial_floats and (plan.ws_bound is not ws or plan.ws_version != ws.version):
             partials, counters = ws.ensure(plan.partial_floats, plan.counters_n, capturing)
             plan.ws.value = partials.data.ptr
             plan.counters.value = counters.data.ptr
+            plan.ws_bound, plan.ws_version = ws, ws.version
+        # ---- activation preparation: gathered / re-laid-out copies of x, leaving x_ptr pointing at them ----
         if plan.gather or (plan.x_vec is None and x_ptr & 15):
             gathered = ws.gather_buffer(m * qm.layout.padded_rows, capturing)
             _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
             x_ptr = gathered.data.ptr
+        # ---- end of activation preparation ----
         if plan.x_vec is not None:
             plan.x_vec.value = 0 if x_ptr & 15 else plan.x_vec_default  # misaligned rows: element-wise staging
         plan.x.value = x_ptr
         plan.out.value = out_ptr
-        if _get_device() != qm.device_id:  # the driver launches in the current device's context
+        launcher = plan.launcher
+        if _device_count == 1 or _get_device() == qm.device_id:
+            launcher.launch(stream.ptr)
+        else:  # the driver launches in the current device's context
             import cupy
 
             with cupy.cuda.Device(qm.device_id):
-                plan.launcher.launch(stream.ptr)
-            return
-        plan.launcher.launch(stream.ptr)
+                launcher.launch(stream.ptr)
+    finally:
+        _launch_lock.release()
+
+
+_device_count = 0  # visible CUDA devices, counted with the first launch plan (0: not yet)
 
 
 def _get_device() -> int:
+    """The current CUDA device of this thread."""
+    global _get_device
     from cupy_backends.cuda.api import runtime as cuda_runtime
 
-    return cuda_runtime.getDevice()
+    _get_device = cuda_runtime.getDevice  # bound once: an import statement per call costs a microsecond
+    return _get_device()
 
 
 def dequantize_into(qm, buf, ctype: str, stream):
