@@ -68,6 +68,9 @@ class _Launcher:
         }
         self.params = (ctypes.c_void_p * len(params))(*[ctypes.addressof(self._slots[n]) for n in params])
         self.params_ptr = ctypes.addressof(self.params)
+        # The workspace whose buffers the ws and counters slots point into, and its version then (_launch_plan).
+        self.ws_bound = None
+        self.ws_version = -1
         # Everything but the stream bound once: a launch is one call into the driver binding.
         self._launch = functools.partial(driver.launchKernel, self.f, *self.grid, *self.block, self.smem)
 
@@ -89,12 +92,7 @@ class LaunchPlan:
     """
 
     __slots__ = ("kernel", "partial_floats", "counters_n", "gather", "x_vec_default", "launcher", "x", "out", "ws",
-                 "counters", "x_vec", "ws_bound", "ws_version")
-
-    def __init__(self):
-        # The workspace whose partials and counters the ws and counters slots hold, and its version then.
-        self.ws_bound = None
-        self.ws_version = -1
+                 "counters", "x_vec")
 
 
 def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
@@ -326,35 +324,39 @@ def _launch_qgemm(qm, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capt
 
 
 def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing, ws=None):
-    """Launch ``plan`` on ``stream``. Workspaces belong to the stream, so launches on different streams never
-    share partial sums or counters; ``ws``: the stream's workspace, when the caller has it at hand."""
+    """Launch ``plan`` on ``stream``; ``ws``: the stream's workspace, when the caller has it at hand. Workspaces
+    belong to the stream, so launches on different streams never share partial sums or counters.
+
+    Under the launch lock, in steps: the stream's workspace is bound to the launcher's ws/counters slots (once
+    per workspace and version of its buffers); the activations are prepared (the ``if plan.gather ...`` block:
+    a copy in the workspace where the kernel needs one, x_ptr then pointing at it); the x_vec, x and out slots
+    are filled; the kernel is launched (in the matrix's device context when another device is current).
+    """
     if ws is None:
         ws = workspace(qm.device_id, stream.ptr, capturing)
     _launch_lock.acquire()  # (a with block costs more per call)
     try:
-        if plan.partial_floats and (plan.ws_bound is not ws or plan.ws_version != ws.version):
+        launcher = plan.launcher
+        if plan.partial_floats and (launcher.ws_bound is not ws or launcher.ws_version != ws.version):
             partials, counters = ws.ensure(plan.partial_floats, plan.counters_n, capturing)
+            launcher.ws_bound, launcher.ws_version = ws, ws.version
             plan.ws.value = partials.data.ptr
             plan.counters.value = counters.data.ptr
-            plan.ws_bound, plan.ws_version = ws, ws.version
-        # ---- activation preparation: gathered / re-laid-out copies of x, leaving x_ptr pointing at them ----
         if plan.gather or (plan.x_vec is None and x_ptr & 15):
             gathered = ws.gather_buffer(m * qm.layout.padded_rows, capturing)
             _gather_columns(qm, x_ptr, gathered.data.ptr, m, ctype, stream)
             x_ptr = gathered.data.ptr
-        # ---- end of activation preparation ----
         if plan.x_vec is not None:
             plan.x_vec.value = 0 if x_ptr & 15 else plan.x_vec_default  # misaligned rows: element-wise staging
         plan.x.value = x_ptr
         plan.out.value = out_ptr
-        launcher = plan.launcher
-        if _device_count == 1 or _get_device() == qm.device_id:
-            launcher.launch(stream.ptr)
-        else:  # the driver launches in the current device's context
+        if _device_count != 1 and _get_device() != qm.device_id:  # the driver launches in the current device's context
             import cupy
 
             with cupy.cuda.Device(qm.device_id):
-                launcher.launch(stream.ptr)
+                plan.launcher.launch(stream.ptr)
+            return
+        plan.launcher.launch(stream.ptr)
     finally:
         _launch_lock.release()
 
