@@ -97,23 +97,20 @@ class StandInMatrix:
 
 def stand_in_fast_path(torch, x, out_features: int, launch_fn):
     """(matrix, plan): a stand-in matrix whose fast path for x's shape and dtype runs on the CPU — x's device
-    (-1), CPU outputs, stream handle 0 — with a real launch plan whose launcher calls
-    ``launch_fn(stream_ptr, params_ptr, 0)`` instead of the driver."""
-    from cupyq import dispatch, kernels, launch, scratch
+    (-1), CPU outputs, stream handle 0 — with the streaming kernel's launch plan, made by the plan builder from a
+    stand-in layout (no row permutation, no split), whose launcher calls ``launch_fn(stream_ptr, params_ptr, 0)``
+    instead of the driver."""
+    from cupyq import dispatch, launch, scratch
 
     k = x.shape[-1]
     m = x.numel() // k
-    values = dict.fromkeys(kernels.QGEMV_PARAMS, 0)
-    values.update(M=m, K=k, N=out_features, Npad=out_features, C4=k // 64, chunks_per_split=k // 64, x_vec=1)
-    kernel = SimpleNamespace(kernel=SimpleNamespace(ptr=0))
-    plan = launch.LaunchPlan()
-    plan.kernel, plan.partial_floats, plan.counters_n, plan.gather, plan.x_vec_default = "stand-in", 0, 0, False, 1
-    plan.launcher = launch._Launcher(kernel, (1, 1, 1), (256, 1, 1), 0, kernels.QGEMV_PARAMS, values,
-                                     kernels.QGEMV_INT_PARAMS)
-    plan.launcher._launch = launch_fn
-    plan.x, plan.out, plan.ws, plan.counters, plan.x_vec = (plan.launcher.slot(n) for n in
-                                                           ("x", "out", "ws", "counters", "x_vec"))
     qm = StandInMatrix(k, out_features)
+    qm.layout = SimpleNamespace(w8=None, w4=None, tile_group=None, zs=None, row_src=None, padded_rows=k,
+                                padded_cols=out_features, chunks8=0, chunks4=k // 64)
+    qm.bias16 = qm.bias_bf16 = None
+    kernel = SimpleNamespace(kernel=SimpleNamespace(ptr=0), name="stand-in", max_dynamic_shared_size_bytes=0)
+    plan = launch._finish_plan(qm, m, "__half", kernel, (1, 1, 1), 0, k // 256, 0, 0)
+    plan.launcher._launch = launch_fn
     out_shape = torch.Size(tuple(x.shape[:-1]) + (out_features,))
     path = dispatch._TorchFastPath(torch, plan, m, "__half", x.dtype, out_shape, 0)
     path.device, path.torch_device = -1, torch.device("cpu")
