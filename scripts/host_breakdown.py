@@ -12,9 +12,9 @@ Each figure is the median over ``--rounds`` rounds of many calls, in µs per cal
 calling a lambda (the "timer" row); rounds of launching steps end with a synchronisation, outside the timing.
 ``cupyq.bench.host_overhead`` (the project's measure of the targets) is run as well.
 
-``--dry-run`` needs no GPU or CUDA torch: it times on the CPU what needs no CUDA (tensor attribute reads, the
-lock, look-ups, filling a plan's slots, and gemm's whole fast path on a stand-in matrix whose launcher does not
-launch), so that the Python part of the path can be worked on anywhere.
+``--dry-run`` needs no GPU or CUDA torch, only CuPy installed: it times on the CPU what needs no CUDA (tensor
+attribute reads, the lock, look-ups, filling a plan's slots, and gemm's whole fast path on a stand-in matrix whose
+launcher does not launch), so that the Python part of the path can be worked on anywhere.
 
 The table goes to stdout and the JSON report ({"mode", "shape", "steps": [{"group", "step", "us"}], ...}) to
 ``--json FILE``, or to ``$OUT/host_breakdown.json`` when the environment variable OUT names a directory.
@@ -155,7 +155,8 @@ def dry_run(args) -> dict:
         for step, fn in (("x.device", lambda: x.device), ("x.get_device()", lambda: x.get_device()),
                          ("x.is_contiguous()", lambda: x.is_contiguous()), ("x.shape[-1]", lambda: x.shape[-1]),
                          ("x.shape", lambda: x.shape), ("x.dtype", lambda: x.dtype), ("x.numel()", lambda: x.numel()),
-                         ("x.data_ptr()", lambda: x.data_ptr()), ("type(x) is torch.Tensor", lambda: type(x) is torch.Tensor)):
+                         ("x.data_ptr()", lambda: x.data_ptr()),
+                         ("type(x) is torch.Tensor", lambda: type(x) is torch.Tensor)):
             table.add(g, step, fn)
         g = "look-ups and locks"
         table.add(g, "fast-path key lookup {(x.shape, x.dtype)}", lambda: key_table.get((x.shape, x.dtype)))
@@ -173,7 +174,8 @@ def dry_run(args) -> dict:
         table.add(g, "QuantizedLinear.forward(x)", lambda: layer.forward(x))
         table.add(g, "QuantizedLinear(x) (module call)", lambda: layer(x))
         g = "torch references (CPU)"
-        table.add(g, "torch.empty(out shape, dtype, device)", lambda: torch.empty((m, n), dtype=x.dtype, device=x.device))
+        table.add(g, "torch.empty(out shape, dtype, device)",
+                  lambda: torch.empty((m, n), dtype=x.dtype, device=x.device))
         table.add(g, "x.new_empty(out shape)", lambda: x.new_empty((m, n)))
         table.add(g, "tiny op small.add_(0)", lambda: small.add_(0))
         table.add(g, "F.linear (m x 256 @ 256 x 256, fp32)", lambda: F.linear(small, w_small))
@@ -288,11 +290,12 @@ def targets(table: Table) -> dict:
         ua, ub = table.us(a), table.us(b)
         return None if ua is None or ub is None else round(ua - ub, 3)
 
+    linear = "F.linear(x, w16) (same input)"
     rows = {
         "gemm(x, qm, out=out) <= 6": (table.us("cupyq.gemm(x, qm, out=out)"), 6.0),
         "gemm(x, qm) <= 8": (table.us("cupyq.gemm(x, qm)"), 8.0),
-        "QuantizedLinear.forward - F.linear <= 3": (diff("QuantizedLinear.forward(x)", "F.linear(x, w16) (same input)"), 3.0),
-        "exllamav2 forward - F.linear <= 3": (diff("exllamav2 QuantLinear.forward(x)", "F.linear(x, w16) (same input)"), 3.0),
+        "QuantizedLinear.forward - F.linear <= 3": (diff("QuantizedLinear.forward(x)", linear), 3.0),
+        "exllamav2 forward - F.linear <= 3": (diff("exllamav2 QuantLinear.forward(x)", linear), 3.0),
     }
     return {name: {"us": us, "limit": limit, "met": None if us is None else us <= limit}
             for name, (us, limit) in rows.items()}
@@ -310,7 +313,8 @@ def main(argv=None):
                    help=f"calls per round of a step that launches nothing (default {PURE_CALLS}; launching steps "
                         f"make 1/{LAUNCH_SHARE} as many)")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
-    p.add_argument("--json", default=None, help="write the report here (default: $OUT/host_breakdown.json if OUT is set)")
+    p.add_argument("--json", default=None,
+                   help="write the report here (default: $OUT/host_breakdown.json when OUT is set)")
     a = p.parse_args(argv)
     report = dry_run(a) if a.dry_run else gpu_run(a)
     table = report.pop("table")

