@@ -9,21 +9,19 @@ _SUBMODULES = ("awq", "bench", "checkpoint", "device", "distributed", "exllamav2
 
 
 def __getattr__(name):
-    # Lazy imports keep `import cupyq` cheap and free of CuPy/torch imports.
+    # Lazy imports keep `import cupyq` cheap and free of CuPy/torch imports; what was imported is kept in the
+    # module's namespace, so that `cupyq.gemm` in a hot loop is a plain attribute read after the first.
     if name == "QMatrix":
-        from cupyq.qmatrix import QMatrix
-
-        return QMatrix
-    if name == "gemm":
-        from cupyq.dispatch import gemm
-
-        return gemm
-    if name == "patch_model":
-        from cupyq.model import patch_model
-
-        return patch_model
-    if name in _SUBMODULES:
+        from cupyq.qmatrix import QMatrix as value
+    elif name == "gemm":
+        from cupyq.dispatch import gemm as value
+    elif name == "patch_model":
+        from cupyq.model import patch_model as value
+    elif name in _SUBMODULES:
         import importlib
 
-        return importlib.import_module(f"cupyq.{name}")
-    raise AttributeError(f"module 'cupyq' has no attribute {name!r}")
+        value = importlib.import_module(f"cupyq.{name}")
+    else:
+        raise AttributeError(f"module 'cupyq' has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -8,6 +8,7 @@ bias copies and the plan cache ``_plans``) and imports nothing from ``cupyq.qmat
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 
@@ -66,6 +67,8 @@ class _Launcher:
     32-bit integer parameters (the others are pointers)."""
 
     def __init__(self, kernel, grid, block, smem, params, values, int_params):
+        from cupy_backends.cuda.api import driver
+
         missing = set(params) - set(values)
         if missing:
             raise ValueError(f"kernel arguments missing: {sorted(missing)}")
@@ -79,16 +82,18 @@ class _Launcher:
         }
         self.params = (ctypes.c_void_p * len(params))(*[ctypes.addressof(self._slots[n]) for n in params])
         self.params_ptr = ctypes.addressof(self.params)
+        # The workspace whose buffers the ws and counters slots point into, and its version then (_launch_plan).
+        self.ws_bound = None
+        self.ws_version = -1
+        # Everything but the stream bound once: a launch is one call into the driver binding.
+        self._launch = functools.partial(driver.launchKernel, self.f, *self.grid, *self.block, self.smem)
 
     def slot(self, name: str):
         """The ctypes object holding parameter ``name`` (assign ``.value`` before a launch)."""
         return self._slots[name]
 
     def launch(self, stream_ptr: int):
-        from cupy_backends.cuda.api import driver
-
-        g, b = self.grid, self.block
-        driver.launchKernel(self.f, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, stream_ptr, self.params_ptr, 0)
+        self._launch(stream_ptr, self.params_ptr, 0)
 
 
 class LaunchPlan:
@@ -349,8 +354,17 @@ def _plan_for(qm, m: int, ctype: str) -> LaunchPlan:
     """The launch plan of ``qm`` for ``m`` rows of ``ctype`` activations, made once and kept on the matrix."""
     plan = qm._plans.get((m, ctype))
     if plan is None:
+        _count_devices()
         plan = qm._plans[(m, ctype)] = _qgemm_plan(qm, m, ctype)
     return plan
+
+
+def _count_devices():
+    global _device_count
+    if not _device_count:
+        import cupy
+
+        _device_count = cupy.cuda.runtime.getDeviceCount()
 
 
 # A plan's argument slots are shared by every caller of the matrix, and a stream's workspace by every thread
@@ -364,13 +378,23 @@ def _launch_qgemm(qm, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capt
     _launch_plan(qm, _plan_for(qm, m, ctype), x_ptr, out_ptr, m, ctype, stream, capturing)
 
 
-def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing):
-    """Launch ``plan`` on ``stream``. Workspaces belong to the stream, so launches on different streams never
-    share partial sums or counters."""
-    ws = workspace(qm.device_id, stream.ptr, capturing)
-    with _launch_lock:
-        if plan.partial_floats:
+def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: str, stream, capturing, ws=None):
+    """Launch ``plan`` on ``stream``; ``ws``: the stream's workspace, when the caller has it at hand. Workspaces
+    belong to the stream, so launches on different streams never share partial sums or counters.
+
+    Under the launch lock, in steps: the stream's workspace is bound to the launcher's ws/counters slots (once
+    per workspace and version of its buffers); the activations are prepared (the ``if plan.gather ...`` block:
+    a copy in the workspace where the kernel needs one, x_ptr then pointing at it); the x_vec, x and out slots
+    are filled; the kernel is launched (in the matrix's device context when another device is current).
+    """
+    if ws is None:
+        ws = workspace(qm.device_id, stream.ptr, capturing)
+    _launch_lock.acquire()  # (a with block costs more per call)
+    try:
+        launcher = plan.launcher
+        if plan.partial_floats and (launcher.ws_bound is not ws or launcher.ws_version != ws.version):
             partials, counters = ws.ensure(plan.partial_floats, plan.counters_n, capturing)
+            launcher.ws_bound, launcher.ws_version = ws, ws.version
             plan.ws.value = partials.data.ptr
             plan.counters.value = counters.data.ptr
         # Activations: qmma's in fragment order; the streaming kernel's in sorted order when permuted, padded or
@@ -391,7 +415,7 @@ def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: 
             plan.x_vec.value = 0 if x_ptr & 15 else plan.x_vec_default  # misaligned rows: element-wise staging
         plan.x.value = x_ptr
         plan.out.value = out_ptr
-        if _get_device() != qm.device_id:  # the driver launches in the current device's context
+        if _device_count != 1 and _get_device() != qm.device_id:  # the driver launches in the current device's context
             import cupy
 
             with cupy.cuda.Device(qm.device_id):
@@ -402,12 +426,20 @@ def _launch_plan(qm, plan: LaunchPlan, x_ptr: int, out_ptr: int, m: int, ctype: 
         if frag is not None:
             frag.launch(stream.ptr)
         plan.launcher.launch(stream.ptr)
+    finally:
+        _launch_lock.release()
+
+
+_device_count = 0  # visible CUDA devices, counted with the first launch plan (0: not yet)
 
 
 def _get_device() -> int:
+    """The current CUDA device of this thread."""
+    global _get_device
     from cupy_backends.cuda.api import runtime as cuda_runtime
 
-    return cuda_runtime.getDevice()
+    _get_device = cuda_runtime.getDevice  # bound once: an import statement per call costs a microsecond
+    return _get_device()
 
 
 def dequantize_into(qm, buf, ctype: str, stream):

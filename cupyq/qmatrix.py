@@ -275,6 +275,7 @@ class QMatrix:
             self.bias16 = cupy.asarray(self._bias_host.astype(np.float16))
             self.bias_bf16 = cupy.asarray(_to_bf16_bits(self._bias_host))
         self._plans = {}
+        self._fast_paths = {}  # eager torch calls by (x.shape, x.dtype): cupyq.dispatch._TorchFastPath
         self._scratch = None
 
     # -------------------------------------------------------------------------------------------- facts
@@ -420,6 +421,7 @@ class QMatrix:
             if hasattr(self, name):
                 setattr(self, name, None)
         self._plans = {}
+        self._fast_paths = {}
 
 
 def _host_copy(a):

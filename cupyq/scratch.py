@@ -74,6 +74,7 @@ class Workspace:
         self.counters = None
         self.gathered = None
         self.scratch_buf = None
+        self.version = 0  # counts replacements of the buffers (launch plans keep pointers into them)
 
     def sizes(self) -> tuple:
         """(partial floats, counters, gathered halves, scratch bytes) held now."""
@@ -112,6 +113,7 @@ class Workspace:
                     del _spares[self.device]
                     _retired.append(self._buffers())
                     self.partials, self.counters, self.gathered, self.scratch_buf = spare._buffers()
+                    self.version += 1
                     return
             raise RuntimeError(f"cupyq: {what} must grow while a CUDA graph is being captured; {_CAPTURE_HINT}")
         with _lock:
@@ -148,6 +150,7 @@ class Workspace:
                 self.gathered = cupy.empty(max(want[2], 1 << 16), dtype=cupy.float16)
             if want[3] > have[3]:
                 self.scratch_buf = cupy.empty(want[3], dtype=cupy.uint8)
+            self.version += 1
             cupy.cuda.Device(self.device).synchronize()
 
 

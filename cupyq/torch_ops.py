@@ -129,6 +129,7 @@ def _check_input(x: torch.Tensor, qm) -> None:
 
 
 _gemm = None
+_NO_PATHS: dict = {}
 
 
 def _qgemm_impl(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
@@ -137,6 +138,11 @@ def _qgemm_impl(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
         from cupyq import gemm as _gemm
 
     qm = lookup_qmatrix(handle)
+    if type(x) is torch.Tensor:
+        path = getattr(qm, "_fast_paths", _NO_PATHS).get((x.shape, x.dtype))  # see apply_qgemm
+        y = path.run(qm, x, None) if path is not None else None
+        if y is not None:
+            return y
     _check_input(x, qm)
     # The kernels read x densely; compiled graphs may hand the op a strided view.
     y = _gemm(x.contiguous(), qm, force_cuda=force_cuda)
@@ -203,11 +209,13 @@ else:  # pragma: no cover - torch < 2.4
         return _qgemm_impl(x, handle, force_cuda)
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
+def _not_compiling() -> bool:
     return False  # pragma: no cover - torch without torch.compiler
+
+
+# Bound once (dynamo recognises the function itself while tracing, however it is reached).
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _not_compiling)
+_is_grad_enabled = torch.is_grad_enabled
 
 
 def apply_qgemm(x: torch.Tensor, handle: int, force_cuda: bool = False) -> torch.Tensor:
@@ -216,10 +224,20 @@ def apply_qgemm(x: torch.Tensor, handle: int, force_cuda: bool = False) -> torch
     Under ``torch.compile``/export tracing, for tensor subclasses (fake, functional) and when a
     gradient is needed, this is ``torch.ops.cupyq.qgemm``. Otherwise it calls the same implementation
     without the dispatcher's per-call cost (several microseconds, a large share of a decode-sized
-    GEMM); results, streams and graph-capture behaviour are identical.
+    GEMM); results, streams and graph-capture behaviour are identical. A call whose matrix already has a
+    fast path for x's shape and dtype (see ``cupyq.dispatch.gemm``) goes straight to it: its output is a
+    fresh contiguous tensor of x's dtype, as the op's contract asks.
     """
-    if _is_compiling() or type(x) is not torch.Tensor or (x.requires_grad and torch.is_grad_enabled()):
+    if _is_compiling() or type(x) is not torch.Tensor or (x.requires_grad and _is_grad_enabled()):
         return qgemm(x, handle, force_cuda)
+    ref = _by_handle.get(handle) if type(handle) is int else None
+    qm = ref() if ref is not None else None
+    if qm is not None:
+        path = getattr(qm, "_fast_paths", _NO_PATHS).get((x.shape, x.dtype))
+        if path is not None:
+            y = path.run(qm, x, None)
+            if y is not None:
+                return y
     return _qgemm_impl(x, handle, force_cuda)
 
 

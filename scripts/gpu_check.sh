@@ -38,6 +38,8 @@ fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
   $PY scripts/startup.py | tee "$OUT/startup.json"
+  $PY scripts/host_breakdown.py --json "$OUT/host_breakdown.json" > "$OUT/host_breakdown.txt" 2>&1 \
+    || echo "host breakdown failed: see $OUT/host_breakdown.txt"
   $PY scripts/bench.py ${BENCH:-} --json "$OUT/bench.json" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
   bench_rc=$?
   tail -n 3 "$OUT/bench.log"
@@ -49,5 +51,6 @@ echo "== summary =="
 [ -z "${SKIP_TESTS:-}" ] && { grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 1; echo "gpu tests rc=$tests_rc"; }
 [ -z "${SKIP_BENCH:-}" ] && [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
 [ -f "$OUT/startup.json" ] && echo "startup: $(cat "$OUT/startup.json")"
+[ -f "$OUT/host_breakdown.txt" ] && grep -E "^target|host_overhead" "$OUT/host_breakdown.txt"
 [ $tests_rc -ne 0 ] && exit $tests_rc
 exit $sanitize_rc
