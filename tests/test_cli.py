@@ -275,7 +275,7 @@ def test_bench_script_takes_the_row_counts_of_cupyq_bench(monkeypatch, capsys):
 def test_compile_table_and_json(monkeypatch, capsys):
     calls = []
 
-    def fake(archs, *, sources=None, progress=None):
+    def fake(archs, *, sources=None, progress=None, resources=False):
         calls.append((list(archs), sources))
         return [runtime.CompileReport("qgemm.cu", "sm_80", 1.5, 123456, [("k1", "_Z2k1"), ("k2", "_Z2k2")])]
 
@@ -307,7 +307,7 @@ def test_compile_sources_in_parallel_threads_keeps_order(monkeypatch):
 
 
 def test_compile_error_exit_1_with_log(monkeypatch, capsys):
-    def fake(archs, *, sources=None, progress=None):
+    def fake(archs, *, sources=None, progress=None, resources=False):
         raise runtime.CompileError('qgemm.cu for sm_80 failed:\nqgemm.cu(12): error: identifier "x" is undefined')
 
     monkeypatch.setattr(runtime, "compile_sources", fake)

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target such as sm_80, 90 or sm_90a, sm_80 or newer; repeatable (default: sm_80 and sm_90)")
     p.add_argument("--source", action="append", metavar="FILE", type=_cuda_source_name,
                    help="only this .cu file of the package (a bare name such as qgemm.cu); repeatable (default: all)")
+    p.add_argument("--check-resources", action="store_true",
+                   help="also read ptxas's report of every kernel (the same compile, with -Xptxas -v) and exit 1 "
+                        "naming each kernel that needs a stack frame or spills registers")
     p.set_defaults(func=cmd_compile)
     return parser
 
