@@ -299,8 +299,9 @@ _PTXAS_INFO = re.compile(r"^ptxas(\s+info\s*:|\s+\.)")  # lines of the -v report
 
 
 def _without_ptxas_info(log: str) -> str:
-    """An NVRTC log without the lines ``-Xptxas -v`` adds, so that what is left are warnings."""
-    return "\n".join(line for line in log.splitlines() if not _PTXAS_INFO.match(line))
+    """An NVRTC log without the lines ``-Xptxas -v`` adds (and the NUL that ends the log), so that what is left
+    are warnings."""
+    return "\n".join(line for line in log.replace("\0", "").splitlines() if not _PTXAS_INFO.match(line))
 
 
 def _kernel_reports(log: str, report: CompileReport) -> list:
