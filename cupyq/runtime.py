@@ -268,6 +268,7 @@ class KernelResources:
         return bool(self.stack_bytes or self.spill_store_bytes or self.spill_load_bytes)
 
     def describe(self) -> str:
+        """One line: the kernel, its architecture, registers, stack frame and spills."""
         return (f"{self.name} for {self.arch}: {self.registers} registers, {self.stack_bytes} bytes stack frame, "
                 f"{self.spill_store_bytes} bytes spill stores, {self.spill_load_bytes} bytes spill loads")
 
@@ -306,11 +307,12 @@ def _without_ptxas_info(log: str) -> str:
 
 def _kernel_reports(log: str, report: CompileReport) -> list:
     """KernelResources of every kernel of ``report`` from the ``ptxas -v`` log of its module (one section per
-    entry function, named by its lowered name); CompileError for a kernel the log does not cover."""
+    entry function, named by its lowered name, whose own properties follow "Function properties for" and its
+    name); CompileError for a kernel the log does not cover."""
     sections = {}
     for part in log.split("Compiling entry function '")[1:]:
         lowered, _, rest = part.partition("'")
-        sections[lowered] = rest
+        sections[lowered] = rest.partition(f"Function properties for {lowered}\n")[2] or rest
     found = []
     for name, lowered in report.kernels:
         values = _parse_ptxas_report(sections.get(lowered, ""))

@@ -60,6 +60,8 @@ def test_ptxas_report_parsing():
 
 _MODULE_LOG = """ptxas info    : 16 bytes gmem
 ptxas info    : Compiling entry function '_Z1bv' for 'sm_80'
+ptxas info    : Function properties for _Z6helperv
+ptxas         .     8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Function properties for _Z1bv
 ptxas         .     24 bytes stack frame, 40 bytes spill stores, 36 bytes spill loads
 ptxas info    : Used 128 registers, used 1 barriers, 24 bytes cumulative stack size, 16 bytes smem
@@ -73,6 +75,7 @@ ptxas info    : Compile time = 4.113 ms
 
 
 def test_module_log_gives_each_kernel_its_own_report():
+    """Each kernel gets the numbers of its own section (not those of a callee listed before it)."""
     report = runtime.CompileReport("qgemm.cu", "sm_80", 1.0, 10, [("a<1>", "_Z1av"), ("b<2>", "_Z1bv")])
     a, b = runtime._kernel_reports(_MODULE_LOG, report)
     assert (a.name, a.registers, a.uses_local_memory) == ("a<1>", 40, False)
