@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", parents=[common], help="compile the CUDA sources with NVRTC (no GPU needed)",
                        description="Compile every cuda_src/*.cu for each architecture with NVRTC and report time and "
-                                   "cubin size. Exit status 1 with the compiler log on any error or warning.")
+                                   "cubin size. Exit status 1 with the compiler log on any error or warning, and with "
+                                   "--check-resources also when ptxas gives a kernel a stack frame or spills.")
     p.add_argument("--arch", action="append", metavar="ARCH", type=_arch,
                    help="target such as sm_80, 90 or sm_90a, sm_80 or newer; repeatable (default: sm_80 and sm_90)")
     p.add_argument("--source", action="append", metavar="FILE", type=_cuda_source_name,
