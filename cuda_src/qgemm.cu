@@ -177,6 +177,16 @@ __device__ __forceinline__ void gemv_load_scales_global(GemvStep<HAS8>& r, const
     }
 }
 
+// The zeros (the zc halves of the scale/zero words) of chunk i of a step, as dequant4_exact / dequant8_exact take
+// them: unpacked per chunk, where they are used, so that they do not stay in registers for the whole step beside
+// the packed words.
+template <bool HAS8>
+__device__ __forceinline__ void gemv_zeros(const GemvStep<HAS8>& r, int i, bool is8, __half2& zlo, __half2& zhi) {
+    zlo = __high2half2(as_half2(r.zlo[i]));
+    zhi = __high2half2(as_half2(r.zhi[i]));
+    if (HAS8 && is8) zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi);  // 960 + 64 + z
+}
+
 // Exact integers (q - z) of word j of chunk i of a step.
 template <bool HAS8, bool HAS4>
 __device__ __forceinline__ void gemv_dequant(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo,
@@ -200,19 +210,13 @@ __device__ __forceinline__ void gemv_load_x(const T* p, unsigned bx[8]) {
 // xrow[mt]: the lane's activations (batch row mt*8 + lane/4, its 16 rows of each chunk, interleaved as staged by
 // qgemv) of the step's first chunk; cg: the step's chunk groups (negative: the chunk's tiles differ). The choice
 // between the two ways is made per step, so that the chunks' products form independent chains the scheduler
-// can interleave (four chains with one m8 tile, two with two tiles, which need twice the accumulators).
+// can interleave (four chains with one m8 tile, two with two tiles, which need twice the accumulators; two with
+// 8-bit storage alone, whose two steps of weights in registers take twice as many).
 template <typename T, int MT, bool HAS8, bool HAS4>
 __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* const* xrow, const int* cg, bool is8,
                                              float (&acc)[MT][4]) {
-    constexpr int kChains = kStepChunks / MT;
+    constexpr int kChains = (HAS8 && !HAS4 ? 2 : kStepChunks) / MT;
     const int4 cg4 = *reinterpret_cast<const int4*>(cg);
-    __half2 zlo[kStepChunks], zhi[kStepChunks];
-#pragma unroll
-    for (int i = 0; i < kStepChunks; ++i) {
-        zlo[i] = __high2half2(as_half2(r.zlo[i]));
-        zhi[i] = __high2half2(as_half2(r.zhi[i]));
-        if (HAS8 && is8) zhi[i] = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi[i]);  // 960 + 64 + z
-    }
     if ((cg4.x | cg4.y | cg4.z | cg4.w) >= 0) {
 #pragma unroll
         for (int i0 = 0; i0 < kStepChunks; i0 += kChains) {
@@ -220,6 +224,8 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
 #pragma unroll
             for (int c = 0; c < kChains; ++c) {
                 const int i = i0 + c;
+                __half2 zlo, zhi;
+                gemv_zeros(r, i, is8, zlo, zhi);
                 unsigned bx[MT][8];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
@@ -230,7 +236,7 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
                 for (int j = 0; j < 4; ++j) {
                     __half2 q[4];
                     unsigned a[4];
-                    gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo[i], zhi[i], q);
+                    gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
                     Frag<T>::exact(q, a);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[c][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);
@@ -257,6 +263,8 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
 #pragma unroll
         for (int i = 0; i < kStepChunks; ++i) {
             const __half2 slo = __low2half2(as_half2(r.zlo[i])), shi = __low2half2(as_half2(r.zhi[i]));
+            __half2 zlo, zhi;
+            gemv_zeros(r, i, is8, zlo, zhi);
             unsigned bx[MT][8];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) gemv_load_x(xrow[mt] + i * 64, bx[mt]);
@@ -264,7 +272,7 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
             for (int j = 0; j < 4; ++j) {
                 __half2 q[4];
                 unsigned a[4];
-                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo[i], zhi[i], q);
+                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
                 Frag<T>::scale(q, slo, shi, a);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[i & 1][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);

@@ -8,6 +8,7 @@ check builds is what runs, and the option set keys CuPy's on-disk kernel cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import time
@@ -31,6 +32,7 @@ class CompileReport:
     seconds: float
     cubin_bytes: int
     kernels: list
+    resources: list = dataclasses.field(default_factory=list)  # KernelResources per kernel, when asked for
 
 
 def _normalise_arch(arch) -> str:
@@ -78,13 +80,15 @@ def nvrtc_options(arch) -> list:
     return options
 
 
-def compile_sources(archs, *, sources=None, workers=None, progress=None) -> list[CompileReport]:
+def compile_sources(archs, *, sources=None, workers=None, progress=None, resources=False) -> list[CompileReport]:
     """Compile every CUDA source for each architecture with NVRTC; no GPU needed (CuPy and NVRTC are).
 
     archs: iterable of architectures such as ``"sm_80"``, ``"90"`` or ``"sm_90a"`` (sm_80 or newer).
     sources: file names inside ``cuda_src`` (default: every ``*.cu``).
     workers: compiles run at once in threads (NVRTC releases the GIL); default: one per CPU core.
     progress: optional callable, given each :class:`CompileReport` as its compile finishes.
+    resources: also fill each report's ``resources`` with the ptxas report of every kernel (the same compile,
+    with ``-Xptxas -v``).
     Returns one report per (architecture, source), in that order. Raises CompileError when NVRTC reports an
     error or any warning, ValueError for a bad architecture, SetupError without CuPy. On an exception
     (Ctrl-C included) compiles not yet started are dropped and running ones are not waited for.
@@ -96,21 +100,23 @@ def compile_sources(archs, *, sources=None, workers=None, progress=None) -> list
         raise CompileError(f"no CUDA sources found in {src_dir}")
     jobs = [(_normalise_arch(arch), name) for arch in archs for name in names]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
+    compile_one = functools.partial(_compile_source, resources=True) if resources else _compile_source
     if workers <= 1 or len(jobs) <= 1:
         reports = []
         for job in jobs:
-            reports.append(_compile_source(*job))
+            reports.append(compile_one(*job))
             if progress is not None:
                 progress(reports[-1])
         return reports
-    return _run_in_daemon_threads(jobs, workers, progress)
+    return _run_in_daemon_threads(jobs, workers, progress, compile_one)
 
 
 _COMPILE_THREAD_PREFIX = "cupyq-nvrtc-"
 
 
-def _run_in_daemon_threads(jobs, workers, progress):
-    """Run ``_compile_source`` on each job in ``workers`` daemon threads; reports in job order.
+def _run_in_daemon_threads(jobs, workers, progress, compile_one):
+    """Run ``compile_one`` (``_compile_source`` or a partial of it) on each job in ``workers`` daemon threads;
+    reports in job order.
 
     Daemon threads rather than a ThreadPoolExecutor: an executor's threads are joined when the interpreter
     exits, so Ctrl-C would still wait for every running NVRTC compile (tens of seconds). After a compile error
@@ -132,7 +138,7 @@ def _run_in_daemon_threads(jobs, workers, progress):
             except queue.Empty:
                 return
             try:
-                finished.put((index, _compile_source(*job), None))
+                finished.put((index, compile_one(*job), None))
             except BaseException as exc:  # handed to the caller's thread
                 stop.set()
                 finished.put((index, None, exc))
@@ -172,14 +178,16 @@ def compile_threads_running() -> bool:
     return any(t.name.startswith(_COMPILE_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate())
 
 
-def _compile_source(arch: str, name: str) -> CompileReport:
-    """Compile every kernel instantiation of one source for one architecture, with the run time's options."""
+def _compile_source(arch: str, name: str, resources: bool = False) -> CompileReport:
+    """Compile every kernel instantiation of one source for one architecture (the source's own target for it,
+    :func:`cupyq.kernels.target_arch`), with the run time's options (and ``-Xptxas -v`` for the ptxas report of
+    each kernel when ``resources``)."""
     from cupy_backends.cuda.libs import nvrtc
 
     code = read_cuda_source(name)
     exprs = kernels.kernel_names(name)
     arch = kernels.target_arch(name, arch)
-    options = nvrtc_options(arch)
+    options = nvrtc_options(arch) + (["-Xptxas", "-v"] if resources else [])
     start = time.perf_counter()
     prog = nvrtc.createProgram(code, name, [], [])
     try:
@@ -190,14 +198,18 @@ def _compile_source(arch: str, name: str) -> CompileReport:
         except Exception as exc:  # NVRTCError carries no log; fetch it
             log = nvrtc.getProgramLog(prog)
             raise CompileError(f"{name} for {arch} failed:\n{log or exc}") from None
-        log = nvrtc.getProgramLog(prog).strip()
-        if log:
-            raise CompileError(f"{name} for {arch} compiled with warnings:\n{log}")
+        log = nvrtc.getProgramLog(prog)
+        warnings_text = _without_ptxas_info(log).strip()
+        if warnings_text:
+            raise CompileError(f"{name} for {arch} compiled with warnings:\n{warnings_text}")
         cubin = nvrtc.getCUBIN(prog)
         lowered = [nvrtc.getLoweredName(prog, e) for e in exprs]
     finally:
         nvrtc.destroyProgram(prog)
-    return CompileReport(name, arch, time.perf_counter() - start, len(cubin), list(zip(exprs, lowered)))
+    report = CompileReport(name, arch, time.perf_counter() - start, len(cubin), list(zip(exprs, lowered)))
+    if resources:
+        report.resources = _kernel_reports(log, report)
+    return report
 
 
 @dataclasses.dataclass
@@ -210,6 +222,16 @@ class KernelResources:
     stack_bytes: int  # local memory frame per thread (spills, or arrays indexed at run time)
     spill_store_bytes: int
     spill_load_bytes: int
+
+    @property
+    def uses_local_memory(self) -> bool:
+        """A stack frame or spills: per-thread local memory, which no dispatched kernel may need."""
+        return bool(self.stack_bytes or self.spill_store_bytes or self.spill_load_bytes)
+
+    def describe(self) -> str:
+        """One line: the kernel, its architecture, registers, stack frame and spills."""
+        return (f"{self.name} for {self.arch}: {self.registers} registers, {self.stack_bytes} bytes stack frame, "
+                f"{self.spill_store_bytes} bytes spill stores, {self.spill_load_bytes} bytes spill loads")
 
 
 def kernel_resources(name: str, arch="sm_90", *, source: str = "qgemm.cu") -> KernelResources:
@@ -233,6 +255,32 @@ def kernel_resources(name: str, arch="sm_90", *, source: str = "qgemm.cu") -> Ke
     if found is None:
         raise CompileError(f"{name} for {arch}: no resource report in the ptxas log:\n{log}")
     return KernelResources(name, arch, *found)
+
+
+_PTXAS_INFO = re.compile(r"^ptxas(\s+info\s*:|\s+\.)")  # lines of the -v report, not warnings
+
+
+def _without_ptxas_info(log: str) -> str:
+    """An NVRTC log without the lines ``-Xptxas -v`` adds (and the NUL that ends the log), so that what is left
+    are warnings."""
+    return "\n".join(line for line in log.replace("\0", "").splitlines() if not _PTXAS_INFO.match(line))
+
+
+def _kernel_reports(log: str, report: CompileReport) -> list:
+    """KernelResources of every kernel of ``report`` from the ``ptxas -v`` log of its module (one section per
+    entry function, named by its lowered name, whose own properties follow "Function properties for" and its
+    name); CompileError for a kernel the log does not cover."""
+    sections = {}
+    for part in log.split("Compiling entry function '")[1:]:
+        lowered, _, rest = part.partition("'")
+        sections[lowered] = rest.partition(f"Function properties for {lowered}\n")[2] or rest
+    found = []
+    for name, lowered in report.kernels:
+        values = _parse_ptxas_report(sections.get(lowered, ""))
+        if values is None:
+            raise CompileError(f"{name} for {report.arch}: no resource report in the ptxas log:\n{log}")
+        found.append(KernelResources(name, report.arch, *values))
+    return found
 
 
 def _parse_ptxas_report(log: str):

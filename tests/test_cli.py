@@ -343,7 +343,7 @@ def test_bench_model_without_gpu_exit_2(capsys):
 def test_compile_table_and_json(monkeypatch, capsys):
     calls = []
 
-    def fake(archs, *, sources=None, progress=None):
+    def fake(archs, *, sources=None, progress=None, resources=False):
         calls.append((list(archs), sources))
         return [nvrtc.CompileReport("qgemm.cu", "sm_80", 1.5, 123456, [("k1", "_Z2k1"), ("k2", "_Z2k2")])]
 
@@ -375,7 +375,7 @@ def test_compile_sources_in_parallel_threads_keeps_order(monkeypatch):
 
 
 def test_compile_error_exit_1_with_log(monkeypatch, capsys):
-    def fake(archs, *, sources=None, progress=None):
+    def fake(archs, *, sources=None, progress=None, resources=False):
         raise nvrtc.CompileError('qgemm.cu for sm_80 failed:\nqgemm.cu(12): error: identifier "x" is undefined')
 
     monkeypatch.setattr(nvrtc, "compile_sources", fake)

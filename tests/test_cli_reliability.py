@@ -272,7 +272,7 @@ def test_every_report_is_strict_json(ckpt, monkeypatch, capsys):
         code, out, _ = run(argv, capsys)
         assert code == 0 and _strict_json(out)[cli.REPORT_KEY]["command"] == argv[0]
 
-    def fake(archs, *, sources=None, progress=None):
+    def fake(archs, *, sources=None, progress=None, resources=False):
         return [nvrtc.CompileReport("qgemm.cu", "sm_80", float("inf"), 10, [("k", "_Zk")])]
 
     monkeypatch.setattr(nvrtc, "compile_sources", fake)
@@ -336,7 +336,7 @@ def test_compile_sources_error_drops_the_rest(monkeypatch):
 
 
 def test_compile_command_prints_progress(monkeypatch, capsys):
-    def fake(archs, *, sources=None, progress=None):
+    def fake(archs, *, sources=None, progress=None, resources=False):
         reports = [nvrtc.CompileReport("qgemm.cu", a, 1.25, 10, []) for a in archs]
         for r in reports:
             progress(r)
@@ -351,7 +351,7 @@ def test_compile_command_prints_progress(monkeypatch, capsys):
 
 
 def test_compile_command_interrupted_exit_130(monkeypatch, capsys):
-    def fake(archs, *, sources=None, progress=None):
+    def fake(archs, *, sources=None, progress=None, resources=False):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(nvrtc, "compile_sources", fake)

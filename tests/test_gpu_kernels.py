@@ -185,6 +185,26 @@ def test_bfloat16_activations():
         assert check_gemm(qm, w, t["bias"].astype(np.float32), m, rng, dtype="bfloat16") < 1.5e-2
 
 
+@pytest.mark.parametrize("fmt,group_size", [("gptq", 128), ("gptq", 32), ("exl2", None)])
+def test_bfloat16_streaming_kernel_on_8bit_storage(fmt, group_size):
+    """bf16 activations on 8-bit storage, alone (GPTQ: groups of 128 take the per-chunk scaling, groups of 32
+    the per-tile one) and mixed with 4-bit (EXL2 8_4), through the streaming kernel (m <= 8)."""
+    from cupyq import launch
+
+    rng = np.random.default_rng(17 + (group_size or 0))
+    if fmt == "gptq":
+        t, bits = random_gptq(rng, 768, 320, bits=8, group_size=group_size, act_order=True, bias=True), 8
+    else:
+        t, bits = random_exl2(rng, 1024, 256, EXL2_MIXES["8_4"], bias=True), 4
+    qm = build(fmt, t, bits=bits)
+    w = ref_weight(fmt, t, bits=bits)
+    assert qm.layout.chunks8 > 0 and (qm.layout.chunks4 > 0) == (fmt == "exl2")
+    for m in (1, 5, 8):
+        assert launch.choose_kernel(qm, m, "__nv_bfloat16")[0] == "qgemv"
+        # the bound of test_bfloat16_activations: bf16 inputs and outputs carry 8 mantissa bits
+        assert check_gemm(qm, w, t["bias"].astype(np.float32), m, rng, dtype="bfloat16") < 1.5e-2, m
+
+
 def test_dequantize_matches_reference():
     rng = np.random.default_rng(11)
     for fmt, t in (("gptq", random_gptq(rng, 512, 96, group_size=32, act_order=True)),

@@ -444,7 +444,9 @@ def test_readme_install_is_coherent():
 def test_ci_runs_the_readme_commands():
     ci = (REPO / ".ci" / "run").read_text()
     assert "python -m pytest -q" in ci
-    assert "cupyq compile --arch sm_80 --arch sm_86 --arch sm_89 --arch sm_90" in ci
+    assert "cupyq compile --check-resources --arch sm_80 --arch sm_86 --arch sm_89 --arch sm_90" in ci
+    # the same check under the NVRTC of the cuda12 extra and the oldest of the cuda13 extra
+    assert 'nvrtc_check venv12 cupy-cuda12x "12.*" 12' in ci and 'nvrtc_check venv130 cupy-cuda13x "13.0.*" 13.0' in ci
 
 
 # ------------------------------------------------------------------------------------------------ GPU

@@ -138,11 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", parents=[common], help="compile the CUDA sources with NVRTC (no GPU needed)",
                        description="Compile every cuda_src/*.cu for each architecture with NVRTC and report time and "
-                                   "cubin size. Exit status 1 with the compiler log on any error or warning.")
+                                   "cubin size. Exit status 1 with the compiler log on any error or warning, and with "
+                                   "--check-resources also when ptxas gives a kernel a stack frame or spills.")
     p.add_argument("--arch", action="append", metavar="ARCH", type=_arch,
                    help="target such as sm_80, 90 or sm_90a, sm_80 or newer; repeatable (default: sm_80 and sm_90)")
     p.add_argument("--source", action="append", metavar="FILE", type=_cuda_source_name,
                    help="only this .cu file of the package (a bare name such as qgemm.cu); repeatable (default: all)")
+    p.add_argument("--check-resources", action="store_true",
+                   help="also read ptxas's report of every kernel (the same compile, with -Xptxas -v) and exit 1 "
+                        "naming each kernel that needs a stack frame or spills registers")
     p.set_defaults(func=cmd_compile)
     return parser
 

@@ -1,7 +1,9 @@
-"""``cupyq compile``: compile the CUDA sources with NVRTC for given architectures (no GPU needed)."""
+"""``cupyq compile``: compile the CUDA sources with NVRTC for given architectures (no GPU needed); with
+``--check-resources`` also the ptxas check that no kernel needs a stack frame or spills."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -24,7 +26,7 @@ def cmd_compile(args):
         print(f"  compiled {r.source} for {r.arch} in {r.seconds:.1f} s", file=sys.stderr, flush=True)
 
     try:
-        reports = nvrtc.compile_sources(archs, sources=sources, progress=report)
+        reports = nvrtc.compile_sources(archs, sources=sources, progress=report, resources=args.check_resources)
     except nvrtc.CompileError as exc:
         print(f"cupyq compile: kernel compilation failed:\n{exc}", file=sys.stderr)
         _emit(args, {"ok": False, "error": str(exc), "reports": []}, "compilation failed")
@@ -38,5 +40,25 @@ def cmd_compile(args):
     text += f"\ncompiled {len(rows)} module(s) in {time.perf_counter() - start:.2f} s (in parallel threads)"
     payload = {"ok": True, "reports": [dict(r, kernel_names=[k if isinstance(k, str) else k[0] for k in rep.kernels])
                                        for r, rep in zip(rows, reports)]}
+    if not args.check_resources:
+        _emit(args, payload, text)
+        return EXIT_OK
+    return _check_resources(args, reports, payload, text)
+
+
+def _check_resources(args, reports, payload, text):
+    """Fail, naming each one, when a kernel needs local memory (a stack frame or spills) per ptxas."""
+    for entry, rep in zip(payload["reports"], reports):
+        entry["resources"] = [dataclasses.asdict(k) for k in rep.resources]
+    found = [k for rep in reports for k in rep.resources]
+    bad = [k for k in found if k.uses_local_memory]
+    payload["ok"] = not bad
+    payload["local_memory_kernels"] = [k.describe() for k in bad]
+    if bad:
+        text += f"\nptxas: {len(bad)} of {len(found)} kernels use local memory (a stack frame or spills):"
+        text += "".join(f"\n  {k.describe()}" for k in bad)
+    else:
+        most = max((k.registers for k in found), default=0)
+        text += f"\nptxas: {len(found)} kernels, none with a stack frame or spills (at most {most} registers)"
     _emit(args, payload, text)
-    return EXIT_OK
+    return EXIT_FAIL if bad else EXIT_OK
