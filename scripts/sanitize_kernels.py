@@ -34,7 +34,7 @@ def main() -> int:
     e = quantize_exl2(w, bits=(8, 4), proportions=(0.5, 0.5))
     args = (e["q_weight"], e["q_invperm"], e["q_scale"], e["q_scale_max"], e["q_groups"])
     mats.append(("exl2_8_4", QMatrix.from_exl2(*args, device=0), reference.dequantize_exl2(*args)))
-    ms = sorted({1, 12, 33, 40} | {lim + 1 for lim in kernels.QMMA_CONFIGS} | {lim + 1 for lim in kernels.WGMMA_CONFIGS}
+    ms = sorted({1, 12, 17, 33, 40} | {lim + 1 for lim in kernels.QMMA_CONFIGS} | {lim + 1 for lim in kernels.WGMMA_CONFIGS}
                 | {200})
     bad = 0
     for name, qm, wref in mats:

@@ -93,8 +93,8 @@ def test_dispatch_rules_on_sm90(monkeypatch, k, n):
     small = k * n < launch.SMALL_LAYER_WEIGHTS
     assert launch.choose_kernel(qm, 8, "__half")[0] == "qgemv"
     assert launch.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
-    assert launch.choose_kernel(qm, 32, "__half")[0] == "qmma"
-    assert launch.choose_kernel(qm, 33, "__nv_bfloat16")[0] == "qwgmma"
+    assert launch.choose_kernel(qm, 16, "__nv_bfloat16")[0] == "qmma"
+    assert launch.choose_kernel(qm, 17, "__nv_bfloat16")[0] == "qwgmma"
     assert launch.choose_kernel(qm, 128, "__half")[0] == "qwgmma"
     assert launch.choose_kernel(qm, 256, "__half")[0] == ("dense" if small else "qwgmma")
     assert launch.choose_kernel(qm, 257, "__half")[0] == "dense"
