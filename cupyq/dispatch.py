@@ -206,7 +206,7 @@ class _TorchFastPath:
         ptr = self.raw_stream(dev)
         found = self.streams.get(ptr)
         if found is None:
-            found = self.streams[ptr] = (runtime.torch_stream(dev), workspace(dev, ptr, self.capturing))
+            found = self.streams[ptr] = (torch_stream(dev), workspace(dev, ptr, self.capturing))
         _launch_plan(qm, self.plan, x.data_ptr(), out.data_ptr(), self.m, self.ctype, found[0], self.capturing,
                      found[1])
         return out

@@ -199,7 +199,7 @@ def gpu_run(args) -> dict:
     import torch.nn.functional as F
 
     import cupyq
-    from cupyq import bench, launch, runtime, scratch, torch_ops
+    from cupyq import bench, device, launch, scratch, torch_ops
 
     k, n, m, dev = args.k, args.n, args.m, args.device
     torch.cuda.set_device(dev)
@@ -216,7 +216,7 @@ def gpu_run(args) -> dict:
     sync = torch.cuda.synchronize
     table = Table(args.rounds, args.calls, sync)
     ptr = torch._C._cuda_getCurrentRawStream(dev)
-    stream = runtime.torch_stream(dev)
+    stream = device.torch_stream(dev)
     capturing = torch.cuda.is_current_stream_capturing
     plan = launch._plan_for(qm, m, "__half")
     launcher = plan.launcher
@@ -239,7 +239,7 @@ def gpu_run(args) -> dict:
     g = "streams, workspaces, locks, plans"
     table.add(g, "torch._C._cuda_getCurrentRawStream(dev)", lambda: torch._C._cuda_getCurrentRawStream(dev))
     table.add(g, "torch.cuda.current_stream().cuda_stream", lambda: torch.cuda.current_stream().cuda_stream)
-    table.add(g, "runtime.torch_stream(dev)", lambda: runtime.torch_stream(dev))
+    table.add(g, "device.torch_stream(dev)", lambda: device.torch_stream(dev))
     table.add(g, "workspace(dev, ptr) lookup", lambda: scratch.workspace(dev, ptr, capturing))
     table.add(g, "torch.cuda.is_current_stream_capturing()", capturing)
     table.add(g, "launch lock acquire + release", lambda: (lock.acquire(), lock.release()))

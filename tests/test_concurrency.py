@@ -17,8 +17,8 @@ from test_gpu_kernels import random_gptq
 pytestmark = pytest.mark.gpu
 
 REL_TOL = 4e-3
-# One batch size per path of a 4096 x 4096 layer: streaming kernel (one and two m8 tiles), qmma with its 16-,
-# 32- and 64-row tiles (the last through force_cuda), and the dense path.
+# One batch size per path of a 4096 x 4096 layer: streaming kernel (one and two m8 tiles), the tensor-core
+# kernel with its tilings (qwgmma on sm_90, else qmma; the largest through force_cuda), and the dense path.
 BATCHES = {3: False, 12: False, 20: False, 48: False, 100: True, 200: False}
 
 
@@ -34,7 +34,8 @@ def layer():
     qm = QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4, device=0)
     w = torch.from_numpy(reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)).cuda()
     kernels_used = {launch.choose_kernel(qm, m, "__half", force)[0] for m, force in BATCHES.items()}
-    assert kernels_used == {"qgemv", "qgemv2", "qmma", "dense"}
+    tensor_core = "qwgmma" if launch.wgmma_supported(qm) else "qmma"
+    assert kernels_used == {"qgemv", "qgemv2", tensor_core, "dense"}
     return qm, w
 
 
