@@ -31,6 +31,28 @@ template <typename T, int NB>
 struct Wgmma;
 
 template <>
+struct Wgmma<__half, 32> {
+    static __device__ __forceinline__ void run(float (&d)[16], const unsigned (&a)[4], unsigned long long desc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    }
+};
+
+template <>
+struct Wgmma<__nv_bfloat16, 32> {
+    static __device__ __forceinline__ void run(float (&d)[16], const unsigned (&a)[4], unsigned long long desc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    }
+};
+
+template <>
 struct Wgmma<__half, 64> {
     static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], unsigned long long desc) {
         asm volatile(
@@ -101,7 +123,7 @@ struct WShape {
     static constexpr int kSmemBytes = STAGES * kStageBytes;
     static constexpr int kZUnits = KS * ZR * kNTile / 4;
     static constexpr int kZPerThread = (kZUnits + kThreads - 1) / kThreads;
-    static_assert(NB == 64 || NB == 128, "wgmma batch tile");
+    static_assert(NB == 32 || NB == 64 || NB == 128, "wgmma batch tile");
     static_assert(4 % KS == 0 || KS % 4 == 0, "stages must not straddle a storage segment (256 rows)");
     static_assert(kWBytes % 128 == 0, "core matrices stay 128-byte aligned");
 };

@@ -1,6 +1,6 @@
 """Check and time qmma tilings, the streaming kernel and the dense path side by side (one process, GPU).
 
-  python scripts/tune_qmma.py OUTDIR [quick]
+  python scripts/tune_qmma.py OUTDIR [quick] [nocheck] [only=NAME,NAME] [ms=M,M] [shapes=KxN,KxN]
 
 Part 1 checks every candidate tiling against the float32 reference on small matrices of every storage
 (fp16 and bf16, odd batch sizes, padded columns, outputs poisoned). Part 2 times, on the six benchmark shapes
@@ -44,6 +44,8 @@ CANDIDATES = {
     "wg128": W(128, 2, 4),
     "wg128k1": W(128, 1, 6),
     "wg64k4": W(64, 4, 3),
+    "wg32": W(32, 4, 3),
+    "wg32s4": W(32, 2, 6),
 }
 CT = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
@@ -132,12 +134,14 @@ def check(rng, report):
                 print("  BAD dense", lname, m, err)
 
 
-def timing(rng, report, quick):
-    shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
-    ms = [1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+def timing(rng, report, quick, ms=None, shapes=None):
+    all_shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
+    all_ms = [1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
     if quick:
-        shapes = [(4096, 4096), (8192, 28672)]
-        ms = [8, 16, 32, 64, 128, 256, 1024]
+        all_shapes = [(4096, 4096), (8192, 28672)]
+        all_ms = [8, 16, 32, 64, 128, 256, 1024]
+    shapes = shapes or all_shapes
+    ms = ms or all_ms
     rows = []
     for (k, n) in shapes:
         t = _random_gptq(rng, k, n, False)
@@ -163,7 +167,7 @@ def timing(rng, report, quick):
             for cname, cfg in CANDIDATES.items():
                 if m <= 8 and cfg.m_tile > 16:
                     continue
-                if cfg.m_tile >= 4 * max(m, 16) or m > 8 * cfg.m_tile or (m >= 1024 and cfg.m_tile < 128):
+                if cfg.m_tile > 4 * max(m, 16) or m > 8 * cfg.m_tile or (m >= 1024 and cfg.m_tile < 128):
                     continue
                 cands[cname] = cfg
             for cname, cfg in cands.items():
@@ -197,15 +201,29 @@ def timing(rng, report, quick):
     report["rows"] = rows
 
 
+def _option(name):
+    for a in sys.argv[2:]:
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1].split(",")
+    return None
+
+
 def main():
     out = sys.argv[1]
     quick = "quick" in sys.argv
+    only = _option("only")
+    if only:  # a subset of the candidates, in the given order
+        for name in list(CANDIDATES):
+            if name not in only:
+                del CANDIDATES[name]
+    ms = [int(v) for v in _option("ms") or []]
+    shapes = [tuple(int(d) for d in v.split("x")) for v in _option("shapes") or []]
     rng = np.random.default_rng(0)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if "nocheck" not in sys.argv:
         check(rng, report)
     json.dump(report, open(f"{out}/tune.json", "w"), indent=1)
-    timing(rng, report, quick)
+    timing(rng, report, quick, ms, shapes)
     json.dump(report, open(f"{out}/tune.json", "w"), indent=1)
     print("\nK N m | fp16 fp16_nt | " + " ".join(CANDIDATES) + " gemv dense | best")
     for r in report["rows"]:
