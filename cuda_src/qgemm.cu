@@ -216,7 +216,23 @@ template <typename T, int MT, bool HAS8, bool HAS4>
 __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* const* xrow, const int* cg, bool is8,
                                              float (&acc)[MT][4]) {
     constexpr int kChains = (HAS8 && !HAS4 ? 2 : kStepChunks) / MT;
+    // One m8 tile on 4-bit storage has the registers to unpack the step's zeros up front (measured faster there);
+    // the other variants unpack each chunk's zeros where they are used, which keeps them free of spills.
+    constexpr bool kZerosUpFront = MT == 1 && HAS4 && !HAS8;
     const int4 cg4 = *reinterpret_cast<const int4*>(cg);
+    __half2 zlo_all[kStepChunks], zhi_all[kStepChunks];
+    if constexpr (kZerosUpFront) {
+#pragma unroll
+        for (int i = 0; i < kStepChunks; ++i) gemv_zeros(r, i, is8, zlo_all[i], zhi_all[i]);
+    }
+    auto zeros = [&](int i, __half2& zlo, __half2& zhi) {
+        if constexpr (kZerosUpFront) {
+            zlo = zlo_all[i];
+            zhi = zhi_all[i];
+        } else {
+            gemv_zeros(r, i, is8, zlo, zhi);
+        }
+    };
     if ((cg4.x | cg4.y | cg4.z | cg4.w) >= 0) {
 #pragma unroll
         for (int i0 = 0; i0 < kStepChunks; i0 += kChains) {
@@ -225,7 +241,7 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
             for (int c = 0; c < kChains; ++c) {
                 const int i = i0 + c;
                 __half2 zlo, zhi;
-                gemv_zeros(r, i, is8, zlo, zhi);
+                zeros(i, zlo, zhi);
                 unsigned bx[MT][8];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
@@ -264,7 +280,7 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
         for (int i = 0; i < kStepChunks; ++i) {
             const __half2 slo = __low2half2(as_half2(r.zlo[i])), shi = __low2half2(as_half2(r.zhi[i]));
             __half2 zlo, zhi;
-            gemv_zeros(r, i, is8, zlo, zhi);
+            zeros(i, zlo, zhi);
             unsigned bx[MT][8];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) gemv_load_x(xrow[mt] + i * 64, bx[mt]);
