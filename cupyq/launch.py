@@ -11,6 +11,7 @@ import ctypes
 import functools
 import os
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -43,7 +44,13 @@ def wgmma_supported(qm) -> bool:
     """Whether qwgmma can run ``qm``: an sm_90 device, and weights in one storage width (8-bit or 4-bit chunks,
     not both: EXL2 mixes with 5-8-bit and 2-4-bit groups take qmma)."""
     lay = qm.layout
-    return device_compute_capability(qm.device_id) == (9, 0) and not (lay.chunks8 > 0 and lay.chunks4 > 0)
+    return _compute_capability(qm) == (9, 0) and not (lay.chunks8 > 0 and lay.chunks4 > 0)
+
+
+def _compute_capability(qm) -> tuple:
+    """(major, minor) the dispatch rules assume for ``qm``: its device's, or the one named by :func:`explain`."""
+    named = getattr(qm, "compute_capability", None)
+    return device_compute_capability(qm.device_id) if named is None else named
 
 
 # Batches of at most this many rows (two m8 tiles; see _two_tile_gemv for 9-16) use the streaming kernel qgemv:
@@ -129,6 +136,18 @@ def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
         return "qwgmma", f"m = {m} on sm_90: qwgmma with {cfg.m_tile}x{cfg.n_tile} tiles"
     cfg = choose_qmma(m, weights)
     return "qmma", f"m = {m}: qmma with {cfg.m_tile}x{cfg.n_tile} tiles"
+
+
+def explain(qm, m: int, ctype: str, compute_capability, force_cuda: bool = False) -> tuple:
+    """(kernel, reason) of :func:`choose_kernel` for ``qm`` as if it were on a device of ``compute_capability``
+    ((major, minor), e.g. (9, 0)), asking no device and compiling nothing. ``qm`` needs only ``in_features``,
+    ``out_features`` and ``layout`` facts (``chunks8``, ``chunks4``, ``padded_rows``, ``padded_cols``,
+    ``tile_group``): a QMatrix, or a checkpoint layer's :class:`cupyq.layout.LayoutShape` worked out on the CPU
+    (:func:`cupyq.explain.layer_shape`). ctype: ``"__half"`` or ``"__nv_bfloat16"``."""
+    major, minor = (int(v) for v in compute_capability)
+    on_arch = SimpleNamespace(in_features=qm.in_features, out_features=qm.out_features, layout=qm.layout,
+                              device_id=None, _plans={}, compute_capability=(major, minor))
+    return choose_kernel(on_arch, m, ctype, force_cuda)
 
 
 def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:

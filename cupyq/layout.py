@@ -55,8 +55,61 @@ class RowPlan:
     tile_group: np.ndarray  # int32 [Kp / 16]
 
 
+@dataclasses.dataclass
+class LayoutShape:
+    """The sizes of a device layout, without its arrays: what the dispatch rules read (host values)."""
+
+    in_features: int
+    out_features: int
+    padded_rows: int
+    padded_cols: int
+    chunks8: int
+    chunks4: int
+    tile_group: np.ndarray  # int32 [Kp / 16]
+
+
 def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
+
+
+def gptq_rows(g_idx, bits: int):
+    """(perm, row_group, storage8) of a GPTQ layer (AWQ too: its g_idx is ``k // group_size``).
+
+    g_idx: int [K] (host array), group of each original row. perm: int64 [K], the original row of each sorted
+    row (a stable sort by group), or None when the rows are already sorted; row_group: int64 [K], group of each
+    sorted row; storage8: bool [K], True for every row of an 8-bit layer (stored in bytes), False otherwise.
+    """
+    g = np.asarray(g_idx).astype(np.int64)
+    perm = np.argsort(g, kind="stable")
+    identity = np.array_equal(perm, np.arange(g.shape[0]))
+    return (None if identity else perm), g[perm], np.full(g.shape[0], int(bits) == 8)
+
+
+def exl2_rows(groups):
+    """(row_group, storage8) of an EXL2 layer's sorted rows: groups are the parsed q_groups records (``rows`` and
+    ``bits`` of each, widths descending); rows of 5-8-bit groups are stored in bytes, 2-4-bit ones in nibbles."""
+    row_group = np.repeat(np.arange(len(groups)), [g.rows for g in groups])
+    row_bits = np.repeat([g.bits for g in groups], [g.rows for g in groups])
+    return row_group, row_bits > 4
+
+
+def layout_shape(row_group, storage8, out_features: int) -> LayoutShape:
+    """The :class:`LayoutShape` :func:`build_layout` gives rows of these groups and storage widths (host arrays,
+    as for :func:`plan_rows`) and ``out_features`` columns, computed without any weights."""
+    plan = plan_rows(row_group, storage8)
+    return _shape_of(plan, int(np.asarray(row_group).shape[0]), out_features)
+
+
+def _shape_of(plan: RowPlan, in_features: int, out_features: int) -> LayoutShape:
+    return LayoutShape(
+        in_features=in_features,
+        out_features=out_features,
+        padded_rows=plan.padded_rows,
+        padded_cols=_round_up(out_features, 16),
+        chunks8=plan.rows8 // CHUNK_ROWS,
+        chunks4=(plan.padded_rows - plan.rows8) // CHUNK_ROWS,
+        tile_group=plan.tile_group,
+    )
 
 
 def plan_rows(row_group: np.ndarray, storage8: np.ndarray) -> RowPlan:
@@ -147,8 +200,8 @@ def build_layout(q_sorted, row_perm, row_group, storage8, scales, zeros, xp) -> 
     k, n = q_sorted.shape
     to_host = (lambda a: a.get()) if hasattr(row_group, "get") else np.asarray
     plan = plan_rows(to_host(row_group), to_host(storage8))
-    kp = plan.padded_rows
-    npad = _round_up(n, 16)
+    shape = _shape_of(plan, k, n)
+    kp, npad = shape.padded_rows, shape.padded_cols
     position = xp.asarray(plan.position)
     q_pad = xp.zeros((kp, npad), dtype=xp.uint8)
     q_pad[position, :n] = q_sorted
@@ -168,8 +221,8 @@ def build_layout(q_sorted, row_perm, row_group, storage8, scales, zeros, xp) -> 
         out_features=n,
         padded_rows=kp,
         padded_cols=npad,
-        chunks8=plan.rows8 // CHUNK_ROWS,
-        chunks4=(kp - plan.rows8) // CHUNK_ROWS,
+        chunks8=shape.chunks8,
+        chunks4=shape.chunks4,
         w8=xp.ascontiguousarray(w8),
         w4=xp.ascontiguousarray(w4),
         tile_group=xp.asarray(plan.tile_group),

@@ -142,23 +142,15 @@ class QMatrix:
         import cupy
 
         with cupy.cuda.Device(self.device_id):
-            perm = np.argsort(g_host, kind="stable")
+            perm, row_group, storage8 = _layout.gptq_rows(g_host, bits)
             q = _gptq.unpack_qweight(_to_cupy(qweight, self.device_id), bits, xp=cupy)
             zeros = _gptq.unpack_qzeros(
                 _to_cupy(qzeros, self.device_id), bits, self.out_features, checkpoint_format=checkpoint_format,
                 v1_encoding=v1_encoding, xp=cupy,
             )
             s = _to_cupy(scales, self.device_id)
-            identity = np.array_equal(perm, np.arange(self.in_features))
-            q_sorted = q if identity else q[cupy.asarray(perm)]
-            self._build(
-                q_sorted,
-                None if identity else perm,
-                g_host[perm],
-                np.full(self.in_features, bits == 8),
-                s,
-                zeros,
-            )
+            q_sorted = q if perm is None else q[cupy.asarray(perm)]
+            self._build(q_sorted, perm, row_group, storage8, s, zeros)
         return self
 
     @classmethod
@@ -209,11 +201,10 @@ class QMatrix:
             scales = _exl2.decode_scales(
                 _to_cupy(q_scale, self.device_id), _to_cupy(q_scale_max, self.device_id), xp=cupy
             )[:, : self.out_features]
-            row_group = np.repeat(np.arange(len(groups)), [g.rows for g in groups])
-            row_bits = np.repeat([g.bits for g in groups], [g.rows for g in groups])
+            row_group, storage8 = _layout.exl2_rows(groups)
             zero_of_group = cupy.asarray([1 << (g.bits - 1) for g in groups], dtype=cupy.int32)
             zeros = cupy.broadcast_to(zero_of_group[:, None], scales.shape)
-            self._build(q_sorted, perm, row_group, row_bits > 4, scales, zeros)
+            self._build(q_sorted, perm, row_group, storage8, scales, zeros)
             self.layout.in_features = self.in_features
         return self
 

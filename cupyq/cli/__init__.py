@@ -17,12 +17,14 @@ import os
 import sys
 
 from cupyq.bench import FORMATS as BENCH_FORMATS
-from cupyq.cli.arguments import (_arch, _ArgumentError, _cuda_source_name, _names, _Parser, _positive_float,
-                                 _positive_int, _row_counts)
+from cupyq.explain import DTYPES as EXPLAIN_DTYPES
+from cupyq.cli.arguments import (_arch, _ArgumentError, _cuda_source_name, _gpu_arch, _names, _Parser,
+                                 _positive_float, _positive_int, _row_counts)
 from cupyq.cli.bench import cmd_bench
 from cupyq.cli.common import EXIT_OK, EXIT_USAGE, UsageError
 from cupyq.cli.compile import cmd_compile
 from cupyq.cli.info import cmd_info
+from cupyq.cli.explain import DEFAULT_MS as EXPLAIN_MS
 from cupyq.cli.inspect import cmd_inspect
 from cupyq.cli.output import _check_json_out, _report_json, _write_report
 from cupyq.cli.verify import DEFAULT_MS, DEFAULT_TOLERANCE, cmd_verify
@@ -66,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Per layer of a GPTQ / EXL2 / AWQ / mixed checkpoint directory: format, bits (EXL2: the "
                                    "mix of widths), bits per weight, group size, act-order, shape and bytes; totals.")
     p.add_argument("path", help="checkpoint directory (or a single .safetensors file)")
+    p.add_argument("--explain", action="store_true",
+                   help="instead, per quantized layer, the kernel each batch size gets and the dispatch rule's "
+                        "reason, worked out on the CPU (no GPU asked, nothing compiled)")
+    p.add_argument("--arch", type=_gpu_arch, metavar="ARCH",
+                   help="--explain: the GPU architecture, such as sm_80, sm_86, sm_89 or sm_90 (default: the "
+                        "current GPU's, or sm_90 when none is visible)")
+    p.add_argument("--m", type=_row_counts, action="append", metavar="M[,M...]",
+                   help="--explain: rows of x, a comma-separated list or the option repeated (default "
+                        f"{','.join(map(str, EXPLAIN_MS))})")
+    p.add_argument("--dtype", choices=EXPLAIN_DTYPES, help="--explain: activation dtype (default float16)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", parents=[common], help="check the GPU kernels against the float32 reference",

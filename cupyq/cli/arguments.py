@@ -75,6 +75,16 @@ def _arch(text):
     return text
 
 
+def _gpu_arch(text):
+    """``--arch`` of ``inspect --explain``: an architecture such as sm_80 or sm_90, as (major, minor)."""
+    from cupyq.explain import parse_arch
+
+    try:
+        return parse_arch(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cuda_source_name(text):
     from cupyq.sources import list_cuda_sources
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cupyq.cli.common import EXIT_OK, _open
+from cupyq.cli.common import EXIT_OK, UsageError, _open
 from cupyq.cli.output import _emit, _human_bytes, format_table
 
 
@@ -47,6 +47,13 @@ def _quant_config_payload(qc):
 
 
 def cmd_inspect(args):
+    if getattr(args, "explain", False):
+        from cupyq.cli.explain import cmd_explain
+
+        return cmd_explain(args)
+    given = [opt for opt, key in (("--arch", "arch"), ("--m", "m"), ("--dtype", "dtype")) if getattr(args, key, None)]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with --explain (cupyq inspect DIR --explain {' '.join(given)} ...)")
     ckpt = _open(args.path)
     infos = [ckpt.layer_info(n) for n in ckpt.layers]
     rows = []
