@@ -6,8 +6,8 @@ and ``--json-out FILE`` / ``-o FILE`` (the table on stdout, the JSON report writ
 replaced only when it is a report cupyq wrote). Reports carry a ``cupyq_report`` key naming the command.
 
 The parser and :func:`main` live here; each command is a module of this package (``info``, ``inspect``, ``verify``,
-``bench``, ``warmup``, ``compile``) and :mod:`cupyq.cli.output` holds the tables, progress bar and JSON reports
-they share.
+``bench``, ``warmup``, ``compile``; ``explain`` holds ``inspect --explain``) and :mod:`cupyq.cli.output` holds the
+tables, progress bar and JSON reports they share.
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[common], help="list the layers of a checkpoint",
                        description="Per layer of a GPTQ / EXL2 / AWQ / mixed checkpoint directory: format, bits (EXL2: the "
-                                   "mix of widths), bits per weight, group size, act-order, shape and bytes; totals.")
+                                   "mix of widths), bits per weight, group size, act-order, shape and bytes; totals. "
+                                   "With --explain instead: per quantized layer, the kernel each batch size (--m) gets "
+                                   "on a GPU architecture (--arch) and the dispatch rule's reason, worked out on the "
+                                   "CPU.")
     p.add_argument("path", help="checkpoint directory (or a single .safetensors file)")
     p.add_argument("--explain", action="store_true",
                    help="instead, per quantized layer, the kernel each batch size gets and the dispatch rule's "

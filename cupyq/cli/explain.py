@@ -17,13 +17,17 @@ def _default_arch():
 
     reason = device.gpu_unavailable_reason()
     if reason is None:
-        import cupy
-
-        return device.compute_capability(cupy.cuda.runtime.getDevice()), None
+        return device.compute_capability(_current_device()), None
     from cupyq.explain import arch_name
 
     name = arch_name(DEFAULT_ARCH)
     return DEFAULT_ARCH, f"no GPU visible, so {name} is assumed (--arch picks another): {reason}"
+
+
+def _current_device() -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
 
 
 def _bits_text(info):
