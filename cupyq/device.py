@@ -208,7 +208,8 @@ _capabilities: dict = {}
 
 
 def compute_capability(device_id) -> tuple:
-    """(major, minor) compute capability of a device (cached); (0, 0) for ``None`` (a CPU matrix)."""
+    """(major, minor) compute capability of a device (cached); (0, 0) for ``None`` (a CPU matrix); that of the
+    architecture for a key from :func:`architecture_key` (no device asked)."""
     cc = _capabilities.get(device_id)
     if cc is None:
         if device_id is None:
@@ -218,6 +219,16 @@ def compute_capability(device_id) -> tuple:
         props = cupy.cuda.runtime.getDeviceProperties(device_id)
         cc = _capabilities[device_id] = (int(props["major"]), int(props["minor"]))
     return cc
+
+
+def architecture_key(compute_capability) -> tuple:
+    """A stand-in device id for an architecture ((major, minor), e.g. (9, 0)): :func:`compute_capability` gives
+    back that architecture for it without asking any device, so that the dispatch rules can be worked out for a
+    GPU that is not there (:func:`cupyq.launch.explain`). The key is ``("arch", major, minor)``."""
+    major, minor = (int(v) for v in compute_capability)
+    key = ("arch", major, minor)
+    _capabilities[key] = (major, minor)
+    return key
 
 
 _external_streams: dict = {}

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from cupyq import kernels, runtime
+from cupyq.device import architecture_key
 from cupyq.device import compute_capability as device_compute_capability
 from cupyq.device import sm_count
 from cupyq.scratch import workspace
@@ -44,13 +45,7 @@ def wgmma_supported(qm) -> bool:
     """Whether qwgmma can run ``qm``: an sm_90 device, and weights in one storage width (8-bit or 4-bit chunks,
     not both: EXL2 mixes with 5-8-bit and 2-4-bit groups take qmma)."""
     lay = qm.layout
-    return _compute_capability(qm) == (9, 0) and not (lay.chunks8 > 0 and lay.chunks4 > 0)
-
-
-def _compute_capability(qm) -> tuple:
-    """(major, minor) the dispatch rules assume for ``qm``: its device's, or the one named by :func:`explain`."""
-    named = getattr(qm, "compute_capability", None)
-    return device_compute_capability(qm.device_id) if named is None else named
+    return device_compute_capability(qm.device_id) == (9, 0) and not (lay.chunks8 > 0 and lay.chunks4 > 0)
 
 
 # Batches of at most this many rows (two m8 tiles; see _two_tile_gemv for 9-16) use the streaming kernel qgemv:
@@ -141,12 +136,12 @@ def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
 def explain(qm, m: int, ctype: str, compute_capability, force_cuda: bool = False) -> tuple:
     """(kernel, reason) of :func:`choose_kernel` for ``qm`` as if it were on a device of ``compute_capability``
     ((major, minor), e.g. (9, 0)), asking no device and compiling nothing. ``qm`` needs only ``in_features``,
-    ``out_features`` and ``layout`` facts (``chunks8``, ``chunks4``, ``padded_rows``, ``padded_cols``,
-    ``tile_group``): a QMatrix, or a checkpoint layer's :class:`cupyq.layout.LayoutShape` worked out on the CPU
-    (:func:`cupyq.explain.layer_shape`). ctype: ``"__half"`` or ``"__nv_bfloat16"``."""
-    major, minor = (int(v) for v in compute_capability)
+    ``out_features`` and a ``layout`` with ``chunks8``, ``chunks4``, ``padded_rows``, ``padded_cols`` and
+    ``tile_group``: a QMatrix's device layout, or a checkpoint layer's :class:`cupyq.layout.LayoutShape` worked out
+    on the CPU (:func:`cupyq.explain.layer_shape`). ctype: ``"__half"`` or ``"__nv_bfloat16"``."""
+    # The rules read the architecture through the device id: a stand-in id answers without a device.
     on_arch = SimpleNamespace(in_features=qm.in_features, out_features=qm.out_features, layout=qm.layout,
-                              device_id=None, _plans={}, compute_capability=(major, minor))
+                              device_id=architecture_key(compute_capability), _plans={})
     return choose_kernel(on_arch, m, ctype, force_cuda)
 
 
