@@ -309,3 +309,22 @@ def test_explain_options_need_explain(sample, capsys):
 def test_explain_missing_checkpoint_exits_2(tmp_path, capsys):
     code, _, err = run(["inspect", str(tmp_path / "absent"), "--explain", "--arch", "sm_90"], capsys)
     assert code == 2 and "absent" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["gptq-4bit-g128-act", "gptq-3bit-g64-asym-v2", "exl2-mixed", "awq-4bit-g128"])
+def test_explain_matches_the_gpu_matrices(sample, recipe):
+    """On a GPU: the CPU-side layout sizes are those of the QMatrix built on the device, and the explanation for
+    the device's architecture is what choose_kernel says for that matrix."""
+    ckpt = open_checkpoint(sample[recipe])
+    cc = device.compute_capability(0)
+    for name in ckpt.quantized_layers:
+        qm = ckpt.qmatrix(name, device=0)
+        shape = explain.layer_shape(ckpt, name)
+        for field in ("in_features", "out_features", "padded_rows", "padded_cols", "chunks8", "chunks4"):
+            assert getattr(shape, field) == getattr(qm.layout, field), (name, field)
+        np.testing.assert_array_equal(shape.tile_group, qm.layout.tile_group.get())
+        ms = (1, 9, 16, 17, 64, 65, 128, 129, 256, 1024)
+        for dtype in explain.DTYPES:
+            for m, kernel, reason in explain.explain_layer(shape, ms, dtype, cc):
+                assert (kernel, reason) == launch.choose_kernel(qm, m, CTYPES[dtype]), (name, m, dtype)
