@@ -14,7 +14,8 @@ from cupyq.launch import (
     _CTYPES, _gather_columns, _launch_lock, _launch_plan, _launch_qgemm, _plan_for, dense_threshold, dequantize_into,
     dequantize_t_into,
 )
-from cupyq.qmatrix import QMatrix, _kind
+from cupyq.arrays import array_kind
+from cupyq.qmatrix import QMatrix
 from cupyq.scratch import default_scratch, workspace
 
 _warned_cpu = False
@@ -46,7 +47,7 @@ def gemm(x, qm: QMatrix, out=None, *, force_cuda: bool = False):
                 return y
     if not isinstance(qm, QMatrix):
         raise TypeError(f"qm: expected a cupyq.QMatrix, got {type(qm).__name__}")
-    kind = _kind(x)
+    kind = array_kind(x)
     if kind == "numpy" and not isinstance(x, np.ndarray):
         raise TypeError(f"x: expected a torch tensor, a CuPy array or a NumPy array, got {type(x).__name__}")
     if kind == "torch":

@@ -7,61 +7,10 @@ import numpy as np
 from cupyq import launch as _launch
 from cupyq import layout as _layout
 from cupyq import reference
-from cupyq.device import check_device_supported
+from cupyq.arrays import array_kind, host_copy, resolve_device, to_bf16_bits, to_cupy
 from cupyq.formats import awq as _awq
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
-
-
-def _kind(a) -> str:
-    mod = type(a).__module__.split(".", 1)[0]
-    if mod == "torch":
-        return "torch"
-    if mod == "cupy":
-        return "cupy"
-    return "numpy"
-
-
-def _resolve_device(arrays, device):
-    """(device_id or None for CPU, kind of the input arrays)."""
-    present = [a for a in arrays if a is not None]
-    kinds = {_kind(a) for a in present}
-    kind = "torch" if "torch" in kinds else "cupy" if "cupy" in kinds else "numpy"
-    if device is not None:
-        text = str(device)
-        if text == "cpu":
-            return None, kind
-        from cupyq.scratch import device_index
-
-        return check_device_supported(device_index(device)), kind
-    for a in present:
-        k = _kind(a)
-        if k == "cupy":
-            return int(a.device.id), kind
-        if k == "torch" and a.device.type == "cuda":
-            return int(a.device.index or 0), kind
-    return None, kind
-
-
-def _to_cupy(a, device_id):
-    """A CuPy array on device_id holding the data of a (zero-copy for CUDA torch/CuPy arrays on that device)."""
-    import cupy
-
-    if a is None:
-        return None
-    with cupy.cuda.Device(device_id):
-        if _kind(a) == "torch":
-            import torch
-
-            t = a.detach()
-            if t.dtype == torch.bfloat16:
-                t = t.float()
-            if t.device.type == "cuda" and (t.device.index or 0) == device_id:
-                return cupy.from_dlpack(t.contiguous())
-            return cupy.asarray(t.cpu().numpy())
-        if _kind(a) == "cupy":
-            return a if a.device.id == device_id else cupy.asarray(a.get())
-        return cupy.asarray(np.asarray(a))
 
 
 class QMatrix:
@@ -123,7 +72,7 @@ class QMatrix:
         self.v1_encoding = v1_encoding
         self._bpw = float(bits)
         groups = layout.groups
-        self.device_id, self.input_kind = _resolve_device((qweight, qzeros, scales, g_idx, bias), device)
+        self.device_id, self.input_kind = resolve_device((qweight, qzeros, scales, g_idx, bias), device)
         g_host = reference.to_numpy(g_idx)
         if g_host is None:
             g_host = _gptq.default_g_idx(self.in_features, group_size)
@@ -133,8 +82,8 @@ class QMatrix:
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
-                qweight=_host_copy(qweight),
-                qzeros=_host_copy(qzeros),
+                qweight=host_copy(qweight),
+                qzeros=host_copy(qzeros),
                 scales=reference.to_numpy(scales).astype(np.float32),
                 g_idx=g_host.astype(np.int32),
             )
@@ -143,12 +92,12 @@ class QMatrix:
 
         with cupy.cuda.Device(self.device_id):
             perm, row_group, storage8 = _layout.gptq_rows(g_host, bits)
-            q = _gptq.unpack_qweight(_to_cupy(qweight, self.device_id), bits, xp=cupy)
+            q = _gptq.unpack_qweight(to_cupy(qweight, self.device_id), bits, xp=cupy)
             zeros = _gptq.unpack_qzeros(
-                _to_cupy(qzeros, self.device_id), bits, self.out_features, checkpoint_format=checkpoint_format,
+                to_cupy(qzeros, self.device_id), bits, self.out_features, checkpoint_format=checkpoint_format,
                 v1_encoding=v1_encoding, xp=cupy,
             )
-            s = _to_cupy(scales, self.device_id)
+            s = to_cupy(scales, self.device_id)
             q_sorted = q if perm is None else q[cupy.asarray(perm)]
             self._build(q_sorted, perm, row_group, storage8, s, zeros)
         return self
@@ -180,26 +129,26 @@ class QMatrix:
         self.group_size = {}
         for g in groups:
             self.group_size.setdefault(g.bits, g.rows)
-        self.device_id, self.input_kind = _resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device)
+        self.device_id, self.input_kind = resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device)
         perm = _exl2.perm_from_invperm(reference.to_numpy(q_invperm)).astype(np.int64)
         self.act_order = not np.array_equal(perm, np.arange(layout.in_features))
         perm[perm >= self.in_features] = -1  # padding rows: the kernels read a zero activation for them
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
-                q_weight=_host_copy(q_weight),
-                q_invperm=_host_copy(q_invperm),
-                q_scale=_host_copy(q_scale),
-                q_scale_max=_host_copy(q_scale_max),
-                q_groups=_host_copy(q_groups),
+                q_weight=host_copy(q_weight),
+                q_invperm=host_copy(q_invperm),
+                q_scale=host_copy(q_scale),
+                q_scale_max=host_copy(q_scale_max),
+                q_groups=host_copy(q_groups),
             )
             return self
         import cupy
 
         with cupy.cuda.Device(self.device_id):
-            q_sorted = _exl2.unpack_q_weight(_to_cupy(q_weight, self.device_id), groups, xp=cupy)
+            q_sorted = _exl2.unpack_q_weight(to_cupy(q_weight, self.device_id), groups, xp=cupy)
             scales = _exl2.decode_scales(
-                _to_cupy(q_scale, self.device_id), _to_cupy(q_scale_max, self.device_id), xp=cupy
+                to_cupy(q_scale, self.device_id), to_cupy(q_scale_max, self.device_id), xp=cupy
             )[:, : self.out_features]
             row_group, storage8 = _layout.exl2_rows(groups)
             zero_of_group = cupy.asarray([1 << (g.bits - 1) for g in groups], dtype=cupy.int32)
@@ -230,7 +179,7 @@ class QMatrix:
         self._bpw = float(layout.bits)
         self.act_order = False
         self.group_size = -1 if layout.groups == 1 else layout.group_size
-        self.device_id, self.input_kind = _resolve_device((qweight, qzeros, scales, bias), device)
+        self.device_id, self.input_kind = resolve_device((qweight, qzeros, scales, bias), device)
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
@@ -243,7 +192,7 @@ class QMatrix:
 
         with cupy.cuda.Device(self.device_id):
             rows = _awq.awq_rows(
-                _to_cupy(qweight, self.device_id), _to_cupy(qzeros, self.device_id), _to_cupy(scales, self.device_id),
+                to_cupy(qweight, self.device_id), to_cupy(qzeros, self.device_id), to_cupy(scales, self.device_id),
                 group_size, xp=cupy,
             )
             self._build(rows.q, None, rows.row_group, rows.storage8, rows.scales, rows.zeros)
@@ -264,7 +213,7 @@ class QMatrix:
         self.bias16 = self.bias_bf16 = None
         if self._bias_host is not None:
             self.bias16 = cupy.asarray(self._bias_host.astype(np.float16))
-            self.bias_bf16 = cupy.asarray(_to_bf16_bits(self._bias_host))
+            self.bias_bf16 = cupy.asarray(to_bf16_bits(self._bias_host))
         self._plans = {}
         self._fast_paths = {}  # eager torch calls by (x.shape, x.dtype): cupyq.dispatch._TorchFastPath
         self._scratch = None
@@ -387,7 +336,7 @@ class QMatrix:
         if buf is None:
             self._scratch = None
             return
-        if _kind(buf) == "torch":
+        if array_kind(buf) == "torch":
             import cupy
 
             buf = cupy.from_dlpack(buf.detach().view(-1).view(__import__("torch").uint8))
@@ -415,11 +364,6 @@ class QMatrix:
         self._fast_paths = {}
 
 
-def _host_copy(a):
-    """A NumPy array of its own holding the data of a (NumPy, CPU torch or CuPy array)."""
-    return np.array(reference.to_numpy(a), copy=True)
-
-
 def _exl2_padding_rows(layout, in_features, q_weight, q_invperm) -> int:
     """How many trailing original rows of an EXL2 layer are padding (see ``QMatrix.from_exl2``); checks that
     they dequantise to zero."""
@@ -443,10 +387,3 @@ def _exl2_padding_rows(layout, in_features, q_weight, q_invperm) -> int:
                     f"value {1 << (g.bits - 1)} of their {g.bits}-bit group"
                 )
     return total - int(in_features)
-
-
-def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (int16) of float32 values, rounded to nearest even."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return rounded.astype(np.uint16).view(np.int16)

@@ -40,31 +40,6 @@ def _check_size(name: str, value) -> int:
     return int(value)
 
 
-def device_index(device) -> int:
-    """The CUDA device index of ``device``: an int, ``"cuda"`` (the current device), ``"cuda:N"``, a
-    ``torch.device`` of type cuda, or a CuPy ``Device``; None means the current CuPy device. Anything else is a
-    ValueError naming what came."""
-    if device is None or str(device) == "cuda" or (getattr(device, "type", None) == "cuda" and device.index is None):
-        import cupy
-
-        return cupy.cuda.runtime.getDevice()
-    if isinstance(device, bool):
-        raise ValueError(f"device: expected a CUDA device (int, 'cuda', 'cuda:N', torch.device), got {device!r}")
-    if isinstance(device, int):
-        if device < 0:
-            raise ValueError(f"device: expected a non-negative device index, got {device}")
-        return device
-    if getattr(device, "type", None) == "cuda" and isinstance(device.index, int):  # torch.device
-        return int(device.index)
-    if type(device).__module__.startswith("cupy") and isinstance(getattr(device, "id", None), int):  # cupy Device
-        return int(device.id)
-    text = str(device)
-    if text.startswith("cuda:") and text[5:].isdigit():
-        return int(text[5:])
-    raise ValueError(f"device: expected a CUDA device (int, 'cuda', 'cuda:N', torch.device or a CuPy Device), "
-                     f"got {device!r}")
-
-
 class Workspace:
     """The buffers of one (device, stream); see the module docstring."""
 

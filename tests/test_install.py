@@ -181,8 +181,10 @@ def test_qmatrix_checks_the_device_capability(monkeypatch, fresh_checks):
 
 
 def test_qmatrix_check_is_one_line():
-    text = (REPO / "cupyq" / "qmatrix.py").read_text()
+    # a QMatrix's device is checked in one place: where cupyq.arrays resolves its device= argument
+    text = (REPO / "cupyq" / "arrays.py").read_text()
     assert text.count("check_device_supported(") == 1
+    assert "check_device_supported(" not in (REPO / "cupyq" / "qmatrix.py").read_text()
 
 
 def test_info_marks_unsupported_gpu(monkeypatch, fresh_checks, capsys):

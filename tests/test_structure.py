@@ -120,7 +120,7 @@ def test_device_index_accepts_the_usual_spellings(monkeypatch):
 
     import pytest
 
-    from cupyq.scratch import device_index
+    from cupyq.arrays import device_index
 
     torch = pytest.importorskip("torch")  # before cupy is faked: importing torch may import the real cupyx
     fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 3)))
