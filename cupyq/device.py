@@ -224,7 +224,7 @@ def compute_capability(device_id) -> tuple:
 def architecture_key(compute_capability) -> tuple:
     """A stand-in device id for an architecture ((major, minor), e.g. (9, 0)): :func:`compute_capability` gives
     back that architecture for it without asking any device, so that the dispatch rules can be worked out for a
-    GPU that is not there (:func:`cupyq.launch.explain`). The key is ``("arch", major, minor)``."""
+    GPU that is not there (:func:`cupyq.rules.explain`). The key is ``("arch", major, minor)``."""
     major, minor = (int(v) for v in compute_capability)
     key = ("arch", major, minor)
     _capabilities[key] = (major, minor)

@@ -9,13 +9,14 @@ import warnings
 
 import numpy as np
 
+from cupyq import kernels
+from cupyq.arrays import array_kind
 from cupyq.device import torch_stream
 from cupyq.launch import (
-    _CTYPES, _gather_columns, _launch_lock, _launch_plan, _launch_qgemm, _plan_for, dense_threshold, dequantize_into,
-    dequantize_t_into,
+    _gather_columns, _launch_lock, _launch_plan, _launch_qgemm, _plan_for, dequantize_into, dequantize_t_into,
 )
-from cupyq.arrays import array_kind
 from cupyq.qmatrix import QMatrix
+from cupyq.rules import dense_threshold
 from cupyq.scratch import default_scratch, workspace
 
 _warned_cpu = False
@@ -116,7 +117,7 @@ def _torch_ctype(dtype):
     """Kernel element type of a torch dtype, or None (cached per dtype object: ``str(dtype)`` is slow)."""
     ctype = _torch_ctypes.get(dtype)
     if ctype is None and dtype not in _torch_ctypes:
-        ctype = _torch_ctypes[dtype] = _CTYPES.get(str(dtype).removeprefix("torch."))
+        ctype = _torch_ctypes[dtype] = kernels.CTYPES.get(str(dtype).removeprefix("torch."))
     return ctype
 
 
@@ -226,7 +227,7 @@ def _gemm_cupy(x, qm: QMatrix, out, force_cuda):
     import cupy
 
     _check_input(x, qm, on_gpu=True)
-    ctype = _CTYPES.get(str(x.dtype))
+    ctype = kernels.CTYPES.get(str(x.dtype))
     if ctype is None:
         raise TypeError(f"x: expected dtype float16 (CuPy), got {x.dtype}")
     if not x.flags.c_contiguous:

@@ -2,7 +2,7 @@
 
 The layer's layout sizes come from its groups and storage widths alone (:func:`cupyq.layout.layout_shape`, the
 row plan the device layout is built from; no weight is unpacked) and the dispatch rules are those of
-:func:`cupyq.launch.choose_kernel`, asked through :func:`cupyq.launch.explain` for a named architecture: no GPU,
+:func:`cupyq.rules.choose_kernel`, asked through :func:`cupyq.rules.explain` for a named architecture: no GPU,
 no compiled kernel.
 """
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cupyq import launch
+from cupyq import kernels, rules
 from cupyq import layout as _layout
 
 __all__ = ["DTYPES", "parse_arch", "arch_name", "layer_shape", "explain_layer"]
@@ -74,6 +74,6 @@ def explain_layer(shape: _layout.LayoutShape, ms, dtype: str, compute_capability
     ``compute_capability`` ((major, minor))."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    ctype = launch._CTYPES[dtype]
+    ctype = kernels.CTYPES[dtype]
     qm_like = SimpleNamespace(in_features=shape.in_features, out_features=shape.out_features, layout=shape)
-    return [(m, *launch.explain(qm_like, m, ctype, compute_capability)) for m in ms]
+    return [(m, *rules.explain(qm_like, m, ctype, compute_capability)) for m in ms]

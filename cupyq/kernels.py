@@ -14,6 +14,7 @@ QMMA_THREADS = 256  # threads of a qmma, qwgmma or dequant_t CTA (cuda_src/tenso
 DEQUANT_T_CHUNKS_PER_CTA = 4  # 64-row chunks one dequant_t CTA writes (cuda_src/qmma.cu)
 QMMA_WARPS = QMMA_THREADS // 32
 DTYPES = ("__half", "__nv_bfloat16")
+CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}  # kernel element type of each activation dtype
 STORAGES = ((False, True), (True, False), (True, True))  # (has 8-bit storage, has 4-bit storage)
 GEMV_THREADS = 256  # threads of a qgemv or dequant CTA: 8 warps of 16 output columns (cuda_src/qgemm.cu)
 STEP_CHUNKS = 4  # chunks qgemv streams per step; storage segments are whole steps (cupyq/layout.py)
@@ -107,7 +108,7 @@ class QmmaConfig:
         return 2 * ctas * self.m_tile * self.n_tile
 
 
-# Tilings by the largest batch they serve (rows of x); the choice rule is launch.choose_qmma.
+# Tilings by the largest batch they serve (rows of x); the choice rule is rules.choose_qmma.
 QMMA_CONFIGS = {
     16: QmmaConfig(mw=1, nw=1, wm=1, wn=8, ks=4, stages=4, minb=2),
     32: QmmaConfig(mw=2, nw=1, wm=1, wn=8, ks=4, stages=3, minb=2),

@@ -1,5 +1,6 @@
-"""Kernel launches for a prepared matrix: which kernel a batch gets (the dispatch rules), launch plans (grid,
-shared memory, argument slots by name), the launcher, the GEMM / dequantise / gather launches, and warm-up.
+"""Kernel launches for a prepared matrix: launch plans (grid, shared memory, argument slots by name) of the kernel
+the dispatch rules (:mod:`cupyq.rules`) choose, the launcher, the GEMM / dequantise / gather launches, and
+warm-up.
 
 Everything here takes a QMatrix-like object (``layout``, ``device_id``, ``in_features``, ``out_features``, the
 bias copies and the plan cache ``_plans``) and imports nothing from ``cupyq.qmatrix`` or ``cupyq.dispatch``.
@@ -9,56 +10,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 
 from cupyq import kernels, runtime
-from cupyq.device import architecture_key
-from cupyq.device import compute_capability as device_compute_capability
 from cupyq.device import sm_count
+from cupyq.rules import (
+    _chunk_uniform_groups, _warmup_batches, choose_kernel, choose_qmma, choose_wgmma, dense_threshold,
+)
 from cupyq.scratch import workspace
 
-# Batches of more rows than this go through dequantise + dense matmul unless force_cuda is given. Measured on an
-# H200 (BENCHMARKS.md): qmma wins up to m = 128 on layers of 32 M weights or more, and up to m = 64 on smaller
-# ones, where the dense product is cheap and the quantized kernel's work per weight dominates; where qwgmma runs
-# (sm_90), it wins up to m = 256 and 128.
-DENSE_THRESHOLD = int(os.environ.get("CUPYQ_DENSE_THRESHOLD", 128))
-SMALL_LAYER_WEIGHTS = 1 << 25
-SMALL_LAYER_THRESHOLD = min(64, DENSE_THRESHOLD)
-WGMMA_DENSE_THRESHOLD = int(os.environ.get("CUPYQ_WGMMA_DENSE_THRESHOLD", 256))
-WGMMA_SMALL_LAYER_THRESHOLD = min(128, WGMMA_DENSE_THRESHOLD)
-WGMMA_MIN_M = 17  # qwgmma from this many rows on (at m = 32 as fast as the best qmma tiling on large layers, faster on small)
-
-
-def dense_threshold(qm) -> int:
-    """Largest batch (rows of x) that :func:`gemm` sends to the quantized kernel for this matrix."""
-    small = qm.in_features * qm.out_features < SMALL_LAYER_WEIGHTS
-    if wgmma_supported(qm):
-        return WGMMA_SMALL_LAYER_THRESHOLD if small else WGMMA_DENSE_THRESHOLD
-    return SMALL_LAYER_THRESHOLD if small else DENSE_THRESHOLD
-
-
-def wgmma_supported(qm) -> bool:
-    """Whether qwgmma can run ``qm``: an sm_90 device, and weights in one storage width (8-bit or 4-bit chunks,
-    not both: EXL2 mixes with 5-8-bit and 2-4-bit groups take qmma)."""
-    lay = qm.layout
-    return device_compute_capability(qm.device_id) == (9, 0) and not (lay.chunks8 > 0 and lay.chunks4 > 0)
-
-
-# Batches of at most this many rows (two m8 tiles; see _two_tile_gemv for 9-16) use the streaming kernel qgemv:
-# whole waves of CTAs (normally one), each warp running through a long range of rows, only the M activation
-# rows in shared memory.
-GEMV_MAX_M = 16
 _GEMV_SMEM_LIMIT = 112 * 1024  # per CTA, so that two fit in a multiprocessor's 228 KB
 
 _THREADS = kernels.GEMV_THREADS
 _STEP_CHUNKS = kernels.STEP_CHUNKS
 _STATIC_SMEM_LIMIT = 48 * 1024
 
-_CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
 class _Launcher:
@@ -114,37 +82,6 @@ class LaunchPlan:
                  "counters", "x_vec", "frag", "frag_halves", "frag_x", "frag_xf", "frag_vec")
 
 
-def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
-    """(kernel, reason): which path :func:`gemm` takes for ``m`` rows of ``ctype`` activations, by rules in
-    order. Kernels: "qgemv" (streaming, one m8 tile), "qgemv2" (two m8 tiles), "qwgmma" (warpgroup tensor-core
-    kernel, sm_90), "qmma" (pipelined tensor-core kernel), "dense" (dequantise into scratch + dense matmul; falls
-    back to the quantized kernel when the scratch cannot hold a chunk of 64 rows)."""
-    if m <= 8:
-        return "qgemv", "m <= 8: the streaming kernel with one m8 tile"
-    if m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype):
-        return "qgemv2", "9-16 rows of fp16 on 4-bit storage: the streaming kernel with two m8 tiles"
-    if m > dense_threshold(qm) and not force_cuda:
-        return "dense", f"m > {dense_threshold(qm)}: dequantise and multiply densely (compute-bound batches)"
-    weights = qm.in_features * qm.out_features
-    if m >= WGMMA_MIN_M and wgmma_supported(qm):
-        cfg = choose_wgmma(m, weights)
-        return "qwgmma", f"m = {m} on sm_90: qwgmma with {cfg.m_tile}x{cfg.n_tile} tiles"
-    cfg = choose_qmma(m, weights)
-    return "qmma", f"m = {m}: qmma with {cfg.m_tile}x{cfg.n_tile} tiles"
-
-
-def explain(qm, m: int, ctype: str, compute_capability, force_cuda: bool = False) -> tuple:
-    """(kernel, reason) of :func:`choose_kernel` for ``qm`` as if it were on a device of ``compute_capability``
-    ((major, minor), e.g. (9, 0)), asking no device and compiling nothing. ``qm`` needs only ``in_features``,
-    ``out_features`` and a ``layout`` with ``chunks8``, ``chunks4``, ``padded_rows``, ``padded_cols`` and
-    ``tile_group``: a QMatrix's device layout, or a checkpoint layer's :class:`cupyq.layout.LayoutShape` worked out
-    on the CPU (:func:`cupyq.explain.layer_shape`). ctype: ``"__half"`` or ``"__nv_bfloat16"``."""
-    # The rules read the architecture through the device id: a stand-in id answers without a device.
-    on_arch = SimpleNamespace(in_features=qm.in_features, out_features=qm.out_features, layout=qm.layout,
-                              device_id=architecture_key(compute_capability), _plans={})
-    return choose_kernel(on_arch, m, ctype, force_cuda)
-
-
 def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:
     """The plan of the quantized kernel choose_kernel names for m rows (as with force_cuda: a batch reaches the
     quantized kernel only when the dense path was not taken)."""
@@ -157,31 +94,6 @@ def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:
 
 
 QMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may take on sm_80 and sm_90
-
-
-# Layers of at least this many weights take the 64-row qmma tile from m = 33 on: enough tiles to fill the GPU.
-WIDE_TILE_WEIGHTS = 1 << 27
-
-
-def choose_qmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.QmmaConfig:
-    """The qmma tiling for a batch of ``m`` rows of a layer of ``weights`` (K x N) weights: the smallest tile
-    that holds the batch, except that layers below WIDE_TILE_WEIGHTS keep the 32-row tile up to m = 64 (the
-    wide tile leaves them too few tiles per multiprocessor); larger batches run several m blocks."""
-    limits = sorted(kernels.QMMA_CONFIGS)
-    if 32 < m <= 64 and weights < WIDE_TILE_WEIGHTS:
-        return kernels.QMMA_CONFIGS[32]
-    for limit in limits:
-        if m <= limit:
-            return kernels.QMMA_CONFIGS[limit]
-    return kernels.QMMA_CONFIGS[limits[-1]]
-
-
-def choose_wgmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.WgmmaConfig:
-    """The qwgmma tiling for ``m`` rows of a layer of ``weights`` weights: 64-row tiles, 128-row tiles for
-    batches above 64 rows on layers of WIDE_TILE_WEIGHTS or more."""
-    if m > 64 and weights >= WIDE_TILE_WEIGHTS:
-        return kernels.WGMMA_CONFIGS[128]
-    return kernels.WGMMA_CONFIGS[64]
 
 
 def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
@@ -245,23 +157,6 @@ def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
         p.frag_vec = p.frag.slot("vec") if lay.row_src is None and qm.in_features % 8 == 0 else None
     p.frag_x, p.frag_xf = p.frag.slot("x"), p.frag.slot("xf")
     return p
-
-
-def _chunk_uniform_groups(qm) -> bool:
-    """Whether the four 16-row tiles of every 64-row chunk share one group (GPTQ with groups of 64 rows or more
-    and no act-order): qmma then stages one row of scale/zero words per chunk instead of four."""
-    cached = qm._plans.get("chunk_uniform")
-    if cached is None:
-        tg = qm.layout.tile_group
-        tg = (tg.get() if hasattr(tg, "get") else np.asarray(tg)).reshape(-1, 4)
-        cached = qm._plans["chunk_uniform"] = bool((tg == tg[:, :1]).all())
-    return cached
-
-
-def _two_tile_gemv(qm, ctype: str) -> bool:
-    """Whether batches of 9-16 rows take qgemv with two m8 tiles: measured faster than qmma for fp16 activations
-    and weights in 4-bit storage (2-4 bits); other matrices run qmma for them."""
-    return ctype == "__half" and qm.layout.chunks8 == 0
 
 
 def _qgemv_plan(qm, m: int, ctype: str) -> LaunchPlan:
@@ -498,38 +393,6 @@ def dequantize_t_into(qm, buf, ctype: str, stream, chunk_begin: int, chunk_end: 
     fn(grid, (kernels.QMMA_THREADS, 1, 1), args, stream=stream)
 
 
-def _warmup_batches(max_m: int) -> list:
-    """Batch sizes warm-up runs: the largest of each kernel variant needs the largest workspace."""
-    return [m for m in sorted({1, 2, 3, 4, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, max_m}) if m <= max_m]
-
-
-def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:
-    """(source, kernel name) of every kernel ``qm``'s calls of up to ``max_m`` rows use, found by the dispatch
-    rules without compiling anything."""
-    lay = qm.layout
-    has8, has4 = lay.chunks8 > 0, lay.chunks4 > 0
-    names = set()
-    for dt in dtypes:
-        ctype = _CTYPES[str(dt).removeprefix("torch.")]
-        for m in _warmup_batches(max_m):
-            kernel, _ = choose_kernel(qm, m, ctype)
-            if kernel == "dense":
-                names.add(("qmma.cu", kernels.dequant_t_name(ctype, has8, has4)))
-            elif kernel == "qwgmma":
-                zr = 1 if _chunk_uniform_groups(qm) else 4
-                names.add(("qwgmma.cu", choose_wgmma(m, qm.in_features * qm.out_features).name(ctype, zr, has8, has4)))
-                names.add(("qwgmma.cu", kernels.frag_xw_name(ctype)))
-            elif kernel in ("qgemv", "qgemv2"):
-                names.add(("qgemm.cu", kernels.qgemv_name(ctype, 1 if kernel == "qgemv" else 2, has8, has4)))
-            else:
-                zr = 1 if _chunk_uniform_groups(qm) else 4
-                names.add(("qmma.cu", choose_qmma(m, qm.in_features * qm.out_features).name(ctype, zr, has8, has4)))
-                names.add(("qmma.cu", kernels.frag_x_name(ctype)))
-        names.add(("qgemm.cu", kernels.dequant_name(ctype, has8, has4)))
-        names.add(("qgemm.cu", kernels.gather_name(ctype)))
-    return names
-
-
 def warmup_matrix(qm, *, max_m: int = 64, dtypes=("float16",)):
     """Compile the kernels ``qm`` uses for batches up to max_m and size the workspaces (that of the current
     CuPy stream and the device's spare, which a stream capturing a CUDA graph takes)."""
@@ -538,7 +401,7 @@ def warmup_matrix(qm, *, max_m: int = 64, dtypes=("float16",)):
     with cupy.cuda.Device(qm.device_id):
         ws = workspace(qm.device_id, cupy.cuda.get_current_stream().ptr)
         for dt in dtypes:
-            ctype = _CTYPES[str(dt).removeprefix("torch.")]
+            ctype = kernels.CTYPES[str(dt).removeprefix("torch.")]
             for m in _warmup_batches(max_m):
                 if m > dense_threshold(qm):
                     runtime.get_function("qmma.cu", kernels.dequant_t_name(ctype, qm.layout.chunks8 > 0,

@@ -7,6 +7,7 @@ import numpy as np
 from cupyq import launch as _launch
 from cupyq import layout as _layout
 from cupyq import reference
+from cupyq import rules as _rules
 from cupyq.arrays import array_kind, host_copy, resolve_device, to_bf16_bits, to_cupy
 from cupyq.formats import awq as _awq
 from cupyq.formats import exl2 as _exl2
@@ -353,7 +354,7 @@ class QMatrix:
         CPU); nothing is compiled."""
         if self.device_id is None:
             return set()
-        return _launch.needed_kernels(self, max_m=max_m, dtypes=dtypes)
+        return _rules.needed_kernels(self, max_m=max_m, dtypes=dtypes)
 
     def close(self):
         """Release the device buffers now (the matrix is unusable afterwards)."""

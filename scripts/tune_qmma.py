@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cupyq import dispatch, kernels, launch, reference, runtime
+from cupyq import dispatch, kernels, launch, reference, rules, runtime
 from cupyq.bench import _random_exl2, _random_gptq, _time_graph
 from cupyq.device import torch_stream
 from cupyq.qmatrix import QMatrix
@@ -86,7 +86,7 @@ def check(rng, report):
     names = set()
     for qm, _ in mats.values():
         h8, h4 = qm.layout.chunks8 > 0, qm.layout.chunks4 > 0
-        zr = 1 if launch._chunk_uniform_groups(qm) else 4
+        zr = 1 if rules._chunk_uniform_groups(qm) else 4
         for cfg in CANDIDATES.values():
             for dt in CT.values():
                 names.add(("qwgmma.cu" if isinstance(cfg, W) else "qmma.cu", cfg.name(dt, zr, h8, h4)))

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from cupyq import launch, reference
+from cupyq import reference, rules
 from test_gpu_kernels import random_gptq
 
 pytestmark = pytest.mark.gpu
@@ -33,8 +33,8 @@ def layer():
     t = random_gptq(rng, k, n, bits=4, group_size=128, act_order=True)
     qm = QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4, device=0)
     w = torch.from_numpy(reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)).cuda()
-    kernels_used = {launch.choose_kernel(qm, m, "__half", force)[0] for m, force in BATCHES.items()}
-    tensor_core = "qwgmma" if launch.wgmma_supported(qm) else "qmma"
+    kernels_used = {rules.choose_kernel(qm, m, "__half", force)[0] for m, force in BATCHES.items()}
+    tensor_core = "qwgmma" if rules.wgmma_supported(qm) else "qmma"
     assert kernels_used == {"qgemv", "qgemv2", tensor_core, "dense"}
     return qm, w
 

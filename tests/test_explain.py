@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cupyq import cli, device, explain, launch, layout, runtime
+from cupyq import cli, device, explain, layout, rules, runtime
 from cupyq.checkpoint import open_checkpoint, save_gptq
 from cupyq.quantize import quantize_exl2, quantize_gptq
 from cupyq.sample import make_sample
@@ -108,8 +108,8 @@ def _fake(ckpt, name):
 def _choose(monkeypatch, fake, m, dtype, cc):
     """choose_kernel on the fake with the device said to be of compute capability cc."""
     with monkeypatch.context() as mp:
-        mp.setattr(launch, "device_compute_capability", lambda device_id: cc)
-        return launch.choose_kernel(fake, m, CTYPES[dtype])
+        mp.setattr(rules, "device_compute_capability", lambda device_id: cc)
+        return rules.choose_kernel(fake, m, CTYPES[dtype])
 
 
 # ------------------------------------------------------------------------------------------------ library
@@ -149,20 +149,20 @@ def test_layer_shape_matches_the_layout_built_with_numpy(request, sample, recipe
 
 @pytest.mark.parametrize("k,n,chunks8", [(4096, 4096, 0), (8192, 28672, 0), (8192, 28672, 32), (1024, 2048, 16)])
 @pytest.mark.parametrize("cc", [(8, 0), (8, 6), (8, 9), (9, 0)])
-def test_launch_explain_is_choose_kernel_on_that_architecture(monkeypatch, k, n, chunks8, cc):
+def test_rules_explain_is_choose_kernel_on_that_architecture(monkeypatch, k, n, chunks8, cc):
     lay = SimpleNamespace(chunks8=chunks8, chunks4=k // 64 - chunks8, padded_cols=n, padded_rows=k,
                           tile_group=np.repeat(np.arange(k // 128), 8))
     qm = SimpleNamespace(in_features=k, out_features=n, layout=lay, device_id=0, _plans={})
     for ctype in CTYPES.values():
         for m in (1, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 1024):
             with monkeypatch.context() as mp:
-                mp.setattr(launch, "device_compute_capability", lambda device_id: cc)
-                want = launch.choose_kernel(qm, m, ctype)
-                forced = launch.choose_kernel(qm, m, ctype, force_cuda=True)
+                mp.setattr(rules, "device_compute_capability", lambda device_id: cc)
+                want = rules.choose_kernel(qm, m, ctype)
+                forced = rules.choose_kernel(qm, m, ctype, force_cuda=True)
             with monkeypatch.context() as mp:
                 mp.setitem(sys.modules, "cupy", None)  # no device can be asked
-                assert launch.explain(qm, m, ctype, cc) == want, (m, ctype)
-                assert launch.explain(qm, m, ctype, cc, force_cuda=True) == forced
+                assert rules.explain(qm, m, ctype, cc) == want, (m, ctype)
+                assert rules.explain(qm, m, ctype, cc, force_cuda=True) == forced
     assert qm._plans == {}
 
 
@@ -327,4 +327,4 @@ def test_explain_matches_the_gpu_matrices(sample, recipe):
         ms = (1, 9, 16, 17, 64, 65, 128, 129, 256, 1024)
         for dtype in explain.DTYPES:
             for m, kernel, reason in explain.explain_layer(shape, ms, dtype, cc):
-                assert (kernel, reason) == launch.choose_kernel(qm, m, CTYPES[dtype]), (name, m, dtype)
+                assert (kernel, reason) == rules.choose_kernel(qm, m, CTYPES[dtype]), (name, m, dtype)

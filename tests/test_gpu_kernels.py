@@ -189,7 +189,7 @@ def test_bfloat16_activations():
 def test_bfloat16_streaming_kernel_on_8bit_storage(fmt, group_size):
     """bf16 activations on 8-bit storage, alone (GPTQ: groups of 128 take the per-chunk scaling, groups of 32
     the per-tile one) and mixed with 4-bit (EXL2 8_4), through the streaming kernel (m <= 8)."""
-    from cupyq import launch
+    from cupyq import rules
 
     rng = np.random.default_rng(17 + (group_size or 0))
     if fmt == "gptq":
@@ -200,7 +200,7 @@ def test_bfloat16_streaming_kernel_on_8bit_storage(fmt, group_size):
     w = ref_weight(fmt, t, bits=bits)
     assert qm.layout.chunks8 > 0 and (qm.layout.chunks4 > 0) == (fmt == "exl2")
     for m in (1, 5, 8):
-        assert launch.choose_kernel(qm, m, "__nv_bfloat16")[0] == "qgemv"
+        assert rules.choose_kernel(qm, m, "__nv_bfloat16")[0] == "qgemv"
         # the bound of test_bfloat16_activations: bf16 inputs and outputs carry 8 mantissa bits
         assert check_gemm(qm, w, t["bias"].astype(np.float32), m, rng, dtype="bfloat16") < 1.5e-2, m
 
@@ -424,7 +424,7 @@ def test_qwgmma_matches_reference(layout, dtype, nb):
     types, batches that are not a multiple of 8 and span several m blocks, outputs poisoned."""
     import torch
 
-    from cupyq import kernels, launch
+    from cupyq import kernels, launch, rules
     from cupyq.device import torch_stream
 
     if not _sm90():
@@ -437,7 +437,7 @@ def test_qwgmma_matches_reference(layout, dtype, nb):
     else:
         t = random_exl2(rng, 1024, 320, EXL2_MIXES[layout[5:]], bias=True)
         qm, w = build("exl2", t), ref_weight("exl2", t)
-    assert launch.wgmma_supported(qm)
+    assert rules.wgmma_supported(qm)
     cfg = kernels.WgmmaConfig(nb, 2, 3)
     ct = "__half" if dtype == "float16" else "__nv_bfloat16"
     tol = REL_TOL if dtype == "float16" else 1.5e-2

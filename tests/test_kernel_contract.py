@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cupyq import kernels, launch
+from cupyq import kernels, launch, rules
 from cupyq.sources import read_cuda_source
 
 
@@ -50,17 +50,17 @@ def test_qmma_configs_are_consistent(limit, cfg):
 def test_choose_qmma_picks_the_smallest_tile_that_holds_the_batch():
     limits = sorted(kernels.QMMA_CONFIGS)
     for m in range(9, 600):
-        cfg = launch.choose_qmma(m)
+        cfg = rules.choose_qmma(m)
         fits = [lim for lim in limits if m <= lim]
         assert cfg == kernels.QMMA_CONFIGS[fits[0] if fits else limits[-1]]
-        small = launch.choose_qmma(m, 4096 * 4096)
+        small = rules.choose_qmma(m, 4096 * 4096)
         assert small == (kernels.QMMA_CONFIGS[32] if 32 < m <= 64 else cfg)
 
 
 @pytest.fixture(autouse=True)
 def _sm80(monkeypatch):
     """The rules are checked for an sm_80 device unless a test says otherwise (no GPU is asked)."""
-    monkeypatch.setattr(launch, "device_compute_capability", lambda device_id: (8, 0))
+    monkeypatch.setattr(rules, "device_compute_capability", lambda device_id: (8, 0))
 
 
 def _fake(k, n, chunks8=0, uniform=True):
@@ -73,45 +73,45 @@ def _fake(k, n, chunks8=0, uniform=True):
 @pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 28672)])
 def test_dispatch_rules(k, n):
     qm = _fake(k, n)
-    small = k * n < launch.SMALL_LAYER_WEIGHTS
-    assert launch.choose_kernel(qm, 1, "__half")[0] == "qgemv"
-    assert launch.choose_kernel(qm, 8, "__nv_bfloat16")[0] == "qgemv"
-    assert launch.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
-    assert launch.choose_kernel(qm, 16, "__nv_bfloat16")[0] == "qmma"
-    assert launch.choose_kernel(_fake(k, n, chunks8=4), 12, "__half")[0] == "qmma"
-    assert launch.choose_kernel(qm, 64, "__half")[0] == "qmma"
-    assert launch.choose_kernel(qm, 128, "__half")[0] == ("dense" if small else "qmma")
-    assert launch.choose_kernel(qm, 129, "__half")[0] == "dense"
-    kernel, why = launch.choose_kernel(qm, 4096, "__half", force_cuda=True)
+    small = k * n < rules.SMALL_LAYER_WEIGHTS
+    assert rules.choose_kernel(qm, 1, "__half")[0] == "qgemv"
+    assert rules.choose_kernel(qm, 8, "__nv_bfloat16")[0] == "qgemv"
+    assert rules.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
+    assert rules.choose_kernel(qm, 16, "__nv_bfloat16")[0] == "qmma"
+    assert rules.choose_kernel(_fake(k, n, chunks8=4), 12, "__half")[0] == "qmma"
+    assert rules.choose_kernel(qm, 64, "__half")[0] == "qmma"
+    assert rules.choose_kernel(qm, 128, "__half")[0] == ("dense" if small else "qmma")
+    assert rules.choose_kernel(qm, 129, "__half")[0] == "dense"
+    kernel, why = rules.choose_kernel(qm, 4096, "__half", force_cuda=True)
     assert kernel == "qmma" and "4096" in why
 
 
 @pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 28672)])
 def test_dispatch_rules_on_sm90(monkeypatch, k, n):
-    monkeypatch.setattr(launch, "device_compute_capability", lambda device_id: (9, 0))
+    monkeypatch.setattr(rules, "device_compute_capability", lambda device_id: (9, 0))
     qm = _fake(k, n)
-    small = k * n < launch.SMALL_LAYER_WEIGHTS
-    assert launch.choose_kernel(qm, 8, "__half")[0] == "qgemv"
-    assert launch.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
-    assert launch.choose_kernel(qm, 16, "__nv_bfloat16")[0] == "qmma"
-    assert launch.choose_kernel(qm, 17, "__nv_bfloat16")[0] == "qwgmma"
-    assert launch.choose_kernel(qm, 128, "__half")[0] == "qwgmma"
-    assert launch.choose_kernel(qm, 256, "__half")[0] == ("dense" if small else "qwgmma")
-    assert launch.choose_kernel(qm, 257, "__half")[0] == "dense"
-    kernel, why = launch.choose_kernel(qm, 100, "__half")
-    assert "sm_90" in why and ("128x128" if k * n >= launch.WIDE_TILE_WEIGHTS else "64x128") in why
+    small = k * n < rules.SMALL_LAYER_WEIGHTS
+    assert rules.choose_kernel(qm, 8, "__half")[0] == "qgemv"
+    assert rules.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
+    assert rules.choose_kernel(qm, 16, "__nv_bfloat16")[0] == "qmma"
+    assert rules.choose_kernel(qm, 17, "__nv_bfloat16")[0] == "qwgmma"
+    assert rules.choose_kernel(qm, 128, "__half")[0] == "qwgmma"
+    assert rules.choose_kernel(qm, 256, "__half")[0] == ("dense" if small else "qwgmma")
+    assert rules.choose_kernel(qm, 257, "__half")[0] == "dense"
+    kernel, why = rules.choose_kernel(qm, 100, "__half")
+    assert "sm_90" in why and ("128x128" if k * n >= rules.WIDE_TILE_WEIGHTS else "64x128") in why
     mixed = _fake(k, n, chunks8=4)  # 8-bit and 4-bit storage: qmma, and qmma's dense thresholds
-    assert launch.choose_kernel(mixed, 64, "__half")[0] == "qmma"
-    assert launch.choose_kernel(mixed, 129, "__half")[0] == "dense"
-    names = launch.needed_kernels(qm, max_m=256)
+    assert rules.choose_kernel(mixed, 64, "__half")[0] == "qmma"
+    assert rules.choose_kernel(mixed, 129, "__half")[0] == "dense"
+    names = rules.needed_kernels(qm, max_m=256)
     assert ("qwgmma.cu", kernels.frag_xw_name("__half")) in names
     assert ("qwgmma.cu", kernels.WGMMA_CONFIGS[64].name("__half", 1, False, True)) in names
 
 
 def test_choose_wgmma():
-    assert launch.choose_wgmma(64) == kernels.WGMMA_CONFIGS[64]
-    assert launch.choose_wgmma(65) == kernels.WGMMA_CONFIGS[128]
-    assert launch.choose_wgmma(65, 4096 * 14336) == kernels.WGMMA_CONFIGS[64]
+    assert rules.choose_wgmma(64) == kernels.WGMMA_CONFIGS[64]
+    assert rules.choose_wgmma(65) == kernels.WGMMA_CONFIGS[128]
+    assert rules.choose_wgmma(65, 4096 * 14336) == kernels.WGMMA_CONFIGS[64]
     for cfg in kernels.WGMMA_CONFIGS.values():
         for has8 in (False, True):
             for zr in (1, 4):
@@ -119,12 +119,12 @@ def test_choose_wgmma():
 
 
 def test_needed_kernels_follow_the_rules():
-    big = launch.needed_kernels(_fake(8192, 28672), max_m=256)
+    big = rules.needed_kernels(_fake(8192, 28672), max_m=256)
     assert ("qgemm.cu", "qgemv<__half, 1, false, true>") in big and ("qgemm.cu", "qgemv<__half, 2, false, true>") in big
     for limit in (32, 128):
         assert ("qmma.cu", kernels.QMMA_CONFIGS[limit].name("__half", 1, False, True)) in big
     assert ("qmma.cu", kernels.dequant_t_name("__half", False, True)) in big  # m = 129 and 256: dense
-    small = launch.needed_kernels(_fake(4096, 4096, chunks8=8, uniform=False), max_m=64, dtypes=("bfloat16",))
+    small = rules.needed_kernels(_fake(4096, 4096, chunks8=8, uniform=False), max_m=64, dtypes=("bfloat16",))
     assert ("qmma.cu", kernels.QMMA_CONFIGS[16].name("__nv_bfloat16", 4, True, True)) in small
     assert not any("128" in n or "__half," in n for _, n in small if n.startswith("qmma"))
 

@@ -42,7 +42,7 @@ def test_kernel_without_local_memory(resources, source, name):
 
 
 def test_every_dispatched_qgemv_is_checked():
-    """The instantiations dispatch can pick (launch.needed_kernels' rule: one or two m8 tiles) are all compiled."""
+    """The instantiations dispatch can pick (rules.needed_kernels' rule: one or two m8 tiles) are all compiled."""
     names = set(kernels.kernel_names("qgemm.cu"))
     for t in kernels.DTYPES:
         for h8, h4 in kernels.STORAGES:
