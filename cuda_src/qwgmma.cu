@@ -15,8 +15,8 @@
 // while it dequantises the next fragment; a stage's wgmmas complete before the barrier that lets its buffer be
 // refilled.
 //
-// The kernels need sm_90a (wgmma); compiled for any other target their bodies trap, and dispatch never launches
-// them there.
+// qwgmma needs sm_90a (wgmma); compiled for any other target its body traps, and dispatch never launches it
+// there. frag_xw is plain CUDA.
 #include "tensor_tiles.cuh"
 
 namespace cupyq {

@@ -169,7 +169,7 @@ def _compile_cubin(source: str, name: str, arch: str) -> tuple:
     key = hashlib.sha256(json.dumps([code, options, name, libnvrtc.getVersion()]).encode()).hexdigest()
     cache = kernel_cache_dir() / f"cupyq_{arch}_{key}.cubin"
     meta = cache.with_suffix(".json")
-    if cache.exists() and meta.exists():
+    if cache.exists():
         return cache.read_bytes(), json.loads(meta.read_text())["lowered"]
     prog = libnvrtc.createProgram(code, source, [], [])
     try:
@@ -183,23 +183,24 @@ def _compile_cubin(source: str, name: str, arch: str) -> tuple:
     finally:
         libnvrtc.destroyProgram(prog)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(cubin)
-    os.replace(tmp, cache)  # readers see a whole file or none
-    meta.write_text(json.dumps({"name": name, "lowered": lowered}))
+    # Each file appears whole or not at all, the name record first: a reader that sees the cubin sees both.
+    for path, data in ((meta, json.dumps({"name": name, "lowered": lowered}).encode()), (cache, cubin)):
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
     return cubin, lowered
 
 
 def _load_cubin_function(source: str, name: str, device_id: int, arch: str) -> CubinKernel:
     """Kernel ``name`` of ``cuda_src/source`` compiled for ``arch`` and loaded on ``device_id`` (cached)."""
     key = (source, name, device_id)
+    import cupy
+    from cupy.cuda import function
+
+    cubin, lowered = _compile_cubin(source, name, arch)  # outside the lock: warm-up compiles in threads
     with _cubin_lock:
         fn = _functions.get(key)
         if fn is None:
-            import cupy
-            from cupy.cuda import function
-
-            cubin, lowered = _compile_cubin(source, name, arch)
             with cupy.cuda.Device(device_id):
                 module = function.Module()
                 module.load(cubin)

@@ -168,3 +168,28 @@ def test_slow_kernel_compile_says_so(monkeypatch, capsys):
     assert capsys.readouterr().err == ""  # quick loads stay silent
     for key in [k for k in runtime._functions if k[2] == 7]:
         del runtime._functions[key], runtime._modules[key]
+
+
+def test_sm90a_kernels_compile_to_a_whole_cubin_cached_on_disk(monkeypatch, tmp_path):
+    """qwgmma's cubin (built for sm_90a by NVRTC directly, no GPU needed) is a complete ELF image, and a second
+    request reads it from the cache directory without compiling."""
+    import struct
+
+    import pytest
+
+    pytest.importorskip("cupy")
+    from cupyq import kernels, runtime
+
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    name = kernels.frag_xw_name("__half")
+    cubin, lowered = runtime._compile_cubin("qwgmma.cu", name, "sm_90a")
+    phoff, shoff = struct.unpack_from("<QQ", cubin, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", cubin, 0x36)
+    assert cubin[:4] == b"\x7fELF" and len(cubin) >= max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+    assert lowered.startswith("_Z") and "frag_xw" in lowered
+    assert len(list(tmp_path.glob("cupyq_sm_90a_*.cubin"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+    from cupy_backends.cuda.libs import nvrtc as libnvrtc
+
+    monkeypatch.setattr(libnvrtc, "createProgram", lambda *a: pytest.fail("compiled again"))
+    assert runtime._compile_cubin("qwgmma.cu", name, "sm_90a") == (cubin, lowered)
