@@ -172,14 +172,30 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
 
     // ---------------------------------------------------------------- consumer
     float acc[MW][NW][2][4];
+    // f(a, b, h, e) for every accumulator element of the lane; f2(a, b, h, e2) for every pair (e2*2, e2*2 + 1)
+    // of adjacent columns (loops unrolled).
+    auto each_acc = [&](auto&& f) {
 #pragma unroll
-    for (int a = 0; a < MW; ++a)
+        for (int a = 0; a < MW; ++a)
 #pragma unroll
-        for (int b = 0; b < NW; ++b)
+            for (int b = 0; b < NW; ++b)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
+                for (int h = 0; h < 2; ++h)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[a][b][h][e] = 0.0f;
+                    for (int e = 0; e < 4; ++e) f(a, b, h, e);
+    };
+    auto each_pair = [&](auto&& f2) {
+#pragma unroll
+        for (int a = 0; a < MW; ++a)
+#pragma unroll
+            for (int b = 0; b < NW; ++b)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int e2 = 0; e2 < 2; ++e2) f2(a, b, h, e2);
+    };
+    auto clear_acc = [&]() { each_acc([&](int a, int b, int h, int e) { acc[a][b][h][e] = 0.0f; }); };
+    clear_acc();
 
     auto compute_chunk = [&](const unsigned char* st, int cc, auto is8_tag) {
         constexpr bool IS8 = decltype(is8_tag)::is8;
@@ -239,28 +255,17 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
             const int slot = warp % (WM * WN);
             if (wk > 0) {
                 float* dst = red + ((size_t)(wk - 1) * (WM * WN) + slot) * kRegs * 32 + lane;
-#pragma unroll
-                for (int a = 0; a < MW; ++a)
-#pragma unroll
-                    for (int b = 0; b < NW; ++b)
-#pragma unroll
-                        for (int h = 0; h < 2; ++h)
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) dst[(((a * NW + b) * 2 + h) * 4 + e) * 32] = acc[a][b][h][e];
+                each_acc([&](int a, int b, int h, int e) {
+                    dst[(((a * NW + b) * 2 + h) * 4 + e) * 32] = acc[a][b][h][e];
+                });
             }
             __syncthreads();
             if (wk == 0) {
                 for (int s = 1; s < S::kWK; ++s) {
                     const float* src = red + ((size_t)(s - 1) * (WM * WN) + slot) * kRegs * 32 + lane;
-#pragma unroll
-                    for (int a = 0; a < MW; ++a)
-#pragma unroll
-                        for (int b = 0; b < NW; ++b)
-#pragma unroll
-                            for (int h = 0; h < 2; ++h)
-#pragma unroll
-                                for (int e = 0; e < 4; ++e)
-                                    acc[a][b][h][e] += src[(((a * NW + b) * 2 + h) * 4 + e) * 32];
+                    each_acc([&](int a, int b, int h, int e) {
+                        acc[a][b][h][e] += src[(((a * NW + b) * 2 + h) * 4 + e) * 32];
+                    });
                 }
             }
         }
@@ -268,56 +273,35 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
         const bool whole = first_it >= begin && first_it + ksteps <= end;
         if (whole) {
             if (wk == 0) {
+                each_pair([&](int a, int b, int h, int e2) {
+                    const int m = m0 + (wm * MW + a) * 16 + g + 8 * e2;
+                    const int n = n0 + (wn * NW + b) * 16 + 8 * h + 2 * t;
+                    if (m >= M) return;
 #pragma unroll
-                for (int a = 0; a < MW; ++a)
-#pragma unroll
-                    for (int b = 0; b < NW; ++b)
-#pragma unroll
-                        for (int h = 0; h < 2; ++h)
-#pragma unroll
-                            for (int e2 = 0; e2 < 2; ++e2) {
-                                const int m = m0 + (wm * MW + a) * 16 + g + 8 * e2;
-                                const int n = n0 + (wn * NW + b) * 16 + 8 * h + 2 * t;
-                                if (m >= M) continue;
-#pragma unroll
-                                for (int e1 = 0; e1 < 2; ++e1) {
-                                    if (n + e1 < N) {
-                                        float v = acc[a][b][h][e2 * 2 + e1];
-                                        if (bias) v += to_float<T>(bias[n + e1]);
-                                        out[(size_t)m * N + n + e1] = from_float<T>(v);
-                                    }
-                                }
-                            }
+                    for (int e1 = 0; e1 < 2; ++e1) {
+                        if (n + e1 < N) {
+                            float v = acc[a][b][h][e2 * 2 + e1];
+                            if (bias) v += to_float<T>(bias[n + e1]);
+                            out[(size_t)m * N + n + e1] = from_float<T>(v);
+                        }
+                    }
+                });
             }
         } else {
             const int slot = tile == begin / ksteps ? 0 : 1;
             float* part = ws + ((size_t)blockIdx.x * 2 + slot) * S::kMTile * S::kNTile;
             if (wk == 0) {
-#pragma unroll
-                for (int a = 0; a < MW; ++a)
-#pragma unroll
-                    for (int b = 0; b < NW; ++b)
-#pragma unroll
-                        for (int h = 0; h < 2; ++h)
-#pragma unroll
-                            for (int e2 = 0; e2 < 2; ++e2) {
-                                const int r = (wm * MW + a) * 16 + g + 8 * e2;
-                                const int c = (wn * NW + b) * 16 + 8 * h + 2 * t;
-                                *reinterpret_cast<float2*>(part + (size_t)r * S::kNTile + c) =
-                                    make_float2(acc[a][b][h][e2 * 2], acc[a][b][h][e2 * 2 + 1]);
-                            }
+                each_pair([&](int a, int b, int h, int e2) {
+                    const int r = (wm * MW + a) * 16 + g + 8 * e2;
+                    const int c = (wn * NW + b) * 16 + 8 * h + 2 * t;
+                    *reinterpret_cast<float2*>(part + (size_t)r * S::kNTile + c) =
+                        make_float2(acc[a][b][h][e2 * 2], acc[a][b][h][e2 * 2 + 1]);
+                });
             }
             add_partials<T, S::kMTile, S::kNTile>(ws, counters, tile, first_it, ksteps, total, ctas, m0, n0, M, N,
                                                   bias, out, tid, &is_last);
         }
-#pragma unroll
-        for (int a = 0; a < MW; ++a)
-#pragma unroll
-            for (int b = 0; b < NW; ++b)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[a][b][h][e] = 0.0f;
+        clear_acc();
     };
 
     // ---------------------------------------------------------------- the pipeline
