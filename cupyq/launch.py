@@ -17,7 +17,7 @@ import numpy as np
 from cupyq import kernels, runtime
 from cupyq.device import sm_count
 from cupyq.rules import (
-    _chunk_uniform_groups, _warmup_batches, choose_kernel, choose_qmma, choose_wgmma, dense_threshold,
+    _warmup_batches, choose_kernel, choose_qmma, choose_wgmma, dense_threshold, scale_rows_per_chunk,
 )
 from cupyq.scratch import workspace
 
@@ -102,7 +102,7 @@ def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
     the kernel's order."""
     lay = qm.layout
     has8, has4 = lay.chunks8 > 0, lay.chunks4 > 0
-    zr = 1 if _chunk_uniform_groups(qm) else 4
+    zr = scale_rows_per_chunk(qm)
     name = cfg.name(ctype, zr, has8, has4)
     wgmma = isinstance(cfg, kernels.WgmmaConfig)
     if wgmma:

@@ -107,15 +107,15 @@ def choose_wgmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.WgmmaConfi
     return kernels.WGMMA_CONFIGS[64]
 
 
-def _chunk_uniform_groups(qm) -> bool:
-    """Whether the four 16-row tiles of every 64-row chunk share one group (GPTQ with groups of 64 rows or more
-    and no act-order): qmma then stages one row of scale/zero words per chunk instead of four."""
+def scale_rows_per_chunk(qm) -> int:
+    """The tensor-core kernels' ZR: 1 when the four 16-row tiles of every 64-row chunk share one group (GPTQ with
+    groups of 64 rows or more and no act-order), so a stage holds one row of scale/zero words per chunk; else 4."""
     cached = qm._plans.get("chunk_uniform")
     if cached is None:
         tg = qm.layout.tile_group
         tg = (tg.get() if hasattr(tg, "get") else np.asarray(tg)).reshape(-1, 4)
         cached = qm._plans["chunk_uniform"] = bool((tg == tg[:, :1]).all())
-    return cached
+    return 1 if cached else 4
 
 
 def _two_tile_gemv(qm, ctype: str) -> bool:
@@ -134,6 +134,8 @@ def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:
     rules without compiling anything."""
     lay = qm.layout
     has8, has4 = lay.chunks8 > 0, lay.chunks4 > 0
+    zr = scale_rows_per_chunk(qm)
+    weights = qm.in_features * qm.out_features
     names = set()
     for dt in dtypes:
         ctype = kernels.CTYPES[str(dt).removeprefix("torch.")]
@@ -142,14 +144,12 @@ def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:
             if kernel == "dense":
                 names.add(("qmma.cu", kernels.dequant_t_name(ctype, has8, has4)))
             elif kernel == "qwgmma":
-                zr = 1 if _chunk_uniform_groups(qm) else 4
-                names.add(("qwgmma.cu", choose_wgmma(m, qm.in_features * qm.out_features).name(ctype, zr, has8, has4)))
+                names.add(("qwgmma.cu", choose_wgmma(m, weights).name(ctype, zr, has8, has4)))
                 names.add(("qwgmma.cu", kernels.frag_xw_name(ctype)))
             elif kernel in ("qgemv", "qgemv2"):
                 names.add(("qgemm.cu", kernels.qgemv_name(ctype, 1 if kernel == "qgemv" else 2, has8, has4)))
             else:
-                zr = 1 if _chunk_uniform_groups(qm) else 4
-                names.add(("qmma.cu", choose_qmma(m, qm.in_features * qm.out_features).name(ctype, zr, has8, has4)))
+                names.add(("qmma.cu", choose_qmma(m, weights).name(ctype, zr, has8, has4)))
                 names.add(("qmma.cu", kernels.frag_x_name(ctype)))
         names.add(("qgemm.cu", kernels.dequant_name(ctype, has8, has4)))
         names.add(("qgemm.cu", kernels.gather_name(ctype)))

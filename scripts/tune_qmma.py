@@ -86,7 +86,7 @@ def check(rng, report):
     names = set()
     for qm, _ in mats.values():
         h8, h4 = qm.layout.chunks8 > 0, qm.layout.chunks4 > 0
-        zr = 1 if rules._chunk_uniform_groups(qm) else 4
+        zr = rules.scale_rows_per_chunk(qm)
         for cfg in CANDIDATES.values():
             for dt in CT.values():
                 names.add(("qwgmma.cu" if isinstance(cfg, W) else "qmma.cu", cfg.name(dt, zr, h8, h4)))
