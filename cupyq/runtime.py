@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cupyq import kernels, nvrtc
+from cupyq.device import compute_capability
 from cupyq.sources import read_cuda_source
 
 
@@ -52,7 +53,7 @@ def get_function(source: str, name: str, device_id: int):
     import cupy
 
     if kernels.has_specific_targets(source):
-        arch = "sm_" + cupy.cuda.Device(device_id).compute_capability
+        arch = "sm_{}{}".format(*compute_capability(device_id))
         target = kernels.target_arch(source, arch)
         if target != arch:
             return _load_cubin_function(source, name, device_id, target)
