@@ -49,7 +49,7 @@ FRAG_X_BLOCK_BYTES = 16 * CHUNK_ROWS * 2
 FRAG_XW_PARAMS = ("x", "row_src", "xf", "M", "K", "chunks")
 FRAG_XW_INT_PARAMS = frozenset(("M", "K", "chunks"))
 WGMMA_X_GROUP_BYTES = 8 * CHUNK_ROWS * 2
-WGMMA_N_TILE = 128  # output columns of a qwgmma CTA: two warpgroups of 64
+WGMMA_N_TILE = 128  # output columns of a qwgmma CTA per column set (nw): two warpgroups of 64
 
 DEQUANT_T_PARAMS = ("w8", "w4", "tile_group", "zs", "outT", "ld_out", "Npad", "C8", "C4", "chunk_begin",
                     "chunk_end")
@@ -118,33 +118,39 @@ QMMA_CONFIGS = {
 
 @dataclasses.dataclass(frozen=True)
 class WgmmaConfig:
-    """One tiling of the sm_90a kernel qwgmma (cuda_src/qwgmma.cu, template parameters NB, KS, STAGES): tiles of
-    ``nb`` batch rows x 128 columns, stages of ``ks`` 64-row chunks, ``stages`` of them in flight."""
+    """One tiling of the sm_90a kernel qwgmma (cuda_src/qwgmma.cu, template parameters NB, NW, KS, STAGES): tiles
+    of ``nb`` batch rows x ``nw`` * 128 columns, stages of ``ks`` 64-row chunks, ``stages`` of them in flight."""
 
     nb: int
     ks: int
     stages: int
+    nw: int = 1
 
     m_tile = property(lambda self: self.nb)
-    n_tile = WGMMA_N_TILE
+    n_tile = property(lambda self: WGMMA_N_TILE * self.nw)
 
     def smem_bytes(self, has8: bool, zr: int) -> int:
         """Dynamic shared memory of one CTA: ``WShape<...>::kSmemBytes`` in cuda_src/qwgmma.cu."""
-        w = (WGMMA_N_TILE // 16) * self.ks * (64 if has8 else 32) * 16
+        w = (self.n_tile // 16) * self.ks * (64 if has8 else 32) * 16
         x = (self.nb // 8) * self.ks * WGMMA_X_GROUP_BYTES
-        z = self.ks * zr * (WGMMA_N_TILE + 8) * 4
+        z = self.ks * zr * (self.n_tile + 8) * 4
         return self.stages * (-(-(w + x + z) // 128) * 128)
 
     def name(self, ctype: str, zr: int, has8: bool, has4: bool) -> str:
-        return f"qwgmma<{ctype}, {self.nb}, {self.ks}, {self.stages}, {zr}, {_b(has8)}, {_b(has4)}>"
+        return (f"qwgmma<{ctype}, {self.nb}, {self.nw}, {self.ks}, {self.stages}, {zr}, {_b(has8)}, "
+                f"{_b(has4)}>")
 
     def workspace_floats(self, ctas: int) -> int:
         """fp32 partial sums the kernel may write: two tiles per CTA."""
-        return 2 * ctas * self.nb * WGMMA_N_TILE
+        return 2 * ctas * self.nb * self.n_tile
 
 
-# Tilings of qwgmma by the largest batch they serve; larger batches run several m blocks.
+# Tilings of qwgmma by batch tile (rows); the choice rule is rules.choose_wgmma, larger batches run several m blocks.
+# The 16- and 32-row tiles run two CTAs per multiprocessor. CTAs of two column sets (nw = 2) were measured slower
+# up to m = 192 and are left to scripts/tune_qmma.py.
 WGMMA_CONFIGS = {
+    16: WgmmaConfig(nb=16, ks=4, stages=4),
+    32: WgmmaConfig(nb=32, ks=4, stages=3),
     64: WgmmaConfig(nb=64, ks=4, stages=3),
     128: WgmmaConfig(nb=128, ks=2, stages=4),
 }

@@ -27,7 +27,9 @@ SMALL_LAYER_WEIGHTS = 1 << 25
 SMALL_LAYER_THRESHOLD = min(64, DENSE_THRESHOLD)
 WGMMA_DENSE_THRESHOLD = int(os.environ.get("CUPYQ_WGMMA_DENSE_THRESHOLD", 256))
 WGMMA_SMALL_LAYER_THRESHOLD = min(128, WGMMA_DENSE_THRESHOLD)
-WGMMA_MIN_M = 17  # qwgmma from this many rows on (at m = 32 as fast as the best qmma tiling on large layers, faster on small)
+# On layers of at least WIDE_TILE_WEIGHTS weights qwgmma's 16-row tile beats the two-tile qgemv from this many rows
+# on (below, and on smaller layers, qgemv stays faster for the batches it takes).
+WGMMA_LARGE_LAYER_MIN_M = 13
 
 
 def dense_threshold(qm) -> int:
@@ -54,16 +56,19 @@ GEMV_MAX_M = 16
 def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
     """(kernel, reason): which path :func:`gemm` takes for ``m`` rows of ``ctype`` activations, by rules in
     order. Kernels: "qgemv" (streaming, one m8 tile), "qgemv2" (two m8 tiles), "qwgmma" (warpgroup tensor-core
-    kernel, sm_90), "qmma" (pipelined tensor-core kernel), "dense" (dequantise into scratch + dense matmul; falls
-    back to the quantized kernel when the scratch cannot hold a chunk of 64 rows)."""
+    kernel, sm_90, from m = 9 where qgemv2 does not run), "qmma" (pipelined tensor-core kernel), "dense"
+    (dequantise into scratch + dense matmul; falls back to the quantized kernel when the scratch cannot hold a
+    chunk of 64 rows)."""
     if m <= 8:
         return "qgemv", "m <= 8: the streaming kernel with one m8 tile"
+    weights = qm.in_features * qm.out_features
+    wgmma = wgmma_supported(qm)
     if m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype):
-        return "qgemv2", "9-16 rows of fp16 on 4-bit storage: the streaming kernel with two m8 tiles"
+        if not (wgmma and m >= WGMMA_LARGE_LAYER_MIN_M and weights >= WIDE_TILE_WEIGHTS):
+            return "qgemv2", "9-16 rows of fp16 on 4-bit storage: the streaming kernel with two m8 tiles"
     if m > dense_threshold(qm) and not force_cuda:
         return "dense", f"m > {dense_threshold(qm)}: dequantise and multiply densely (compute-bound batches)"
-    weights = qm.in_features * qm.out_features
-    if m >= WGMMA_MIN_M and wgmma_supported(qm):
+    if wgmma:
         cfg = choose_wgmma(m, weights)
         return "qwgmma", f"m = {m} on sm_90: qwgmma with {cfg.m_tile}x{cfg.n_tile} tiles"
     cfg = choose_qmma(m, weights)
@@ -100,11 +105,16 @@ def choose_qmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.QmmaConfig:
 
 
 def choose_wgmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.WgmmaConfig:
-    """The qwgmma tiling for ``m`` rows of a layer of ``weights`` weights: 64-row tiles, 128-row tiles for
-    batches above 64 rows on layers of WIDE_TILE_WEIGHTS or more."""
-    if m > 64 and weights >= WIDE_TILE_WEIGHTS:
-        return kernels.WGMMA_CONFIGS[128]
-    return kernels.WGMMA_CONFIGS[64]
+    """The qwgmma tiling for ``m`` rows of a layer of ``weights`` weights (measured on an H200, BENCHMARKS.md): the
+    smallest batch tile of 16, 32 or 64 rows that holds the batch; 128-row tiles above 64 rows on layers of
+    WIDE_TILE_WEIGHTS or more. Layers below SMALL_LAYER_WEIGHTS keep the 16-row tile up to m = 64 and the 32-row
+    tile above (more, smaller tiles fill the GPU: two CTAs per multiprocessor)."""
+    cfgs = kernels.WGMMA_CONFIGS
+    if weights < SMALL_LAYER_WEIGHTS:
+        return cfgs[16] if m <= 64 else cfgs[32]
+    if m > 64:
+        return cfgs[128] if weights >= WIDE_TILE_WEIGHTS else cfgs[64]
+    return cfgs[16] if m <= 16 else cfgs[32] if m <= 32 else cfgs[64]
 
 
 def scale_rows_per_chunk(qm) -> int:
@@ -126,7 +136,7 @@ def _two_tile_gemv(qm, ctype: str) -> bool:
 
 def _warmup_batches(max_m: int) -> list:
     """Batch sizes warm-up runs: the largest of each kernel variant needs the largest workspace."""
-    return [m for m in sorted({1, 2, 3, 4, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, max_m}) if m <= max_m]
+    return [m for m in sorted({1, 2, 3, 4, 8, 9, 12, 13, 16, 17, 32, 33, 64, 65, 128, 129, 256, max_m}) if m <= max_m]
 
 
 def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:

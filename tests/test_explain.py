@@ -244,7 +244,7 @@ def test_explain_picks_the_expected_kernels(sample, gptq8, capsys, no_device):
 
     bytes8 = _explained(capsys, gptq8, "--arch", "sm_90", "--m", "16,64")
     name = "model.layers.0.mlp.down_proj"
-    assert _kernels(bytes8, name) == {16: "qmma", 64: "qwgmma"}  # one storage width (bytes): qwgmma on sm_90
+    assert _kernels(bytes8, name) == {16: "qwgmma", 64: "qwgmma"}  # one storage width (bytes): qwgmma on sm_90
     assert bytes8["layers"][0]["chunks4"] == 0 and bytes8["layers"][0]["chunks8"] == 512 // 64
 
 

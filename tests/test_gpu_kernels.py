@@ -417,11 +417,12 @@ def _sm90():
 
 @pytest.mark.parametrize("layout", ["gptq4", "gptq4_act", "gptq8", "gptq3_act", "exl2_3_2", "exl2_6_5"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("nb", [64, 128])
-def test_qwgmma_matches_reference(layout, dtype, nb):
+@pytest.mark.parametrize("nb,nw", [(16, 2), (32, 1), (64, 1), (64, 2), (128, 1), (128, 2)])
+def test_qwgmma_matches_reference(layout, dtype, nb, nw):
     """The sm_90a warpgroup kernel on both storages it runs (4-bit: GPTQ 2-4 bits, EXL2 mixes of 2-4 bits;
     8-bit: GPTQ 8 bits, EXL2 mixes of 5-8 bits), with act-order and EXL2 row permutations, both activation
-    types, batches that are not a multiple of 8 and span several m blocks, outputs poisoned."""
+    types, batch tiles of 16-128 rows and CTAs of one or two column sets (320 columns: a partial last column
+    block), batches that are not a multiple of 8 and span several m blocks, outputs poisoned."""
     import torch
 
     from cupyq import kernels, launch, rules
@@ -429,7 +430,7 @@ def test_qwgmma_matches_reference(layout, dtype, nb):
 
     if not _sm90():
         pytest.skip("qwgmma needs an sm_90 GPU")
-    rng = np.random.default_rng(nb + len(layout) + len(dtype))
+    rng = np.random.default_rng(nb + 7 * nw + len(layout) + len(dtype))
     if layout.startswith("gptq"):
         bits = int(layout[4])
         t = random_gptq(rng, 1024, 320, bits=bits, group_size=64, act_order=layout.endswith("act"), bias=True)
@@ -438,7 +439,7 @@ def test_qwgmma_matches_reference(layout, dtype, nb):
         t = random_exl2(rng, 1024, 320, EXL2_MIXES[layout[5:]], bias=True)
         qm, w = build("exl2", t), ref_weight("exl2", t)
     assert rules.wgmma_supported(qm)
-    cfg = kernels.WgmmaConfig(nb, 2, 3)
+    cfg = kernels.WgmmaConfig(nb, 2, 3, nw)
     ct = "__half" if dtype == "float16" else "__nv_bfloat16"
     tol = REL_TOL if dtype == "float16" else 1.5e-2
     for m in (1, 13, 64, nb + 9, 2 * nb + 40):

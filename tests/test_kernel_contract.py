@@ -91,27 +91,30 @@ def test_dispatch_rules_on_sm90(monkeypatch, k, n):
     monkeypatch.setattr(rules, "device_compute_capability", lambda device_id: (9, 0))
     qm = _fake(k, n)
     small = k * n < rules.SMALL_LAYER_WEIGHTS
+    large = k * n >= rules.WIDE_TILE_WEIGHTS
     assert rules.choose_kernel(qm, 8, "__half")[0] == "qgemv"
-    assert rules.choose_kernel(qm, 16, "__half")[0] == "qgemv2"
-    assert rules.choose_kernel(qm, 16, "__nv_bfloat16")[0] == "qmma"
-    assert rules.choose_kernel(qm, 17, "__nv_bfloat16")[0] == "qwgmma"
+    assert rules.choose_kernel(qm, 12, "__half")[0] == "qgemv2"
+    assert rules.choose_kernel(qm, 16, "__half")[0] == ("qwgmma" if large else "qgemv2")
+    assert rules.choose_kernel(qm, 9, "__nv_bfloat16")[0] == "qwgmma"  # no two-tile qgemv for bf16
     assert rules.choose_kernel(qm, 128, "__half")[0] == "qwgmma"
     assert rules.choose_kernel(qm, 256, "__half")[0] == ("dense" if small else "qwgmma")
     assert rules.choose_kernel(qm, 257, "__half")[0] == "dense"
     kernel, why = rules.choose_kernel(qm, 100, "__half")
-    assert "sm_90" in why and ("128x128" if k * n >= rules.WIDE_TILE_WEIGHTS else "64x128") in why
+    assert "sm_90" in why and ("128x128" if large else "32x128" if small else "64x128") in why
     mixed = _fake(k, n, chunks8=4)  # 8-bit and 4-bit storage: qmma, and qmma's dense thresholds
     assert rules.choose_kernel(mixed, 64, "__half")[0] == "qmma"
     assert rules.choose_kernel(mixed, 129, "__half")[0] == "dense"
     names = rules.needed_kernels(qm, max_m=256)
     assert ("qwgmma.cu", kernels.frag_xw_name("__half")) in names
-    assert ("qwgmma.cu", kernels.WGMMA_CONFIGS[64].name("__half", 1, False, True)) in names
+    assert ("qwgmma.cu", rules.choose_wgmma(64, k * n).name("__half", 1, False, True)) in names
 
 
 def test_choose_wgmma():
-    assert rules.choose_wgmma(64) == kernels.WGMMA_CONFIGS[64]
-    assert rules.choose_wgmma(65) == kernels.WGMMA_CONFIGS[128]
-    assert rules.choose_wgmma(65, 4096 * 14336) == kernels.WGMMA_CONFIGS[64]
+    cfgs = kernels.WGMMA_CONFIGS
+    assert [rules.choose_wgmma(m).nb for m in (9, 16, 17, 32, 33, 64, 65, 256)] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert [rules.choose_wgmma(m, 4096 * 14336).nb for m in (16, 32, 64, 65, 256)] == [16, 32, 64, 64, 64]
+    assert [rules.choose_wgmma(m, 4096 * 4096).nb for m in (17, 64, 65, 128)] == [16, 16, 32, 32]
+    assert rules.choose_wgmma(64) is cfgs[64]
     for cfg in kernels.WGMMA_CONFIGS.values():
         for has8 in (False, True):
             for zr in (1, 4):
