@@ -295,8 +295,10 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
     };
     clear();
 
-    // K steps per commit group: the whole chunk, or half of it where the accumulators take most registers.
-    constexpr int kGroupSteps = NB * NW >= 256 ? 2 : 4;
+    // K steps per commit group: the whole chunk; half of it for two 64-row column sets; one step for 128-row
+    // tiles, whose wgmmas are long enough to cover the next step's dequantisation (grouping them measured 3-4 %
+    // slower at m = 128 and 256).
+    constexpr int kGroupSteps = NB >= 128 ? 1 : NB * NW >= 128 ? 2 : 4;
     auto compute_chunk = [&](const unsigned char* st, int cc, auto is8_tag) {
         constexpr bool IS8 = decltype(is8_tag)::is8;
         constexpr int kVecs = IS8 ? 2 : 1;
