@@ -38,95 +38,103 @@ __device__ __forceinline__ SmemDesc smem_desc(unsigned addr, unsigned lead_bytes
     return {((addr & 0x3FFFF) >> 4) | ((lead_bytes >> 4) << 16), stride_bytes >> 4};
 }
 
-// One wgmma.mma_async m64nNk16 with A (the dequantised weights) in registers: d += A * B.
+// One wgmma.mma_async m64nNk16 with A (the dequantised weights) in registers: d = A * B + (scale_d ? d : 0).
 template <typename T, int NB>
 struct Wgmma;
 
 template <>
 struct Wgmma<__half, 16> {
-    static __device__ __forceinline__ void run(float (&d)[8], const unsigned (&a)[4], SmemDesc desc) {
+    static __device__ __forceinline__ void run(float (&d)[8], const unsigned (&a)[4], SmemDesc desc,
+                                               int scale_d = 1) {
         asm volatile(
             "{\n.reg .pred p;\n.reg .b64 desc;\nsetp.ne.b32 p, %14, 0;\nmov.b64 desc, {%12, %13};\n"
             "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, desc, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(scale_d));
     }
 };
 
 template <>
 struct Wgmma<__nv_bfloat16, 16> {
-    static __device__ __forceinline__ void run(float (&d)[8], const unsigned (&a)[4], SmemDesc desc) {
+    static __device__ __forceinline__ void run(float (&d)[8], const unsigned (&a)[4], SmemDesc desc,
+                                               int scale_d = 1) {
         asm volatile(
             "{\n.reg .pred p;\n.reg .b64 desc;\nsetp.ne.b32 p, %14, 0;\nmov.b64 desc, {%12, %13};\n"
             "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, desc, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(scale_d));
     }
 };
 
 template <>
 struct Wgmma<__half, 32> {
-    static __device__ __forceinline__ void run(float (&d)[16], const unsigned (&a)[4], SmemDesc desc) {
+    static __device__ __forceinline__ void run(float (&d)[16], const unsigned (&a)[4], SmemDesc desc,
+                                               int scale_d = 1) {
         asm volatile(
             "{\n.reg .pred p;\n.reg .b64 desc;\nsetp.ne.b32 p, %22, 0;\nmov.b64 desc, {%20, %21};\n"
             "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, desc, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(scale_d));
     }
 };
 
 template <>
 struct Wgmma<__nv_bfloat16, 32> {
-    static __device__ __forceinline__ void run(float (&d)[16], const unsigned (&a)[4], SmemDesc desc) {
+    static __device__ __forceinline__ void run(float (&d)[16], const unsigned (&a)[4], SmemDesc desc,
+                                               int scale_d = 1) {
         asm volatile(
             "{\n.reg .pred p;\n.reg .b64 desc;\nsetp.ne.b32 p, %22, 0;\nmov.b64 desc, {%20, %21};\n"
             "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, desc, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(scale_d));
     }
 };
 
 template <>
 struct Wgmma<__half, 64> {
-    static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], SmemDesc desc) {
+    static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], SmemDesc desc,
+                                               int scale_d = 1) {
         asm volatile(
             "{\n.reg .pred p;\n.reg .b64 desc;\nsetp.ne.b32 p, %38, 0;\nmov.b64 desc, {%36, %37};\n"
             "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, desc, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(scale_d));
     }
 };
 
 template <>
 struct Wgmma<__nv_bfloat16, 64> {
-    static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], SmemDesc desc) {
+    static __device__ __forceinline__ void run(float (&d)[32], const unsigned (&a)[4], SmemDesc desc,
+                                               int scale_d = 1) {
         asm volatile(
             "{\n.reg .pred p;\n.reg .b64 desc;\nsetp.ne.b32 p, %38, 0;\nmov.b64 desc, {%36, %37};\n"
             "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, desc, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(scale_d));
     }
 };
 
 template <>
 struct Wgmma<__half, 128> {
-    static __device__ __forceinline__ void run(float (&d)[64], const unsigned (&a)[4], SmemDesc desc) {
+    static __device__ __forceinline__ void run(float (&d)[64], const unsigned (&a)[4], SmemDesc desc,
+                                               int scale_d = 1) {
         asm volatile(
             "{\n.reg .pred p;\n.reg .b64 desc;\nsetp.ne.b32 p, %70, 0;\nmov.b64 desc, {%68, %69};\n"
             "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, desc, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(scale_d));
     }
 };
 
 template <>
 struct Wgmma<__nv_bfloat16, 128> {
-    static __device__ __forceinline__ void run(float (&d)[64], const unsigned (&a)[4], SmemDesc desc) {
+    static __device__ __forceinline__ void run(float (&d)[64], const unsigned (&a)[4], SmemDesc desc,
+                                               int scale_d = 1) {
         asm volatile(
             "{\n.reg .pred p;\n.reg .b64 desc;\nsetp.ne.b32 p, %70, 0;\nmov.b64 desc, {%68, %69};\n"
             "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, desc, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(1));
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc.lo), "r"(desc.hi), "r"(scale_d));
     }
 };
 
@@ -299,6 +307,22 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
     // tiles, whose wgmmas are long enough to cover the next step's dequantisation (grouping them measured 3-4 %
     // slower at m = 128 and 256).
     constexpr int kGroupSteps = NB >= 128 ? 1 : NB * NW >= 128 ? 2 : 4;
+    // 16-row tiles on chunk-uniform groups (ZR = 1) multiply the exact integers (q - z) and scale each chunk's
+    // fp32 product once per column, as qgemv does: the wgmmas of chunk cc write tmp[cc % 2], which is added to d
+    // with the chunk's scales once its group has completed (one chunk later, or at the end of the stage). Per
+    // chunk that is 8 FMAs per thread instead of 16 fp16 multiplies; larger tiles have more accumulators than
+    // multiplies to save.
+    constexpr bool kPostScale = NB == 16 && NW == 1 && ZR == 1;
+    float tmp[2][NB / 2];
+    float2 tmp_scale[2];
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int i = 0; i < NB / 2; ++i) tmp[b][i] = 0.0f;
+    auto fold = [&](int b) {  // accumulator i belongs to column g + 8 * ((i / 2) % 2) (see d)
+#pragma unroll
+        for (int i = 0; i < NB / 2; ++i) d[0][i] += ((i >> 1) & 1 ? tmp_scale[b].y : tmp_scale[b].x) * tmp[b][i];
+    };
     auto compute_chunk = [&](const unsigned char* st, int cc, auto is8_tag) {
         constexpr bool IS8 = decltype(is8_tag)::is8;
         constexpr int kVecs = IS8 ? 2 : 1;
@@ -312,6 +336,8 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
             const int tile = warp + 8 * s;
             const unsigned* zrow = zsm + (ZR == 4 ? cc * 4 + t : cc) * S::kZLd + tile * 16 + g;
             c[s] = D::template consts<IS8>(zrow[0], zrow[8]);
+            if constexpr (kPostScale)  // the fp16 scales of the lane's two columns (low halves of the words)
+                tmp_scale[cc & 1] = make_float2(__low2float(as_half2(zrow[0])), __low2float(as_half2(zrow[8])));
 #pragma unroll
             for (int h = 0; h < kVecs; ++h) v[s][h] = wsm[((size_t)tile * KS + cc) * 32 * kVecs + 32 * h + lane];
         }
@@ -329,10 +355,17 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
                     const int j = j0 + jj;
                     if constexpr (IS8) {
                         const uint4& w = v[s][j / 2];
-                        D::word8(j % 2 ? w.z : w.x, j % 2 ? w.w : w.y, c[s], a[jj][s]);
+                        if constexpr (kPostScale)
+                            D::word8_exact(j % 2 ? w.z : w.x, j % 2 ? w.w : w.y, c[s], a[jj][s]);
+                        else
+                            D::word8(j % 2 ? w.z : w.x, j % 2 ? w.w : w.y, c[s], a[jj][s]);
                     } else {
                         const uint4& w = v[s][0];
-                        D::word4(j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w, c[s], a[jj][s]);
+                        const unsigned word = j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w;
+                        if constexpr (kPostScale)
+                            D::word4_exact(word, c[s], a[jj][s]);
+                        else
+                            D::word4(word, c[s], a[jj][s]);
                     }
                 }
             wgmma_fence();
@@ -340,10 +373,17 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
 #pragma unroll
             for (int jj = 0; jj < kGroupSteps; ++jj)
 #pragma unroll
-                for (int s = 0; s < NW; ++s) Wgmma<T, NB>::run(d[s], a[jj][s], xdesc.plus((j0 + jj) * 256));
+                for (int s = 0; s < NW; ++s) {
+                    if constexpr (kPostScale)  // the chunk's first K step overwrites tmp
+                        Wgmma<T, NB>::run(tmp[cc & 1], a[jj][s], xdesc.plus((j0 + jj) * 256), j0 + jj > 0);
+                    else
+                        Wgmma<T, NB>::run(d[s], a[jj][s], xdesc.plus((j0 + jj) * 256));
+                }
             wgmma_commit();
-            wgmma_wait<1>();  // the previous group's fragment registers are free again
+            wgmma_wait<1>();  // the previous group's fragment registers (and products) are complete
         }
+        if constexpr (kPostScale)
+            if (cc > 0) fold((cc - 1) & 1);
     };
 
     auto finish_tile = [&](int it) {
@@ -422,10 +462,12 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
 #pragma unroll
             for (int cc = 0; cc < KS; ++cc) compute_chunk(st, cc, StorageTag<HAS8>{});
             wgmma_wait<0>();
+            if constexpr (kPostScale) fold((KS - 1) & 1);
         } else {
 #pragma unroll
             for (int cc = 0; cc < KS; ++cc) compute_chunk(st, cc, StorageTag<false>{});
             wgmma_wait<0>();
+            if constexpr (kPostScale) fold((KS - 1) & 1);
         }
         if (it + 1 == end || c_ks == ksteps - 1) finish_tile(it);
         if (++c_ks == ksteps) c_ks = 0;

@@ -100,6 +100,17 @@ struct Dequant<__half> {
         dequant8_exact(w0, w1, c.zlo, c.zhi, d);
         Frag<__half>::scale(d, c.slo, c.shi, b);
     }
+    // The exact integers (q - z), unscaled (the caller scales the product).
+    static __device__ __forceinline__ void word4_exact(unsigned w, const Consts& c, unsigned b[4]) {
+        __half2 d[4];
+        dequant4_exact(w, c.zlo, c.zhi, d);
+        Frag<__half>::exact(d, b);
+    }
+    static __device__ __forceinline__ void word8_exact(unsigned w0, unsigned w1, const Consts& c, unsigned b[4]) {
+        __half2 d[4];
+        dequant8_exact(w0, w1, c.zlo, c.zhi, d);
+        Frag<__half>::exact(d, b);
+    }
 };
 
 __device__ __forceinline__ __nv_bfloat162 as_bf162(unsigned u) {
@@ -147,6 +158,19 @@ struct Dequant<__nv_bfloat16> {
         __half2 d[4];
         dequant8_exact(w0, w1, c.hzlo, c.hzhi, d);
         Frag<__nv_bfloat16>::scale(d, c.hslo, c.hshi, b);
+    }
+    // The exact integers (q - z), unscaled (the caller scales the product).
+    static __device__ __forceinline__ void word4_exact(unsigned w, const Consts& c, unsigned b[4]) {
+        const unsigned magic = 0x43004300u;
+        b[0] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w, 0x000f000fu, magic)), c.zlo));
+        b[1] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 4, 0x000f000fu, magic)), c.zhi));
+        b[2] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 8, 0x000f000fu, magic)), c.zlo));
+        b[3] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 12, 0x000f000fu, magic)), c.zhi));
+    }
+    static __device__ __forceinline__ void word8_exact(unsigned w0, unsigned w1, const Consts& c, unsigned b[4]) {
+        __half2 d[4];
+        dequant8_exact(w0, w1, c.hzlo, c.hzhi, d);
+        Frag<__nv_bfloat16>::exact(d, b);
     }
 };
 
