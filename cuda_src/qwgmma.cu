@@ -304,8 +304,8 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
     clear();
 
     // K steps per commit group: the whole chunk; half of it for two 64-row column sets; one step for 128-row
-    // tiles, whose wgmmas are long enough to cover the next step's dequantisation (grouping them measured 3-4 %
-    // slower at m = 128 and 256).
+    // tiles, whose wgmmas are long enough to cover the next step's dequantisation (grouping four measured 3-4 %
+    // slower at m = 128 and 256, in two runs on different machines: no gain to keep).
     constexpr int kGroupSteps = NB >= 128 ? 1 : NB * NW >= 128 ? 2 : 4;
     // 16-row tiles on chunk-uniform groups (ZR = 1) multiply the exact integers (q - z) and scale each chunk's
     // fp32 product once per column, as qgemv does: the wgmmas of chunk cc write tmp[cc % 2], which is added to d
