@@ -13,8 +13,10 @@
 // ring of cp.async copies, fp32 partial sums added in CTA order by the last CTA of a tile). A CTA is two
 // warpgroups and 128 * NW output columns: each warp holds NW 16-column tiles, one wgmma each per 16 rows of K,
 // all multiplying the same staged activations (a wider CTA reads the activations once for more weights). A warp
-// dequantises the K steps of a chunk together and issues their wgmmas as one group, which stays in flight while
-// it dequantises the next; a stage's wgmmas complete before the barrier that lets its buffer be refilled.
+// dequantises several K steps together (a whole chunk for tiles of up to 64 rows) and issues their wgmmas as one
+// group, which stays in flight while it dequantises the next; a stage's wgmmas complete before the barrier that
+// lets its buffer be refilled. 16-row tiles on chunk-uniform groups scale each chunk's product instead of the
+// weights (see kPostScale).
 //
 // qwgmma needs sm_90a (wgmma); compiled for any other target its body traps, and dispatch never launches it
 // there. frag_xw is plain CUDA.
