@@ -20,6 +20,12 @@ class QMatrix:
     Build it with :meth:`from_gptq`, :meth:`from_exl2` or :meth:`from_awq`. On a GPU the matrix owns a device copy of its
     weights in the kernels' layout (the caller's arrays are never modified and need not stay alive); on the
     CPU it keeps the checkpoint tensors as NumPy arrays for the float32 reference path.
+
+    Facts of every format, with the same types: ``format`` ("gptq", "exl2", "awq"), ``in_features``,
+    ``out_features``, ``bits`` (tuple of the stored widths, widest first), ``group_sizes`` (dict width -> rows per
+    group; -1 for one group over all rows), ``group_size`` (int: the rows per group, the smallest where EXL2
+    widths differ; -1 for one group), ``act_order`` (bool: rows permuted), ``bits_per_weight`` (float),
+    ``device_id`` (int, None on the CPU).
     """
 
     def __init__(self):
@@ -80,6 +86,7 @@ class QMatrix:
         g_host = g_host.astype(np.int64)
         self.act_order = bool(np.any(np.diff(g_host) < 0))
         self.group_size = group_size if group_size is not None else -1 if groups == 1 else -(-self.in_features // groups)
+        self.group_sizes = {self.bits[0]: self.group_size}
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
@@ -127,9 +134,10 @@ class QMatrix:
         groups = list(layout.groups)
         self.bits = tuple(sorted({g.bits for g in groups}, reverse=True))
         self._bpw = sum(g.rows * g.bits for g in groups) / layout.in_features
-        self.group_size = {}
+        self.group_sizes = {}
         for g in groups:
-            self.group_size.setdefault(g.bits, g.rows)
+            self.group_sizes.setdefault(g.bits, g.rows)
+        self.group_size = min(self.group_sizes.values())
         self.device_id, self.input_kind = resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device)
         perm = _exl2.perm_from_invperm(reference.to_numpy(q_invperm)).astype(np.int64)
         self.act_order = not np.array_equal(perm, np.arange(layout.in_features))
@@ -180,6 +188,7 @@ class QMatrix:
         self._bpw = float(layout.bits)
         self.act_order = False
         self.group_size = -1 if layout.groups == 1 else layout.group_size
+        self.group_sizes = {self.bits[0]: self.group_size}
         self.device_id, self.input_kind = resolve_device((qweight, qzeros, scales, bias), device)
         self._init_bias(bias)
         if self.device_id is None:

@@ -193,3 +193,33 @@ def test_sm90a_kernels_compile_to_a_whole_cubin_cached_on_disk(monkeypatch, tmp_
 
     monkeypatch.setattr(libnvrtc, "createProgram", lambda *a: pytest.fail("compiled again"))
     assert runtime._compile_cubin("qwgmma.cu", name, "sm_90a") == (cubin, lowered)
+
+
+def test_every_format_exposes_the_same_property_types():
+    """GPTQ, EXL2 and AWQ matrices answer the same questions with the same types (CPU matrices; the builders set
+    these before any device work)."""
+    import numpy as np
+
+    from cupyq.quantize import quantize_awq, quantize_exl2, quantize_gptq
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    g = quantize_gptq(w, bits=4, group_size=64, act_order=True)
+    e = quantize_exl2(w, bits=(6, 4), proportions=(0.5, 0.5))
+    a = quantize_awq(w, group_size=128)
+    mats = {
+        "gptq": cupyq.QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], group_size=64),
+        "exl2": cupyq.QMatrix.from_exl2(e["q_weight"], e["q_invperm"], e["q_scale"], e["q_scale_max"], e["q_groups"]),
+        "awq": cupyq.QMatrix.from_awq(a["qweight"], a["qzeros"], a["scales"], group_size=128),
+    }
+    for fmt, qm in mats.items():
+        assert qm.format == fmt
+        assert isinstance(qm.bits, tuple) and all(type(b) is int for b in qm.bits)
+        assert list(qm.bits) == sorted(qm.bits, reverse=True)
+        assert type(qm.group_size) is int and isinstance(qm.group_sizes, dict)
+        assert set(qm.group_sizes) == set(qm.bits) and qm.group_size == min(qm.group_sizes.values())
+        assert type(qm.act_order) is bool and isinstance(qm.bits_per_weight, float)
+        assert qm.device_id is None and qm.shape == (256, 64)
+    assert mats["gptq"].group_sizes == {4: 64} and mats["gptq"].act_order
+    assert mats["awq"].group_sizes == {4: 128} and not mats["awq"].act_order
+    assert mats["exl2"].bits == (6, 4) and mats["exl2"].group_sizes == {6: 32, 4: 32}
