@@ -63,14 +63,16 @@ def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
         return "qgemv", "m <= 8: the streaming kernel with one m8 tile"
     weights = qm.in_features * qm.out_features
     wgmma = wgmma_supported(qm)
+    note = ""
     if m <= GEMV_MAX_M and _two_tile_gemv(qm, ctype):
         if not (wgmma and m >= WGMMA_LARGE_LAYER_MIN_M and weights >= WIDE_TILE_WEIGHTS):
             return "qgemv2", "9-16 rows of fp16 on 4-bit storage: the streaming kernel with two m8 tiles"
+        note = f" (faster than the two-tile streaming kernel from {WGMMA_LARGE_LAYER_MIN_M} rows on this large layer)"
     if m > dense_threshold(qm) and not force_cuda:
         return "dense", f"m > {dense_threshold(qm)}: dequantise and multiply densely (compute-bound batches)"
     if wgmma:
         cfg = choose_wgmma(m, weights)
-        return "qwgmma", f"m = {m} on sm_90: qwgmma with {cfg.m_tile}x{cfg.n_tile} tiles"
+        return "qwgmma", f"m = {m} on sm_90: qwgmma with {cfg.m_tile}x{cfg.n_tile} tiles{note}"
     cfg = choose_qmma(m, weights)
     return "qmma", f"m = {m}: qmma with {cfg.m_tile}x{cfg.n_tile} tiles"
 

@@ -94,7 +94,9 @@ def test_dispatch_rules_on_sm90(monkeypatch, k, n):
     large = k * n >= rules.WIDE_TILE_WEIGHTS
     assert rules.choose_kernel(qm, 8, "__half")[0] == "qgemv"
     assert rules.choose_kernel(qm, 12, "__half")[0] == "qgemv2"
-    assert rules.choose_kernel(qm, 16, "__half")[0] == ("qwgmma" if large else "qgemv2")
+    kernel, why = rules.choose_kernel(qm, 16, "__half")
+    assert kernel == ("qwgmma" if large else "qgemv2")
+    assert ("two-tile streaming kernel from 13 rows" in why) == large
     assert rules.choose_kernel(qm, 9, "__nv_bfloat16")[0] == "qwgmma"  # no two-tile qgemv for bf16
     assert rules.choose_kernel(qm, 128, "__half")[0] == "qwgmma"
     assert rules.choose_kernel(qm, 256, "__half")[0] == ("dense" if small else "qwgmma")
