@@ -72,6 +72,8 @@ def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
         return "dense", f"m > {dense_threshold(qm)}: dequantise and multiply densely (compute-bound batches)"
     if wgmma:
         cfg = choose_wgmma(m, weights)
+        if weights < SMALL_LAYER_WEIGHTS and cfg.m_tile < m:
+            note = " (a layer below 32 M weights: more, smaller tiles fill the GPU)"
         return "qwgmma", f"m = {m} on sm_90: qwgmma with {cfg.m_tile}x{cfg.n_tile} tiles{note}"
     cfg = choose_qmma(m, weights)
     return "qmma", f"m = {m}: qmma with {cfg.m_tile}x{cfg.n_tile} tiles"

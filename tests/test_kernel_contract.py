@@ -103,6 +103,7 @@ def test_dispatch_rules_on_sm90(monkeypatch, k, n):
     assert rules.choose_kernel(qm, 257, "__half")[0] == "dense"
     kernel, why = rules.choose_kernel(qm, 100, "__half")
     assert "sm_90" in why and ("128x128" if large else "32x128" if small else "64x128") in why
+    assert ("smaller tiles fill the GPU" in why) == small
     mixed = _fake(k, n, chunks8=4)  # 8-bit and 4-bit storage: qmma, and qmma's dense thresholds
     assert rules.choose_kernel(mixed, 64, "__half")[0] == "qmma"
     assert rules.choose_kernel(mixed, 129, "__half")[0] == "dense"
