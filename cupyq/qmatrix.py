@@ -85,8 +85,8 @@ class QMatrix:
             g_host = _gptq.default_g_idx(self.in_features, group_size)
         g_host = g_host.astype(np.int64)
         self.act_order = bool(np.any(np.diff(g_host) < 0))
-        self.group_size = group_size if group_size is not None else -1 if groups == 1 else -(-self.in_features // groups)
-        self.group_sizes = {self.bits[0]: self.group_size}
+        rows = group_size if group_size is not None else -1 if groups == 1 else -(-self.in_features // groups)
+        self.group_sizes = {self.bits[0]: rows}
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
@@ -137,7 +137,6 @@ class QMatrix:
         self.group_sizes = {}
         for g in groups:
             self.group_sizes.setdefault(g.bits, g.rows)
-        self.group_size = min(self.group_sizes.values())
         self.device_id, self.input_kind = resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device)
         perm = _exl2.perm_from_invperm(reference.to_numpy(q_invperm)).astype(np.int64)
         self.act_order = not np.array_equal(perm, np.arange(layout.in_features))
@@ -187,8 +186,7 @@ class QMatrix:
         self.checkpoint_format = None
         self._bpw = float(layout.bits)
         self.act_order = False
-        self.group_size = -1 if layout.groups == 1 else layout.group_size
-        self.group_sizes = {self.bits[0]: self.group_size}
+        self.group_sizes = {self.bits[0]: -1 if layout.groups == 1 else layout.group_size}
         self.device_id, self.input_kind = resolve_device((qweight, qzeros, scales, bias), device)
         self._init_bias(bias)
         if self.device_id is None:
@@ -243,6 +241,11 @@ class QMatrix:
     def shape(self) -> tuple:
         """(in_features, out_features)."""
         return (self.in_features, self.out_features)
+
+    @property
+    def group_size(self) -> int:
+        """Rows per group (-1: one group over all rows); the smallest of ``group_sizes`` where EXL2 widths differ."""
+        return min(self.group_sizes.values())
 
     @property
     def bits_per_weight(self) -> float:
