@@ -125,6 +125,17 @@ def _no_launch(stream_ptr, params_ptr, flags):
 
 
 # ---------------------------------------------------------------------------------------------- CPU
+def _timer_and_tensor_attributes(table, x, group: str, extra=()):
+    """The first rows of both runs: the timer's own cost, then the tensor attributes a call reads (and ``extra``
+    (name, fn) pairs), under ``group``."""
+    table.add("timer", "empty lambda", lambda: None)
+    for step, fn in (("x.device", lambda: x.device), ("x.get_device()", lambda: x.get_device()),
+                     ("x.is_contiguous()", lambda: x.is_contiguous()), ("x.shape[-1]", lambda: x.shape[-1]),
+                     ("x.shape", lambda: x.shape), ("x.dtype", lambda: x.dtype), ("x.numel()", lambda: x.numel()),
+                     ("x.data_ptr()", lambda: x.data_ptr()), *extra):
+        table.add(group, step, fn)
+
+
 def dry_run(args) -> dict:
     import torch
     import torch.nn.functional as F
@@ -149,15 +160,8 @@ def dry_run(args) -> dict:
         slot = plan.x
         h = torch_ops.register_qmatrix(qm)
         layer = torch_ops.QuantizedLinear(qm)
-        g = "timer"
-        table.add(g, "empty lambda", lambda: None)
-        g = "tensor attributes (CPU tensor)"
-        for step, fn in (("x.device", lambda: x.device), ("x.get_device()", lambda: x.get_device()),
-                         ("x.is_contiguous()", lambda: x.is_contiguous()), ("x.shape[-1]", lambda: x.shape[-1]),
-                         ("x.shape", lambda: x.shape), ("x.dtype", lambda: x.dtype), ("x.numel()", lambda: x.numel()),
-                         ("x.data_ptr()", lambda: x.data_ptr()),
-                         ("type(x) is torch.Tensor", lambda: type(x) is torch.Tensor)):
-            table.add(g, step, fn)
+        _timer_and_tensor_attributes(table, x, "tensor attributes (CPU tensor)",
+                                     (("type(x) is torch.Tensor", lambda: type(x) is torch.Tensor),))
         g = "look-ups and locks"
         table.add(g, "fast-path key lookup {(x.shape, x.dtype)}", lambda: key_table.get((x.shape, x.dtype)))
         table.add(g, "workspace(dev, ptr) lookup", lambda: scratch.workspace(-1, 12345))
@@ -228,14 +232,7 @@ def gpu_run(args) -> dict:
     ex_layer = _exllamav2_layer(torch, t, dev)
     lock = launch._launch_lock
 
-    g = "timer"
-    table.add(g, "empty lambda", lambda: None)
-    g = "tensor attributes"
-    for step, fn in (("x.device", lambda: x.device), ("x.get_device()", lambda: x.get_device()),
-                     ("x.is_contiguous()", lambda: x.is_contiguous()), ("x.shape[-1]", lambda: x.shape[-1]),
-                     ("x.shape", lambda: x.shape), ("x.dtype", lambda: x.dtype), ("x.numel()", lambda: x.numel()),
-                     ("x.data_ptr()", lambda: x.data_ptr())):
-        table.add(g, step, fn)
+    _timer_and_tensor_attributes(table, x, "tensor attributes")
     g = "streams, workspaces, locks, plans"
     table.add(g, "torch._C._cuda_getCurrentRawStream(dev)", lambda: torch._C._cuda_getCurrentRawStream(dev))
     table.add(g, "torch.cuda.current_stream().cuda_stream", lambda: torch.cuda.current_stream().cuda_stream)
