@@ -56,6 +56,32 @@ __device__ __forceinline__ void dequant4_exact(unsigned w, __half2 zlo, __half2 
     d[3] = __hfma2(as_half2(lop3_and_or(w8, 0x00f000f0u, magic)), sixteenth, zhi);
 }
 
+__device__ __forceinline__ __nv_bfloat162 as_bf162(unsigned u) {
+    return *reinterpret_cast<__nv_bfloat162*>(&u);
+}
+__device__ __forceinline__ unsigned bf162_u32(__nv_bfloat162 h) {
+    return *reinterpret_cast<unsigned*>(&h);
+}
+
+// The same integers as bf16 pairs, built in bf16: or-ing the exponent of 128 into each nibble (each shifted to
+// the bottom of its half) gives 128 + q exactly, and one subtraction of 128 + z the exact (q - z), with no
+// conversion from fp16. zl, zh: bf16 (128 + z) of columns n0 and n0 + 8. b[0], b[2]: column n0; b[1], b[3]:
+// column n0 + 8 (the pair order of dequant4_exact).
+__device__ __forceinline__ void dequant4_bf16_exact(unsigned w, __nv_bfloat162 zl, __nv_bfloat162 zh, unsigned b[4]) {
+    const unsigned magic = 0x43004300u;  // bf16 128.0 in both halves
+    b[0] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w, 0x000f000fu, magic)), zl));
+    b[1] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 4, 0x000f000fu, magic)), zh));
+    b[2] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 8, 0x000f000fu, magic)), zl));
+    b[3] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 12, 0x000f000fu, magic)), zh));
+}
+
+// bf16 (128 + z) of the lane's two columns from the zc halves dequant4_exact takes (zlo: 1024 + z of column n0,
+// zhi: -(64 + z) of column n0 + 8).
+__device__ __forceinline__ void bf16_zeros4(__half2 zlo, __half2 zhi, __nv_bfloat162& zl, __nv_bfloat162& zh) {
+    zl = __float2bfloat162_rn(__low2float(zlo) - 896.0f);
+    zh = __float2bfloat162_rn(64.0f - __low2float(zhi));
+}
+
 // Exact integer (q - z) for the four pairs of one tile of 8-bit storage (two words). zlo, zhi: half2(1024 + z)
 // of columns n0 and n0 + 8.
 __device__ __forceinline__ void dequant8_exact(unsigned w0, unsigned w1, __half2 zlo, __half2 zhi,

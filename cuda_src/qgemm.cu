@@ -200,6 +200,63 @@ __device__ __forceinline__ void gemv_dequant(const GemvStep<HAS8>& r, int i, int
     }
 }
 
+// The A fragments of one chunk's words: exact(...) the integers (q - z) (chunks whose tiles share a group; the
+// product is scaled afterwards), scaled(...) the weights (q - z) * s. bf16 activations on 4-bit storage build
+// them in bf16 directly (dequant4_bf16_exact, then one bf16 multiply by the scale rounded to bf16, as qmma and
+// qwgmma do), not in fp16 converted through fp32: half the instructions per word.
+template <typename T, bool HAS8, bool HAS4>
+struct GemvFragments {
+    __device__ __forceinline__ GemvFragments(__half2, __half2) {}
+    __device__ __forceinline__ void exact(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo, __half2 zhi,
+                                          unsigned a[4]) const {
+        __half2 q[4];
+        gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
+        Frag<T>::exact(q, a);
+    }
+    __device__ __forceinline__ void scaled(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo,
+                                           __half2 zhi, __half2 slo, __half2 shi, unsigned a[4]) const {
+        __half2 q[4];
+        gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
+        Frag<T>::scale(q, slo, shi, a);
+    }
+};
+
+template <bool HAS8>
+struct GemvFragments<__nv_bfloat16, HAS8, true> {
+    __nv_bfloat162 zl, zh;
+    __device__ __forceinline__ GemvFragments(__half2 zlo, __half2 zhi) { bf16_zeros4(zlo, zhi, zl, zh); }
+    __device__ __forceinline__ unsigned word(const GemvStep<HAS8>& r, int i, int j) const {
+        const uint4& v = r.v[i][0];
+        return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+    }
+    __device__ __forceinline__ void exact(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo, __half2 zhi,
+                                          unsigned a[4]) const {
+        if (HAS8 && is8) {
+            __half2 q[4];
+            gemv_dequant<HAS8, true>(r, i, j, is8, zlo, zhi, q);
+            Frag<__nv_bfloat16>::exact(q, a);
+        } else {
+            dequant4_bf16_exact(word(r, i, j), zl, zh, a);
+        }
+    }
+    __device__ __forceinline__ void scaled(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo,
+                                           __half2 zhi, __half2 slo, __half2 shi, unsigned a[4]) const {
+        if (HAS8 && is8) {
+            __half2 q[4];
+            gemv_dequant<HAS8, true>(r, i, j, is8, zlo, zhi, q);
+            Frag<__nv_bfloat16>::scale(q, slo, shi, a);
+        } else {
+            const __nv_bfloat162 sl = __float2bfloat162_rn(__low2float(slo));
+            const __nv_bfloat162 sh = __float2bfloat162_rn(__low2float(shi));
+            dequant4_bf16_exact(word(r, i, j), zl, zh, a);
+            a[0] = bf162_u32(__hmul2(as_bf162(a[0]), sl));
+            a[1] = bf162_u32(__hmul2(as_bf162(a[1]), sh));
+            a[2] = bf162_u32(__hmul2(as_bf162(a[2]), sl));
+            a[3] = bf162_u32(__hmul2(as_bf162(a[3]), sh));
+        }
+    }
+};
+
 // The B fragments of one chunk's four mmas: mma j takes bx[2j] (rows 2j, 2j+1) and bx[2j+1] (rows 8+2j, 9+2j).
 template <typename T>
 __device__ __forceinline__ void gemv_load_x(const T* p, unsigned bx[8]) {
@@ -248,12 +305,11 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
                     gemv_load_x(xrow[mt] + i * 64, bx[mt]);
                     d[c][mt][0] = d[c][mt][1] = d[c][mt][2] = d[c][mt][3] = 0.0f;
                 }
+                const GemvFragments<T, HAS8, HAS4> frag(zlo, zhi);
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    __half2 q[4];
                     unsigned a[4];
-                    gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
-                    Frag<T>::exact(q, a);
+                    frag.exact(r, i, j, is8, zlo, zhi, a);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[c][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);
                 }
@@ -281,15 +337,14 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
             const __half2 slo = __low2half2(as_half2(r.zlo[i])), shi = __low2half2(as_half2(r.zhi[i]));
             __half2 zlo, zhi;
             zeros(i, zlo, zhi);
+            const GemvFragments<T, HAS8, HAS4> frag(zlo, zhi);
             unsigned bx[MT][8];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) gemv_load_x(xrow[mt] + i * 64, bx[mt]);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                __half2 q[4];
                 unsigned a[4];
-                gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
-                Frag<T>::scale(q, slo, shi, a);
+                frag.scaled(r, i, j, is8, zlo, zhi, slo, shi, a);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[i & 1][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);
             }

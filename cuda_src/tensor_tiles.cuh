@@ -113,13 +113,6 @@ struct Dequant<__half> {
     }
 };
 
-__device__ __forceinline__ __nv_bfloat162 as_bf162(unsigned u) {
-    return *reinterpret_cast<__nv_bfloat162*>(&u);
-}
-__device__ __forceinline__ unsigned bf162_u32(__nv_bfloat162 h) {
-    return *reinterpret_cast<unsigned*>(&h);
-}
-
 template <>
 struct Dequant<__nv_bfloat16> {
     // 4-bit storage: bf16 (128 + q) by or-ing the exponent of 128 into each nibble, minus (128 + z), exact, times
@@ -138,21 +131,18 @@ struct Dequant<__nv_bfloat16> {
             c.hzlo = __high2half2(as_half2(lo));
             c.hzhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), __high2half2(as_half2(hi)));
         } else {
-            const float zl = __high2float(as_half2(lo)) - 1024.0f;  // zc = 1024 + z
-            const float zh = -__high2float(as_half2(hi)) - 64.0f;   // zc = -(64 + z)
-            c.zlo = __float2bfloat162_rn(128.0f + zl);
-            c.zhi = __float2bfloat162_rn(128.0f + zh);
+            bf16_zeros4(__high2half2(as_half2(lo)), __high2half2(as_half2(hi)), c.zlo, c.zhi);
             c.slo = __float2bfloat162_rn(__low2float(as_half2(lo)));
             c.shi = __float2bfloat162_rn(__low2float(as_half2(hi)));
         }
         return c;
     }
     static __device__ __forceinline__ void word4(unsigned w, const Consts& c, unsigned b[4]) {
-        const unsigned magic = 0x43004300u;  // bf16 128.0 in both halves
-        b[0] = bf162_u32(__hmul2(__hsub2(as_bf162(lop3_and_or(w, 0x000f000fu, magic)), c.zlo), c.slo));
-        b[1] = bf162_u32(__hmul2(__hsub2(as_bf162(lop3_and_or(w >> 4, 0x000f000fu, magic)), c.zhi), c.shi));
-        b[2] = bf162_u32(__hmul2(__hsub2(as_bf162(lop3_and_or(w >> 8, 0x000f000fu, magic)), c.zlo), c.slo));
-        b[3] = bf162_u32(__hmul2(__hsub2(as_bf162(lop3_and_or(w >> 12, 0x000f000fu, magic)), c.zhi), c.shi));
+        dequant4_bf16_exact(w, c.zlo, c.zhi, b);
+        b[0] = bf162_u32(__hmul2(as_bf162(b[0]), c.slo));
+        b[1] = bf162_u32(__hmul2(as_bf162(b[1]), c.shi));
+        b[2] = bf162_u32(__hmul2(as_bf162(b[2]), c.slo));
+        b[3] = bf162_u32(__hmul2(as_bf162(b[3]), c.shi));
     }
     static __device__ __forceinline__ void word8(unsigned w0, unsigned w1, const Consts& c, unsigned b[4]) {
         __half2 d[4];
@@ -161,11 +151,7 @@ struct Dequant<__nv_bfloat16> {
     }
     // The exact integers (q - z), unscaled (the caller scales the product).
     static __device__ __forceinline__ void word4_exact(unsigned w, const Consts& c, unsigned b[4]) {
-        const unsigned magic = 0x43004300u;
-        b[0] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w, 0x000f000fu, magic)), c.zlo));
-        b[1] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 4, 0x000f000fu, magic)), c.zhi));
-        b[2] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 8, 0x000f000fu, magic)), c.zlo));
-        b[3] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 12, 0x000f000fu, magic)), c.zhi));
+        dequant4_bf16_exact(w, c.zlo, c.zhi, b);
     }
     static __device__ __forceinline__ void word8_exact(unsigned w0, unsigned w1, const Consts& c, unsigned b[4]) {
         __half2 d[4];
