@@ -10,13 +10,14 @@
 // matrices, 1 KB.
 //
 // Work split and partial sums: as qmma (stream-K over (m block, column block, stage) iterations, a STAGES-deep
-// ring of cp.async copies, fp32 partial sums added in CTA order by the last CTA of a tile). A CTA is two
-// warpgroups and 128 * NW output columns: each warp holds NW 16-column tiles, one wgmma each per 16 rows of K,
-// all multiplying the same staged activations (a wider CTA reads the activations once for more weights). A warp
-// dequantises several K steps together (a whole chunk for tiles of up to 64 rows) and issues their wgmmas as one
-// group, which stays in flight while it dequantises the next; a stage's wgmmas complete before the barrier that
-// lets its buffer be refilled. 16-row tiles on chunk-uniform groups scale each chunk's product instead of the
-// weights (see kPostScale).
+// ring of stages, fp32 partial sums added in CTA order by the last CTA of a tile); a stage arrives as one bulk
+// copy (cp.async.bulk) per contiguous run, counted on an mbarrier, so copies cost a few instructions per run
+// instead of some per 16 bytes and thread. A CTA is two warpgroups and 128 * NW output columns: each warp holds
+// NW 16-column tiles, one wgmma each per 16 rows of K, all multiplying the same staged activations (a wider CTA
+// reads the activations once for more weights). A warp dequantises several K steps together (a whole chunk for
+// tiles of up to 64 rows) and issues their wgmmas as one group, which stays in flight while it dequantises the
+// next; a stage's wgmmas complete before the barrier that lets its buffer be refilled. 16-row tiles on
+// chunk-uniform groups scale each chunk's product instead of the weights (see kPostScale).
 //
 // qwgmma needs sm_90a (wgmma); compiled for any other target its body traps, and dispatch never launches it
 // there. frag_xw is plain CUDA.
@@ -164,6 +165,33 @@ struct Wgmma<__nv_bfloat16, 256> {
     }
 };
 
+// Stage copies: cp.async.bulk of one contiguous run (16-byte aligned, a multiple of 16 bytes) global -> shared,
+// completing as bytes on an mbarrier whose phase the consumers wait for. A CTA launched without a cluster is its
+// own cluster, so its shared::cta addresses are valid shared::cluster addresses.
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival that also expects `bytes` of copies to complete before the phase does.
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nretry:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra retry;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -184,8 +212,8 @@ struct WShape {
     static constexpr int kZBytes = KS * ZR * kZLd * 4;
     static constexpr int kStageBytes = (kWBytes + kXBytes + kZBytes + 127) / 128 * 128;  // core matrices 128-aligned
     static constexpr int kSmemBytes = STAGES * kStageBytes;
-    static constexpr int kZUnits = KS * ZR * kNTile / 4;
-    static constexpr int kZPerThread = (kZUnits + kThreads - 1) / kThreads;
+    static constexpr int kZRows = KS * ZR;                  // scale/zero rows of a stage
+    static constexpr int kCopies = kNT + kXGroups + kZRows;  // bulk copies of a whole stage
     static_assert(NB == 16 || NB == 32 || NB == 64 || NB == 128 || NB == 256, "wgmma batch tile");
     static_assert(NW == 1 || NW == 2, "column sets per warp");
     static_assert(4 % KS == 0 || KS % 4 == 0, "stages must not straddle a storage segment (256 rows)");
@@ -235,11 +263,15 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
     const int end = (int)range_begin(blockIdx.x + 1, total, ctas);
     if (begin >= end) return;
 
-    // ------------------------------------------------------------ producer (as qmma)
-    // The stage copies walk (m block, column block, stage) in stream-K order; what depends on the column and m
-    // block (source bases, valid runs, this thread's scale/zero columns) is worked out when the block changes,
-    // so a stage's copy costs an add per source.
-    int zgroup[S::kZPerThread];
+    // ------------------------------------------------------------ producer
+    // A stage is S::kCopies contiguous runs: the column block's weight tiles, the m block's 8-row activation
+    // groups and the scale/zero rows of its chunks. Each run is one cp.async.bulk, counted by the stage buffer's
+    // mbarrier; copy u is issued by lane 0 of warp u % 8 (one lane per warp: bulk copies take their operands in
+    // uniform registers, so several lanes of a warp would issue them one after another). The walk over
+    // (m block, column block, stage) in stream-K order keeps what depends on the block (source bases, runs that
+    // exist) from one block change to the next. Runs past the matrix (tiles past Npad, 8-row groups past M) are
+    // not copied: what their buffers hold only reaches output columns and batch rows that are never stored.
+    __shared__ __align__(8) unsigned long long full[STAGES];
     int p_ks, p_nb, p_mb;
     {
         const int tile = begin / ksteps;
@@ -247,64 +279,67 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
         p_nb = tile % nblocks;
         p_mb = tile / nblocks;
     }
+    constexpr int kPasses = (S::kCopies + kWarps - 1) / kWarps;
+    constexpr int kZRow0 = kNT + S::kXGroups;  // copy index of the first scale/zero row
+    int zgroup[kPasses];  // the group of the warp's scale/zero rows in the next stage, read one stage ahead
     int g_ks = p_ks;
     auto read_groups = [&]() {
 #pragma unroll
-        for (int r = 0; r < S::kZPerThread; ++r) {
-            const int u = tid + r * kThreads;
-            const int row = u / (kNTile / 4);
-            zgroup[r] = u < S::kZUnits ? __ldg(tile_group + (g_ks * KS) * 4 + (ZR == 4 ? row : row * 4)) : 0;
+        for (int r = 0; r < kPasses; ++r) {
+            const int row = warp + kWarps * r - kZRow0;
+            zgroup[r] = lane == 0 && row >= 0 && row < S::kZRows
+                            ? __ldg(tile_group + (g_ks * KS) * 4 + (ZR == 4 ? row : row * 4))
+                            : 0;
         }
         if (++g_ks == ksteps) g_ks = 0;
     };
     const uint4* xw = reinterpret_cast<const uint4*>(x);
     const int xgroups = (M + 7) / 8;
     const int chunks = C8 + C4;
-    RunCopy<kNT, KS * 64> copy_w8;
-    RunCopy<kNT, KS * 32> copy_w4;
-    RunCopy<S::kXGroups, KS * kXGroupBytes / 16> copy_x;
-    if (HAS8) copy_w8.init(C8 * 64, tid);
-    if (HAS4) copy_w4.init(C4 * 32, tid);
-    copy_x.init(chunks * kXGroupBytes / 16, tid);
+    constexpr unsigned kXRunBytes = KS * kXGroupBytes;
     const uint4* w8_block;  // chunk 0 of the column block's first tile
     const uint4* w4_block;  // chunk C8 (the first 4-bit chunk) of the same
     const uint4* x_block;   // chunk 0 of the m block's first 8-row group
-    const unsigned* z_block[S::kZPerThread];  // this thread's scale/zero columns in group 0; null past Npad
+    const unsigned* z_block;  // the column block's first scale/zero column in group 0
     int w_runs, x_runs;
+    unsigned z_bytes;  // bytes of one scale/zero row of the block (fewer at the last block)
     auto enter_block = [&]() {
         w8_block = w8 + (size_t)p_nb * kNT * C8 * 64;
         w4_block = w4 + (size_t)p_nb * kNT * C4 * 32;
         x_block = xw + (size_t)p_mb * S::kXGroups * chunks * (kXGroupBytes / 16);
-        w_runs = T16 - p_nb * kNT;
-        x_runs = xgroups - p_mb * S::kXGroups;
-#pragma unroll
-        for (int r = 0; r < S::kZPerThread; ++r) {
-            const int col = p_nb * kNTile + ((tid + r * kThreads) % (kNTile / 4)) * 4;
-            z_block[r] = col < Npad ? zs + col : nullptr;
-        }
+        z_block = zs + p_nb * kNTile;
+        w_runs = min(T16 - p_nb * kNT, kNT);
+        x_runs = min(xgroups - p_mb * S::kXGroups, S::kXGroups);
+        z_bytes = (unsigned)min(kNTile, Npad - p_nb * kNTile) * 4u;
     };
     enter_block();
-    unsigned char* const zsm0 = smem + S::kWBytes + S::kXBytes;
-    auto load_stage = [&](int buf) {
+    auto issue_stage = [&](int buf) {
         const int chunk0 = p_ks * KS;
-        const unsigned st_u32 = smem_u32(smem) + (unsigned)buf * S::kStageBytes;
+        const unsigned st = smem_u32(smem) + (unsigned)buf * S::kStageBytes;
+        const unsigned bar = smem_u32(&full[buf]);
         const bool is8 = HAS8 && (!HAS4 || chunk0 < C8);
-        if (HAS8 && is8) {
-            copy_w8.copy(st_u32, w8_block + (size_t)chunk0 * 64, w_runs, tid);
-        } else {
-            copy_w4.copy(st_u32, w4_block + (size_t)(chunk0 - C8) * 32, w_runs, tid);
-        }
-        copy_x.copy(st_u32 + S::kWBytes, x_block + (size_t)chunk0 * (kXGroupBytes / 16), x_runs, tid);
-        unsigned char* zsm = zsm0 + (size_t)buf * S::kStageBytes;
+        const unsigned w_bytes = (is8 ? 64u : 32u) * KS * 16u;
+        // Copies of other warps may complete before this; the phase cannot, as it waits for this arrival.
+        if (tid == 0) mbar_expect_tx(bar, w_runs * w_bytes + x_runs * kXRunBytes + S::kZRows * z_bytes);
 #pragma unroll
-        for (int r = 0; r < S::kZPerThread; ++r) {
-            const int u = tid + r * kThreads;
-            if (u < S::kZUnits) {
-                const int row = u / (kNTile / 4);
-                const int q = u - row * (kNTile / 4);
-                const bool ok = z_block[r] != nullptr;
-                const unsigned* src = ok ? z_block[r] + (size_t)zgroup[r] * Npad : zs;
-                cp_async16(zsm + ((size_t)row * S::kZLd + q * 4) * 4, src, ok);
+        for (int r = 0; r < kPasses; ++r) {
+            const int u = warp + kWarps * r;
+            if (lane != 0) {
+            } else if (u < kNT) {
+                if (u < w_runs) {
+                    const uint4* src = is8 ? w8_block + ((size_t)u * C8 + chunk0) * 64
+                                           : w4_block + ((size_t)u * C4 + chunk0 - C8) * 32;
+                    bulk_copy(st + u * w_bytes, src, w_bytes, bar);
+                }
+            } else if (u < kZRow0) {
+                const int grp = u - kNT;
+                if (grp < x_runs)
+                    bulk_copy(st + S::kWBytes + grp * kXRunBytes,
+                              x_block + ((size_t)grp * chunks + chunk0) * (kXGroupBytes / 16), kXRunBytes, bar);
+            } else if (u < S::kCopies) {
+                const int row = u - kZRow0;
+                bulk_copy(st + S::kWBytes + S::kXBytes + row * S::kZLd * 4, z_block + (size_t)zgroup[r] * Npad,
+                          z_bytes, bar);
             }
         }
         if (++p_ks == ksteps) {
@@ -452,32 +487,40 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
         clear();
     };
 
-    // ------------------------------------------------------------ the pipeline (as qmma)
+    // ------------------------------------------------------------ the pipeline
+    // Buffer b holds stages begin + b, begin + b + STAGES, ...; its mbarrier completes once per stage, so the
+    // parity to wait for flips with every use (bit b of `parity`).
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) mbar_init(smem_u32(&full[s]), 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
     read_groups();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (begin + s < end) {
-            load_stage(s);
+            issue_stage(s);
             if (begin + s + 1 < end) read_groups();
         }
-        cp_async_commit();
     }
+    unsigned parity = 0;
     int c_ks = begin % ksteps;
     int c_buf = 0;              // the buffer of stage it: (it - begin) % STAGES
     int p_buf = STAGES - 1;     // the buffer of stage it + STAGES - 1
     for (int it = begin; it < end; ++it) {
-        cp_async_wait<STAGES - 2>();
-        // The copies were ordinary (generic-proxy) writes; wgmma reads shared memory through the async proxy.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        // Every warp is done with stage it - 1, whose buffer is refilled here: its wgmmas completed before the
+        // warp arrived (wait_group 0 below) and its shared reads were into registers.
         __syncthreads();
         const int ahead = it + STAGES - 1;
         if (ahead < end) {
-            load_stage(p_buf);
+            issue_stage(p_buf);
             if (ahead + 1 < end) read_groups();
         }
-        cp_async_commit();
         if (++p_buf == STAGES) p_buf = 0;
 
+        mbar_wait(smem_u32(&full[c_buf]), (parity >> c_buf) & 1u);
+        parity ^= 1u << c_buf;
         const unsigned char* st = smem + (size_t)c_buf * S::kStageBytes;
         if (++c_buf == STAGES) c_buf = 0;
         const bool is8 = HAS8 && (!HAS4 || c_ks * KS < C8);
@@ -498,7 +541,6 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
         if (it + 1 == end || c_ks == ksteps - 1) finish_tile(it);
         if (++c_ks == ksteps) c_ks = 0;
     }
-    cp_async_wait<0>();
 #else
     __trap();
 #endif
