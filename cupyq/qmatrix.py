@@ -1,4 +1,7 @@
-"""QMatrix: a prepared quantized matrix (GPTQ, EXL2 or AWQ), on a GPU or on the CPU for the reference path."""
+"""QMatrix: a prepared quantized matrix (GPTQ, EXL2 or AWQ). The builders return a :class:`GpuQMatrix` (the
+kernels' device layout, launch plans, workspaces) or a :class:`CpuQMatrix` (the checkpoint tensors for the float32
+reference path), both QMatrix. The three classes share this module (about 440 lines) because the builders, which
+validate each format once, pick the type and fill it."""
 
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ from cupyq.formats import gptq as _gptq
 class QMatrix:
     """A quantized weight W [in_features, out_features] ready for :func:`cupyq.gemm`.
 
-    Build it with :meth:`from_gptq`, :meth:`from_exl2` or :meth:`from_awq`. On a GPU the matrix owns a device copy of its
-    weights in the kernels' layout (the caller's arrays are never modified and need not stay alive); on the
-    CPU it keeps the checkpoint tensors as NumPy arrays for the float32 reference path.
+    Build it with :meth:`from_gptq`, :meth:`from_exl2` or :meth:`from_awq`, which return a :class:`GpuQMatrix`
+    (a device copy of the weights in the kernels' layout; the caller's arrays are never modified and need not
+    stay alive) or, for tensors and ``device`` on the CPU, a :class:`CpuQMatrix` (the checkpoint tensors as
+    NumPy arrays for the float32 reference path). Both answer the methods below.
 
     Facts of every format, with the same types: ``format`` ("gptq", "exl2", "awq"), ``in_features``,
     ``out_features``, ``bits`` (tuple of the stored widths, widest first), ``group_sizes`` (dict width -> rows per
@@ -30,6 +34,18 @@ class QMatrix:
 
     def __init__(self):
         raise TypeError("use QMatrix.from_gptq(...), QMatrix.from_exl2(...) or QMatrix.from_awq(...)")
+
+    @classmethod
+    def _new(cls, device_id, input_kind) -> "QMatrix":
+        """An empty matrix of the type that lives on ``device_id`` (None: the CPU)."""
+        kind = CpuQMatrix if device_id is None else GpuQMatrix
+        if not issubclass(kind, cls):
+            where = "the CPU" if device_id is None else f"cuda:{device_id}"
+            raise ValueError(f"device: {cls.__name__} cannot live on {where}; build it with QMatrix.from_...(), "
+                             f"which picks the type, or pass device= for the other")
+        self = object.__new__(kind)
+        self.device_id, self.input_kind = device_id, input_kind
+        return self
 
     # -------------------------------------------------------------------------------------------- builders
     @classmethod
@@ -70,7 +86,7 @@ class QMatrix:
             raise ValueError(f"v1_encoding: expected one of {_gptq.V1_ENCODINGS}, got {v1_encoding!r}")
         if g_idx is None or group_size is not None:
             group_size = _gptq.check_group_size(layout.in_features, layout.groups, group_size)
-        self = object.__new__(cls)
+        self = cls._new(*resolve_device((qweight, qzeros, scales, g_idx, bias), device))
         self.format = "gptq"
         self.in_features = layout.in_features
         self.out_features = layout.out_features
@@ -79,7 +95,6 @@ class QMatrix:
         self.v1_encoding = v1_encoding
         self._bpw = float(bits)
         groups = layout.groups
-        self.device_id, self.input_kind = resolve_device((qweight, qzeros, scales, g_idx, bias), device)
         g_host = reference.to_numpy(g_idx)
         if g_host is None:
             g_host = _gptq.default_g_idx(self.in_features, group_size)
@@ -127,7 +142,7 @@ class QMatrix:
         """
         layout = _exl2.check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups)
         padded = _exl2_padding_rows(layout, in_features, q_weight, q_invperm)
-        self = object.__new__(cls)
+        self = cls._new(*resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device))
         self.format = "exl2"
         self.in_features = layout.in_features - padded
         self.out_features = layout.out_features
@@ -137,7 +152,6 @@ class QMatrix:
         self.group_sizes = {}
         for g in groups:
             self.group_sizes.setdefault(g.bits, g.rows)
-        self.device_id, self.input_kind = resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device)
         perm = _exl2.perm_from_invperm(reference.to_numpy(q_invperm)).astype(np.int64)
         self.act_order = not np.array_equal(perm, np.arange(layout.in_features))
         perm[perm >= self.in_features] = -1  # padding rows: the kernels read a zero activation for them
@@ -178,7 +192,7 @@ class QMatrix:
         a GPTQ matrix without act-order (sequential groups, integer zero points).
         """
         layout = _awq.check_awq(qweight, qzeros, scales, group_size)
-        self = object.__new__(cls)
+        self = cls._new(*resolve_device((qweight, qzeros, scales, bias), device))
         self.format = "awq"
         self.in_features = layout.in_features
         self.out_features = layout.out_features
@@ -187,7 +201,6 @@ class QMatrix:
         self._bpw = float(layout.bits)
         self.act_order = False
         self.group_sizes = {self.bits[0]: -1 if layout.groups == 1 else layout.group_size}
-        self.device_id, self.input_kind = resolve_device((qweight, qzeros, scales, bias), device)
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
@@ -213,18 +226,6 @@ class QMatrix:
             if b.shape[0] != self.out_features:
                 raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(b.shape)}")
             self._bias_host = b
-
-    def _build(self, q_sorted, perm, row_group, storage8, scales, zeros):
-        import cupy
-
-        self.layout = _layout.build_layout(q_sorted, perm, row_group, storage8, scales, zeros, cupy)
-        self.bias16 = self.bias_bf16 = None
-        if self._bias_host is not None:
-            self.bias16 = cupy.asarray(self._bias_host.astype(np.float16))
-            self.bias_bf16 = cupy.asarray(to_bf16_bits(self._bias_host))
-        self._plans = {}
-        self._fast_paths = {}  # eager torch calls by (x.shape, x.dtype): cupyq.dispatch._TorchFastPath
-        self._scratch = None
 
     # -------------------------------------------------------------------------------------------- facts
     @property
@@ -252,14 +253,6 @@ class QMatrix:
         """Average stored bits per weight (EXL2 mixes widths; GPTQ: ``bits``)."""
         return self._bpw
 
-    @property
-    def dequant_scratch_bytes(self) -> int:
-        """Bytes of a full fp16 dequantised copy as the large-batch path stores it (W^T in padded row and
-        column order), plus 128."""
-        if self.device_id is None:
-            return self.in_features * self.out_features * 2 + 128
-        return self.layout.padded_rows * self.layout.padded_cols * 2 + 128
-
     def __repr__(self):
         where = "cpu" if self.device_id is None else f"cuda:{self.device_id}"
         return (
@@ -268,11 +261,21 @@ class QMatrix:
         )
 
     # -------------------------------------------------------------------------------------------- data
+    # Implemented by both types: dequant_scratch_bytes, reference_weight, reference_product, dequantize,
+    # set_scratch, warmup, needed_kernels, close.
+
+
+class CpuQMatrix(QMatrix):
+    """A QMatrix on the CPU: the checkpoint tensors as NumPy arrays (``_cpu``), multiplied by the float32
+    reference (:mod:`cupyq.reference`)."""
+
+    @property
+    def dequant_scratch_bytes(self) -> int:
+        """Bytes of a full fp16 dequantised copy ([K, N]), plus 128."""
+        return self.in_features * self.out_features * 2 + 128
+
     def reference_weight(self) -> np.ndarray:
-        """float32 NumPy [K, N] dequantised weight in original row order: the float32 reference for a CPU
-        matrix, the fp16 dequantise kernel's output (widened to float32) for a GPU matrix."""
-        if self.device_id is not None:
-            return self.dequantize_cupy(np.float16).get().astype(np.float32)
+        """float32 NumPy [K, N] dequantised weight in original row order: the float32 reference."""
         c = self._cpu
         if self.format == "gptq":
             return reference.dequantize_gptq(
@@ -285,14 +288,12 @@ class QMatrix:
         return w[: self.in_features]
 
     def reference_product(self, x, *, block_rows=None) -> np.ndarray:
-        """float32 NumPy ``x @ W + bias`` of a CPU matrix, W dequantised a block of rows at a time.
+        """float32 NumPy ``x @ W + bias``, W dequantised a block of rows at a time.
 
         x: float [..., K] (NumPy or CPU torch). Memory beyond x and the result is one block of float32
         rows (about 16 MiB, or ``block_rows`` rows); no copy of W is kept. Equals
         ``reference.matmul(x, self.reference_weight(), self.bias)`` up to float32 rounding of the sums.
         """
-        if self.device_id is not None:
-            raise ValueError(f"reference_product: the matrix lives on cuda:{self.device_id}; use cupyq.gemm")
         c = self._cpu
         if self.format == "gptq":
             return reference.matmul_gptq(
@@ -312,18 +313,65 @@ class QMatrix:
         )
 
     def dequantize(self, dtype="float16"):
-        """The dequantised weight [K, N] in original row order, float16 (or bfloat16 on a GPU).
+        """The float32 reference weight [K, N] in original row order, rounded to float16: a torch tensor when the
+        matrix was built from torch tensors, else a NumPy array."""
+        w = self.reference_weight().astype(np.float16)
+        if self.input_kind == "torch":
+            import torch
 
-        Returns the kind of array the matrix was built from: torch in -> torch tensor, CuPy -> CuPy array,
-        NumPy -> NumPy array (CPU matrices: the float32 reference rounded to float16).
-        """
-        if self.device_id is None:
-            w = self.reference_weight().astype(np.float16)
-            if self.input_kind == "torch":
-                import torch
+            return torch.from_numpy(w)
+        return w
 
-                return torch.from_numpy(w)
-            return w
+    def set_scratch(self, buf):
+        """Nothing to do: the reference path needs no scratch."""
+
+    def warmup(self, *, max_m: int = 64, dtypes=("float16",)):
+        """Nothing to do: the reference path compiles nothing."""
+
+    def needed_kernels(self, *, max_m: int = 64, dtypes=("float16",)) -> set:
+        """The empty set: no kernel runs on the CPU."""
+        return set()
+
+    def close(self):
+        """Nothing to release."""
+
+
+class GpuQMatrix(QMatrix):
+    """A QMatrix on a GPU: the weights in the kernels' device layout (``layout``, :mod:`cupyq.layout`), the bias
+    in fp16 and bf16 (``bias16``, ``bias_bf16``), and what the launches cache: ``_plans`` (launch plans by batch
+    and element type, :mod:`cupyq.launch`; facts worked out once, :mod:`cupyq.rules`), ``_fast_paths`` (eager torch
+    calls by input shape and dtype, :mod:`cupyq.dispatch`) and ``_scratch`` (a caller's scratch, or None)."""
+
+    def _build(self, q_sorted, perm, row_group, storage8, scales, zeros):
+        import cupy
+
+        self.layout = _layout.build_layout(q_sorted, perm, row_group, storage8, scales, zeros, cupy)
+        self.bias16 = self.bias_bf16 = None
+        if self._bias_host is not None:
+            self.bias16 = cupy.asarray(self._bias_host.astype(np.float16))
+            self.bias_bf16 = cupy.asarray(to_bf16_bits(self._bias_host))
+        self._plans = {}
+        self._fast_paths = {}  # eager torch calls by (x.shape, x.dtype): cupyq.dispatch._TorchFastPath
+        self._scratch = None
+
+    @property
+    def dequant_scratch_bytes(self) -> int:
+        """Bytes of a full fp16 dequantised copy as the large-batch path stores it (W^T in padded row and
+        column order), plus 128."""
+        return self.layout.padded_rows * self.layout.padded_cols * 2 + 128
+
+    def reference_weight(self) -> np.ndarray:
+        """float32 NumPy [K, N] dequantised weight in original row order: the fp16 dequantise kernel's output,
+        widened to float32."""
+        return self.dequantize_cupy(np.float16).get().astype(np.float32)
+
+    def reference_product(self, x, *, block_rows=None) -> np.ndarray:
+        """Not available on a GPU matrix (the float32 reference runs on CPU matrices): raises ValueError."""
+        raise ValueError(f"reference_product: the matrix lives on cuda:{self.device_id}; use cupyq.gemm")
+
+    def dequantize(self, dtype="float16"):
+        """The dequantised weight [K, N] in original row order, float16 or bfloat16: a torch tensor when the
+        matrix was built from torch tensors, else a CuPy array."""
         w = self.dequantize_cupy(dtype)
         if self.input_kind == "torch":
             import torch
@@ -343,9 +391,8 @@ class QMatrix:
             return cupy.ascontiguousarray(buf[:, : self.out_features])
 
     def set_scratch(self, buf):
-        """Use ``buf`` (CuPy uint8 array or CUDA torch tensor) as scratch for the large-batch path."""
-        if self.device_id is None:
-            return
+        """Use ``buf`` (CuPy uint8 array or CUDA torch tensor) as scratch for the large-batch path; None: the
+        stream's default scratch again."""
         if buf is None:
             self._scratch = None
             return
@@ -357,15 +404,11 @@ class QMatrix:
 
     def warmup(self, *, max_m: int = 64, dtypes=("float16",)):
         """Compile and load every kernel this matrix uses for batches up to ``max_m`` and size the workspace."""
-        if self.device_id is None:
-            return
         _launch.warmup_matrix(self, max_m=max_m, dtypes=dtypes)
 
     def needed_kernels(self, *, max_m: int = 64, dtypes=("float16",)) -> set:
-        """(CUDA source, kernel name) of every kernel this matrix uses for batches up to ``max_m`` (empty on the
-        CPU); nothing is compiled."""
-        if self.device_id is None:
-            return set()
+        """(CUDA source, kernel name) of every kernel this matrix uses for batches up to ``max_m``; nothing is
+        compiled."""
         return _rules.needed_kernels(self, max_m=max_m, dtypes=dtypes)
 
     def close(self):

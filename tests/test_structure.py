@@ -223,3 +223,24 @@ def test_every_format_exposes_the_same_property_types():
     assert mats["gptq"].group_sizes == {4: 64} and mats["gptq"].act_order
     assert mats["awq"].group_sizes == {4: 128} and not mats["awq"].act_order
     assert mats["exl2"].bits == (6, 4) and mats["exl2"].group_sizes == {6: 32, 4: 32}
+
+
+def test_cpu_and_gpu_matrices_are_separate_types_behind_one_constructor():
+    """The builders return a CpuQMatrix for tensors on the CPU (the reference path); the GPU type refuses to be
+    built there, with an error that names the way out."""
+    import numpy as np
+    import pytest
+
+    from cupyq.qmatrix import CpuQMatrix, GpuQMatrix, QMatrix
+    from cupyq.quantize import quantize_gptq
+
+    rng = np.random.default_rng(12)
+    g = quantize_gptq(rng.standard_normal((128, 32)).astype(np.float32), bits=4, group_size=64)
+    args = (g["qweight"], g["qzeros"], g["scales"], g["g_idx"])
+    qm = QMatrix.from_gptq(*args)
+    assert type(qm) is CpuQMatrix and isinstance(qm, QMatrix) and not qm.is_cuda
+    assert type(CpuQMatrix.from_gptq(*args)) is CpuQMatrix
+    assert qm.needed_kernels() == set() and qm.dequant_scratch_bytes == 128 * 32 * 2 + 128
+    with pytest.raises(ValueError, match="GpuQMatrix cannot live on the CPU"):
+        GpuQMatrix.from_gptq(*args)
+    assert not hasattr(qm, "_plans") and not hasattr(qm, "layout")  # no device state on the CPU type
