@@ -189,7 +189,7 @@ struct WShape {
     static constexpr int kStageBytes = (kWBytes + kXBytes + kZBytes + 127) / 128 * 128;  // core matrices 128-aligned
     static constexpr int kSmemBytes = STAGES * kStageBytes;
     static constexpr int kZRows = KS * ZR;                  // scale/zero rows of a stage
-    static constexpr int kCopies = kNT + kXGroups + kZRows;  // bulk copies of a whole stage
+    static_assert(kNT % 8 == 0, "every warp copies the same number of weight tiles");
     static_assert(NB == 16 || NB == 32 || NB == 64 || NB == 128, "wgmma batch tile");
     static_assert(NW == 1 || NW == 2, "column sets per warp");
     static_assert(4 % KS == 0 || KS % 4 == 0, "stages must not straddle a storage segment (256 rows)");
@@ -240,13 +240,14 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
     if (begin >= end) return;
 
     // ------------------------------------------------------------ producer
-    // A stage is S::kCopies contiguous runs: the column block's weight tiles, the m block's 8-row activation
-    // groups and the scale/zero rows of its chunks. Each run is one cp.async.bulk, counted by the stage buffer's
-    // mbarrier; copy u is issued by lane 0 of warp u % 8 (one lane per warp: bulk copies take their operands in
-    // uniform registers, so several lanes of a warp would issue them one after another). The walk over
-    // (m block, column block, stage) in stream-K order keeps what depends on the block (source bases, runs that
-    // exist) from one block change to the next. Runs past the matrix (tiles past Npad, 8-row groups past M) are
-    // not copied: what their buffers hold only reaches output columns and batch rows that are never stored.
+    // A stage is kNT + 1 + KS * ZR contiguous runs, each one cp.async.bulk counted by the stage buffer's
+    // mbarrier: the column block's kNT weight tiles (warp w copies tiles w, w + 8), then the m block's activations
+    // (frag_xw writes an m block's chunks one after another, so a stage's are one run) and the scale/zero rows of
+    // its chunks, spread over the warps. One lane per warp issues: bulk copies take their operands in uniform
+    // registers, so several lanes of a warp would issue them one after another. The walk over (m block, column
+    // block, stage) in stream-K order keeps what depends on the block (source bases, runs that exist) from one
+    // block change to the next. Tiles past Npad are not copied: what their buffers hold only reaches columns that
+    // are never stored.
     __shared__ __align__(8) unsigned long long full[STAGES];
     int p_ks, p_nb, p_mb;
     {
@@ -255,14 +256,15 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
         p_nb = tile % nblocks;
         p_mb = tile / nblocks;
     }
-    constexpr int kPasses = (S::kCopies + kWarps - 1) / kWarps;
-    constexpr int kZRow0 = kNT + S::kXGroups;  // copy index of the first scale/zero row
-    int zgroup[kPasses];  // the group of the warp's scale/zero rows in the next stage, read one stage ahead
+    constexpr int kWPasses = kNT / kWarps;
+    constexpr int kRest = 1 + S::kZRows;  // the activation run, then the scale/zero rows
+    constexpr int kRestPasses = (kRest + kWarps - 1) / kWarps;
+    int zgroup[kRestPasses];  // the group of the warp's scale/zero rows in the next stage, read one stage ahead
     int g_ks = p_ks;
     auto read_groups = [&]() {
 #pragma unroll
-        for (int r = 0; r < kPasses; ++r) {
-            const int row = warp + kWarps * r - kZRow0;
+        for (int r = 0; r < kRestPasses; ++r) {
+            const int row = warp + kWarps * r - 1;
             zgroup[r] = lane == 0 && row >= 0 && row < S::kZRows
                             ? __ldg(tile_group + (g_ks * KS) * 4 + (ZR == 4 ? row : row * 4))
                             : 0;
@@ -272,20 +274,20 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
     const uint4* xw = reinterpret_cast<const uint4*>(x);
     const int xgroups = (M + 7) / 8;
     const int chunks = C8 + C4;
-    constexpr unsigned kXRunBytes = KS * kXGroupBytes;
     const uint4* w8_block;  // chunk 0 of the column block's first tile
     const uint4* w4_block;  // chunk C8 (the first 4-bit chunk) of the same
-    const uint4* x_block;   // chunk 0 of the m block's first 8-row group
+    const uint4* x_block;   // chunk 0 of the m block
     const unsigned* z_block;  // the column block's first scale/zero column in group 0
-    int w_runs, x_runs;
-    unsigned z_bytes;  // bytes of one scale/zero row of the block (fewer at the last block)
+    int w_runs;               // tiles of the block that exist
+    unsigned x_chunk_bytes;   // activation bytes of one chunk of the m block (fewer groups at the last block)
+    unsigned z_bytes;         // bytes of one scale/zero row of the block (fewer at the last block)
     auto enter_block = [&]() {
         w8_block = w8 + (size_t)p_nb * kNT * C8 * 64;
         w4_block = w4 + (size_t)p_nb * kNT * C4 * 32;
         x_block = xw + (size_t)p_mb * S::kXGroups * chunks * (kXGroupBytes / 16);
         z_block = zs + p_nb * kNTile;
         w_runs = min(T16 - p_nb * kNT, kNT);
-        x_runs = min(xgroups - p_mb * S::kXGroups, S::kXGroups);
+        x_chunk_bytes = (unsigned)min(xgroups - p_mb * S::kXGroups, S::kXGroups) * kXGroupBytes;
         z_bytes = (unsigned)min(kNTile, Npad - p_nb * kNTile) * 4u;
     };
     enter_block();
@@ -296,26 +298,27 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
         const bool is8 = HAS8 && (!HAS4 || chunk0 < C8);
         const unsigned w_bytes = (is8 ? 64u : 32u) * KS * 16u;
         // Copies of other warps may complete before this; the phase cannot, as it waits for this arrival.
-        if (tid == 0) mbar_expect_tx(bar, w_runs * w_bytes + x_runs * kXRunBytes + S::kZRows * z_bytes);
+        if (tid == 0) mbar_expect_tx(bar, w_runs * w_bytes + KS * x_chunk_bytes + S::kZRows * z_bytes);
+        if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < kPasses; ++r) {
-            const int u = warp + kWarps * r;
-            if (lane != 0) {
-            } else if (u < kNT) {
+            for (int r = 0; r < kWPasses; ++r) {
+                const int u = warp + kWarps * r;
                 if (u < w_runs) {
                     const uint4* src = is8 ? w8_block + ((size_t)u * C8 + chunk0) * 64
                                            : w4_block + ((size_t)u * C4 + chunk0 - C8) * 32;
                     bulk_copy(st + u * w_bytes, src, w_bytes, bar);
                 }
-            } else if (u < kZRow0) {
-                const int grp = u - kNT;
-                if (grp < x_runs)
-                    bulk_copy(st + S::kWBytes + grp * kXRunBytes,
-                              x_block + ((size_t)grp * chunks + chunk0) * (kXGroupBytes / 16), kXRunBytes, bar);
-            } else if (u < S::kCopies) {
-                const int row = u - kZRow0;
-                bulk_copy(st + S::kWBytes + S::kXBytes + row * S::kZLd * 4, z_block + (size_t)zgroup[r] * Npad,
-                          z_bytes, bar);
+            }
+#pragma unroll
+            for (int r = 0; r < kRestPasses; ++r) {
+                const int v = warp + kWarps * r;
+                if (v == 0) {
+                    bulk_copy(st + S::kWBytes, reinterpret_cast<const char*>(x_block) + (size_t)chunk0 * x_chunk_bytes,
+                              KS * x_chunk_bytes, bar);
+                } else if (v < kRest) {
+                    bulk_copy(st + S::kWBytes + S::kXBytes + (v - 1) * S::kZLd * 4,
+                              z_block + (size_t)zgroup[r] * Npad, z_bytes, bar);
+                }
             }
         }
         if (++p_ks == ksteps) {
@@ -329,6 +332,9 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
     };
 
     // ------------------------------------------------------------ consumer
+    int c_nb = (begin / ksteps) % nblocks;
+    int c_mb = (begin / ksteps) / nblocks;
+    int c_groups = min(xgroups - c_mb * S::kXGroups, S::kXGroups);  // 8-row groups of the stage's m block
     // Column set s of warp w is the 16-column tile w + 8s of the CTA. Accumulator d[s][4i + 2h + e] of a lane:
     // batch row 8i + 2t + e of the tile, column 16 * (warp + 8s) + g + 8h.
     float d[NW][NB / 2];
@@ -378,8 +384,10 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
 #pragma unroll
             for (int h = 0; h < kVecs; ++h) v[s][h] = wsm[((size_t)tile * KS + cc) * 32 * kVecs + 32 * h + lane];
         }
-        // Descriptor of this chunk's core matrices; those of its four K steps are 256 bytes apart.
-        const SmemDesc xdesc = smem_desc(smem_u32(st + S::kWBytes) + cc * kXGroupBytes, 128, KS * kXGroupBytes);
+        // Descriptor of this chunk's core matrices (the m block's c_groups 8-row groups, 1 KB apart); those of its
+        // four K steps are 256 bytes apart. Past c_groups it reads other data, which only reaches batch rows past M.
+        const SmemDesc xdesc =
+            smem_desc(smem_u32(st + S::kWBytes) + cc * c_groups * kXGroupBytes, 128, kXGroupBytes);
         // The K steps of a chunk are dequantised together and their wgmmas issued as groups of kGroupSteps
         // steps: many independent dequantisation chains per warp, and several wgmmas queued per warpgroup.
 #pragma unroll
@@ -515,29 +523,43 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
             if constexpr (kPostScale) fold((KS - 1) & 1);
         }
         if (it + 1 == end || c_ks == ksteps - 1) finish_tile(it);
-        if (++c_ks == ksteps) c_ks = 0;
+        if (++c_ks == ksteps) {
+            c_ks = 0;
+            if (++c_nb == nblocks) {
+                c_nb = 0;
+                c_groups = min(xgroups - ++c_mb * S::kXGroups, S::kXGroups);
+            }
+        }
     }
 #else
     __trap();
 #endif
 }
 
-// The activations of qwgmma: core matrix (group, c, j, h) at xf + ((group * chunks + c) * 8 + j * 2 + h) * 128
-// bytes holds batch rows group*8 .. group*8 + 7 (one 16-byte row each) and, in element e, sorted row
-// k = c*64 + (e/2)*16 + 8h + 2j + e%2 (the weights' virtual order for mma j of chunk c). Sorted row k holds
-// x[.., row_src[k]] (x[.., k] when row_src is null); rows past M and sorted rows without a source are zero.
+// The activations of qwgmma, by m block of block_groups 8-row groups (qwgmma's NB / 8): the block's chunks one
+// after another, each holding the block's groups (fewer in the last block) one after another. The 1 KB of group
+// g (global index), chunk c is at xf + (b * block_groups * chunks + c * bg + g % block_groups) * 1024 bytes, with
+// b = g / block_groups and bg the groups of block b; in it, core matrix (j, h) at (j * 2 + h) * 128 bytes holds
+// batch rows g*8 .. g*8 + 7 (one 16-byte row each) and, in element e, sorted row k = c*64 + (e/2)*16 + 8h + 2j +
+// e%2 (the weights' virtual order for mma j of chunk c). Sorted row k holds x[.., row_src[k]] (x[.., k] when
+// row_src is null); rows past M and sorted rows without a source are zero.
 // x: [M, K], row stride K. Grid: one thread per 16-byte row of a core matrix, ceil(M / 8) * chunks * 64.
 template <typename T>
 __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
     frag_xw(const T* __restrict__ x, const int* __restrict__ row_src, uint4* __restrict__ xf, int M, int K,
-            int chunks) {
+            int chunks, int block_groups) {
     using namespace cupyq;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const int u = (int)(idx & 63);   // (j, h, r) of the 64 core-matrix rows of one (group, chunk)
-    const long long gc = idx >> 6;   // group * chunks + chunk
-    if (gc >= (long long)((M + 7) / 8) * chunks) return;
-    const int group = (int)(gc / chunks);
-    const int c = (int)(gc - (long long)group * chunks);
+    const long long o = idx >> 6;    // the KB of xf this thread writes into
+    const int groups = (M + 7) / 8;
+    if (o >= (long long)groups * chunks) return;
+    const long long block_kb = (long long)block_groups * chunks;
+    const int b = (int)(o / block_kb);
+    const int in_block = (int)(o - b * block_kb);
+    const int bg = min(block_groups, groups - b * block_groups);
+    const int c = in_block / bg;
+    const int group = b * block_groups + (in_block - c * bg);
     const int j = u >> 4;
     const int h = (u >> 3) & 1;
     const int m = group * 8 + (u & 7);
@@ -546,14 +568,14 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
     for (int p = 0; p < 4; ++p) {
         unsigned short pair[2];
 #pragma unroll
-        for (int o = 0; o < 2; ++o) {
-            const int k = c * 64 + p * 16 + 8 * h + 2 * j + o;
+        for (int q = 0; q < 2; ++q) {
+            const int k = c * 64 + p * 16 + 8 * h + 2 * j + q;
             const int src = row_src ? __ldg(row_src + k) : (k < K ? k : -1);
             T val = from_float<T>(0.0f);
             if (m < M && src >= 0 && src < K) val = x[(size_t)m * K + src];
-            pair[o] = *reinterpret_cast<const unsigned short*>(&val);
+            pair[q] = *reinterpret_cast<const unsigned short*>(&val);
         }
         words[p] = pair[0] | ((unsigned)pair[1] << 16);
     }
-    xf[(size_t)gc * 64 + u] = make_uint4(words[0], words[1], words[2], words[3]);
+    xf[(size_t)o * 64 + u] = make_uint4(words[0], words[1], words[2], words[3]);
 }
