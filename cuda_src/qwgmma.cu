@@ -10,14 +10,13 @@
 // matrices, 1 KB.
 //
 // Work split and partial sums: as qmma (stream-K over (m block, column block, stage) iterations, a STAGES-deep
-// ring of stages, fp32 partial sums added in CTA order by the last CTA of a tile); a stage arrives as one bulk
-// copy (cp.async.bulk) per contiguous run, counted on an mbarrier, so copies cost a few instructions per run
-// instead of some per 16 bytes and thread. A CTA is two warpgroups and 128 * NW output columns: each warp holds
-// NW 16-column tiles, one wgmma each per 16 rows of K, all multiplying the same staged activations (a wider CTA
-// reads the activations once for more weights). A warp dequantises several K steps together (a whole chunk for
-// tiles of up to 64 rows) and issues their wgmmas as one group, which stays in flight while it dequantises the
-// next; a stage's wgmmas complete before the barrier that lets its buffer be refilled. 16-row tiles on
-// chunk-uniform groups scale each chunk's product instead of the weights (see kPostScale).
+// ring of cp.async copies, fp32 partial sums added in CTA order by the last CTA of a tile). A CTA is two
+// warpgroups and 128 * NW output columns: each warp holds NW 16-column tiles, one wgmma each per 16 rows of K,
+// all multiplying the same staged activations (a wider CTA reads the activations once for more weights). A warp
+// dequantises several K steps together (a whole chunk for tiles of up to 64 rows) and issues their wgmmas as one
+// group, which stays in flight while it dequantises the next; a stage's wgmmas complete before the barrier that
+// lets its buffer be refilled. 16-row tiles on chunk-uniform groups scale each chunk's product instead of the
+// weights (see kPostScale).
 //
 // qwgmma needs sm_90a (wgmma); compiled for any other target its body traps, and dispatch never launches it
 // there. frag_xw is plain CUDA.
@@ -141,33 +140,6 @@ struct Wgmma<__nv_bfloat16, 128> {
     }
 };
 
-// Stage copies: cp.async.bulk of one contiguous run (16-byte aligned, a multiple of 16 bytes) global -> shared,
-// completing as bytes on an mbarrier whose phase the consumers wait for. A CTA launched without a cluster is its
-// own cluster, so its shared::cta addresses are valid shared::cluster addresses.
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_init_fence() {
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-// One arrival that also expects `bytes` of copies to complete before the phase does.
-__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nretry:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra retry;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
-__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-                 "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-}
-
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -188,8 +160,8 @@ struct WShape {
     static constexpr int kZBytes = KS * ZR * kZLd * 4;
     static constexpr int kStageBytes = (kWBytes + kXBytes + kZBytes + 127) / 128 * 128;  // core matrices 128-aligned
     static constexpr int kSmemBytes = STAGES * kStageBytes;
-    static constexpr int kZRows = KS * ZR;                  // scale/zero rows of a stage
-    static_assert(kNT % 8 == 0, "every warp copies the same number of weight tiles");
+    static constexpr int kZUnits = KS * ZR * kNTile / 4;
+    static constexpr int kZPerThread = (kZUnits + kThreads - 1) / kThreads;
     static_assert(NB == 16 || NB == 32 || NB == 64 || NB == 128, "wgmma batch tile");
     static_assert(NW == 1 || NW == 2, "column sets per warp");
     static_assert(4 % KS == 0 || KS % 4 == 0, "stages must not straddle a storage segment (256 rows)");
@@ -239,16 +211,11 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
     const int end = (int)range_begin(blockIdx.x + 1, total, ctas);
     if (begin >= end) return;
 
-    // ------------------------------------------------------------ producer
-    // A stage is kNT + 1 + KS * ZR contiguous runs, each one cp.async.bulk counted by the stage buffer's
-    // mbarrier: the column block's kNT weight tiles (warp w copies tiles w, w + 8), then the m block's activations
-    // (frag_xw writes an m block's chunks one after another, so a stage's are one run) and the scale/zero rows of
-    // its chunks, spread over the warps. One lane per warp issues: bulk copies take their operands in uniform
-    // registers, so several lanes of a warp would issue them one after another. The walk over (m block, column
-    // block, stage) in stream-K order keeps what depends on the block (source bases, runs that exist) from one
-    // block change to the next. Tiles past Npad are not copied: what their buffers hold only reaches columns that
-    // are never stored.
-    __shared__ __align__(8) unsigned long long full[STAGES];
+    // ------------------------------------------------------------ producer (as qmma)
+    // The stage copies walk (m block, column block, stage) in stream-K order; what depends on the column and m
+    // block (source bases, valid runs, this thread's scale/zero columns) is worked out when the block changes,
+    // so a stage's copy costs an add per source.
+    int zgroup[S::kZPerThread];
     int p_ks, p_nb, p_mb;
     {
         const int tile = begin / ksteps;
@@ -256,69 +223,64 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
         p_nb = tile % nblocks;
         p_mb = tile / nblocks;
     }
-    constexpr int kWPasses = kNT / kWarps;
-    constexpr int kRest = 1 + S::kZRows;  // the activation run, then the scale/zero rows
-    constexpr int kRestPasses = (kRest + kWarps - 1) / kWarps;
-    int zgroup[kRestPasses];  // the group of the warp's scale/zero rows in the next stage, read one stage ahead
     int g_ks = p_ks;
     auto read_groups = [&]() {
 #pragma unroll
-        for (int r = 0; r < kRestPasses; ++r) {
-            const int row = warp + kWarps * r - 1;
-            zgroup[r] = lane == 0 && row >= 0 && row < S::kZRows
-                            ? __ldg(tile_group + (g_ks * KS) * 4 + (ZR == 4 ? row : row * 4))
-                            : 0;
+        for (int r = 0; r < S::kZPerThread; ++r) {
+            const int u = tid + r * kThreads;
+            const int row = u / (kNTile / 4);
+            zgroup[r] = u < S::kZUnits ? __ldg(tile_group + (g_ks * KS) * 4 + (ZR == 4 ? row : row * 4)) : 0;
         }
         if (++g_ks == ksteps) g_ks = 0;
     };
     const uint4* xw = reinterpret_cast<const uint4*>(x);
     const int xgroups = (M + 7) / 8;
     const int chunks = C8 + C4;
+    RunCopy<kNT, KS * 64> copy_w8;
+    RunCopy<kNT, KS * 32> copy_w4;
+    RunCopy<S::kXGroups, KS * kXGroupBytes / 16> copy_x;
+    if (HAS8) copy_w8.init(C8 * 64, tid);
+    if (HAS4) copy_w4.init(C4 * 32, tid);
+    copy_x.init(chunks * kXGroupBytes / 16, tid);
     const uint4* w8_block;  // chunk 0 of the column block's first tile
     const uint4* w4_block;  // chunk C8 (the first 4-bit chunk) of the same
-    const uint4* x_block;   // chunk 0 of the m block
-    const unsigned* z_block;  // the column block's first scale/zero column in group 0
-    int w_runs;               // tiles of the block that exist
-    unsigned x_chunk_bytes;   // activation bytes of one chunk of the m block (fewer groups at the last block)
-    unsigned z_bytes;         // bytes of one scale/zero row of the block (fewer at the last block)
+    const uint4* x_block;   // chunk 0 of the m block's first 8-row group
+    const unsigned* z_block[S::kZPerThread];  // this thread's scale/zero columns in group 0; null past Npad
+    int w_runs, x_runs;
     auto enter_block = [&]() {
         w8_block = w8 + (size_t)p_nb * kNT * C8 * 64;
         w4_block = w4 + (size_t)p_nb * kNT * C4 * 32;
         x_block = xw + (size_t)p_mb * S::kXGroups * chunks * (kXGroupBytes / 16);
-        z_block = zs + p_nb * kNTile;
-        w_runs = min(T16 - p_nb * kNT, kNT);
-        x_chunk_bytes = (unsigned)min(xgroups - p_mb * S::kXGroups, S::kXGroups) * kXGroupBytes;
-        z_bytes = (unsigned)min(kNTile, Npad - p_nb * kNTile) * 4u;
+        w_runs = T16 - p_nb * kNT;
+        x_runs = xgroups - p_mb * S::kXGroups;
+#pragma unroll
+        for (int r = 0; r < S::kZPerThread; ++r) {
+            const int col = p_nb * kNTile + ((tid + r * kThreads) % (kNTile / 4)) * 4;
+            z_block[r] = col < Npad ? zs + col : nullptr;
+        }
     };
     enter_block();
-    auto issue_stage = [&](int buf) {
+    unsigned char* const zsm0 = smem + S::kWBytes + S::kXBytes;
+    auto load_stage = [&](int buf) {
         const int chunk0 = p_ks * KS;
-        const unsigned st = smem_u32(smem) + (unsigned)buf * S::kStageBytes;
-        const unsigned bar = smem_u32(&full[buf]);
+        const unsigned st_u32 = smem_u32(smem) + (unsigned)buf * S::kStageBytes;
         const bool is8 = HAS8 && (!HAS4 || chunk0 < C8);
-        const unsigned w_bytes = (is8 ? 64u : 32u) * KS * 16u;
-        // Copies of other warps may complete before this; the phase cannot, as it waits for this arrival.
-        if (tid == 0) mbar_expect_tx(bar, w_runs * w_bytes + KS * x_chunk_bytes + S::kZRows * z_bytes);
-        if (lane == 0) {
+        if (HAS8 && is8) {
+            copy_w8.copy(st_u32, w8_block + (size_t)chunk0 * 64, w_runs, tid);
+        } else {
+            copy_w4.copy(st_u32, w4_block + (size_t)(chunk0 - C8) * 32, w_runs, tid);
+        }
+        copy_x.copy(st_u32 + S::kWBytes, x_block + (size_t)chunk0 * (kXGroupBytes / 16), x_runs, tid);
+        unsigned char* zsm = zsm0 + (size_t)buf * S::kStageBytes;
 #pragma unroll
-            for (int r = 0; r < kWPasses; ++r) {
-                const int u = warp + kWarps * r;
-                if (u < w_runs) {
-                    const uint4* src = is8 ? w8_block + ((size_t)u * C8 + chunk0) * 64
-                                           : w4_block + ((size_t)u * C4 + chunk0 - C8) * 32;
-                    bulk_copy(st + u * w_bytes, src, w_bytes, bar);
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < kRestPasses; ++r) {
-                const int v = warp + kWarps * r;
-                if (v == 0) {
-                    bulk_copy(st + S::kWBytes, reinterpret_cast<const char*>(x_block) + (size_t)chunk0 * x_chunk_bytes,
-                              KS * x_chunk_bytes, bar);
-                } else if (v < kRest) {
-                    bulk_copy(st + S::kWBytes + S::kXBytes + (v - 1) * S::kZLd * 4,
-                              z_block + (size_t)zgroup[r] * Npad, z_bytes, bar);
-                }
+        for (int r = 0; r < S::kZPerThread; ++r) {
+            const int u = tid + r * kThreads;
+            if (u < S::kZUnits) {
+                const int row = u / (kNTile / 4);
+                const int q = u - row * (kNTile / 4);
+                const bool ok = z_block[r] != nullptr;
+                const unsigned* src = ok ? z_block[r] + (size_t)zgroup[r] * Npad : zs;
+                cp_async16(zsm + ((size_t)row * S::kZLd + q * 4) * 4, src, ok);
             }
         }
         if (++p_ks == ksteps) {
@@ -332,9 +294,6 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
     };
 
     // ------------------------------------------------------------ consumer
-    int c_nb = (begin / ksteps) % nblocks;
-    int c_mb = (begin / ksteps) / nblocks;
-    int c_groups = min(xgroups - c_mb * S::kXGroups, S::kXGroups);  // 8-row groups of the stage's m block
     // Column set s of warp w is the 16-column tile w + 8s of the CTA. Accumulator d[s][4i + 2h + e] of a lane:
     // batch row 8i + 2t + e of the tile, column 16 * (warp + 8s) + g + 8h.
     float d[NW][NB / 2];
@@ -384,10 +343,8 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
 #pragma unroll
             for (int h = 0; h < kVecs; ++h) v[s][h] = wsm[((size_t)tile * KS + cc) * 32 * kVecs + 32 * h + lane];
         }
-        // Descriptor of this chunk's core matrices (the m block's c_groups 8-row groups, 1 KB apart); those of its
-        // four K steps are 256 bytes apart. Past c_groups it reads other data, which only reaches batch rows past M.
-        const SmemDesc xdesc =
-            smem_desc(smem_u32(st + S::kWBytes) + cc * c_groups * kXGroupBytes, 128, kXGroupBytes);
+        // Descriptor of this chunk's core matrices; those of its four K steps are 256 bytes apart.
+        const SmemDesc xdesc = smem_desc(smem_u32(st + S::kWBytes) + cc * kXGroupBytes, 128, KS * kXGroupBytes);
         // The K steps of a chunk are dequantised together and their wgmmas issued as groups of kGroupSteps
         // steps: many independent dequantisation chains per warp, and several wgmmas queued per warpgroup.
 #pragma unroll
@@ -471,40 +428,32 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
         clear();
     };
 
-    // ------------------------------------------------------------ the pipeline
-    // Buffer b holds stages begin + b, begin + b + STAGES, ...; its mbarrier completes once per stage, so the
-    // parity to wait for flips with every use (bit b of `parity`).
-    if (tid == 0) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) mbar_init(smem_u32(&full[s]), 1);
-        mbar_init_fence();
-    }
-    __syncthreads();
+    // ------------------------------------------------------------ the pipeline (as qmma)
     read_groups();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (begin + s < end) {
-            issue_stage(s);
+            load_stage(s);
             if (begin + s + 1 < end) read_groups();
         }
+        cp_async_commit();
     }
-    unsigned parity = 0;
     int c_ks = begin % ksteps;
     int c_buf = 0;              // the buffer of stage it: (it - begin) % STAGES
     int p_buf = STAGES - 1;     // the buffer of stage it + STAGES - 1
     for (int it = begin; it < end; ++it) {
-        // Every warp is done with stage it - 1, whose buffer is refilled here: its wgmmas completed before the
-        // warp arrived (wait_group 0 below) and its shared reads were into registers.
+        cp_async_wait<STAGES - 2>();
+        // The copies were ordinary (generic-proxy) writes; wgmma reads shared memory through the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
         const int ahead = it + STAGES - 1;
         if (ahead < end) {
-            issue_stage(p_buf);
+            load_stage(p_buf);
             if (ahead + 1 < end) read_groups();
         }
+        cp_async_commit();
         if (++p_buf == STAGES) p_buf = 0;
 
-        mbar_wait(smem_u32(&full[c_buf]), (parity >> c_buf) & 1u);
-        parity ^= 1u << c_buf;
         const unsigned char* st = smem + (size_t)c_buf * S::kStageBytes;
         if (++c_buf == STAGES) c_buf = 0;
         const bool is8 = HAS8 && (!HAS4 || c_ks * KS < C8);
@@ -523,43 +472,30 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 
             if constexpr (kPostScale) fold((KS - 1) & 1);
         }
         if (it + 1 == end || c_ks == ksteps - 1) finish_tile(it);
-        if (++c_ks == ksteps) {
-            c_ks = 0;
-            if (++c_nb == nblocks) {
-                c_nb = 0;
-                c_groups = min(xgroups - ++c_mb * S::kXGroups, S::kXGroups);
-            }
-        }
+        if (++c_ks == ksteps) c_ks = 0;
     }
+    cp_async_wait<0>();
 #else
     __trap();
 #endif
 }
 
-// The activations of qwgmma, by m block of block_groups 8-row groups (qwgmma's NB / 8): the block's chunks one
-// after another, each holding the block's groups (fewer in the last block) one after another. The 1 KB of group
-// g (global index), chunk c is at xf + (b * block_groups * chunks + c * bg + g % block_groups) * 1024 bytes, with
-// b = g / block_groups and bg the groups of block b; in it, core matrix (j, h) at (j * 2 + h) * 128 bytes holds
-// batch rows g*8 .. g*8 + 7 (one 16-byte row each) and, in element e, sorted row k = c*64 + (e/2)*16 + 8h + 2j +
-// e%2 (the weights' virtual order for mma j of chunk c). Sorted row k holds x[.., row_src[k]] (x[.., k] when
-// row_src is null); rows past M and sorted rows without a source are zero.
+// The activations of qwgmma: core matrix (group, c, j, h) at xf + ((group * chunks + c) * 8 + j * 2 + h) * 128
+// bytes holds batch rows group*8 .. group*8 + 7 (one 16-byte row each) and, in element e, sorted row
+// k = c*64 + (e/2)*16 + 8h + 2j + e%2 (the weights' virtual order for mma j of chunk c). Sorted row k holds
+// x[.., row_src[k]] (x[.., k] when row_src is null); rows past M and sorted rows without a source are zero.
 // x: [M, K], row stride K. Grid: one thread per 16-byte row of a core matrix, ceil(M / 8) * chunks * 64.
 template <typename T>
 __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
     frag_xw(const T* __restrict__ x, const int* __restrict__ row_src, uint4* __restrict__ xf, int M, int K,
-            int chunks, int block_groups) {
+            int chunks) {
     using namespace cupyq;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const int u = (int)(idx & 63);   // (j, h, r) of the 64 core-matrix rows of one (group, chunk)
-    const long long o = idx >> 6;    // the KB of xf this thread writes into
-    const int groups = (M + 7) / 8;
-    if (o >= (long long)groups * chunks) return;
-    const long long block_kb = (long long)block_groups * chunks;
-    const int b = (int)(o / block_kb);
-    const int in_block = (int)(o - b * block_kb);
-    const int bg = min(block_groups, groups - b * block_groups);
-    const int c = in_block / bg;
-    const int group = b * block_groups + (in_block - c * bg);
+    const long long gc = idx >> 6;   // group * chunks + chunk
+    if (gc >= (long long)((M + 7) / 8) * chunks) return;
+    const int group = (int)(gc / chunks);
+    const int c = (int)(gc - (long long)group * chunks);
     const int j = u >> 4;
     const int h = (u >> 3) & 1;
     const int m = group * 8 + (u & 7);
@@ -568,14 +504,14 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
     for (int p = 0; p < 4; ++p) {
         unsigned short pair[2];
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int k = c * 64 + p * 16 + 8 * h + 2 * j + q;
+        for (int o = 0; o < 2; ++o) {
+            const int k = c * 64 + p * 16 + 8 * h + 2 * j + o;
             const int src = row_src ? __ldg(row_src + k) : (k < K ? k : -1);
             T val = from_float<T>(0.0f);
             if (m < M && src >= 0 && src < K) val = x[(size_t)m * K + src];
-            pair[q] = *reinterpret_cast<const unsigned short*>(&val);
+            pair[o] = *reinterpret_cast<const unsigned short*>(&val);
         }
         words[p] = pair[0] | ((unsigned)pair[1] << 16);
     }
-    xf[(size_t)o * 64 + u] = make_uint4(words[0], words[1], words[2], words[3]);
+    xf[(size_t)gc * 64 + u] = make_uint4(words[0], words[1], words[2], words[3]);
 }

@@ -45,10 +45,9 @@ FRAG_X_INT_PARAMS = frozenset(("M", "K", "chunks", "vec"))
 FRAG_X_BLOCK_BYTES = 16 * CHUNK_ROWS * 2
 
 # qwgmma (cuda_src/qwgmma.cu, sm_90a) takes qmma's parameters; frag_xw writes its activations: per 8 batch rows
-# and 64-row chunk WGMMA_X_GROUP_BYTES bytes of core matrices, by m block of block_groups (the tile's nb / 8)
-# 8-row groups; one thread per 16 bytes.
-FRAG_XW_PARAMS = ("x", "row_src", "xf", "M", "K", "chunks", "block_groups")
-FRAG_XW_INT_PARAMS = frozenset(("M", "K", "chunks", "block_groups"))
+# and 64-row chunk WGMMA_X_GROUP_BYTES bytes of core matrices; one thread per 16 bytes.
+FRAG_XW_PARAMS = ("x", "row_src", "xf", "M", "K", "chunks")
+FRAG_XW_INT_PARAMS = frozenset(("M", "K", "chunks"))
 WGMMA_X_GROUP_BYTES = 8 * CHUNK_ROWS * 2
 WGMMA_N_TILE = 128  # output columns of a qwgmma CTA per column set (nw): two warpgroups of 64
 

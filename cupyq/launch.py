@@ -145,8 +145,7 @@ def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
         rows = -(-m // 8)
         threads = rows * chunks * kernels.WGMMA_X_GROUP_BYTES // 16
         p.frag = _Launcher(ffn, (-(-threads // kernels.QMMA_THREADS), 1, 1), (kernels.QMMA_THREADS, 1, 1), 0,
-                           kernels.FRAG_XW_PARAMS, dict(frag_values, block_groups=cfg.nb // 8),
-                           kernels.FRAG_XW_INT_PARAMS)
+                           kernels.FRAG_XW_PARAMS, frag_values, kernels.FRAG_XW_INT_PARAMS)
         p.frag_halves = rows * chunks * kernels.WGMMA_X_GROUP_BYTES // 2
         p.frag_vec = None
     else:
