@@ -1,7 +1,7 @@
 """``gemm(x, qm)``: x @ W + bias for a quantized matrix, on the GPU kernels or the float32 reference.
 
 The boundary (torch, CuPy or NumPy arrays in and out, checks), the CPU reference path and the dense path
-(dequantise into scratch + cuBLAS); which kernel runs and how it is launched is cupyq.launch."""
+(dequantise into scratch + cuBLAS); which kernel runs is a launch plan of cupyq.plans, launched by cupyq.launch."""
 
 from __future__ import annotations
 

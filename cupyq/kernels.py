@@ -209,7 +209,7 @@ def kernel_names(source: str) -> list[str]:
     """Every kernel instantiation a source file provides (what the compile check builds)."""
     if source == "qgemm.cu":
         names = [qgemv_name(t, 1, h8, h4) for t in DTYPES for h8, h4 in STORAGES]
-        names.append(qgemv_name("__half", 2, False, True))  # two m8 tiles: fp16, 4-bit storage (launch.py)
+        names.append(qgemv_name("__half", 2, False, True))  # two m8 tiles: fp16, 4-bit storage (plans.py)
         names += [dequant_name(t, h8, h4) for t in DTYPES for h8, h4 in STORAGES]
         names += [gather_name(t) for t in DTYPES]
         return names

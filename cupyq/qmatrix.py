@@ -339,7 +339,7 @@ class CpuQMatrix(QMatrix):
 class GpuQMatrix(QMatrix):
     """A QMatrix on a GPU: the weights in the kernels' device layout (``layout``, :mod:`cupyq.layout`), the bias
     in fp16 and bf16 (``bias16``, ``bias_bf16``), and what the launches cache: ``_plans`` (launch plans by batch
-    and element type, :mod:`cupyq.launch`; facts worked out once, :mod:`cupyq.rules`), ``_fast_paths`` (eager torch
+    and element type, :mod:`cupyq.plans`; facts worked out once, :mod:`cupyq.rules`), ``_fast_paths`` (eager torch
     calls by input shape and dtype, :mod:`cupyq.dispatch`) and ``_scratch`` (a caller's scratch, or None)."""
 
     def _build(self, q_sorted, perm, row_group, storage8, scales, zeros):

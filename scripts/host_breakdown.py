@@ -100,7 +100,7 @@ def stand_in_fast_path(torch, x, out_features: int, launch_fn):
     (-1), CPU outputs, stream handle 0 — with the streaming kernel's launch plan, made by the plan builder from a
     stand-in layout (no row permutation, no split), whose launcher calls ``launch_fn(stream_ptr, params_ptr, 0)``
     instead of the driver."""
-    from cupyq import dispatch, launch, scratch
+    from cupyq import dispatch, plans, scratch
 
     k = x.shape[-1]
     m = x.numel() // k
@@ -109,7 +109,7 @@ def stand_in_fast_path(torch, x, out_features: int, launch_fn):
                                 padded_cols=out_features, chunks8=0, chunks4=k // 64)
     qm.bias16 = qm.bias_bf16 = None
     kernel = SimpleNamespace(kernel=SimpleNamespace(ptr=0), name="stand-in", max_dynamic_shared_size_bytes=0)
-    plan = launch._finish_plan(qm, m, "__half", kernel, (1, 1, 1), 0, k // 256, 0, 0)
+    plan = plans._finish_plan(qm, m, "__half", kernel, (1, 1, 1), 0, k // 256, 0, 0)
     plan.launcher._launch = launch_fn
     out_shape = torch.Size(tuple(x.shape[:-1]) + (out_features,))
     path = dispatch._TorchFastPath(torch, plan, m, "__half", x.dtype, out_shape, 0)

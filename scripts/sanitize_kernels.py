@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import cupyq
-from cupyq import kernels, launch, reference, rules
+from cupyq import kernels, launch, plans, reference, rules
 from cupyq.device import torch_stream
 from cupyq.qmatrix import QMatrix
 from cupyq.quantize import quantize_exl2, quantize_gptq
@@ -33,7 +33,7 @@ def _check_tilings(name, qm, wref, dtype, tol) -> int:
     for cfg in configs:
         for m in (cfg.m_tile - 3, 2 * cfg.m_tile + 5):
             try:
-                plan = launch._qmma_plan(qm, m, ctype, cfg)
+                plan = plans._qmma_plan(qm, m, ctype, cfg)
             except ValueError:  # more shared memory than a CTA may have for this layout
                 continue
             x = torch.randn(m, qm.in_features, device="cuda", dtype=dtype)

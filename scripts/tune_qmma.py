@@ -21,6 +21,7 @@ import torch
 from cupyq import dispatch, kernels, launch, reference, rules, runtime
 from cupyq.bench import _random_exl2, _random_gptq, _time_graph
 from cupyq.device import torch_stream
+from cupyq.plans import _qgemv_plan, _qmma_plan
 from cupyq.qmatrix import QMatrix
 from cupyq.quantize import quantize_exl2, quantize_gptq
 
@@ -111,7 +112,7 @@ def check(rng, report):
                 yref = xq.float().cpu().numpy() @ wref
                 for cname, cfg in CANDIDATES.items():
                     try:
-                        plan = launch._qmma_plan(qm, m, ct, cfg)
+                        plan = _qmma_plan(qm, m, ct, cfg)
                     except ValueError:
                         continue
                     out = torch.full((m, qm.out_features), float("nan"), device="cuda", dtype=dt)
@@ -181,9 +182,9 @@ def timing(rng, report, quick, ms=None, shapes=None):
                 cands[cname] = cfg
             for cname, cfg in cands.items():
                 if cfg is None:
-                    plans = [launch._qgemv_plan(q, m, "__half") for q in qms]
+                    plans = [_qgemv_plan(q, m, "__half") for q in qms]
                 else:
-                    plans = [launch._qmma_plan(q, m, "__half", cfg) for q in qms]
+                    plans = [_qmma_plan(q, m, "__half", cfg) for q in qms]
                 row[cname] = _time_graph(
                     torch, lambda i: run_plan(qms[i % copies], plans[i % copies], x, outs, "__half"), iters, 7)
             if m >= 64:
@@ -200,7 +201,7 @@ def timing(rng, report, quick, ms=None, shapes=None):
             if bc is not None and m in (16, 64, 256):
                 for tag, group in (("act", qact), ("exl2", qex)):
                     try:
-                        plans = [launch._qmma_plan(q, m, "__half", bc) for q in group]
+                        plans = [_qmma_plan(q, m, "__half", bc) for q in group]
                     except ValueError:  # the tiling does not fit this layout's shared memory (scale rows)
                         continue
                     row[tag] = _time_graph(torch, lambda i: run_plan(group[i % copies], plans[i % copies], x, outs,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cupyq.launch import _GEMV_SMEM_LIMIT, _WAVE_OVERHEAD_STEPS, _gemv_splits
+from cupyq.plans import _GEMV_SMEM_LIMIT, _WAVE_OVERHEAD_STEPS, _gemv_splits
 
 
 def h200(smem):  # two CTAs per multiprocessor while both fit in its shared memory, 132 multiprocessors

@@ -426,7 +426,7 @@ def test_qwgmma_matches_reference(layout, dtype, nb, nw):
     several m blocks, outputs poisoned."""
     import torch
 
-    from cupyq import kernels, launch, rules
+    from cupyq import kernels, launch, plans, rules
     from cupyq.device import torch_stream
 
     if not _sm90():
@@ -446,7 +446,7 @@ def test_qwgmma_matches_reference(layout, dtype, nb, nw):
     for m in (1, 13, 64, nb + 9, 2 * nb + 40):
         x = torch.from_numpy(rng.standard_normal((m, 1024)).astype(np.float32)).cuda().to(getattr(torch, dtype))
         out = torch.full((m, 320), float("nan"), dtype=x.dtype, device="cuda")
-        plan = launch._qmma_plan(qm, m, ct, cfg)
+        plan = plans._qmma_plan(qm, m, ct, cfg)
         launch._launch_plan(qm, plan, x.data_ptr(), out.data_ptr(), m, ct, torch_stream(0),
                             torch.cuda.is_current_stream_capturing)
         y_ref = x.float().cpu().numpy().astype(np.float64) @ w.astype(np.float64) + t["bias"].astype(np.float64)

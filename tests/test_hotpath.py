@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cupyq  # noqa: E402
-from cupyq import dispatch, launch, reference, scratch, torch_ops  # noqa: E402
+from cupyq import dispatch, launch, plans, reference, scratch, torch_ops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "host_breakdown.py"
@@ -169,7 +169,7 @@ def test_launcher_calls_the_driver_with_its_arguments_in_order(monkeypatch):
     calls = []
     monkeypatch.setattr(driver, "launchKernel", lambda *args: calls.append(args))
     kernel = type("Kernel", (), {"kernel": type("Ptr", (), {"ptr": 1234})()})()
-    launcher = launch._Launcher(kernel, (3, 2, 1), (256, 1, 1), 4096, ("x", "M"), {"x": 7, "M": 5}, {"M"})
+    launcher = plans._Launcher(kernel, (3, 2, 1), (256, 1, 1), 4096, ("x", "M"), {"x": 7, "M": 5}, {"M"})
     launcher.launch(99)
     assert calls == [(1234, 3, 2, 1, 256, 1, 1, 4096, 99, launcher.params_ptr, 0)]
     assert launcher.slot("x").value == 7 and launcher.slot("M").value == 5

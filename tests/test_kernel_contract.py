@@ -1,4 +1,4 @@
-"""The Python side of the kernel contract (cupyq/kernels.py, cupyq/launch.py) against the CUDA sources: parameter
+"""The Python side of the kernel contract (cupyq/kernels.py, cupyq/plans.py) against the CUDA sources: parameter
 lists parsed from the __global__ signatures, shared constants, and the dispatch rules (no GPU needed)."""
 
 import re
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cupyq import kernels, launch, rules
+from cupyq import kernels, plans, rules
 from cupyq.sources import read_cuda_source
 
 
@@ -44,7 +44,7 @@ def test_qmma_configs_are_consistent(limit, cfg):
     for has8 in (False, True):
         for zr in (1, 4):
             if limit <= 64 or not has8:
-                assert cfg.smem_bytes(has8, zr) <= launch.QMMA_SMEM_LIMIT, (cfg, has8, zr)
+                assert cfg.smem_bytes(has8, zr) <= plans.QMMA_SMEM_LIMIT, (cfg, has8, zr)
 
 
 def test_choose_qmma_picks_the_smallest_tile_that_holds_the_batch():
@@ -121,7 +121,7 @@ def test_choose_wgmma():
     for cfg in kernels.WGMMA_CONFIGS.values():
         for has8 in (False, True):
             for zr in (1, 4):
-                assert cfg.smem_bytes(has8, zr) <= launch.QMMA_SMEM_LIMIT, (cfg, has8, zr)
+                assert cfg.smem_bytes(has8, zr) <= plans.QMMA_SMEM_LIMIT, (cfg, has8, zr)
 
 
 def test_needed_kernels_follow_the_rules():

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 import cupyq
-from cupyq import kernels, launch
+from cupyq import kernels, plans
 from cupyq.sources import read_cuda_source
 
 ROOT = Path(cupyq.__file__).parent
@@ -61,8 +61,11 @@ def test_no_import_cycles():
 
 def test_qmatrix_and_launch_do_not_import_dispatch():
     mods = _modules()
-    for name in ("cupyq.qmatrix", "cupyq.launch", "cupyq.kernels"):
+    for name in ("cupyq.qmatrix", "cupyq.launch", "cupyq.plans", "cupyq.kernels"):
         assert "cupyq.dispatch" not in _imports(name, mods[name], mods), name
+    for name in ("cupyq.launch", "cupyq.plans"):
+        assert "cupyq.qmatrix" not in _imports(name, mods[name], mods), name
+    assert "cupyq.launch" not in _imports("cupyq.plans", mods["cupyq.plans"], mods)
 
 
 # Where each shared constant is defined in CUDA: (source, constexpr) per NVRTC define of kernels.py.
@@ -91,7 +94,7 @@ def test_shared_constants_reach_the_sources_as_nvrtc_defines():
         assert re.search(rf"constexpr int {constant} = {name};", code), (source, constant)
         assert re.search(rf"#(ifndef {name}|if [^\n]*!defined\({name}\)[^\n]*)\n#error", code), (source, name)
         assert not re.search(rf"constexpr int {constant} = \d", code)  # no second, literal definition
-    assert launch._THREADS == kernels.GEMV_THREADS and launch._STEP_CHUNKS == kernels.STEP_CHUNKS
+    assert plans._THREADS == kernels.GEMV_THREADS and plans._STEP_CHUNKS == kernels.STEP_CHUNKS
     assert layout.CHUNK_ROWS == kernels.CHUNK_ROWS and layout.STEP_ROWS == kernels.STEP_CHUNKS * kernels.CHUNK_ROWS
 
 
