@@ -157,9 +157,11 @@ def pack_fragments4(q, xp):
     # k = c*64 + l4*16 + kh*8 + j*2 + kodd ; n = t*16 + dnh*8 + lg
     v = q.reshape(c, 4, 2, 4, 2, t, 2, 8)  # c, l4, kh, j, kodd, t, dnh, lg
     v = v.transpose(5, 0, 7, 1, 3, 4, 2, 6)  # t, c, lg, l4, j, kodd, kh, dnh  -> nibble p = kodd*4 + kh*2 + dnh
-    v = v.reshape(t, c, 32, 4, 8).astype(xp.uint32)
-    shifts = (xp.arange(8, dtype=xp.uint32) * 4).reshape(1, 1, 1, 1, 8)
-    return (v << shifts).sum(axis=4, dtype=xp.uint32)  # fields do not overlap: the sum is the bitwise or
+    # Nibbles 2b and 2b + 1 are byte b of the little-endian word. Two byte-wide operations instead of a widening
+    # copy, shifts and a sum: each distinct array operation is one more kernel for CuPy to compile on first use.
+    v = v.astype(xp.uint8, copy=False)
+    packed = v[..., 0] | (v[..., 1] << xp.uint8(4))  # t, c, lg, l4, j, kodd, kh: bytes of the words in order
+    return packed.reshape(t, c, 32, 4, 4).view(xp.uint32).reshape(t, c, 32, 4)
 
 
 def pack_fragments8(q, xp):
