@@ -182,13 +182,22 @@ def pack_scale_zero(scales, zeros, padded_cols: int, xp):
     scales: float [G, N]; zeros: integer [G, N] (true zero points).
     """
     g, n = scales.shape
-    s = xp.zeros((g, padded_cols), dtype=xp.float16)
-    s[:, :n] = scales.astype(xp.float16)
+    base, sign = (xp.asarray(row) for row in _zero_constant_rows(padded_cols))
+    # Each word is built as its two float16 halves, (scale, zc), viewed as one little-endian uint32: few distinct
+    # array operations (CuPy compiles a kernel for each on first use).
+    halves = xp.zeros((g, padded_cols, 2), dtype=xp.float16)
+    halves[:, :n, 0] = scales
     z = xp.zeros((g, padded_cols), dtype=xp.float32)
-    z[:, :n] = zeros.astype(xp.float32)
-    low_half = (xp.arange(padded_cols) % 16) < 8
-    zc = xp.where(low_half[None, :], 1024.0 + z, -(64.0 + z)).astype(xp.float16)
-    return s.view(xp.uint16).astype(xp.uint32) | (zc.view(xp.uint16).astype(xp.uint32) << 16)
+    z[:, :n] = zeros
+    halves[:, :, 1] = z * sign + base  # exactly 1024 + z and -(64 + z): negation is exact in either order
+    return halves.view(xp.uint32).reshape(g, padded_cols)
+
+
+def _zero_constant_rows(padded_cols: int):
+    """Host float32 rows (base, sign) over the padded columns, with zc = base + sign * z (see
+    :func:`pack_scale_zero`): (1024, 1) for columns n % 16 < 8, (-64, -1) for the others."""
+    low_half = np.arange(padded_cols) % 16 < 8
+    return np.where(low_half, 1024.0, -64.0).astype(np.float32), np.where(low_half, 1.0, -1.0).astype(np.float32)
 
 
 def build_layout(q_sorted, row_perm, row_group, storage8, scales, zeros, xp) -> DeviceLayout:
