@@ -160,7 +160,8 @@ def pack_fragments4(q, xp):
     # Nibbles 2b and 2b + 1 are byte b of the little-endian word. Two byte-wide operations instead of a widening
     # copy, shifts and a sum: each distinct array operation is one more kernel for CuPy to compile on first use.
     v = v.astype(xp.uint8, copy=False)
-    packed = v[..., 0] | (v[..., 1] << xp.uint8(4))  # t, c, lg, l4, j, kodd, kh: bytes of the words in order
+    # t, c, lg, l4, j, kodd, kh: the bytes of the words in order (the shift as a function: cupyq.formats.common)
+    packed = v[..., 0] | xp.left_shift(v[..., 1], xp.uint8(4))
     return packed.reshape(t, c, 32, 4, 4).view(xp.uint32).reshape(t, c, 32, 4)
 
 
