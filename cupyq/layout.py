@@ -157,9 +157,12 @@ def pack_fragments4(q, xp):
     # k = c*64 + l4*16 + kh*8 + j*2 + kodd ; n = t*16 + dnh*8 + lg
     v = q.reshape(c, 4, 2, 4, 2, t, 2, 8)  # c, l4, kh, j, kodd, t, dnh, lg
     v = v.transpose(5, 0, 7, 1, 3, 4, 2, 6)  # t, c, lg, l4, j, kodd, kh, dnh  -> nibble p = kodd*4 + kh*2 + dnh
-    v = v.reshape(t, c, 32, 4, 8).astype(xp.uint32)
-    shifts = (xp.arange(8, dtype=xp.uint32) * 4).reshape(1, 1, 1, 1, 8)
-    return (v << shifts).sum(axis=4, dtype=xp.uint32)  # fields do not overlap: the sum is the bitwise or
+    # Nibbles 2b and 2b + 1 are byte b of the little-endian word. Two byte-wide operations instead of a widening
+    # copy, shifts and a sum: each distinct array operation is one more kernel for CuPy to compile on first use.
+    v = v.astype(xp.uint8, copy=False)
+    # t, c, lg, l4, j, kodd, kh: the bytes of the words in order (the shift as a function: cupyq.formats.common)
+    packed = v[..., 0] | xp.left_shift(v[..., 1], xp.uint8(4))
+    return packed.reshape(t, c, 32, 4, 4).view(xp.uint32).reshape(t, c, 32, 4)
 
 
 def pack_fragments8(q, xp):
@@ -180,13 +183,22 @@ def pack_scale_zero(scales, zeros, padded_cols: int, xp):
     scales: float [G, N]; zeros: integer [G, N] (true zero points).
     """
     g, n = scales.shape
-    s = xp.zeros((g, padded_cols), dtype=xp.float16)
-    s[:, :n] = scales.astype(xp.float16)
+    base, sign = (xp.asarray(row) for row in _zero_constant_rows(padded_cols))
+    # Each word is built as its two float16 halves, (scale, zc), viewed as one little-endian uint32: few distinct
+    # array operations (CuPy compiles a kernel for each on first use).
+    halves = xp.zeros((g, padded_cols, 2), dtype=xp.float16)
+    halves[:, :n, 0] = scales
     z = xp.zeros((g, padded_cols), dtype=xp.float32)
-    z[:, :n] = zeros.astype(xp.float32)
-    low_half = (xp.arange(padded_cols) % 16) < 8
-    zc = xp.where(low_half[None, :], 1024.0 + z, -(64.0 + z)).astype(xp.float16)
-    return s.view(xp.uint16).astype(xp.uint32) | (zc.view(xp.uint16).astype(xp.uint32) << 16)
+    z[:, :n] = zeros
+    halves[:, :, 1] = z * sign + base  # exactly 1024 + z and -(64 + z): negation is exact in either order
+    return halves.view(xp.uint32).reshape(g, padded_cols)
+
+
+def _zero_constant_rows(padded_cols: int):
+    """Host float32 rows (base, sign) over the padded columns, with zc = base + sign * z (see
+    :func:`pack_scale_zero`): (1024, 1) for columns n % 16 < 8, (-64, -1) for the others."""
+    low_half = np.arange(padded_cols) % 16 < 8
+    return np.where(low_half, 1024.0, -64.0).astype(np.float32), np.where(low_half, 1.0, -1.0).astype(np.float32)
 
 
 def build_layout(q_sorted, row_perm, row_group, storage8, scales, zeros, xp) -> DeviceLayout:

@@ -35,7 +35,6 @@ def cached_kernel_files() -> list[Path]:
 _modules: dict = {}
 _functions: dict = {}
 COMPILE_NOTICE_S = 1.0  # a kernel load that takes longer than this prints one line on stderr
-COLD_LOAD_S = 0.25  # a first load slower than this means a cold kernel cache (warmup then compiles in threads)
 
 
 def get_function(source: str, name: str, device_id: int):
@@ -92,13 +91,15 @@ def warmup(qmatrices, *, max_m: int = 64, progress=None, workers=None) -> float:
     qmatrices = list(qmatrices)
     jobs = sorted({(qm.device_id, source, name) for qm in qmatrices for source, name in qm.needed_kernels(max_m=max_m)})
     if jobs:
-        # The first load tells a cold kernel cache (seconds: compile the rest in threads) from a warm one
-        # (milliseconds: threads only add overhead).
-        t0 = time.perf_counter()
+        # The first load runs alone: CuPy preprocesses an empty program once per option set before its first
+        # compile or cache lookup, and the first loads of several threads would each do that, one after another
+        # (0.13 s of a warm warmup on an H200 host). The rest run in threads, a cold kernel cache or a warm one:
+        # told apart by the first load's time, a fast machine's cold cache passed for warm and compiled in turn.
         get_function(jobs[0][1], jobs[0][2], jobs[0][0])
         rest = jobs[1:]
-        if rest and time.perf_counter() - t0 > COLD_LOAD_S:
-            with ThreadPoolExecutor(max_workers=workers or min(len(rest), os.cpu_count() or 1)) as pool:
+        workers = workers or min(len(rest), os.cpu_count() or 1)
+        if workers > 1 and len(rest) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(lambda job: get_function(job[1], job[2], job[0]), rest))
         else:
             for dev, source, name in rest:

@@ -152,10 +152,36 @@ def test_runtime_warmup_compiles_every_needed_kernel_first(monkeypatch):
             order.append(len(compiled))
 
     mats = [Fake({("qgemm.cu", "a"), ("qmma.cu", "b")}), Fake({("qmma.cu", "b"), ("qmma.cu", "c")})]
-    for cold in (0.0, 1e9):  # a cold cache (every first load looks slow) compiles in threads, a warm one in turn
-        monkeypatch.setattr(runtime, "COLD_LOAD_S", cold)
+    for workers in (1, 2):
         compiled.clear()
         order.clear()
-        runtime.warmup(mats, max_m=8, workers=2)
+        runtime.warmup(mats, max_m=8, workers=workers)
         assert sorted(compiled) == [(0, "qgemm.cu", "a"), (0, "qmma.cu", "b"), (0, "qmma.cu", "c")]
         assert order == [3, 3]  # every kernel loaded before any matrix warms up
+
+
+def test_runtime_warmup_loads_the_rest_in_threads_after_a_first_load(monkeypatch):
+    # Cold or warm kernel cache alike: the first load alone, the others in threads (no test of the first load's
+    # time, which took a fast machine's cold cache for a warm one).
+    import threading
+
+    from cupyq import runtime
+
+    threads = []
+    monkeypatch.setattr(runtime, "get_function", lambda src, name, dev: threads.append(threading.current_thread()))
+
+    class Fake:
+        device_id = 0
+
+        def needed_kernels(self, *, max_m):
+            return {("qgemm.cu", "a"), ("qgemm.cu", "b"), ("qmma.cu", "c")}
+
+        def warmup(self, *, max_m):
+            pass
+
+    runtime.warmup([Fake()], max_m=8, workers=2)
+    assert threads[0] is threading.main_thread()
+    assert len(threads) == 3 and threading.main_thread() not in threads[1:]
+    threads.clear()
+    runtime.warmup([Fake()], max_m=8, workers=1)
+    assert threads == [threading.main_thread()] * 3

@@ -76,7 +76,8 @@ def unpack_awq_columns(words, xp=None):
     r, c = u.shape
     out = xp.empty((r, c, _PER_WORD), dtype=xp.uint8)
     for nibble, column in enumerate(AWQ_PACK_ORDER):
-        out[:, :, column] = (u >> xp.uint32(4 * nibble)) & xp.uint32(0xF)
+        # function forms: see cupyq.formats.common
+        out[:, :, column] = xp.bitwise_and(xp.right_shift(u, xp.uint32(4 * nibble)), xp.uint32(0xF))
     return out.reshape(r, c * _PER_WORD)
 
 

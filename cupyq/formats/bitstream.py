@@ -78,9 +78,9 @@ def _unpack_rows(words, bits, rows, xp):
     mask = (1 << bits) - 1
     for i in range(unit):
         word, shift = divmod(bits * i, 32)
-        field = w[:, word] >> shift
+        field = xp.right_shift(w[:, word], shift)  # function form: see cupyq.formats.common
         if shift + bits > 32:
-            field |= w[:, word + 1] << (32 - shift)
+            field |= xp.left_shift(w[:, word + 1], 32 - shift)
         field &= mask
         out[:, i] = field
     return out.reshape(units * unit, cols)[:rows]

@@ -2,6 +2,10 @@
 
 Validation works on anything with ``.dtype`` and ``.shape`` (NumPy, CuPy, torch), comparing dtypes by
 name, so the same checks serve every front end.
+
+Array code that runs on CuPy when a matrix is loaded writes a binary operation with a scalar operand as a
+function call (``xp.right_shift(a, 4)``, not ``a >> 4``): CuPy hands such an operator to NumPy's ufunc
+dispatch, whose first use imports cupyx and with it SciPy (0.1 s, or 0.5 s where no bytecode is cached).
 """
 
 from __future__ import annotations

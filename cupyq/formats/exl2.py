@@ -301,7 +301,7 @@ def decode_scales(q_scale, q_scale_max, xp=None):
     codes = unpack_bitstream_columns(q_scale, 4, q_scale.shape[1] * 8, xp=xp).astype(xp.float32)
     codes += 1
     codes *= codes
-    codes *= xp.asarray(q_scale_max).astype(xp.float32)[:, None] / 256
+    codes *= xp.true_divide(xp.asarray(q_scale_max).astype(xp.float32)[:, None], 256)  # see cupyq.formats.common
     return codes
 
 

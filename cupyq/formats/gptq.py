@@ -145,11 +145,12 @@ def unpack_qzeros(qzeros, bits, out_features, *, checkpoint_format="gptq", v1_en
     out_features = int(out_features)
     require_shape("qzeros", qzeros, (None, _packed_width(out_features, bits)))
     if checkpoint_format == "gptq" and v1_encoding == "word" and bits in V1_WORD_ONES:
-        words = xp.ascontiguousarray(qzeros).view(xp.uint32) + xp.uint32(V1_WORD_ONES[bits])  # wraps mod 2**32
+        # wraps mod 2**32; function forms: see cupyq.formats.common
+        words = xp.add(xp.ascontiguousarray(qzeros).view(xp.uint32), xp.uint32(V1_WORD_ONES[bits]))
         return unpack_bitstream_columns(words.view(xp.int32), bits, out_features, xp=xp)
     zeros = unpack_bitstream_columns(qzeros, bits, out_features, xp=xp)
     if checkpoint_format == "gptq":
-        zeros = zeros + xp.uint8(1)  # uint8 wrap-around is harmless: the mask below is at most 0xFF
+        zeros = xp.add(zeros, xp.uint8(1))  # uint8 wrap-around is harmless: the mask below is at most 0xFF
         zeros &= (1 << bits) - 1
     return zeros
 
