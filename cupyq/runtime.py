@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cupyq import kernels, nvrtc
 from cupyq.device import compute_capability
-from cupyq.sources import read_cuda_source
+from cupyq.sources import kernel_source
 
 
 def kernel_cache_dir() -> Path:
@@ -66,7 +66,7 @@ def get_function(source: str, name: str, device_id: int):
     try:
         with cupy.cuda.Device(device_id):
             mod = cupy.RawModule(
-                code=read_cuda_source(source),
+                code=kernel_source(source),
                 options=nvrtc.kernel_options(),
                 name_expressions=[name],
             )
@@ -166,7 +166,7 @@ def _compile_cubin(source: str, name: str, arch: str) -> tuple:
     """(cubin bytes, lowered name) of one instantiation, from the disk cache or NVRTC."""
     from cupy_backends.cuda.libs import nvrtc as libnvrtc
 
-    code = read_cuda_source(source)
+    code = kernel_source(source)
     options = nvrtc.nvrtc_options(arch)
     key = hashlib.sha256(json.dumps([code, options, name, libnvrtc.getVersion()]).encode()).hexdigest()
     cache = kernel_cache_dir() / f"cupyq_{arch}_{key}.cubin"

@@ -7,12 +7,13 @@ folder next to the ``cupyq/`` package folder.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["cuda_source_dir", "list_cuda_sources", "read_cuda_source"]
+__all__ = ["cuda_source_dir", "kernel_source", "list_cuda_sources", "read_cuda_source"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -71,3 +72,27 @@ def read_cuda_source(name: str) -> str:
         available = sorted(p.name for p in directory.iterdir() if p.suffix in (".cu", ".cuh"))
         raise FileNotFoundError(f"no CUDA source {name!r} in {directory}; available: {available}")
     return path.read_text(encoding="utf-8")
+
+
+def _headers_digest(directory: Path) -> str:
+    headers = sorted(directory.glob("*.cuh"))
+    return _digest(tuple((p, p.stat().st_mtime_ns, p.stat().st_size) for p in headers))
+
+
+@lru_cache(maxsize=None)
+def _digest(headers: tuple) -> str:  # keyed on (path, mtime, size): read again only when a header changes
+    digest = hashlib.sha256()
+    for path, _, _ in headers:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def kernel_source(name: str) -> str:
+    """The text NVRTC compiles for ``cuda_src/name`` at run time: the file of :func:`read_cuda_source`, then a
+    comment line with a digest of every header (``*.cuh``) beside it.
+
+    CuPy's kernel cache and cupyq's cubin cache key compiled kernels on this text; without the digest, a changed
+    header under an unchanged ``.cu`` file (a cupyq upgrade) would load kernels compiled from the old header.
+    """
+    code = read_cuda_source(name)
+    return f"{code}\n// cupyq headers {_headers_digest(cuda_source_dir())}\n"
