@@ -164,4 +164,17 @@ template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat
     return __bfloat162float(v);
 }
 
+// Sorted row k of activation row m, the rule of every kernel that writes activations in the weights' row order
+// (frag_x, frag_xw; gather_columns writes it out for its one row per thread): x[m, row_src[k]], or x[m, k] when
+// row_src is null; zero for rows m >= M and for sorted rows without a source (row_src[k] < 0, the padding; k >= K
+// without row_src). x: [M, K], row stride K.
+template <typename T>
+__device__ __forceinline__ T sorted_x(const T* __restrict__ x, const int* __restrict__ row_src, int m, int M, int K,
+                                      int k) {
+    const int src = row_src ? __ldg(row_src + k) : (k < K ? k : -1);
+    T val = from_float<T>(0.0f);
+    if (m < M && src >= 0 && src < K) val = x[(size_t)m * K + src];
+    return val;
+}
+
 }  // namespace cupyq

@@ -548,6 +548,6 @@ __global__ void gather_columns(const T* __restrict__ x, const int* __restrict__ 
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const int m = blockIdx.y;
     if (j >= Kp || m >= M) return;
-    const int src = row_src ? row_src[j] : j;
+    const int src = row_src ? row_src[j] : j;  // the rule of cupyq::sorted_x (qdq.cuh); m < M holds here
     out[(size_t)m * Kp + j] = (src >= 0 && src < K) ? x[(size_t)m * K + src] : cupyq::from_float<T>(0.0f);
 }

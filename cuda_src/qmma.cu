@@ -456,9 +456,7 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
 #pragma unroll
                 for (int o = 0; o < 2; ++o) {
                     const int k = k0 + 2 * e + o;
-                    const int src = row_src ? __ldg(row_src + k) : (k < K ? k : -1);
-                    T val = from_float<T>(0.0f);
-                    if (m < M && src >= 0 && src < K) val = x[(size_t)m * K + src];
+                    const T val = sorted_x(x, row_src, m, M, K, k);
                     pair[o] = *reinterpret_cast<const unsigned short*>(&val);
                 }
                 rows[h][e] = pair[0] | ((unsigned)pair[1] << 16);

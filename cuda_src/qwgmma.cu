@@ -506,9 +506,7 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads)
 #pragma unroll
         for (int o = 0; o < 2; ++o) {
             const int k = c * 64 + p * 16 + 8 * h + 2 * j + o;
-            const int src = row_src ? __ldg(row_src + k) : (k < K ? k : -1);
-            T val = from_float<T>(0.0f);
-            if (m < M && src >= 0 && src < K) val = x[(size_t)m * K + src];
+            const T val = sorted_x(x, row_src, m, M, K, k);
             pair[o] = *reinterpret_cast<const unsigned short*>(&val);
         }
         words[p] = pair[0] | ((unsigned)pair[1] << 16);
