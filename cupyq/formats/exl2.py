@@ -27,7 +27,6 @@ from cupyq.formats.bitstream import (
     unpack_bitstream_columns,
 )
 from cupyq.formats.common import (
-    array_module,
     require_dtype,
     require_finite,
     require_integer,
