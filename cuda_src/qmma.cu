@@ -174,26 +174,8 @@ __global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, MINB)
     float acc[MW][NW][2][4];
     // f(a, b, h, e) for every accumulator element of the lane; f2(a, b, h, e2) for every pair (e2*2, e2*2 + 1)
     // of adjacent columns (loops unrolled).
-    auto each_acc = [&](auto&& f) {
-#pragma unroll
-        for (int a = 0; a < MW; ++a)
-#pragma unroll
-            for (int b = 0; b < NW; ++b)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) f(a, b, h, e);
-    };
-    auto each_pair = [&](auto&& f2) {
-#pragma unroll
-        for (int a = 0; a < MW; ++a)
-#pragma unroll
-            for (int b = 0; b < NW; ++b)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-#pragma unroll
-                    for (int e2 = 0; e2 < 2; ++e2) f2(a, b, h, e2);
-    };
+    auto each_acc = [&](auto&& f) { for_each_acc<MW, NW, 4>(f); };
+    auto each_pair = [&](auto&& f2) { for_each_acc<MW, NW, 2>(f2); };
     auto clear_acc = [&]() { each_acc([&](int a, int b, int h, int e) { acc[a][b][h][e] = 0.0f; }); };
     clear_acc();
 

@@ -174,6 +174,20 @@ __device__ __forceinline__ long long range_begin(long long c, long long total, l
     return c * total / ctas;
 }
 
+// f(a, b, h, e) for every a < A, b < B, h < 2, e < E, loops unrolled: qmma's walk over a lane's accumulators
+// (E = 4) or over their pairs of adjacent columns (E = 2).
+template <int A, int B, int E, typename F>
+__device__ __forceinline__ void for_each_acc(F&& f) {
+#pragma unroll
+    for (int a = 0; a < A; ++a)
+#pragma unroll
+        for (int b = 0; b < B; ++b)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int e = 0; e < E; ++e) f(a, b, h, e);
+}
+
 // Called by every thread of a CTA that has written its fp32 partial sums of tile `tile` (iterations
 // first_it .. first_it + ksteps - 1 of the stream-K numbering) to its slot of `ws` (slot 0 when the tile is the
 // first of the CTA's range, else 1; kMTile x kNTile floats, row-major): the CTA that counts last in `counters`
