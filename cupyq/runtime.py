@@ -93,8 +93,8 @@ def warmup(qmatrices, *, max_m: int = 64, progress=None, workers=None) -> float:
     if jobs:
         # The first load runs alone: CuPy preprocesses an empty program once per option set before its first
         # compile or cache lookup, and the first loads of several threads would each do that, one after another
-        # (0.13 s of a warm warmup on an H200 host). The rest run in threads, a cold kernel cache or a warm one:
-        # told apart by the first load's time, a fast machine's cold cache passed for warm and compiled in turn.
+        # (0.13 s of a warm warmup on an H200 host). The rest run in threads whether the kernel cache is cold or
+        # warm: guessing which from the first load's time sent a fast machine's cold cache down a serial path.
         get_function(jobs[0][1], jobs[0][2], jobs[0][0])
         rest = jobs[1:]
         workers = workers or min(len(rest), os.cpu_count() or 1)

@@ -75,8 +75,8 @@ def read_cuda_source(name: str) -> str:
 
 
 def _headers_digest(directory: Path) -> str:
-    headers = sorted(directory.glob("*.cuh"))
-    return _digest(tuple((p, p.stat().st_mtime_ns, p.stat().st_size) for p in headers))
+    stats = [(p, p.stat()) for p in sorted(directory.glob("*.cuh"))]
+    return _digest(tuple((p, st.st_mtime_ns, st.st_size) for p, st in stats))
 
 
 @lru_cache(maxsize=None)
