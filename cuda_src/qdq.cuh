@@ -75,6 +75,14 @@ __device__ __forceinline__ void dequant4_bf16_exact(unsigned w, __nv_bfloat162 z
     b[3] = bf162_u32(__hsub2(as_bf162(lop3_and_or(w >> 12, 0x000f000fu, magic)), zh));
 }
 
+// b (pairs of dequant4_bf16_exact) times the bf16 scales of columns n0 (sl, for b[0], b[2]) and n0 + 8 (sh).
+__device__ __forceinline__ void scale4_bf16(unsigned b[4], __nv_bfloat162 sl, __nv_bfloat162 sh) {
+    b[0] = bf162_u32(__hmul2(as_bf162(b[0]), sl));
+    b[1] = bf162_u32(__hmul2(as_bf162(b[1]), sh));
+    b[2] = bf162_u32(__hmul2(as_bf162(b[2]), sl));
+    b[3] = bf162_u32(__hmul2(as_bf162(b[3]), sh));
+}
+
 // bf16 (128 + z) of the lane's two columns from the zc halves dequant4_exact takes (zlo: 1024 + z of column n0,
 // zhi: -(64 + z) of column n0 + 8).
 __device__ __forceinline__ void bf16_zeros4(__half2 zlo, __half2 zhi, __nv_bfloat162& zl, __nv_bfloat162& zh) {

@@ -249,10 +249,7 @@ struct GemvFragments<__nv_bfloat16, HAS8, true> {
             const __nv_bfloat162 sl = __float2bfloat162_rn(__low2float(slo));
             const __nv_bfloat162 sh = __float2bfloat162_rn(__low2float(shi));
             dequant4_bf16_exact(word(r, i, j), zl, zh, a);
-            a[0] = bf162_u32(__hmul2(as_bf162(a[0]), sl));
-            a[1] = bf162_u32(__hmul2(as_bf162(a[1]), sh));
-            a[2] = bf162_u32(__hmul2(as_bf162(a[2]), sl));
-            a[3] = bf162_u32(__hmul2(as_bf162(a[3]), sh));
+            scale4_bf16(a, sl, sh);
         }
     }
 };

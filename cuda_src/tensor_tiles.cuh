@@ -139,10 +139,7 @@ struct Dequant<__nv_bfloat16> {
     }
     static __device__ __forceinline__ void word4(unsigned w, const Consts& c, unsigned b[4]) {
         dequant4_bf16_exact(w, c.zlo, c.zhi, b);
-        b[0] = bf162_u32(__hmul2(as_bf162(b[0]), c.slo));
-        b[1] = bf162_u32(__hmul2(as_bf162(b[1]), c.shi));
-        b[2] = bf162_u32(__hmul2(as_bf162(b[2]), c.slo));
-        b[3] = bf162_u32(__hmul2(as_bf162(b[3]), c.shi));
+        scale4_bf16(b, c.slo, c.shi);
     }
     static __device__ __forceinline__ void word8(unsigned w0, unsigned w1, const Consts& c, unsigned b[4]) {
         __half2 d[4];
