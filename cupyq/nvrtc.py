@@ -7,6 +7,7 @@ check builds is what runs, and the option set keys CuPy's on-disk kernel cache.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import os
@@ -78,6 +79,45 @@ def nvrtc_options(arch) -> list:
         if nvrtc.getVersion() >= (12, 8):
             options.append("--pch")
     return options
+
+
+def loaded_library_path() -> str:
+    """The file of the libnvrtc CuPy loaded (NVRTC program handles are only valid in that library), read from
+    the process's mappings; loads it first. RuntimeError when no libnvrtc is mapped (not Linux, or CuPy failed
+    to load it)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    nvrtc.getVersion()  # CuPy loads the library on first use
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libnvrtc.so"):
+                    return path
+    except OSError:
+        pass
+    raise RuntimeError("cupyq: CuPy's NVRTC library is not mapped in this process")
+
+
+@functools.cache
+def load_builtins() -> None:
+    """Load libnvrtc-builtins from beside the libnvrtc CuPy loaded, once per process, before any compile.
+
+    NVRTC opens its builtins library by its bare name, and the nvidia-cuda-nvrtc 13.0 wheel sets no search
+    path for it, so a compile fails with "failed to open libnvrtc-builtins.so.13.0" unless something loaded
+    that library first. Newer cuda-pathfinder releases do, older ones and other ways of loading NVRTC do not.
+    Does nothing where the library is not found (other platforms, or a toolkit whose own search path serves).
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    major, minor = nvrtc.getVersion()
+    try:
+        path = os.path.realpath(loaded_library_path())
+    except RuntimeError:
+        return
+    sibling = os.path.join(os.path.dirname(path), f"libnvrtc-builtins.so.{major}.{minor}")
+    if os.path.isfile(sibling):
+        ctypes.CDLL(sibling, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
 
 
 def compile_sources(archs, *, sources=None, workers=None, progress=None, resources=False) -> list[CompileReport]:
@@ -184,6 +224,7 @@ def _compile_source(arch: str, name: str, resources: bool = False) -> CompileRep
     each kernel when ``resources``)."""
     from cupy_backends.cuda.libs import nvrtc
 
+    load_builtins()
     code = read_cuda_source(name)
     exprs = kernels.kernel_names(name)
     arch = kernels.target_arch(name, arch)
@@ -240,6 +281,7 @@ def kernel_resources(name: str, arch="sm_90", *, source: str = "qgemm.cu") -> Ke
     from cupy_backends.cuda.libs import nvrtc
 
     arch = _normalise_arch(arch)
+    load_builtins()
     prog = nvrtc.createProgram(read_cuda_source(source), source, [], [])
     try:
         nvrtc.addNameExpression(prog, name)

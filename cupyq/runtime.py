@@ -64,6 +64,7 @@ def get_function(source: str, name: str, device_id: int):
     notice.daemon = True
     notice.start()
     try:
+        nvrtc.load_builtins()
         with cupy.cuda.Device(device_id):
             mod = cupy.RawModule(
                 code=kernel_source(source),
@@ -140,19 +141,9 @@ class CubinKernel:
         driver.funcSetAttribute(self.kernel.ptr, _MAX_DYNAMIC_SMEM_ATTR, int(value))
 
 
-def _nvrtc_library():
-    """The libnvrtc CuPy loaded (its program handles are only valid there), found in the process's mappings."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.split()[-1]
-            if "libnvrtc.so" in os.path.basename(path):
-                return ctypes.CDLL(path)
-    raise RuntimeError("cupyq: CuPy's NVRTC library is not loaded")
-
-
 def _cubin_bytes(prog: int) -> bytes:
     # CuPy's nvrtc.getCUBIN returns one byte short of the image; ask NVRTC for the size itself.
-    lib = _nvrtc_library()
+    lib = ctypes.CDLL(nvrtc.loaded_library_path())
     size = ctypes.c_size_t()
     if lib.nvrtcGetCUBINSize(ctypes.c_void_p(prog), ctypes.byref(size)) != 0:
         raise RuntimeError("cupyq: nvrtcGetCUBINSize failed")
@@ -173,6 +164,7 @@ def _compile_cubin(source: str, name: str, arch: str) -> tuple:
     meta = cache.with_suffix(".json")
     if cache.exists():
         return cache.read_bytes(), json.loads(meta.read_text())["lowered"]
+    nvrtc.load_builtins()
     prog = libnvrtc.createProgram(code, source, [], [])
     try:
         libnvrtc.addNameExpression(prog, name)

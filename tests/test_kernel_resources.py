@@ -10,6 +10,8 @@ CI runs the same check under other NVRTC releases with ``cupyq compile --check-r
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -147,3 +149,30 @@ def test_compile_without_the_flag_asks_for_no_report(monkeypatch, capsys):
     monkeypatch.setattr(nvrtc, "compile_sources", fake)
     assert cli.main(["compile", "--arch", "sm_80"]) == 0  # the spill is not looked at
     assert calls == [False] and "local memory" not in capsys.readouterr().out
+
+
+_BUILTINS_PROBE = """
+import json, os
+from cupy_backends.cuda.libs import nvrtc as lib
+from cupyq import nvrtc
+nvrtc.load_builtins()
+major, minor = lib.getVersion()
+name = f"libnvrtc-builtins.so.{major}.{minor}"
+sibling = os.path.join(os.path.dirname(os.path.realpath(nvrtc.loaded_library_path())), name)
+print(json.dumps({"sibling": os.path.isfile(sibling), "mapped": name in open("/proc/self/maps").read()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_nvrtc_builtins_are_loaded_before_any_compile():
+    """NVRTC opens libnvrtc-builtins by its bare name, and the nvidia-cuda-nvrtc 13.0 wheel gives the loader no
+    path to it: unless that library is already loaded, every compile fails ("failed to open
+    libnvrtc-builtins.so.13.0"). nvrtc.load_builtins loads it from beside libnvrtc; checked in a fresh process,
+    where nothing has compiled yet."""
+    pytest.importorskip("cupy")
+    run = subprocess.run([sys.executable, "-c", _BUILTINS_PROBE], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout.splitlines()[-1])
+    if not found["sibling"]:
+        pytest.skip("this NVRTC keeps its builtins elsewhere (a toolkit install with its own search path)")
+    assert found["mapped"]
