@@ -359,16 +359,15 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
 #define CUPYQ_GEMV_MIN_BLOCKS 2
 #endif
 
-// Parameters: row_src is ignored: x must be in sorted row order (gathered beforehand for
-// permuted matrices). MT m8 tiles of batch rows (1 or 2): requires M <= MT * 8 and chunks_per_split %
+// x must be in sorted row order (gathered beforehand by gather_columns for permuted or padded matrices). MT m8 tiles of batch rows (1 or 2): requires M <= MT * 8 and chunks_per_split %
 // kStepChunks == 0. Dynamic shared memory: M * (chunks_per_split * 64 + 8) elements of T, then
 // 5 * chunks_per_split ints.
 template <typename T, int MT, bool HAS8, bool HAS4>
 __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
-    qgemv(const T* __restrict__ x, const int* __restrict__ row_src, const uint4* __restrict__ w8,
-          const uint4* __restrict__ w4, const int* __restrict__ tile_group, const unsigned* __restrict__ zs,
-          const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
-          int M, int K, int N, int Npad, int C8, int C4, int chunks_per_split, int x_vec) {
+    qgemv(const T* __restrict__ x, const uint4* __restrict__ w8, const uint4* __restrict__ w4,
+          const int* __restrict__ tile_group, const unsigned* __restrict__ zs, const T* __restrict__ bias,
+          T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters, int M, int K, int N, int Npad,
+          int C8, int C4, int chunks_per_split, int x_vec) {
     using namespace cupyq;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int lane = threadIdx.x & 31;
@@ -450,23 +449,20 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
     write_result<T, MT>(acc, active, tile, lane, 0, bias, out, ws, counters, M, N, Npad);
 }
 
-// Dequantise sorted chunks [chunk_begin, chunk_end) into `out` (row stride ld_out elements).
-// scatter != 0: row j goes to out row row_src[j] (or j without row_src), padding rows are skipped; this
-//               writes the whole matrix in original row order.
-// scatter == 0: row j goes to out row j - 64*chunk_begin and padding rows are written as zeros; this writes a
-//               slice of the sorted matrix, to be multiplied by the matching gathered activation columns.
+// Dequantise the whole matrix into `out` (row stride ld_out elements) in original row order: sorted row j goes
+// to out row row_src[j] (j without row_src), padding rows are skipped. One CTA row per 64-row chunk.
 template <typename T, bool HAS8, bool HAS4>
 __global__ void __launch_bounds__(cupyq::kThreads)
     dequant(const uint4* __restrict__ w8, const uint4* __restrict__ w4, const int* __restrict__ tile_group,
             const unsigned* __restrict__ zs, const int* __restrict__ row_src, T* __restrict__ out, int ld_out,
-            int N, int Npad, int C8, int C4, int chunk_begin, int scatter) {
+            int N, int Npad, int C8, int C4) {
     using namespace cupyq;
     constexpr int kLd = 16 + 8;
     __shared__ __align__(16) T tiles[kWarps][kChunkRows][kLd];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int tile = blockIdx.x * kWarps + warp;
-    const int chunk = chunk_begin + blockIdx.y;
+    const int chunk = blockIdx.y;
     if (tile >= Npad / 16) return;
     const bool is8 = HAS8 && (!HAS4 || chunk < C8);
     uint4 v0, v1 = make_uint4(0, 0, 0, 0);
@@ -516,17 +512,10 @@ __global__ void __launch_bounds__(cupyq::kThreads)
         const int rr = p * 16 + (lane >> 1);
         const int half_idx = lane & 1;
         const int j = chunk * kChunkRows + rr;
-        int dst;
-        bool zero = false;
-        if (scatter) {
-            dst = row_src ? __ldg(row_src + j) : j;
-            if (dst < 0) continue;
-        } else {
-            dst = j - chunk_begin * kChunkRows;
-            zero = row_src ? __ldg(row_src + j) < 0 : false;
-        }
+        const int dst = row_src ? __ldg(row_src + j) : j;
+        if (dst < 0) continue;
         const int n = tile * 16 + half_idx * 8;
-        uint4 val = zero ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(&tiles[warp][rr][half_idx * 8]);
+        const uint4 val = *reinterpret_cast<const uint4*>(&tiles[warp][rr][half_idx * 8]);
         T* dp = out + (size_t)dst * ld_out + n;
         if (n + 8 <= N && (ld_out & 7) == 0) {
             *reinterpret_cast<uint4*>(dp) = val;

@@ -30,9 +30,17 @@ NVRTC_DEFINES = {
 }
 
 # qgemv's parameters, in the order of its __global__ signature (cuda_src/qgemm.cu).
-QGEMV_PARAMS = ("x", "row_src", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "K", "N",
-                "Npad", "C8", "C4", "chunks_per_split", "x_vec")
+QGEMV_PARAMS = ("x", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "K", "N", "Npad", "C8",
+                "C4", "chunks_per_split", "x_vec")
 QGEMV_INT_PARAMS = frozenset(("M", "K", "N", "Npad", "C8", "C4", "chunks_per_split", "x_vec"))
+
+# dequant (cuda_src/qgemm.cu): the whole matrix in original row order, one CTA row per 64-row chunk.
+DEQUANT_PARAMS = ("w8", "w4", "tile_group", "zs", "row_src", "out", "ld_out", "N", "Npad", "C8", "C4")
+DEQUANT_INT_PARAMS = frozenset(("ld_out", "N", "Npad", "C8", "C4"))
+
+# gather_columns (cuda_src/qgemm.cu): activations in sorted, padded row order for qgemv.
+GATHER_PARAMS = ("x", "row_src", "out", "M", "K", "Kp")
+GATHER_INT_PARAMS = frozenset(("M", "K", "Kp"))
 
 # qmma's parameters, in the order of its __global__ signature (cuda_src/qmma.cu).
 QMMA_PARAMS = ("x", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "N", "Npad", "C8", "C4")

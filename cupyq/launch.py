@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from cupyq import kernels, runtime
-from cupyq.plans import _THREADS, LaunchPlan, _ptr, _qgemm_plan
+from cupyq.plans import _THREADS, LaunchPlan, _ptr, _qgemm_plan, kernel_args
 from cupyq.rules import _warmup_batches, dense_threshold
 from cupyq.scratch import workspace
 
@@ -112,22 +112,24 @@ def _get_device() -> int:
 
 def dequantize_into(qm, buf, ctype: str, stream):
     """Dequantise the whole of ``qm`` into ``buf`` in original row order: a CuPy 2-D array of 2-byte elements,
-    at least in_features rows, row stride buf.shape[1] >= padded columns. (The kernel's other mode, a block of
-    sorted rows, is no longer launched: the dense path uses dequant_t for that.)"""
+    [in_features, padded_cols] (a narrower one receives its first buf.shape[1] columns)."""
     lay = qm.layout
     chunks = lay.chunks8 + lay.chunks4
     fn = runtime.get_function("qgemm.cu", kernels.dequant_name(ctype, lay.chunks8 > 0, lay.chunks4 > 0),
                               qm.device_id)
     grid = (-(-(lay.padded_cols // 16) // 8), chunks, 1)
-    args = (
-        _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), _ptr(lay.row_src), int(buf.data.ptr),
-        np.int32(buf.shape[1]), np.int32(min(buf.shape[1], lay.padded_cols)), np.int32(lay.padded_cols),
-        np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(0), np.int32(1),  # chunk_begin, scatter
-    )
+    args = kernel_args(kernels.DEQUANT_PARAMS, kernels.DEQUANT_INT_PARAMS, dict(
+        w8=_ptr(lay.w8), w4=_ptr(lay.w4), tile_group=_ptr(lay.tile_group), zs=_ptr(lay.zs),
+        row_src=_ptr(lay.row_src), out=buf.data.ptr, ld_out=buf.shape[1], N=min(buf.shape[1], lay.padded_cols),
+        Npad=lay.padded_cols, C8=lay.chunks8, C4=lay.chunks4))
     fn(grid, (_THREADS, 1, 1), args, stream=stream)
 
 
 def _gather_columns(qm, x_ptr: int, out_ptr: int, m: int, ctype: str, stream):
+    """Activations [m, in_features] at x_ptr into sorted, padded row order [m, padded_rows] at out_ptr.
+
+    On the streaming kernel's path of every act-order call, so the arguments are written out in the order of
+    kernels.GATHER_PARAMS (tests/test_kernel_contract.py checks it) rather than looked up by name."""
     lay = qm.layout
     fn = runtime.get_function("qgemm.cu", kernels.gather_name(ctype), qm.device_id)
     grid = (-(-lay.padded_rows // 256), m, 1)
@@ -144,11 +146,10 @@ def dequantize_t_into(qm, buf, ctype: str, stream, chunk_begin: int, chunk_end: 
                               qm.device_id)
     blocks = -(-(chunk_end - chunk_begin) // kernels.DEQUANT_T_CHUNKS_PER_CTA)
     grid = (-(-(lay.padded_cols // 16) // kernels.QMMA_WARPS), blocks, 1)
-    args = (
-        _ptr(lay.w8), _ptr(lay.w4), _ptr(lay.tile_group), _ptr(lay.zs), int(buf.data.ptr), np.int32(buf.shape[1]),
-        np.int32(lay.padded_cols), np.int32(lay.chunks8), np.int32(lay.chunks4), np.int32(chunk_begin),
-        np.int32(chunk_end),
-    )
+    args = kernel_args(kernels.DEQUANT_T_PARAMS, kernels.DEQUANT_T_INT_PARAMS, dict(
+        w8=_ptr(lay.w8), w4=_ptr(lay.w4), tile_group=_ptr(lay.tile_group), zs=_ptr(lay.zs), outT=buf.data.ptr,
+        ld_out=buf.shape[1], Npad=lay.padded_cols, C8=lay.chunks8, C4=lay.chunks4, chunk_begin=chunk_begin,
+        chunk_end=chunk_end))
     fn(grid, (kernels.QMMA_THREADS, 1, 1), args, stream=stream)
 
 

@@ -183,12 +183,12 @@ def _finish_plan(qm, m: int, ctype: str, fn, grid, smem: int, steps_per_split: i
     p.counters_n = counters if splits > 1 else 0
     # Permuted (act-order, EXL2) or padded activations are gathered once into sorted order by a small kernel:
     # every column block reads the same rows, and gathering them in each CTA costs a 32-byte sector of L2
-    # traffic per 2-byte value. The kernels' row_src parameter therefore stays null.
+    # traffic per 2-byte value.
     p.gather = lay.row_src is not None
     p.x_vec_default = 1 if p.gather or qm.in_features % 8 == 0 else 0
     bias = qm.bias16 if ctype == "__half" else qm.bias_bf16
     values = dict(
-        x=0, row_src=0, w8=_ptr(lay.w8), w4=_ptr(lay.w4), tile_group=_ptr(lay.tile_group), zs=_ptr(lay.zs),
+        x=0, w8=_ptr(lay.w8), w4=_ptr(lay.w4), tile_group=_ptr(lay.tile_group), zs=_ptr(lay.zs),
         bias=_ptr(bias), out=0, ws=0, counters=0, M=m, K=lay.padded_rows if p.gather else qm.in_features,
         N=qm.out_features, Npad=lay.padded_cols, C8=lay.chunks8, C4=lay.chunks4,
         chunks_per_split=steps_per_split * _STEP_CHUNKS, x_vec=p.x_vec_default,
@@ -247,6 +247,18 @@ def _allow_smem(fn, smem: int):
     matrices may rely on it)."""
     if smem > _STATIC_SMEM_LIMIT and smem > fn.max_dynamic_shared_size_bytes:
         fn.max_dynamic_shared_size_bytes = smem
+
+
+def kernel_args(params, int_params, values: dict) -> tuple:
+    """The arguments of a CuPy kernel call in signature order: ``params``, the parameter names (a declaration of
+    :mod:`cupyq.kernels`); ``int_params``, the 32-bit integer ones (as np.int32; the others are pointers, as
+    Python ints); ``values``, name -> value. ValueError naming any parameter missing or unknown."""
+    import numpy as np
+
+    if values.keys() != set(params):
+        raise ValueError(f"kernel arguments: missing {sorted(set(params) - values.keys())}, "
+                         f"unknown {sorted(values.keys() - set(params))}")
+    return tuple(np.int32(values[n]) if n in int_params else int(values[n]) for n in params)
 
 
 def _ptr(a) -> int:

@@ -11,12 +11,19 @@ from cupyq import kernels, plans, rules
 from cupyq.sources import read_cuda_source
 
 
-def _signature(source: str, kernel: str) -> list:
-    """Parameter names of ``kernel``'s __global__ definition in ``source``, in order."""
+def _signature(source: str, kernel: str, types: bool = False) -> list:
+    """Parameter names of ``kernel``'s __global__ definition in ``source``, in order; with ``types``, (name,
+    "int" or "pointer") pairs."""
     code = read_cuda_source(source)
     m = re.search(r"__global__[^;{]*?\b" + kernel + r"\s*\(([^)]*)\)\s*\{", code, re.S)
     assert m, f"no __global__ {kernel} in {source}"
-    return [re.findall(r"\w+", p)[-1] for p in m.group(1).split(",")]
+    params = [p.strip() for p in m.group(1).split(",")]
+    names = [re.findall(r"\w+", p)[-1] for p in params]
+    if not types:
+        return names
+    for p in params:
+        assert "*" in p or re.fullmatch(r"int\s+\w+", p), f"{kernel}: parameter {p!r} is neither int nor a pointer"
+    return [(n, "pointer" if "*" in p else "int") for n, p in zip(names, params)]
 
 
 def test_qmma_parameters_match_the_source():
@@ -35,6 +42,83 @@ def test_qwgmma_parameters_match_the_source():
     assert tuple(_signature("qwgmma.cu", "qwgmma")) == kernels.QMMA_PARAMS
     assert tuple(_signature("qwgmma.cu", "frag_xw")) == kernels.FRAG_XW_PARAMS
     assert tuple(_signature("qmma.cu", "frag_x")) == kernels.FRAG_X_PARAMS
+
+
+def test_dequant_and_gather_parameters_match_the_source():
+    assert tuple(_signature("qgemm.cu", "dequant")) == kernels.DEQUANT_PARAMS
+    assert tuple(_signature("qgemm.cu", "gather_columns")) == kernels.GATHER_PARAMS
+
+
+@pytest.mark.parametrize("source,kernel,params,ints", [
+    ("qgemm.cu", "qgemv", kernels.QGEMV_PARAMS, kernels.QGEMV_INT_PARAMS),
+    ("qgemm.cu", "dequant", kernels.DEQUANT_PARAMS, kernels.DEQUANT_INT_PARAMS),
+    ("qgemm.cu", "gather_columns", kernels.GATHER_PARAMS, kernels.GATHER_INT_PARAMS),
+    ("qmma.cu", "qmma", kernels.QMMA_PARAMS, kernels.QMMA_INT_PARAMS),
+    ("qmma.cu", "dequant_t", kernels.DEQUANT_T_PARAMS, kernels.DEQUANT_T_INT_PARAMS),
+    ("qmma.cu", "frag_x", kernels.FRAG_X_PARAMS, kernels.FRAG_X_INT_PARAMS),
+    ("qwgmma.cu", "qwgmma", kernels.QMMA_PARAMS, kernels.QMMA_INT_PARAMS),
+    ("qwgmma.cu", "frag_xw", kernels.FRAG_XW_PARAMS, kernels.FRAG_XW_INT_PARAMS),
+])
+def test_int_parameters_are_the_sources_ints(source, kernel, params, ints):
+    """The launches pass the declared int parameters as 32-bit integers and every other one as a 64-bit pointer:
+    the declaration must say which is which as the source does."""
+    assert set(_signature(source, kernel, types=True)) == {(n, "int" if n in ints else "pointer") for n in params}
+
+
+class _RecordedKernel:
+    """Stands in for a compiled kernel: keeps the arguments of each CuPy-style call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, grid, block, args, stream=None):
+        self.calls.append(args)
+
+
+def _launch_layout():
+    arr = lambda ptr: SimpleNamespace(size=1, data=SimpleNamespace(ptr=ptr))  # noqa: E731
+    layout = SimpleNamespace(w8=arr(0x1100), w4=arr(0x1200), tile_group=arr(0x1300), zs=arr(0x1400),
+                             row_src=arr(0x1500), padded_cols=96, padded_rows=320, chunks8=2, chunks4=3)
+    qm = SimpleNamespace(layout=layout, in_features=300, out_features=90, device_id=0)
+    return qm, {"w8": 0x1100, "w4": 0x1200, "tile_group": 0x1300, "zs": 0x1400, "row_src": 0x1500}
+
+
+@pytest.mark.parametrize("which", ["dequant", "dequant_t", "gather"])
+def test_launch_arguments_follow_the_declared_order(monkeypatch, which):
+    """Each hand-built launch (dequant, dequant_t, gather_columns) passes every parameter in the declared order,
+    checked with a distinct value per parameter."""
+    from cupyq import launch
+
+    kernel = _RecordedKernel()
+    monkeypatch.setattr(launch.runtime, "get_function", lambda source, name, device_id: kernel)
+    qm, ptrs = _launch_layout()
+    buf = SimpleNamespace(data=SimpleNamespace(ptr=0x2000), shape=(320, 104))
+    if which == "dequant":  # N is min(ld_out, Npad): a wide buffer tells N from ld_out, a narrow one from Npad
+        launch.dequantize_into(qm, buf, "__half", stream=None)
+        params, ints = kernels.DEQUANT_PARAMS, kernels.DEQUANT_INT_PARAMS
+        want = dict(ptrs, out=0x2000, ld_out=104, N=96, Npad=96, C8=2, C4=3)
+        narrow = SimpleNamespace(data=SimpleNamespace(ptr=0x2000), shape=(320, 88))
+        launch.dequantize_into(qm, narrow, "__half", stream=None)
+        assert dict(zip(params, kernel.calls.pop())) == dict(want, ld_out=88, N=88)
+    elif which == "dequant_t":
+        launch.dequantize_t_into(qm, buf, "__half", None, 1, 4)
+        params, ints = kernels.DEQUANT_T_PARAMS, kernels.DEQUANT_T_INT_PARAMS
+        want = dict(ptrs, outT=0x2000, ld_out=104, Npad=96, C8=2, C4=3, chunk_begin=1, chunk_end=4)
+        del want["row_src"]
+    else:
+        launch._gather_columns(qm, 0x3000, 0x4000, 7, "__half", None)
+        params, ints = kernels.GATHER_PARAMS, kernels.GATHER_INT_PARAMS
+        want = dict(x=0x3000, row_src=0x1500, out=0x4000, M=7, K=300, Kp=320)
+    (args,) = kernel.calls
+    assert dict(zip(params, args)) == want and len(args) == len(params)
+    for name, arg in zip(params, args):
+        assert isinstance(arg, np.int32) if name in ints else type(arg) is int, name
+
+
+def test_kernel_args_names_what_is_missing_or_unknown():
+    assert plans.kernel_args(("p", "n"), {"n"}, {"p": 5, "n": 3}) == (5, np.int32(3))
+    with pytest.raises(ValueError, match=r"missing \['n'\], unknown \['q'\]"):
+        plans.kernel_args(("p", "n"), {"n"}, {"p": 5, "q": 3})
 
 
 @pytest.mark.parametrize("limit,cfg", sorted(kernels.QMMA_CONFIGS.items()))
