@@ -91,6 +91,8 @@ def _gemm_reference(x, qm: QMatrix, out, kind):
     if kind == "torch":
         import torch
 
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
         x_np = x.detach().float().numpy()
         y = torch.from_numpy(qm.reference_product(x_np)).to(x.dtype)
         if out is not None:

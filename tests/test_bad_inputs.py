@@ -231,6 +231,10 @@ def cpu_matrix():
     return cupyq.QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)
 
 
+def _torch():
+    return pytest.importorskip("torch")
+
+
 def _x(m=3, k=K, dtype=np.float16, seed=5):
     return np.random.default_rng(seed).standard_normal((m, k)).astype(dtype)
 
@@ -243,6 +247,8 @@ GEMM_CASES = [
     ("x-0d", lambda: (np.array(1.0, dtype=np.float16), None), ValueError, [r"x", r"expected shape"]),
     ("x-numpy-scalar", lambda: (np.float16(1.0), None), TypeError, [r"x", r"NumPy array", r"float16"]),
     ("x-int", lambda: (np.ones((2, K), np.int32), None), TypeError, [r"x", r"floating dtype", r"int32"]),
+    ("x-torch-int", lambda: (_torch().ones((2, K), dtype=_torch().int64), None), TypeError,
+     [r"x", r"floating dtype", r"int64"]),
     ("out-shape", lambda: (_x(), np.zeros((3, N + 1), np.float16)), ValueError, [r"out", r"expected shape \(3, 64\)"]),
     ("out-dtype", lambda: (_x(), np.zeros((3, N), np.float32)), TypeError, [r"out", r"float16", r"float32"]),
     ("out-strided", lambda: (_x(), np.zeros((3, 2 * N), np.float16)[:, ::2]), ValueError, [r"out", r"contiguous"]),

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="cupyq",
-        description="GPTQ and EXL2 quantized linear layers on NVIDIA GPUs (CUDA C kernels compiled at run time by NVRTC).",
+        description="GPTQ, EXL2 and AWQ quantized linear layers on NVIDIA GPUs (CUDA C kernels compiled at run "
+                    "time by NVRTC).",
         epilog="Exit status: 0 success, 1 verification or compilation failure, 2 usage or input error.",
     )
     parser.add_argument("--version", action="version", version=f"cupyq {cupyq.__version__}")
