@@ -359,9 +359,9 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
 #define CUPYQ_GEMV_MIN_BLOCKS 2
 #endif
 
-// x must be in sorted row order (gathered beforehand by gather_columns for permuted or padded matrices). MT m8 tiles of batch rows (1 or 2): requires M <= MT * 8 and chunks_per_split %
-// kStepChunks == 0. Dynamic shared memory: M * (chunks_per_split * 64 + 8) elements of T, then
-// 5 * chunks_per_split ints.
+// x must be in sorted row order (gathered beforehand by gather_columns for permuted or padded matrices).
+// MT m8 tiles of batch rows (1 or 2): requires M <= MT * 8 and chunks_per_split % kStepChunks == 0. Dynamic
+// shared memory: M * (chunks_per_split * 64 + 8) elements of T, then 5 * chunks_per_split ints.
 template <typename T, int MT, bool HAS8, bool HAS4>
 __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
     qgemv(const T* __restrict__ x, const uint4* __restrict__ w8, const uint4* __restrict__ w4,
