@@ -309,6 +309,7 @@ def test_compile_check_uses_the_run_time_options(monkeypatch):
         getLoweredName = staticmethod(lambda prog, e: "_Z" + e)
 
     monkeypatch.setattr(libs, "nvrtc", FakeNvrtc)
+    monkeypatch.setattr(nvrtc, "load_builtins", lambda: None)  # the fake has no library to load beside
     report = nvrtc._compile_source("sm_86", "qgemm.cu")
     assert report.arch == "sm_86"
     assert seen["compile"] == nvrtc.nvrtc_options("sm_86")
