@@ -105,8 +105,9 @@ def load_builtins() -> None:
 
     NVRTC opens its builtins library by its bare name, and the nvidia-cuda-nvrtc 13.0 wheel sets no search
     path for it, so a compile fails with "failed to open libnvrtc-builtins.so.13.0" unless something loaded
-    that library first. Newer cuda-pathfinder releases do, older ones and other ways of loading NVRTC do not.
-    Does nothing where the library is not found (other platforms, or a toolkit whose own search path serves).
+    that library first. cuda-pathfinder does so only when it is the one that loads libnvrtc from
+    site-packages, not when it finds it already loaded or through the system's search path. Does nothing where
+    the library is not beside libnvrtc (other platforms, or a toolkit whose own search path serves).
     """
     from cupy_backends.cuda.libs import nvrtc
 
@@ -134,6 +135,7 @@ def compile_sources(archs, *, sources=None, workers=None, progress=None, resourc
     (Ctrl-C included) compiles not yet started are dropped and running ones are not waited for.
     """
     require_cupy("cupyq compile (NVRTC)")
+    load_builtins()  # before the threads, so that none of them is the first to load NVRTC
     src_dir = cuda_source_dir()
     names = sources if sources is not None else sorted(p.name for p in src_dir.glob("*.cu"))
     if not names:
