@@ -105,9 +105,9 @@ def load_builtins() -> None:
 
     NVRTC opens its builtins library by its bare name, and the nvidia-cuda-nvrtc 13.0 wheel sets no search
     path for it, so a compile fails with "failed to open libnvrtc-builtins.so.13.0" unless something loaded
-    that library first. cuda-pathfinder does so only when it is the one that loads libnvrtc from
-    site-packages, not when it finds it already loaded or through the system's search path. Does nothing where
-    the library is not beside libnvrtc (other platforms, or a toolkit whose own search path serves).
+    that library first. cuda-pathfinder does so only when it loads libnvrtc itself from a path it found, not
+    when it finds libnvrtc already loaded or loads it through the system's search path. Does nothing where the
+    library is not beside libnvrtc (other platforms, or a toolkit whose own search path serves).
     """
     from cupy_backends.cuda.libs import nvrtc
 
