@@ -187,6 +187,13 @@ __device__ __forceinline__ void gemv_zeros(const GemvStep<HAS8>& r, int i, bool 
     if (HAS8 && is8) zhi = __hsub2(__half2half2(__ushort_as_half(0x6380)), zhi);  // 960 + 64 + z
 }
 
+// Word j of chunk i of a step on 4-bit storage.
+template <bool HAS8>
+__device__ __forceinline__ unsigned gemv_word4(const GemvStep<HAS8>& r, int i, int j) {
+    const uint4& v = r.v[i][0];
+    return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
 // Exact integers (q - z) of word j of chunk i of a step.
 template <bool HAS8, bool HAS4>
 __device__ __forceinline__ void gemv_dequant(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo,
@@ -195,8 +202,7 @@ __device__ __forceinline__ void gemv_dequant(const GemvStep<HAS8>& r, int i, int
         const uint4& v = r.v[i][(j >> 1) & (HAS8 ? 1 : 0)];
         dequant8_exact((j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y, zlo, zhi, q);
     } else {
-        const uint4& v = r.v[i][0];
-        dequant4_exact(j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w, zlo, zhi, q);
+        dequant4_exact(gemv_word4(r, i, j), zlo, zhi, q);
     }
 }
 
@@ -225,10 +231,6 @@ template <bool HAS8>
 struct GemvFragments<__nv_bfloat16, HAS8, true> {
     __nv_bfloat162 zl, zh;
     __device__ __forceinline__ GemvFragments(__half2 zlo, __half2 zhi) { bf16_zeros4(zlo, zhi, zl, zh); }
-    __device__ __forceinline__ unsigned word(const GemvStep<HAS8>& r, int i, int j) const {
-        const uint4& v = r.v[i][0];
-        return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-    }
     __device__ __forceinline__ void exact(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo, __half2 zhi,
                                           unsigned a[4]) const {
         if (HAS8 && is8) {
@@ -236,7 +238,7 @@ struct GemvFragments<__nv_bfloat16, HAS8, true> {
             gemv_dequant<HAS8, true>(r, i, j, is8, zlo, zhi, q);
             Frag<__nv_bfloat16>::exact(q, a);
         } else {
-            dequant4_bf16_exact(word(r, i, j), zl, zh, a);
+            dequant4_bf16_exact(gemv_word4(r, i, j), zl, zh, a);
         }
     }
     __device__ __forceinline__ void scaled(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo,
@@ -248,7 +250,7 @@ struct GemvFragments<__nv_bfloat16, HAS8, true> {
         } else {
             const __nv_bfloat162 sl = __float2bfloat162_rn(__low2float(slo));
             const __nv_bfloat162 sh = __float2bfloat162_rn(__low2float(shi));
-            dequant4_bf16_exact(word(r, i, j), zl, zh, a);
+            dequant4_bf16_exact(gemv_word4(r, i, j), zl, zh, a);
             scale4_bf16(a, sl, sh);
         }
     }
