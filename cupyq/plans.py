@@ -33,9 +33,7 @@ class _Launcher:
     def __init__(self, kernel, grid, block, smem, params, values, int_params):
         from cupy_backends.cuda.api import driver
 
-        missing = set(params) - set(values)
-        if missing:
-            raise ValueError(f"kernel arguments missing: {sorted(missing)}")
+        _check_arguments(params, values)
         self.f = kernel.kernel.ptr
         self.grid = tuple(int(v) for v in grid)
         self.block = tuple(int(v) for v in block)
@@ -249,15 +247,20 @@ def _allow_smem(fn, smem: int):
         fn.max_dynamic_shared_size_bytes = smem
 
 
+def _check_arguments(params, values: dict) -> None:
+    """ValueError naming every parameter of ``params`` without a value and every value that is no parameter."""
+    if values.keys() != set(params):
+        raise ValueError(f"kernel arguments: missing {sorted(set(params) - values.keys())}, "
+                         f"unknown {sorted(values.keys() - set(params))}")
+
+
 def kernel_args(params, int_params, values: dict) -> tuple:
     """The arguments of a CuPy kernel call in signature order: ``params``, the parameter names (a declaration of
     :mod:`cupyq.kernels`); ``int_params``, the 32-bit integer ones (as np.int32; the others are pointers, as
     Python ints); ``values``, name -> value. ValueError naming any parameter missing or unknown."""
     import numpy as np
 
-    if values.keys() != set(params):
-        raise ValueError(f"kernel arguments: missing {sorted(set(params) - values.keys())}, "
-                         f"unknown {sorted(values.keys() - set(params))}")
+    _check_arguments(params, values)
     return tuple(np.int32(values[n]) if n in int_params else int(values[n]) for n in params)
 
 

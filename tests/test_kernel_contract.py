@@ -119,6 +119,10 @@ def test_kernel_args_names_what_is_missing_or_unknown():
     assert plans.kernel_args(("p", "n"), {"n"}, {"p": 5, "n": 3}) == (5, np.int32(3))
     with pytest.raises(ValueError, match=r"missing \['n'\], unknown \['q'\]"):
         plans.kernel_args(("p", "n"), {"n"}, {"p": 5, "q": 3})
+    pytest.importorskip("cupy")
+    kernel = SimpleNamespace(kernel=SimpleNamespace(ptr=1))
+    with pytest.raises(ValueError, match=r"missing \['n'\], unknown \['q'\]"):  # the driver launcher's check
+        plans._Launcher(kernel, (1, 1, 1), (32, 1, 1), 0, ("p", "n"), {"p": 5, "q": 3}, {"n"})
 
 
 @pytest.mark.parametrize("limit,cfg", sorted(kernels.QMMA_CONFIGS.items()))
