@@ -42,6 +42,19 @@ DEQUANT_INT_PARAMS = frozenset(("ld_out", "N", "Npad", "C8", "C4"))
 GATHER_PARAMS = ("x", "row_src", "out", "M", "K", "Kp")
 GATHER_INT_PARAMS = frozenset(("M", "K", "Kp"))
 
+
+
+def qgemv_smem_bytes(m: int, chunks: int, ctype: str) -> int:
+    """Dynamic shared memory of a qgemv CTA for ``m`` batch rows and ``chunks`` 64-row chunks per split: the
+    activations as fp16 (each row padded by 8), the chunk and tile groups (5 ints per chunk) and, for bf16
+    activations, a word per batch row and step and one per batch row (the row scales; cuda_src/qgemm.cu, the
+    comment above qgemv)."""
+    smem = m * (chunks * CHUNK_ROWS + 8) * 2 + 5 * chunks * 4
+    if ctype == "__nv_bfloat16":
+        smem += m * (chunks // STEP_CHUNKS + 1) * 4
+    return smem
+
+
 # qmma's parameters, in the order of its __global__ signature (cuda_src/qmma.cu).
 QMMA_PARAMS = ("x", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "N", "Npad", "C8", "C4")
 QMMA_INT_PARAMS = frozenset(("M", "N", "Npad", "C8", "C4"))

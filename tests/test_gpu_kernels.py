@@ -185,6 +185,38 @@ def test_bfloat16_activations():
         assert check_gemm(qm, w, t["bias"].astype(np.float32), m, rng, dtype="bfloat16") < 1.5e-2
 
 
+@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, False)])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_bfloat16_streaming_kernel_outside_the_fp16_range(bits, act_order, aligned):
+    """The streaming kernel multiplies bf16 activations in fp16, each batch row of a CTA's rows scaled by a power
+    of two: rows far above fp16's range (1e30) or below it (1e-30), rows with one outlier, K split over several
+    CTAs (each with its own scale) and misaligned rows (staged element by element) must all keep bf16 accuracy."""
+    import torch
+
+    import cupyq
+    from cupyq import rules
+
+    rng = np.random.default_rng(40 + bits + 2 * act_order + 4 * aligned)
+    k, n = 8192, 384
+    t = random_gptq(rng, k, n, bits=bits, group_size=128, act_order=act_order)
+    qm, w = build("gptq", t, bits=bits), ref_weight("gptq", t, bits=bits).astype(np.float64)
+    for m in (1, 3, 8):
+        assert rules.choose_kernel(qm, m, "__nv_bfloat16")[0] == "qgemv"
+        x = rng.standard_normal((m, k)) * np.array([1e30, 1e-30, 3.0, 1e5, 1.0, 1e-8, 1e20, 2.0])[:m, None]
+        x[-1, rng.integers(k)] *= 1e4  # one outlier in the last row
+        xb = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+        flat = torch.empty(m * k + (0 if aligned else 1), dtype=torch.bfloat16, device="cuda")
+        xd = flat[(0 if aligned else 1):].view(m, k)
+        xd.copy_(xb)
+        assert (xd.data_ptr() % 16 == 0) == aligned
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")  # poison
+        y = cupyq.gemm(xd, qm, out=out).double().cpu().numpy()
+        y_ref = xb.double().numpy() @ w
+        for r in range(m):  # each row against its own magnitude; bf16 output: about 4e-3
+            assert rel_err(y[r], y_ref[r]) < 1.5e-2, (m, r)
+        assert qm._plans[(m, "__nv_bfloat16")].launcher.grid[1] > 1  # K was split: several scales per row
+
+
 @pytest.mark.parametrize("fmt,group_size", [("gptq", 128), ("gptq", 32), ("exl2", None)])
 def test_bfloat16_streaming_kernel_on_8bit_storage(fmt, group_size):
     """bf16 activations on 8-bit storage, alone (GPTQ: groups of 128 take the per-chunk scaling, groups of 32
