@@ -41,10 +41,9 @@ def dense_threshold(qm) -> int:
 
 
 def wgmma_supported(qm) -> bool:
-    """Whether qwgmma can run ``qm``: an sm_90 device, and weights in one storage width (8-bit or 4-bit chunks,
-    not both: EXL2 mixes with 5-8-bit and 2-4-bit groups take qmma)."""
-    lay = qm.layout
-    return device_compute_capability(qm.device_id) == (9, 0) and not (lay.chunks8 > 0 and lay.chunks4 > 0)
+    """Whether qwgmma can run ``qm``: an sm_90 device (any storage: 4-bit, 8-bit, or EXL2 mixes of both, whose
+    stages never straddle the two since each storage segment is whole steps of 256 rows)."""
+    return device_compute_capability(qm.device_id) == (9, 0)
 
 
 # Batches of at most this many rows (two m8 tiles; see _two_tile_gemv for 9-16) use the streaming kernel qgemv:

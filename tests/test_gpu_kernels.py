@@ -447,12 +447,13 @@ def _sm90():
     return cupy.cuda.Device(0).compute_capability == "90"
 
 
-@pytest.mark.parametrize("layout", ["gptq4", "gptq4_act", "gptq8", "gptq3_act", "exl2_3_2", "exl2_6_5"])
+@pytest.mark.parametrize("layout", ["gptq4", "gptq4_act", "gptq8", "gptq3_act", "exl2_3_2", "exl2_6_5", "exl2_8_4",
+                                    "exl2_all"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("nb,nw", [(16, 1), (16, 2), (32, 1), (64, 1), (64, 2), (128, 1), (128, 2)])
 def test_qwgmma_matches_reference(layout, dtype, nb, nw):
-    """The sm_90a warpgroup kernel on both storages it runs (4-bit: GPTQ 2-4 bits, EXL2 mixes of 2-4 bits;
-    8-bit: GPTQ 8 bits, EXL2 mixes of 5-8 bits), with act-order and EXL2 row permutations, both activation
+    """The sm_90a warpgroup kernel on every storage (4-bit: GPTQ 2-4 bits, EXL2 mixes of 2-4 bits; 8-bit: GPTQ 8
+    bits, EXL2 mixes of 5-8 bits; both: EXL2 mixes across 4 bits), with act-order and EXL2 row permutations, both activation
     types, batch tiles of 16-128 rows (16 rows on chunk-uniform groups: post-scaled chunks) and CTAs of one or
     two column sets (320 columns: a partial last column block), batches that are not a multiple of 8 and span
     several m blocks, outputs poisoned."""

@@ -192,9 +192,9 @@ def test_dispatch_rules_on_sm90(monkeypatch, k, n):
     kernel, why = rules.choose_kernel(qm, 100, "__half")
     assert "sm_90" in why and ("128x128" if large else "32x128" if small else "64x128") in why
     assert ("smaller tiles fill the GPU" in why) == small
-    mixed = _fake(k, n, chunks8=4)  # 8-bit and 4-bit storage: qmma, and qmma's dense thresholds
-    assert rules.choose_kernel(mixed, 64, "__half")[0] == "qmma"
-    assert rules.choose_kernel(mixed, 129, "__half")[0] == "dense"
+    mixed = _fake(k, n, chunks8=4)  # 8-bit and 4-bit storage: qwgmma too, with its dense thresholds
+    for m in (9, 16, 64, 129, 257):
+        assert rules.choose_kernel(mixed, m, "__half")[0] == ("qwgmma" if m <= rules.dense_threshold(qm) else "dense")
     names = rules.needed_kernels(qm, max_m=256)
     assert ("qwgmma.cu", kernels.frag_xw_name("__half")) in names
     assert ("qwgmma.cu", rules.choose_wgmma(64, k * n).name("__half", 1, False, True)) in names
