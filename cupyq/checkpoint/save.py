@@ -129,7 +129,7 @@ def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
     if os.path.lexists(directory) and not directory.is_dir():
         raise NotADirectoryError(f"{directory}: exists and is not a directory")
     old = _reader_files(directory) if directory.is_dir() else []
-    # config.json alone (a model config put there first) is replaced, as a directory without weights is.
+    # Without overwrite only a config.json may be there (a model config copied in first); it is replaced.
     blocking = [p for p in old if p.name != "config.json"]
     if blocking and not overwrite:
         raise FileExistsError(f"{directory}: already holds {blocking[0].name}; pass overwrite=True to replace")
