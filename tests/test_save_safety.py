@@ -318,6 +318,19 @@ def test_unsupported_torch_and_numpy_dtypes_are_refused(tmp_path, dtype):
         )
 
 
+def test_torch_dtype_without_a_numpy_counterpart_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("torch without float8")
+    value = torch.ones(4).to(torch.float8_e4m3fn)
+    refused_without_trace(
+        tmp_path,
+        lambda d: save_gptq(d, {LAYER: gptq(19)}, **GPTQ_KW, extra_tensors={"f8": value}),
+        TypeError,
+        r"f8: dtype torch.float8_e4m3fn cannot be stored in safetensors",
+    )
+
+
 def test_mixed_checkpoint_through_extra_tensors_still_saves(tmp_path):
     """Extra tensors may form a layer of their own (an EXL2 layer beside GPTQ ones)."""
     e = quantize_exl2(weight(20), bits=(4,), proportions=(1.0,))
