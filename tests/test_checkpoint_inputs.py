@@ -103,3 +103,99 @@ def test_bad_dynamic_override_is_a_cli_input_error(tmp_path, capsys):
     code, out, err = run(["verify", str(d), "--cpu", "--json"], capsys)
     assert code == 2
     assert "key 'group_size'" in json.loads(out)["error"]
+
+
+# ------------------------------------------------------------------------------------------------
+# integer tensors: ranges checked on the stored values, before narrowing
+# ------------------------------------------------------------------------------------------------
+
+
+def write_gptq_with_g_idx(directory, t, g_idx):
+    arrays = {f"{LAYER}.qweight": t["qweight"], f"{LAYER}.qzeros": t["qzeros"], f"{LAYER}.scales": t["scales"],
+              f"{LAYER}.g_idx": g_idx}
+    save_file(arrays, str(directory / "model.safetensors"))
+    (directory / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 64, "sym": True}))
+    return directory
+
+
+@pytest.mark.parametrize("bad", [2**32 + 1, -(2**32) + 1, 2**40])
+def test_int64_g_idx_out_of_range_is_refused_before_the_cast(tmp_path, bad):
+    t = gptq_tensors(np.random.default_rng(104))
+    g = t["g_idx"].astype(np.int64)
+    g[3] = bad  # narrowed to int32 it would read as a valid group
+    ckpt = open_checkpoint(write_gptq_with_g_idx(tmp_path, t, g))
+    for read in (ckpt.load_layer, ckpt.dequantize, ckpt.qmatrix):
+        with pytest.raises(CheckpointError) as exc:
+            read(LAYER)
+        msg = str(exc.value)
+        assert f"tensor '{LAYER}.g_idx'" in msg and "[0, 2)" in msg and str(bad) in msg, msg
+
+
+def test_int64_g_idx_in_range_loads_as_int32(tmp_path):
+    t = gptq_tensors(np.random.default_rng(105), act_order=True)
+    ckpt = open_checkpoint(write_gptq_with_g_idx(tmp_path, t, t["g_idx"].astype(np.int64)))
+    got = ckpt.load_layer(LAYER)
+    assert got["g_idx"].dtype == np.int32
+    np.testing.assert_array_equal(got["g_idx"], t["g_idx"])
+    want = reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4, group_size=64)
+    np.testing.assert_array_equal(ckpt.dequantize(LAYER), want)
+
+
+def exl2_tensors(rng):
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    return {k: v for k, v in quantize_exl2(w, bits=(6, 4), proportions=(0.5, 0.5)).items() if k != "q_perm"}
+
+
+def write_exl2(directory, tensors):
+    save_file({f"{LAYER}.{k}": v for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    return open_checkpoint(directory)
+
+
+def test_int64_q_invperm_out_of_range_is_refused_before_the_cast(tmp_path):
+    e = exl2_tensors(np.random.default_rng(106))
+    inv = e["q_invperm"].astype(np.int64)
+    bad = int(inv[5]) + 2**32  # narrowed to int32 it would still be a permutation
+    inv[5] = bad
+    ckpt = write_exl2(tmp_path, {**e, "q_invperm": inv})
+    for read in (ckpt.layer_info, ckpt.load_layer, ckpt.qmatrix, ckpt.dequantize):
+        with pytest.raises(CheckpointError) as exc:
+            read(LAYER)
+        msg = str(exc.value)
+        assert f"tensor '{LAYER}.q_invperm'" in msg and "not a permutation of 0..255" in msg, msg
+        assert f"value {bad} at row 5" in msg, msg
+
+
+def test_int32_q_groups_width_is_refused_before_the_cast(tmp_path):
+    e = exl2_tensors(np.random.default_rng(107))
+    qg = e["q_groups"].astype(np.int32)
+    qg[0] += 65536  # width 65542: 6 once narrowed to int16
+    ckpt = write_exl2(tmp_path, {**e, "q_groups": qg})
+    for read in (ckpt.layer_info, ckpt.load_layer, ckpt.qmatrix):
+        with pytest.raises(CheckpointError) as exc:
+            read(LAYER)
+        msg = str(exc.value)
+        assert f"tensor '{LAYER}.q_groups'" in msg and "width 65542" in msg, msg
+
+
+def test_wide_exl2_index_tensors_in_range_load_narrowed(tmp_path):
+    e = exl2_tensors(np.random.default_rng(108))
+    ckpt = write_exl2(tmp_path, {**e, "q_invperm": e["q_invperm"].astype(np.int64),
+                                 "q_groups": e["q_groups"].astype(np.int32)})
+    got = ckpt.load_layer(LAYER)
+    assert (got["q_invperm"].dtype, got["q_groups"].dtype, got["q_perm"].dtype) == (np.int32, np.int16, np.int32)
+    np.testing.assert_array_equal(got["q_invperm"], e["q_invperm"])
+    np.testing.assert_array_equal(got["q_groups"], e["q_groups"])
+    np.testing.assert_array_equal(got["q_perm"], np.argsort(e["q_invperm"]))
+    want = reference.dequantize_exl2(e["q_weight"], e["q_invperm"], e["q_scale"], e["q_scale_max"], e["q_groups"])
+    np.testing.assert_array_equal(ckpt.dequantize(LAYER), want)
+
+
+@pytest.mark.parametrize("bad, row", [(2**32 + 3, 2), (-(2**32) + 3, 6)])
+def test_perm_from_invperm_checks_int64_values_before_narrowing(bad, row):
+    inv = np.random.default_rng(109).permutation(8).astype(np.int64)
+    good = perm_from_invperm(inv)
+    assert good.dtype == np.int32
+    np.testing.assert_array_equal(good, np.argsort(inv))
+    inv[row] = bad
+    with pytest.raises(ValueError, match=rf"q_invperm: not a permutation of 0\.\.7: .*value {bad} at row {row}"):
+        perm_from_invperm(inv)
