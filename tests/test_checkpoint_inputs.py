@@ -199,3 +199,56 @@ def test_perm_from_invperm_checks_int64_values_before_narrowing(bad, row):
     inv[row] = bad
     with pytest.raises(ValueError, match=rf"q_invperm: not a permutation of 0\.\.7: .*value {bad} at row {row}"):
         perm_from_invperm(inv)
+
+
+# ------------------------------------------------------------------------------------------------
+# the shard index
+# ------------------------------------------------------------------------------------------------
+
+
+def sharded(directory, rng):
+    save_gptq(directory, {LAYER: gptq_tensors(rng)}, bits=4, group_size=64, desc_act=False, sym=True,
+              shard_bytes=3000)
+    index = json.loads((directory / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    return index
+
+
+def test_index_leaving_out_a_tensor_names_the_index_and_the_shard(tmp_path):
+    d = tmp_path / "my-model"
+    index = sharded(d, np.random.default_rng(110))
+    shard = index["weight_map"].pop(f"{LAYER}.scales")
+    (d / INDEX_FILE).write_text(json.dumps(index))
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(CheckpointError) as exc:
+        open_checkpoint(d)
+    msg = str(exc.value)
+    assert msg.startswith(str(d / INDEX_FILE)) and f"tensor '{LAYER}.scales'" in msg, msg
+    assert "not listed in the index" in msg and f"'{shard}' holds it" in msg, msg
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+@pytest.mark.parametrize("name", ["", ".", ".."])
+def test_index_entry_that_is_no_file_name(tmp_path, name):
+    d = tmp_path / "my-model"
+    index = sharded(d, np.random.default_rng(111))
+    index["weight_map"][f"{LAYER}.qweight"] = name
+    (d / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as exc:
+        open_checkpoint(d)
+    msg = str(exc.value)
+    assert msg.startswith(str(d / INDEX_FILE)) and f"tensor '{LAYER}.qweight'" in msg, msg
+    assert f"not a plain file name: {name!r}" in msg, msg
+
+
+def test_index_copy_choice_is_kept(tmp_path):
+    # A tensor stored in two shards is read from the one the index names.
+    rng = np.random.default_rng(112)
+    t, other = gptq_tensors(rng), gptq_tensors(rng)
+    save_file({f"{LAYER}.{k}": v for k, v in t.items()}, str(tmp_path / "a.safetensors"))
+    save_file({f"{LAYER}.qweight": other["qweight"]}, str(tmp_path / "b.safetensors"))
+    weight_map = {f"{LAYER}.{k}": "a.safetensors" for k in t}
+    weight_map[f"{LAYER}.qweight"] = "b.safetensors"
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 64}))
+    np.testing.assert_array_equal(open_checkpoint(tmp_path).load_layer(LAYER)["qweight"], other["qweight"])

@@ -311,8 +311,8 @@ def open_checkpoint(path) -> Checkpoint:
 
     Reads the config files and every safetensors header; no tensor data (except the scalar
     ``gptq_bits``/``gptq_groupsize`` of TGI-made checkpoints). With ``model.safetensors.index.json``
-    the files it names are used and every entry is checked against their headers; without it, every
-    ``*.safetensors`` in the directory. Raises :class:`CheckpointError` (naming file, tensor and
+    the files it names are used, every entry is checked against their headers and every tensor of those files
+    must be listed; without it, every ``*.safetensors`` in the directory. Raises :class:`CheckpointError` (naming file, tensor and
     problem) for malformed or inconsistent checkpoints, FileNotFoundError for a missing path.
     """
     path = Path(path)
@@ -335,7 +335,10 @@ def open_checkpoint(path) -> Checkpoint:
                 _fail(f, f"is {what}, not a safetensors file")
             _fail(directory / INDEX_FILE, f"names file '{f.name}', which does not exist")
         for name, rec in read_safetensors_header(f).items():
-            if weight_map is not None and weight_map.get(name) != f.name:
+            if weight_map is not None and name not in weight_map:
+                _fail(directory / INDEX_FILE, f"not listed in the index's weight_map, but '{f.name}' holds it "
+                                              "(an incomplete or stale index)", name)
+            if weight_map is not None and weight_map[name] != f.name:
                 continue  # the index decides which copy of a tensor is used
             if name in tensors:
                 _fail(f, f"tensor also stored in '{tensors[name].file.name}' (duplicate name)", name)
