@@ -252,3 +252,100 @@ def test_index_copy_choice_is_kept(tmp_path):
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
     (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 64}))
     np.testing.assert_array_equal(open_checkpoint(tmp_path).load_layer(LAYER)["qweight"], other["qweight"])
+
+
+# ------------------------------------------------------------------------------------------------
+# config files that disagree
+# ------------------------------------------------------------------------------------------------
+
+
+def two_gptq_sources(directory, first, second):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 64, **first}))
+    (directory / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 64, **second}}))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "first, second, listed",
+    [
+        ({"checkpoint_format": "gptq"}, {"checkpoint_format": "gptq_v2"}, ["checkpoint_format is 'gptq'", "'gptq_v2'"]),
+        ({"format": "gptq_v2"}, {"checkpoint_format": "GPTQ"}, ["checkpoint_format is 'gptq_v2'", "'gptq'"]),
+        ({"bits": 8}, {}, ["bits is 8", "but 4"]),
+        ({"group_size": 128}, {}, ["group_size is 128", "but 64"]),
+        ({"desc_act": True}, {"desc_act": False}, ["desc_act is True", "but False"]),
+        ({"sym": False}, {"sym": True}, ["sym is False", "but True"]),
+        ({"dynamic": {"+:.*": {"bits": 8}}}, {"dynamic": {}}, ["dynamic is {'+:.*': {'bits': 8}}", "but {}"]),
+        ({"meta": {"quantizer": ["gptqmodel:1.2.0"]}}, {"meta": {"quantizer": ["cupyq:0.1.0"]}},
+         ["v1 zero encoding (meta.quantizer) is 'word'", "but 'field'"]),
+        ({"bits": 8, "sym": False, "desc_act": True}, {"sym": True},
+         ["bits is 8 in quantize_config.json but 4 in config.json quantization_config",
+          "sym is False in quantize_config.json but True in config.json quantization_config"]),
+    ],
+)
+def test_gptq_config_sources_that_disagree(tmp_path, first, second, listed):
+    d = two_gptq_sources(tmp_path, first, second)
+    with pytest.raises(CheckpointError) as exc:
+        read_quant_config(d)
+    msg = str(exc.value)
+    assert str(d / "quantize_config.json") in msg and str(d / "config.json") in msg, msg
+    for fragment in listed:
+        assert fragment in msg, msg
+    assert "desc_act" not in msg or "desc_act" in first, msg  # only the differing keys are listed
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ({"damp_percent": 0.01, "use_exllama": True}, {"damp_percent": 0.1, "true_sequential": True}),
+        ({"checkpoint_format": "gptq", "format": "gptq"}, {}),  # stated in one source only
+        ({"desc_act": False}, {"sym": False}),
+        ({"meta": {"quantizer": ["gptqmodel:1.2.0"]}}, {"meta": {"quantizer": ["optimum:1.20"]}}),  # one unknown
+        ({"checkpoint_format": "gptq_v2", "meta": {"quantizer": ["gptqmodel:1.2.0"]}},
+         {"checkpoint_format": "gptq_v2", "meta": {"quantizer": ["cupyq:0.1.0"]}}),  # v1 encoding unused
+    ],
+)
+def test_gptq_config_sources_that_agree(tmp_path, first, second):
+    d = two_gptq_sources(tmp_path, first, second)
+    qc = read_quant_config(d)
+    assert qc.source.name == "quantize_config.json"
+    assert (qc.desc_act, qc.sym) == (first.get("desc_act", False), True)  # the first source, as it is
+
+
+def test_awq_config_sources_that_disagree(tmp_path):
+    (tmp_path / "quant_config.json").write_text(json.dumps(
+        {"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "GEMM"}))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": False, "version": "gemm"}}))
+    with pytest.raises(CheckpointError) as exc:
+        read_quant_config(tmp_path)
+    msg = str(exc.value)
+    assert str(tmp_path / "quant_config.json") in msg and str(tmp_path / "config.json") in msg, msg
+    assert "group_size is 128 in quant_config.json but 64 in config.json quantization_config" in msg, msg
+    assert "zero_point is True in quant_config.json but False" in msg and "version" not in msg and "bits" not in msg
+
+
+def test_config_sources_of_different_methods(tmp_path):
+    d = two_gptq_sources(tmp_path, {}, {})
+    edit_json(d / "config.json", lambda c: c.update(quantization_config={"quant_method": "awq", "bits": 4,
+                                                                         "group_size": 64, "zero_point": True}))
+    with pytest.raises(CheckpointError, match="quant_method is 'gptq' in quantize_config.json but 'awq' in config.json"):
+        read_quant_config(d)
+
+
+def test_config_conflict_is_a_cli_input_error(tmp_path, capsys):
+    rng = np.random.default_rng(113)
+    t = gptq_tensors(rng, sym=False, fmt="gptq_v2")
+    d = tmp_path / "ckpt"
+    save_gptq(d, {LAYER: t}, bits=4, group_size=64, desc_act=False, sym=False, checkpoint_format="gptq_v2",
+              write_format="gptq_v2")
+    edit_json(d / "quantize_config.json", lambda c: c.update(format="gptq", checkpoint_format="gptq"))
+    code, out, err = run(["inspect", str(d)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "quantize_config.json" in err and "config.json quantization_config" in err and "'gptq_v2'" in err
+    # Corrected, it reads as config.json says.
+    edit_json(d / "quantize_config.json", lambda c: c.update(format="gptq_v2", checkpoint_format="gptq_v2"))
+    want = reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4,
+                                     checkpoint_format="gptq_v2", group_size=64)
+    np.testing.assert_array_equal(open_checkpoint(d).dequantize(LAYER), want)

@@ -285,19 +285,56 @@ def _parse_quant_config(d, source) -> QuantConfig:
     return _parse_gptq_config(d, source)
 
 
-def read_quant_config(directory):
-    """The quantisation config of a checkpoint directory, or None when it has none.
+def _stated(keys, value):
+    """A decoding setting of a QuantConfig: ``value(config)``, or None when its JSON gives none of ``keys``."""
+    return lambda c: value(c) if any(c.raw.get(k) is not None for k in keys) else None
 
-    Looks in ``quantize_config.json``, then ``quant_config.json``, then ``config.json`` key
-    ``quantization_config`` (the order AutoGPTQ, GPTQModel and TGI use). Accepts ``format`` or its
-    alias ``checkpoint_format``; reads and ignores the loading hints ``use_exllama``,
-    ``exllama_config``, ``disable_exllama``, ``use_cuda_fp16``, ``max_input_length`` and ``backend``.
-    AWQ settings come from the same places (AutoAWQ writes ``quant_config.json`` with ``w_bit`` /
-    ``q_group_size``, transformers ``quantization_config`` with ``quant_method: awq``).
-    Raises :class:`CheckpointError` for unparsable JSON, bad values or unsupported methods (Marlin, AWQ
-    versions other than GEMM).
-    """
-    directory = Path(directory)
+
+# The settings that change how a method's tensors decode, as two config sources must agree on them. A setting
+# is compared only when both sources state it.
+_DECODING_SETTINGS = {
+    "gptq": {
+        "bits": _stated(("bits",), lambda c: c.bits),
+        "group_size": _stated(("group_size",), lambda c: c.group_size),
+        "desc_act": _stated(("desc_act",), lambda c: c.desc_act),
+        "sym": _stated(("sym",), lambda c: c.sym),
+        "checkpoint_format": _stated(("format", "checkpoint_format"), lambda c: c.checkpoint_format),
+        "dynamic": _stated(("dynamic",), lambda c: c.dynamic),
+        "v1 zero encoding (meta.quantizer)": lambda c: v1_zero_encoding(c) if c.checkpoint_format == "gptq" else None,
+    },
+    "awq": {
+        "bits": _stated(("bits", "w_bit"), lambda c: c.bits),
+        "group_size": _stated(("group_size", "q_group_size"), lambda c: c.group_size),
+        "zero_point": _stated(("zero_point",), lambda c: not c.sym),
+        "version": _stated(("version", "format"), lambda c: c.version),
+    },
+    "exl2": {},  # its config is informational: the tensors say everything
+}
+
+
+def _source_name(quant_config):
+    name = quant_config.source.name
+    return f"{name} quantization_config" if name == "config.json" else name
+
+
+def _check_agree(used, other):
+    """Fail naming both files and every decoding setting on which two config sources of a directory differ."""
+    if used.quant_method != other.quant_method:
+        diffs = [("quant_method", used.quant_method, other.quant_method)]
+    else:
+        settings = _DECODING_SETTINGS[used.quant_method].items()
+        diffs = [(key, value(used), value(other)) for key, value in settings]
+        diffs = [(key, a, b) for key, a, b in diffs if a is not None and b is not None and a != b]
+    if diffs:
+        a_name, b_name = _source_name(used), _source_name(other)
+        listed = "; ".join(f"{key} is {a!r} in {a_name} but {b!r} in {b_name}" for key, a, b in diffs)
+        _fail(used.source, f"the quantization settings disagree with {other.source}: {listed} "
+                           "(the files decode the tensors differently; correct or remove one of them)")
+
+
+def _config_sources(directory):
+    """``[(path, quantization config JSON)]`` of every config source present, in search order."""
+    sources = []
     for name in QUANT_CONFIG_FILES:
         path = directory / name
         if not path.is_file():
@@ -309,5 +346,27 @@ def read_quant_config(directory):
             if d.get("quantization_config") is None:
                 continue
             d = d["quantization_config"]
-        return _parse_quant_config(d, path)
-    return None
+        sources.append((path, d))
+    return sources
+
+
+def read_quant_config(directory):
+    """The quantisation config of a checkpoint directory, or None when it has none.
+
+    Looks in ``quantize_config.json``, then ``quant_config.json``, then ``config.json`` key
+    ``quantization_config`` (the order AutoGPTQ, GPTQModel and TGI use) and returns the first found. Accepts
+    ``format`` or its alias ``checkpoint_format``; reads and ignores the loading hints ``use_exllama``,
+    ``exllama_config``, ``disable_exllama``, ``use_cuda_fp16``, ``max_input_length`` and ``backend``.
+    AWQ settings come from the same places (AutoAWQ writes ``quant_config.json`` with ``w_bit`` /
+    ``q_group_size``, transformers ``quantization_config`` with ``quant_method: awq``).
+    Every source present is parsed, and they must agree on the settings that change how the tensors decode
+    (quant method; GPTQ bits, group_size, desc_act, sym, checkpoint format, dynamic and the v1 zero encoding
+    that meta.quantizer implies; AWQ bits, group_size, zero_point and version); a setting that only one
+    source states is no conflict.
+    Raises :class:`CheckpointError` for unparsable JSON, bad values, unsupported methods (Marlin, AWQ
+    versions other than GEMM) or sources that disagree (naming both files and every differing setting).
+    """
+    configs = [_parse_quant_config(d, path) for path, d in _config_sources(Path(directory))]
+    for other in configs[1:]:
+        _check_agree(configs[0], other)
+    return configs[0] if configs else None
