@@ -349,3 +349,39 @@ def test_config_conflict_is_a_cli_input_error(tmp_path, capsys):
     want = reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4,
                                      checkpoint_format="gptq_v2", group_size=64)
     np.testing.assert_array_equal(open_checkpoint(d).dequantize(LAYER), want)
+
+
+# ------------------------------------------------------------------------------------------------
+# cupyq verify: each checkpoint once
+# ------------------------------------------------------------------------------------------------
+
+
+def table_rows(out, name):
+    return [line for line in out.splitlines() if line.startswith(name + " ")]
+
+
+def test_verify_same_checkpoint_under_several_paths_once(tmp_path, capsys):
+    d = saved_gptq(tmp_path / "ckpt", np.random.default_rng(114))
+    (tmp_path / "link").symlink_to(d)
+    argv = ["verify", str(d), str(d / "model.safetensors"), str(tmp_path / "link"), str(d) + "/", "--cpu", "--m", "1"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, out
+    assert len(table_rows(out, LAYER)) == 1 and out.count(str(d)) == 1, out
+    assert "all 1 layers passed" in out
+    assert err.count("is the same checkpoint as " + str(d)) == 3, err
+    code, out, _ = run(argv + ["--json"], capsys)
+    assert [r["checkpoint"] for r in json.loads(out)["layers"]] == [str(d)]
+
+
+def test_verify_different_files_of_one_directory_apart(tmp_path, capsys):
+    rng = np.random.default_rng(115)
+    other = "model.layers.1.mlp.up_proj"
+    save_file({f"{LAYER}.{k}": v for k, v in gptq_tensors(rng).items()}, str(tmp_path / "a.safetensors"))
+    save_file({f"{other}.{k}": v for k, v in gptq_tensors(rng).items()}, str(tmp_path / "b.safetensors"))
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 64}))
+    code, out, _ = run(["verify", str(tmp_path), str(tmp_path / "a.safetensors"), "--cpu", "--m", "1"], capsys)
+    assert code == 0, out
+    whole, single = out.split(str(tmp_path / "a.safetensors") + "\n")
+    assert len(table_rows(whole, LAYER)) == 1 and len(table_rows(whole, other)) == 1, out
+    assert len(table_rows(single, LAYER)) == 1 and not table_rows(single, other), out
+    assert "all 3 layers passed" in out
