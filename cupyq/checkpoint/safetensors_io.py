@@ -180,7 +180,7 @@ def _safetensors_files(directory):
             _fail(index_path, "expected an object with a non-empty 'weight_map' of tensor -> file")
         files = []
         for tensor, fname in weight_map.items():
-            if not isinstance(fname, str) or Path(fname).name != fname:
+            if not isinstance(fname, str) or fname in ("", ".", "..") or Path(fname).name != fname:
                 _fail(index_path, f"weight_map entry is not a plain file name: {fname!r}", tensor)
             if fname not in files:
                 files.append(fname)
