@@ -137,7 +137,7 @@ def _require_keys(tensors, keys, what):
 
 def _check_int(name, value) -> int:
     """``value`` as an int; TypeError naming the argument for anything but an int (bool included)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     return int(value)
 
