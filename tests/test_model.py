@@ -266,6 +266,28 @@ def test_bad_tensors_of_a_late_layer_leave_the_model_as_it_was(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cuda", torch.device("cuda"), 0, "cuda:0"],
+                         ids=["cuda", "torch-cuda", "0", "cuda:0"])
+def test_patch_model_gpu_materialises_a_meta_model_on_every_cuda_spelling(tmp_path, device):
+    """device="cuda" is CuPy's current device (0 in a fresh process): the matrices and loaded tensors go there."""
+    ckpt_dir = _write(tmp_path, "gptq")
+    with torch.device("meta"):
+        model = Tiny(7).half()
+    patch_model(model, ckpt_dir, device=device)
+    assert all(_modules(model)[n].qmatrix.device_id == 0 for n in LINEARS)
+    assert all(t.device == torch.device("cuda", 0) for t in model.state_dict().values())
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    twin = _dense_twin(ckpt_dir)
+    with torch.no_grad():
+        got = model(ids.cuda()).float().cpu()
+        ref = twin(ids)
+        ref16 = twin.half().cuda()(ids.cuda()).float().cpu()
+    err = ((got - ref).norm() / ref.norm()).item()
+    err16 = ((ref16 - ref).norm() / ref.norm()).item()
+    assert err <= 2 * err16 + 2e-3  # the dense fp16 model is the yardstick, as for the model built on the GPU
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["gptq", "exl2"])
 def test_patch_model_gpu_fp16(tmp_path, kind):
     ckpt_dir = _write(tmp_path, kind)
