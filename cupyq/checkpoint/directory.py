@@ -145,7 +145,8 @@ class Checkpoint:
         ``[K]`` (``k // group_size`` when the file has none), optional ``bias`` float16 ``[N]``.
         EXL2: ``q_weight`` int32 ``[Q, N_pad]``, ``q_invperm`` int32 ``[K]``, ``q_perm`` int32 ``[K]``
         (rebuilt as argsort of q_invperm), ``q_scale`` int32 ``[G, N_pad/8]``, ``q_scale_max`` float16
-        ``[G]``, ``q_groups`` int16 ``[2G]``, optional ``bias`` float16 ``[N_pad]`` (zero-padded).
+        ``[G]``, ``q_groups`` int16 ``[2G]``, optional ``bias`` float16 ``[N_pad]``
+        (zero-padded; :meth:`qmatrix` gives the layer the true width of a bias stored unpadded).
         AWQ: ``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32 ``[G, N/8]`` (as stored), ``scales`` float16
         ``[G, N]`` (bf16/fp32 cast), optional ``bias`` float16 ``[N]``.
         Plain: ``weight`` ``[out, in]`` in its stored dtype (bf16 as float32), optional ``bias``.
@@ -166,7 +167,7 @@ class Checkpoint:
 
         out = {"qweight": raw["qweight"], "qzeros": raw["qzeros"], "scales": raw["scales"].astype(np.float16, copy=False)}
         if "bias" in raw:
-            out["bias"] = raw["bias"].astype(np.float16, copy=False)
+            out["bias"] = self._checked_bias(info, raw, info.out_features)
         self._wrap(info.name + ".qweight", lambda: fa.check_awq(out["qweight"], out["qzeros"], out["scales"], info.group_size))
         return out
 
@@ -184,7 +185,7 @@ class Checkpoint:
         if g_idx is None:
             g_idx = fg.default_g_idx(info.in_features, info.group_size, xp=np)
         if "bias" in raw:
-            out["bias"] = raw["bias"].astype(np.float16, copy=False)
+            out["bias"] = self._checked_bias(info, raw, info.out_features)
         bits = info.bits[0]
         tensor = name + (".g_idx" if "g_idx" in raw else ".qweight")
         self._wrap(tensor, lambda: fg.check_gptq(out["qweight"], out["qzeros"], out["scales"], g_idx, bits))
@@ -214,11 +215,20 @@ class Checkpoint:
             rec = self.tensors[name + ".q_perm"]
             _fail(rec.file, "stored q_perm is not the inverse of q_invperm", rec.name)
         if "bias" in raw:
-            # An unpadded bias gets zeros for the padding columns, which dequantise to zero too.
+            # An unpadded bias gets zeros for the padding columns, which dequantise to zero too (the stored width,
+            # as shards read it); qmatrix() gives the layer the stored bias's width.
             bias = np.zeros(info.out_features, dtype=np.float16)
-            bias[: raw["bias"].shape[0]] = raw["bias"]
+            bias[: raw["bias"].shape[0]] = self._checked_bias(info, raw, raw["bias"].shape[0])
             out["bias"] = bias
         return out
+
+    def _checked_bias(self, info, raw, width):
+        """The layer's bias as float16 [width], checked by the rule of every QMatrix bias
+        (:func:`cupyq.qmatrix.check_bias`) before the cast, so that no value becomes inf; CheckpointError naming the
+        tensor otherwise."""
+        from cupyq.qmatrix import check_bias
+
+        return self._wrap(info.name + ".bias", lambda: check_bias(raw["bias"], width)).astype(np.float16)
 
     def qmatrix(self, name, device=None):
         """Build the :class:`cupyq.QMatrix` of a quantized layer.
@@ -249,8 +259,11 @@ class Checkpoint:
             return QMatrix.from_awq(
                 t["qweight"], t["qzeros"], t["scales"], t.get("bias"), group_size=info.group_size, device=device
             )
+        bias = t.get("bias")
+        if bias is not None:  # as stored: an unpadded bias gives the layer's true width (QMatrix.from_exl2)
+            bias = bias[: self.tensors[name + ".bias"].shape[0]]
         return QMatrix.from_exl2(
-            t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], t.get("bias"), device=device
+            t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], bias, device=device
         )
 
     def dequantize(self, name) -> np.ndarray:
