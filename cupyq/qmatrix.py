@@ -1,6 +1,6 @@
 """QMatrix: a prepared quantized matrix (GPTQ, EXL2 or AWQ). The builders return a :class:`GpuQMatrix` (the
 kernels' device layout, launch plans, workspaces) or a :class:`CpuQMatrix` (the checkpoint tensors for the float32
-reference path), both QMatrix. The three classes share this module (about 540 lines) because the builders, which
+reference path), both QMatrix. The three classes share this module (about 480 lines) because the builders, which
 validate each format once, pick the type and fill it."""
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from cupyq.arrays import array_kind, host_copy, resolve_device, to_bf16_bits, to
 from cupyq.formats import awq as _awq
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
-from cupyq.formats.common import require_dtype, require_finite, require_shape
+from cupyq.formats.bias import check_bias
+from cupyq.formats.exl2 import exl2_out_features
 
-BIAS_DTYPES = ("float16", "bfloat16", "float32", "float64")
 DEQUANTIZE_DTYPES = ("float16", "bfloat16")
-_FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class QMatrix:
@@ -76,7 +75,7 @@ class QMatrix:
         scales: float16/bfloat16/float32 [G, N].
         g_idx: int32/int64 [K] group of each input row (act-order when not monotonic), or None for
             k // group_size.
-        bias: float [N] or None (as :func:`check_bias` accepts it).
+        bias: float [N] or None (as :func:`cupyq.formats.bias.check_bias` accepts it).
         bits: 2, 3, 4 or 8. v1_encoding: how v1 zeros were written, "field" or "word"
             (:mod:`cupyq.formats.gptq`; ignored for v2).
         group_size: rows per group (-1: one group), checked against G; None infers ceil(K / G) (used only
@@ -141,7 +140,7 @@ class QMatrix:
         q_invperm: int16/int32/int64 [K], sorted position of each original row.
         q_scale: int32 [G, N/8] 4-bit scale codes packed along the columns; q_scale_max: float16 [G] (as
         stored, before any division by 256); q_groups: int16 [2G] pairs (bits, first packed row), widths in
-        descending order. bias: float [out_features] or None (as :func:`check_bias` accepts it). Arrays may be
+        descending order. bias: float [out_features] or None (as :func:`cupyq.formats.bias.check_bias` accepts it). Arrays may be
         NumPy, CuPy or torch; none is modified.
         out_features: the layer's true width, at most N and above N - 32 (q_weight's last columns are then
         padding, ignored: quantizers pad N to a multiple of 32); None: the length of a bias shorter than N,
@@ -196,7 +195,7 @@ class QMatrix:
         qweight: int32 [K, N/8], outputs packed along the columns in the order 0, 2, 4, 6, 1, 3, 5, 7
             (see :mod:`cupyq.formats.awq`); qzeros: int32 [K/group_size, N/8] packed the same way, zero
             points stored as they are; scales: float16/bfloat16/float32 [K/group_size, N]; bias: float [N]
-            or None (as :func:`check_bias` accepts it). group_size: rows per group (dividing K), or -1 for one group.
+            or None (as :func:`cupyq.formats.bias.check_bias` accepts it). group_size: rows per group (dividing K), or -1 for one group.
         device: None (where the tensors are; NumPy -> CPU), "cpu", an int or "cuda:N".
         Arrays may be NumPy, CuPy or torch; none is modified, and none is referenced afterwards. On a GPU the
         matrix runs the same kernels as a GPTQ matrix without act-order (sequential groups, integer zero points).
@@ -474,57 +473,6 @@ def _exl2_padding_rows(layout, in_features, q_weight, q_invperm) -> int:
                     f"value {1 << (g.bits - 1)} of their {g.bits}-bit group"
                 )
     return total - int(in_features)
-
-
-def check_bias(bias, out_features: int) -> np.ndarray:
-    """The validated float32 NumPy copy of a layer's bias: the one rule for every builder and checkpoint loader.
-
-    bias: float16, bfloat16, float32 or float64 [out_features] (NumPy, CuPy or torch), or a sequence of Python
-    floats; finite, every magnitude at most 65504, the float16 maximum (GPU matrices add an fp16 copy, which must
-    not overflow; the rule holds on the CPU too, so that a matrix is accepted the same everywhere).
-    Raises TypeError (not a floating array) or ValueError (shape, NaN/Inf, magnitude) naming ``bias``.
-    """
-    if not (hasattr(bias, "shape") and hasattr(bias, "dtype")):
-        try:
-            as_array = np.asarray(bias)
-        except (TypeError, ValueError):
-            as_array = None
-        if as_array is None or as_array.dtype.kind != "f":
-            raise TypeError(f"bias: expected a float array [{out_features}] ({', '.join(BIAS_DTYPES)}) or a "
-                            f"sequence of floats, got {type(bias).__name__} {_short_repr(bias)}")
-        bias = as_array
-    require_dtype("bias", bias, BIAS_DTYPES)
-    require_shape("bias", bias, (out_features,))
-    b = reference.to_numpy(bias)  # torch bfloat16 arrives as float32
-    require_finite("bias", b)
-    magnitude = np.abs(b)
-    worst = int(np.argmax(magnitude))
-    if magnitude[worst] > _FP16_MAX:
-        raise ValueError(f"bias: expected magnitudes of at most {_FP16_MAX:g} (float16, the kernels' bias), got "
-                         f"{float(b[worst]):.6g} at index {worst}")
-    return np.array(b, dtype=np.float32, copy=True)
-
-
-def _short_repr(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def exl2_out_features(stored: int, bias=None, out_features=None) -> int:
-    """The true output width of an EXL2 layer whose q_weight has ``stored`` columns (see ``QMatrix.from_exl2``):
-    ``out_features`` when given (an int, ``stored - 31 .. stored``); else the length of a 1-D ``bias`` within that
-    range (the bias is the one tensor of the true width), else ``stored``. Raises ValueError naming
-    ``out_features``."""
-    lowest = max(1, stored - 31)
-    if out_features is None:
-        shape = np.shape(bias) if bias is not None else ()
-        return int(shape[0]) if len(shape) == 1 and lowest <= shape[0] <= stored else stored
-    if isinstance(out_features, bool) or not isinstance(out_features, (int, np.integer)) or not (
-        lowest <= out_features <= stored
-    ):
-        raise ValueError(f"out_features: expected {lowest}..{stored} (q_weight's {stored} columns, fewer than 32 of "
-                         f"them padding), got {out_features!r}")
-    return int(out_features)
 
 
 def dequantize_dtype(dtype) -> str:

@@ -224,9 +224,9 @@ class Checkpoint:
 
     def _checked_bias(self, info, raw, width):
         """The layer's bias as float16 [width], checked by the rule of every QMatrix bias
-        (:func:`cupyq.qmatrix.check_bias`) before the cast, so that no value becomes inf; CheckpointError naming the
+        (:func:`cupyq.formats.bias.check_bias`) before the cast, so that no value becomes inf; CheckpointError naming the
         tensor otherwise."""
-        from cupyq.qmatrix import check_bias
+        from cupyq.formats.bias import check_bias
 
         return self._wrap(info.name + ".bias", lambda: check_bias(raw["bias"], width)).astype(np.float16)
 

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from cupyq import torch_ops
-from cupyq.qmatrix import exl2_out_features
+from cupyq.formats.exl2 import exl2_out_features
 from cupyq.exllamav2.device_tensors import ExLlamaV2DeviceTensors
 from cupyq.exllamav2.ext import bind_scratch, ext_gemm_half_q_half, ext_make_q_matrix, qmatrix_torch_device
 from cupyq.exllamav2.weights import (build_qmatrix, implied_g_idx, is_absent, make_group_map, none_tensor,

@@ -50,6 +50,7 @@ __all__ = [
     "decode_scales",
     "encode_scale_codes",
     "check_exl2",
+    "exl2_out_features",
 ]
 
 EXL2_BITS = (8, 6, 5, 4, 3, 2)
@@ -359,3 +360,20 @@ def check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups) -> Exl2Layou
     perm_from_invperm(q_invperm)
     require_finite("q_scale_max", q_scale_max)
     return Exl2Layout(in_features, out_features, tuple(groups))
+
+
+def exl2_out_features(stored: int, bias=None, out_features=None) -> int:
+    """The true output width of an EXL2 layer whose q_weight has ``stored`` columns (see ``QMatrix.from_exl2``):
+    ``out_features`` when given (an int, ``stored - 31 .. stored``); else the length of a 1-D ``bias`` within that
+    range (the bias is the one tensor of the true width), else ``stored``. Raises ValueError naming
+    ``out_features``."""
+    lowest = max(1, stored - 31)
+    if out_features is None:
+        shape = np.shape(bias) if bias is not None else ()
+        return int(shape[0]) if len(shape) == 1 and lowest <= shape[0] <= stored else stored
+    if isinstance(out_features, bool) or not isinstance(out_features, (int, np.integer)) or not (
+        lowest <= out_features <= stored
+    ):
+        raise ValueError(f"out_features: expected {lowest}..{stored} (q_weight's {stored} columns, fewer than 32 of "
+                         f"them padding), got {out_features!r}")
+    return int(out_features)
