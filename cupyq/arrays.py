@@ -4,10 +4,12 @@ rounding rule, and what a ``device=`` argument names."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from cupyq import reference
-from cupyq.device import check_device_supported
+from cupyq.device import check_device_supported, current_device
 
 
 def array_kind(a) -> str:
@@ -21,15 +23,13 @@ def array_kind(a) -> str:
 
 
 def resolve_device(arrays, device):
-    """(device_id or None for CPU, kind of the input arrays)."""
+    """(device_id or None for CPU, kind of the input arrays): ``device`` as :func:`requested_device` resolves it,
+    or where the arrays are when it is None (a CUDA torch or CuPy array; the CPU otherwise)."""
     present = [a for a in arrays if a is not None]
     kinds = {array_kind(a) for a in present}
     kind = "torch" if "torch" in kinds else "cupy" if "cupy" in kinds else "numpy"
     if device is not None:
-        text = str(device)
-        if text == "cpu":
-            return None, kind
-        return check_device_supported(device_index(device)), kind
+        return requested_device(device), kind
     for a in present:
         k = array_kind(a)
         if k == "cupy":
@@ -72,26 +72,55 @@ def to_bf16_bits(a: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint16).view(np.int16)
 
 
+# torch's device string grammar: a lower-case type, optionally ":" and an index without sign or leading zeros.
+_DEVICE_STRING = re.compile(r"([a-z]+)(?::(0|[1-9][0-9]*))?")
+_ACCEPTED = "'cpu', 'cpu:0', an int, 'cuda', 'cuda:N', a torch.device or a CuPy Device"
+
+
+def requested_device(device):
+    """What a ``device=`` argument names: None for the CPU, otherwise a CUDA device index that the kernels can use.
+
+    The CPU is ``"cpu"``, ``"cpu:0"``, ``torch.device("cpu")`` or ``torch.device("cpu", 0)``; CUDA devices are
+    spelled as :func:`device_index` takes them. Strings follow torch's spelling (lower case). Raises SetupError
+    (:func:`cupyq.device.check_device_supported`) when no usable GPU is there, ValueError for anything else.
+    """
+    parsed = _type_and_index(device)
+    if parsed is not None and parsed[0] == "cpu":
+        if parsed[1] not in (None, 0):
+            raise ValueError(f"device: the CPU is device 'cpu' or 'cpu:0' (there is no other), got {device!r}")
+        return None
+    return check_device_supported(device_index(device))
+
+
+def _type_and_index(device):
+    """(type, index or None) of a device string in torch's spelling or of a torch.device; None for anything else."""
+    if isinstance(device, str):
+        match = _DEVICE_STRING.fullmatch(device)
+        return None if match is None else (match[1], None if match[2] is None else int(match[2]))
+    if type(device).__module__ == "torch" and isinstance(getattr(device, "type", None), str):  # torch.device
+        return device.type, device.index
+    return None
+
+
 def device_index(device) -> int:
     """The CUDA device index of ``device``: an int, ``"cuda"`` (the current device), ``"cuda:N"``, a
-    ``torch.device`` of type cuda, or a CuPy ``Device``; None means the current CuPy device. Anything else is a
-    ValueError naming what came."""
-    if device is None or str(device) == "cuda" or (getattr(device, "type", None) == "cuda" and device.index is None):
-        import cupy
-
-        return cupy.cuda.runtime.getDevice()
-    if isinstance(device, bool):
-        raise ValueError(f"device: expected a CUDA device (int, 'cuda', 'cuda:N', torch.device), got {device!r}")
-    if isinstance(device, int):
+    ``torch.device`` of type cuda, or a CuPy ``Device``; None means the current CuPy device, which is asked only
+    when a GPU is usable (:func:`cupyq.device.current_device`, else SetupError). Anything else (the meta device
+    included) is a ValueError naming what came and what to pass."""
+    parsed = _type_and_index(device)
+    if device is None or parsed == ("cuda", None):
+        return current_device()
+    if isinstance(device, (int, np.integer)) and not isinstance(device, bool):
         if device < 0:
             raise ValueError(f"device: expected a non-negative device index, got {device}")
-        return device
-    if getattr(device, "type", None) == "cuda" and isinstance(device.index, int):  # torch.device
-        return int(device.index)
+        return int(device)
+    if parsed is not None and parsed[0] == "cuda":
+        return parsed[1]
     if type(device).__module__.startswith("cupy") and isinstance(getattr(device, "id", None), int):  # cupy Device
         return int(device.id)
-    text = str(device)
-    if text.startswith("cuda:") and text[5:].isdigit():
-        return int(text[5:])
-    raise ValueError(f"device: expected a CUDA device (int, 'cuda', 'cuda:N', torch.device or a CuPy Device), "
-                     f"got {device!r}")
+    if parsed is not None and parsed[0] == "meta":
+        raise ValueError(f"device: {device!r} is the meta device, which holds no data, so cupyq cannot put weights "
+                         f"on it; pass 'cpu' (the float32 reference path) or a CUDA device ('cuda', 'cuda:N', an int)")
+    lower_case = not isinstance(device, str) or device == device.lower()
+    hint = "" if lower_case else " (device strings are lower case, as in torch)"
+    raise ValueError(f"device: expected {_ACCEPTED}{hint}, got {device!r}")

@@ -2,7 +2,8 @@
 mixes, the per-device check of a QMatrix, device properties and torch's current stream as a CuPy stream.
 
 Everything here works, and never raises on a missing library, without a GPU (``device_summary`` then has fewer
-keys); only :func:`check_device_supported` and :func:`require_cupy` raise :class:`SetupError` by design.
+keys); only :func:`check_device_supported`, :func:`current_device` and :func:`require_cupy` raise
+:class:`SetupError` by design.
 """
 
 from __future__ import annotations
@@ -110,6 +111,23 @@ def cuda_mismatch_message(majors=None):
             f"pip install 'cupyq[cuda{want}]' (and uninstall the other cupy-cuda*x package)")
 
 
+def _require_usable_gpu(device):
+    """SetupError naming ``device`` (an index, or ``cuda``) and :func:`gpu_unavailable_reason` when no GPU is
+    usable."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        raise SetupError(f"device {device}: {reason}")
+
+
+def current_device() -> int:
+    """The index of CuPy's current CUDA device (what ``device="cuda"`` names), asked only when a GPU is usable:
+    otherwise the SetupError of :func:`check_device_supported`, naming the device ``cuda``."""
+    _require_usable_gpu("cuda")
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
+
+
 _checked_devices: set = set()
 _warned_mismatch = False
 
@@ -124,9 +142,7 @@ def check_device_supported(device_id: int) -> int:
     global _warned_mismatch
     if device_id in _checked_devices:
         return device_id
-    reason = gpu_unavailable_reason()
-    if reason is not None:
-        raise SetupError(f"device {device_id}: {reason}")
+    _require_usable_gpu(device_id)
     import cupy
 
     count = cupy.cuda.runtime.getDeviceCount()

@@ -12,6 +12,7 @@ import numpy as np
 from cupyq import kernels
 from cupyq.arrays import array_kind
 from cupyq.device import torch_stream
+from cupyq.formats.common import dtype_name
 from cupyq.launch import (
     _gather_columns, _launch_lock, _launch_plan, _launch_qgemm, _plan_for, dequantize_into, dequantize_t_into,
 )
@@ -20,6 +21,7 @@ from cupyq.rules import dense_threshold
 from cupyq.scratch import default_scratch, workspace
 
 _warned_cpu = False
+REFERENCE_DTYPES = ("float16", "bfloat16", "float32", "float64")  # x dtypes of the CPU path
 _Tensor = None  # torch.Tensor once a torch tensor came through the checked path (torch stays an optional import)
 _NO_PATHS: dict = {}
 
@@ -68,7 +70,20 @@ def _check_input(x, qm: QMatrix, on_gpu: bool):
         raise ValueError(f"x: expected shape (..., {qm.in_features}), got {tuple(x.shape)}")
 
 
+_KIND_NAMES = {"torch": "a torch tensor", "cupy": "a CuPy array", "numpy": "a NumPy array"}
+
+
+def _array_description(a) -> str:
+    """What ``a`` is, for a message: "a torch tensor", "a CuPy array", "a NumPy array", or its type's name."""
+    kind = array_kind(a)
+    is_array = isinstance(a, np.ndarray) if kind == "numpy" else hasattr(a, "shape") and hasattr(a, "dtype")
+    return _KIND_NAMES[kind] if is_array else type(a).__name__
+
+
 def _check_out(out, x, qm: QMatrix, is_contiguous):
+    wanted, got = _array_description(x), _array_description(out)
+    if got != wanted:
+        raise TypeError(f"out: expected an array of x's kind ({wanted}), got {got}")
     expected = tuple(x.shape[:-1]) + (qm.out_features,)
     if tuple(out.shape) != expected:
         raise ValueError(f"out: expected shape {expected}, got {tuple(out.shape)}")
@@ -84,6 +99,11 @@ def _gemm_reference(x, qm: QMatrix, out, kind):
     if qm.device_id is not None:
         raise ValueError(f"x: the matrix lives on cuda:{qm.device_id}; expected a CUDA tensor or CuPy array")
     _check_input(x, qm, on_gpu=False)
+    # One dtype rule for torch and NumPy: a torch float8 x, say, would otherwise run and come back in float8.
+    if dtype_name(x) not in REFERENCE_DTYPES:
+        raise TypeError(f"x: expected a floating dtype ({', '.join(REFERENCE_DTYPES)}), got {dtype_name(x)}")
+    if out is not None:
+        _check_out(out, x, qm, (lambda t: t.is_contiguous()) if kind == "torch" else (lambda a: a.flags.c_contiguous))
     if not _warned_cpu:
         warnings.warn("cupyq: no GPU kernel ran; the product was computed by the float32 reference", RuntimeWarning,
                       stacklevel=3)
@@ -91,21 +111,14 @@ def _gemm_reference(x, qm: QMatrix, out, kind):
     if kind == "torch":
         import torch
 
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
         x_np = x.detach().float().numpy()
         y = torch.from_numpy(qm.reference_product(x_np)).to(x.dtype)
         if out is not None:
-            _check_out(out, x, qm, lambda t: t.is_contiguous())
             out.copy_(y)
             return out
         return y
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
     y = qm.reference_product(x).astype(x.dtype, copy=False)
     if out is not None:
-        _check_out(out, x, qm, lambda a: a.flags.c_contiguous)
         out[...] = y
         return out
     return y

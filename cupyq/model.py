@@ -5,21 +5,32 @@ from __future__ import annotations
 import functools
 import warnings
 
+from cupyq.arrays import requested_device
 from cupyq.checkpoint import Checkpoint, open_checkpoint
 
 __all__ = ["patch_model"]
 
 
-def _qmatrix_device(device, weight):
-    """The QMatrix ``device`` argument for a layer: ``"cpu"`` or a CUDA device index."""
-    import torch
+def _resolved_device(device):
+    """patch_model's ``device=`` as a QMatrix device argument, checked before anything else is touched: None
+    (not given), ``"cpu"`` or a usable CUDA device index (:func:`cupyq.arrays.requested_device`)."""
+    if device is None:
+        return None
+    index = requested_device(device)
+    return "cpu" if index is None else index
 
-    dev = weight.device if device is None else torch.device(device)
-    if dev.type == "cpu":
+
+def _qmatrix_device(device, weight):
+    """The QMatrix ``device`` argument for a layer: ``device`` (resolved by :func:`_resolved_device`) or, when
+    it is None, the device of the layer's weight (``"cpu"`` or a CUDA index)."""
+    if device is not None:
+        return device
+    if weight.device.type == "cpu":
         return "cpu"
-    if dev.type == "cuda":
-        return torch.cuda.current_device() if dev.index is None else dev.index
-    raise ValueError(f"device: expected a CPU or CUDA device, got {dev} (pass device= for models on the meta device)")
+    if weight.device.type == "cuda":
+        return weight.device.index
+    raise ValueError(f"device: expected a CPU or CUDA device, got {weight.device} (pass device= for models on the "
+                     f"meta device)")
 
 
 def _parent_and_attr(model, name):
@@ -53,7 +64,8 @@ def _trimmed_class():
 
 
 def _materialise_device(device, path):
-    """The torch device that tensors of a meta-device model are created on."""
+    """The torch device that tensors of a meta-device model are created on (``device`` as :func:`_resolved_device`
+    gives it)."""
     import torch
 
     if device is None:
@@ -61,10 +73,7 @@ def _materialise_device(device, path):
             f"{path}: the model has parameters on the meta device; pass device= (e.g. 'cuda' or 'cpu') to say "
             "where patch_model creates them"
         )
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
+    return torch.device("cpu") if device == "cpu" else torch.device("cuda", device)
 
 
 def _recompute_buffers(model, skip, device):
@@ -141,7 +150,8 @@ def patch_model(model, checkpoint_dir, *, device=None):
             ``[out, in]`` while quantized tensors are ``[in, out]``; shapes are compared as features.
         checkpoint_dir: a checkpoint directory (or an open :class:`cupyq.checkpoint.Checkpoint`).
         device: where the quantized matrices live: ``"cpu"`` (the float32 reference path), ``"cuda"``,
-            ``"cuda:1"``, a ``torch.device``; None uses the device of each replaced layer's weight.
+            ``"cuda:1"``, an int, a ``torch.device`` (every spelling of :func:`cupyq.arrays.requested_device`);
+            None uses the device of each replaced layer's weight.
 
     A model built on the meta device (``with torch.device("meta"): model = ...``, so the full-precision
     weights are never allocated) is materialised on ``device``: checkpoint tensors become new parameters
@@ -154,9 +164,13 @@ def patch_model(model, checkpoint_dir, *, device=None):
 
     Returns the model. Raises ValueError (nothing is modified) when a quantized layer has no
     ``nn.Linear`` of that name, its features differ, a loaded tensor's shape differs from the
-    model's, or a parameter or buffer would stay on the meta device (naming it); warns about
-    checkpoint tensors the model has no place for and about parameters the checkpoint leaves untouched.
+    model's, or a parameter or buffer would stay on the meta device (naming it); CheckpointError
+    (nothing is modified: every matrix is built before the first module is replaced) when a quantized
+    layer's tensors are bad; SetupError or ValueError for a ``device`` that cannot be used, before
+    anything is read. Warns about checkpoint tensors the model has no place for and about parameters
+    the checkpoint leaves untouched.
     """
+    device = _resolved_device(device)
     import torch
 
     from cupyq.torch_ops import QuantizedLinear
@@ -165,7 +179,7 @@ def patch_model(model, checkpoint_dir, *, device=None):
     modules = dict(model.named_modules())
     quantized = ckpt.quantized_layers
 
-    # Check everything before touching the model, so a bad checkpoint leaves it as it was.
+    # Check everything, and build every matrix, before touching the model, so a bad checkpoint leaves it as it was.
     not_linear = [n for n in quantized if not isinstance(modules.get(n), torch.nn.Linear)]
     if not_linear:
         shown = ", ".join(repr(n) for n in not_linear[:5]) + (" ..." if len(not_linear) > 5 else "")
@@ -218,14 +232,15 @@ def patch_model(model, checkpoint_dir, *, device=None):
                 f"recomputable: {shown}"
             )
 
+    # The dense modules stay referenced by `modules` until the end anyway, so holding every matrix at once
+    # costs no more memory than replacing the modules one by one.
+    layers = {}
     for name in quantized:
-        qm = ckpt.qmatrix(name, device=devices[name])
+        qm, out_features = ckpt.qmatrix(name, device=devices[name]), modules[name].out_features
+        layers[name] = QuantizedLinear(qm) if qm.out_features == out_features else _trimmed_class()(qm, out_features)
+    for name, layer in layers.items():
         parent, attr = _parent_and_attr(model, name)
-        linear = modules[name]
-        if qm.out_features != linear.out_features:
-            setattr(parent, attr, _trimmed_class()(qm, linear.out_features))
-        else:
-            setattr(parent, attr, QuantizedLinear(qm))
+        setattr(parent, attr, layer)
     loaded = set()
     with torch.no_grad():
         replaced = {}  # id(old meta tensor) -> its materialised replacement, to keep tied parameters tied

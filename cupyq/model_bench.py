@@ -11,7 +11,13 @@ CUDA-graph replay (median of 20 replays, CUDA events, with cupyq.bench's graph t
   every batch size B;
 * prefill: one forward of ``[1, T]`` tokens for every T.
 
-Reported per case: time per step, time per decoder layer, tokens/s and the speed-up over fp16. A dry run builds
+Each decode step is also timed eagerly, as a generation loop without graphs runs it: EAGER_STEPS forwards back to
+back after EAGER_WARMUP, one synchronisation at the end, wall time per forward. At small batches this is bound by
+host time (Python, transformers and every layer's launch), so it shows what each quantized linear costs on the
+host against ``F.linear``.
+
+Reported per case: time per step, time per decoder layer, tokens/s and the speed-up over fp16 (decode: eager
+too). A dry run builds
 a tiny model on the CPU and runs the whole flow without timing anything. Entry points: ``cupyq bench --model``
 and ``scripts/model_bench.py`` (:func:`main`).
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 
 import numpy as np
 
@@ -33,6 +40,8 @@ DRY_RUN_LAYERS = 2
 DRY_RUN_BATCHES = (1, 3)
 DRY_RUN_PREFILL = (16,)
 REPLAYS = 20  # CUDA-graph replays per timing, the median is kept
+EAGER_WARMUP = 3  # eager forwards before the timed ones
+EAGER_STEPS = 20  # eager forwards timed back to back
 
 
 def llama_config(layers: int, tiny: bool):
@@ -116,8 +125,9 @@ def run_model_benchmark(*, layers: int = DEFAULT_LAYERS, fmt: str = "gptq", batc
     DRY_RUN_PREFILL in place of ``batches`` and ``prefill``: one eager forward of each model per case, whose
     rows carry ``max_abs_logit`` of the quantized model instead of times. progress: optional callable, given each
     row as it is done. Returns ``{"config", "format", "rows"}``; a timed row has ``case`` ("decode" or
-    "prefill"), ``batch``, ``tokens``, ``fp16_ms``, ``cupyq_ms``, their ``*_per_layer``, ``cupyq_tokens_per_s``
-    and ``speedup_over_fp16``.
+    "prefill"), ``batch``, ``tokens``, ``fp16_ms``, ``cupyq_ms`` (graph replay), their ``*_per_layer``,
+    ``cupyq_tokens_per_s`` and ``speedup_over_fp16``; a decode row also ``fp16_eager_ms``, ``cupyq_eager_ms``
+    (:func:`time_eager`) and ``eager_speedup_over_fp16``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -157,6 +167,10 @@ def run_model_benchmark(*, layers: int = DEFAULT_LAYERS, fmt: str = "gptq", batc
                 for label, model in (("fp16_ms", dense), ("cupyq_ms", quant)):
                     # one step per graph, median of REPLAYS replays (the graph timer returns µs)
                     row[label] = _time_graph(torch, lambda i, m=model: m(ids, use_cache=False), 1, REPLAYS) / 1e3
+                if kind == "decode":
+                    for label, model in (("fp16_eager_ms", dense), ("cupyq_eager_ms", quant)):
+                        row[label] = time_eager(lambda m=model: m(ids, use_cache=False), torch.cuda.synchronize)
+                    row["eager_speedup_over_fp16"] = row["fp16_eager_ms"] / row["cupyq_eager_ms"]
                 row["cupyq_ms_per_layer"] = row["cupyq_ms"] / layers
                 row["fp16_ms_per_layer"] = row["fp16_ms"] / layers
                 row["cupyq_tokens_per_s"] = batch * tokens / (row["cupyq_ms"] / 1e3)
@@ -165,6 +179,20 @@ def run_model_benchmark(*, layers: int = DEFAULT_LAYERS, fmt: str = "gptq", batc
         if progress is not None:
             progress(row)
     return report
+
+
+def time_eager(step, synchronize, *, warmup: int = EAGER_WARMUP, steps: int = EAGER_STEPS) -> float:
+    """Milliseconds of wall time per call of ``step()`` run ``steps`` times back to back after ``warmup`` calls,
+    with one ``synchronize()`` before the clock starts and one before it stops (as a decode loop without graphs
+    runs: the host queues the next step while the GPU runs the last)."""
+    for _ in range(warmup):
+        step()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """QMatrix: a prepared quantized matrix (GPTQ, EXL2 or AWQ). The builders return a :class:`GpuQMatrix` (the
 kernels' device layout, launch plans, workspaces) or a :class:`CpuQMatrix` (the checkpoint tensors for the float32
-reference path), both QMatrix. The three classes share this module (about 440 lines) because the builders, which
+reference path), both QMatrix. The three classes share this module (about 480 lines) because the builders, which
 validate each format once, pick the type and fill it."""
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from cupyq.arrays import array_kind, host_copy, resolve_device, to_bf16_bits, to
 from cupyq.formats import awq as _awq
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
+from cupyq.formats.bias import check_bias
+from cupyq.formats.exl2 import exl2_out_features
+
+DEQUANTIZE_DTYPES = ("float16", "bfloat16")
 
 
 class QMatrix:
@@ -71,7 +75,7 @@ class QMatrix:
         scales: float16/bfloat16/float32 [G, N].
         g_idx: int32/int64 [K] group of each input row (act-order when not monotonic), or None for
             k // group_size.
-        bias: float [N] or None.
+        bias: float [N] or None (as :func:`cupyq.formats.bias.check_bias` accepts it).
         bits: 2, 3, 4 or 8. v1_encoding: how v1 zeros were written, "field" or "word"
             (:mod:`cupyq.formats.gptq`; ignored for v2).
         group_size: rows per group (-1: one group), checked against G; None infers ceil(K / G) (used only
@@ -79,7 +83,7 @@ class QMatrix:
         device: None (where the tensors are; NumPy -> CPU), "cpu", an int or "cuda:N".
         Arrays may be NumPy, CuPy or torch; none is modified, and none is referenced afterwards.
         """
-        layout = _gptq.check_gptq(qweight, qzeros, scales, g_idx, bits)
+        layout = _gptq.check_gptq(qweight, qzeros, scales, g_idx, bits, group_size)
         if checkpoint_format not in ("gptq", "gptq_v2"):
             raise ValueError(f"checkpoint_format: expected 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
         if v1_encoding not in _gptq.V1_ENCODINGS:
@@ -127,7 +131,8 @@ class QMatrix:
 
     @classmethod
     def from_exl2(
-        cls, q_weight, q_invperm, q_scale, q_scale_max, q_groups, bias=None, *, device=None, in_features=None
+        cls, q_weight, q_invperm, q_scale, q_scale_max, q_groups, bias=None, *, device=None, in_features=None,
+        out_features=None,
     ) -> "QMatrix":
         """Prepare an EXL2 matrix.
 
@@ -135,7 +140,11 @@ class QMatrix:
         q_invperm: int16/int32/int64 [K], sorted position of each original row.
         q_scale: int32 [G, N/8] 4-bit scale codes packed along the columns; q_scale_max: float16 [G] (as
         stored, before any division by 256); q_groups: int16 [2G] pairs (bits, first packed row), widths in
-        descending order. bias: float [N] or None. Arrays may be NumPy, CuPy or torch; none is modified.
+        descending order. bias: float [out_features] or None (as :func:`cupyq.formats.bias.check_bias` accepts it). Arrays may be
+        NumPy, CuPy or torch; none is modified.
+        out_features: the layer's true width, at most N and above N - 32 (q_weight's last columns are then
+        padding, ignored: quantizers pad N to a multiple of 32); None: the length of a bias shorter than N,
+        else N. The matrix's ``out_features``, gemm's output and ``dequantize`` have this width.
         in_features: None (K), or fewer rows: original rows ``in_features..K-1`` are padding, which must
         dequantise to zero (stored as ``2**(bits-1)``); they read no input. Row shards of a permuted layer
         use them to fill groups to whole packing units (:func:`cupyq.distributed.shard_exl2`).
@@ -145,7 +154,7 @@ class QMatrix:
         self = cls._new(*resolve_device((q_weight, q_invperm, q_scale, q_scale_max, bias), device))
         self.format = "exl2"
         self.in_features = layout.in_features - padded
-        self.out_features = layout.out_features
+        self.out_features = exl2_out_features(layout.out_features, bias, out_features)
         groups = list(layout.groups)
         self.bits = tuple(sorted({g.bits for g in groups}, reverse=True))
         self._bpw = sum(g.rows * g.bits for g in groups) / layout.in_features
@@ -168,7 +177,7 @@ class QMatrix:
         import cupy
 
         with cupy.cuda.Device(self.device_id):
-            q_sorted = _exl2.unpack_q_weight(to_cupy(q_weight, self.device_id), groups, xp=cupy)
+            q_sorted = _exl2.unpack_q_weight(to_cupy(q_weight, self.device_id), groups, xp=cupy)[:, : self.out_features]
             scales = _exl2.decode_scales(
                 to_cupy(q_scale, self.device_id), to_cupy(q_scale_max, self.device_id), xp=cupy
             )[:, : self.out_features]
@@ -186,10 +195,10 @@ class QMatrix:
         qweight: int32 [K, N/8], outputs packed along the columns in the order 0, 2, 4, 6, 1, 3, 5, 7
             (see :mod:`cupyq.formats.awq`); qzeros: int32 [K/group_size, N/8] packed the same way, zero
             points stored as they are; scales: float16/bfloat16/float32 [K/group_size, N]; bias: float [N]
-            or None. group_size: rows per group (dividing K), or -1 for one group.
+            or None (as :func:`cupyq.formats.bias.check_bias` accepts it). group_size: rows per group (dividing K), or -1 for one group.
         device: None (where the tensors are; NumPy -> CPU), "cpu", an int or "cuda:N".
-        Arrays may be NumPy, CuPy or torch; none is modified. On a GPU the matrix runs the same kernels as
-        a GPTQ matrix without act-order (sequential groups, integer zero points).
+        Arrays may be NumPy, CuPy or torch; none is modified, and none is referenced afterwards. On a GPU the
+        matrix runs the same kernels as a GPTQ matrix without act-order (sequential groups, integer zero points).
         """
         layout = _awq.check_awq(qweight, qzeros, scales, group_size)
         self = cls._new(*resolve_device((qweight, qzeros, scales, bias), device))
@@ -204,8 +213,8 @@ class QMatrix:
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(
-                qweight=reference.to_numpy(qweight),
-                qzeros=reference.to_numpy(qzeros),
+                qweight=host_copy(qweight),
+                qzeros=host_copy(qzeros),
                 scales=reference.to_numpy(scales).astype(np.float32),
             )
             return self
@@ -220,12 +229,7 @@ class QMatrix:
         return self
 
     def _init_bias(self, bias):
-        self._bias_host = None
-        if bias is not None:
-            b = reference.to_numpy(bias).astype(np.float32).reshape(-1)
-            if b.shape[0] != self.out_features:
-                raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(b.shape)}")
-            self._bias_host = b
+        self._bias_host = None if bias is None else check_bias(bias, self.out_features)
 
     # -------------------------------------------------------------------------------------------- facts
     @property
@@ -285,7 +289,7 @@ class CpuQMatrix(QMatrix):
         if self.format == "awq":
             return reference.dequantize_awq(c["qweight"], c["qzeros"], c["scales"], group_size=self.group_size)
         w = reference.dequantize_exl2(c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"])
-        return w[: self.in_features]
+        return np.ascontiguousarray(w[: self.in_features, : self.out_features])
 
     def reference_product(self, x, *, block_rows=None) -> np.ndarray:
         """float32 NumPy ``x @ W + bias``, W dequantised a block of rows at a time.
@@ -307,20 +311,43 @@ class CpuQMatrix(QMatrix):
         if rows > self.in_features:  # padding rows (see from_exl2) meet zero activations
             x = reference.to_numpy(x)
             x = np.concatenate([x, np.zeros(x.shape[:-1] + (rows - self.in_features,), x.dtype)], axis=-1)
-        return reference.matmul_exl2(
-            x, c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"], self._bias_host,
+        stored = c["q_weight"].shape[1]
+        bias = self._bias_host
+        if bias is not None and stored > self.out_features:  # padding columns (see from_exl2), dropped below
+            bias = np.concatenate([bias, np.zeros(stored - self.out_features, np.float32)])
+        y = reference.matmul_exl2(
+            x, c["q_weight"], c["q_invperm"], c["q_scale"], c["q_scale_max"], c["q_groups"], bias,
             block_rows=block_rows,
         )
+        return y if stored == self.out_features else np.ascontiguousarray(y[..., : self.out_features])
 
     def dequantize(self, dtype="float16"):
-        """The float32 reference weight [K, N] in original row order, rounded to float16: a torch tensor when the
-        matrix was built from torch tensors, else a NumPy array."""
-        w = self.reference_weight().astype(np.float16)
+        """The float32 reference weight [K, N] in original row order, rounded to ``dtype`` (float16 or bfloat16,
+        as :func:`dequantize_dtype` reads it; the meaning of GpuQMatrix.dequantize): a torch tensor when the
+        matrix was built from torch tensors, else a NumPy array (bfloat16 as its int16 bit pattern)."""
+        name = dequantize_dtype(dtype)
+        w = self.reference_weight()
         if self.input_kind == "torch":
             import torch
 
-            return torch.from_numpy(w)
-        return w
+            t = torch.from_numpy(w)
+            return t.to(torch.bfloat16) if name == "bfloat16" else t.to(torch.float16)
+        return to_bf16_bits(w) if name == "bfloat16" else w.astype(np.float16)
+
+    def layout_shape(self) -> _layout.LayoutShape:
+        """The sizes the device layout of this matrix would have (:class:`cupyq.layout.LayoutShape`), worked out
+        on the CPU from the row plan alone (groups and storage widths; no weight is unpacked): what
+        :func:`cupyq.rules.explain` reads for a CPU matrix."""
+        c = self._cpu
+        if self.format == "exl2":
+            groups = _exl2.parse_q_groups(c["q_groups"], c["q_weight"].shape[0], c["q_invperm"].shape[0])
+            row_group, storage8 = _layout.exl2_rows(groups)
+        else:
+            g_idx = c["g_idx"] if self.format == "gptq" else _gptq.default_g_idx(self.in_features, self.group_size)
+            _, row_group, storage8 = _layout.gptq_rows(g_idx, self.bits[0])
+        shape = _layout.layout_shape(row_group, storage8, self.out_features)
+        shape.in_features = self.in_features  # EXL2 padding rows are in the plan, not in the input (from_exl2)
+        return shape
 
     def set_scratch(self, buf):
         """Nothing to do: the reference path needs no scratch."""
@@ -370,22 +397,25 @@ class GpuQMatrix(QMatrix):
         raise ValueError(f"reference_product: the matrix lives on cuda:{self.device_id}; use cupyq.gemm")
 
     def dequantize(self, dtype="float16"):
-        """The dequantised weight [K, N] in original row order, float16 or bfloat16: a torch tensor when the
-        matrix was built from torch tensors, else a CuPy array."""
+        """The dequantised weight [K, N] in original row order, float16 or bfloat16 (as :func:`dequantize_dtype`
+        reads ``dtype``): a torch tensor when the matrix was built from torch tensors, else a CuPy array
+        (bfloat16 as its int16 bit pattern)."""
+        bf16 = dequantize_dtype(dtype) == "bfloat16"
         w = self.dequantize_cupy(dtype)
         if self.input_kind == "torch":
             import torch
 
-            t = torch.from_dlpack(w.view(np.int16) if str(dtype) == "bfloat16" else w)
-            return t.view(torch.bfloat16) if str(dtype) == "bfloat16" else t
+            t = torch.from_dlpack(w)
+            return t.view(torch.bfloat16) if bf16 else t
         return w
 
     def dequantize_cupy(self, dtype="float16"):
-        """The dequantised weight as a CuPy array [K, N] (bfloat16 returned as its int16 bit pattern)."""
+        """The dequantised weight as a CuPy array [K, N], float16 or bfloat16 (as :func:`dequantize_dtype` reads
+        ``dtype``; bfloat16 returned as its int16 bit pattern)."""
         import cupy
 
         with cupy.cuda.Device(self.device_id):
-            ctype = "__nv_bfloat16" if str(dtype) in ("bfloat16", "torch.bfloat16") else "__half"
+            ctype = "__nv_bfloat16" if dequantize_dtype(dtype) == "bfloat16" else "__half"
             buf = cupy.empty((self.in_features, self.layout.padded_cols), dtype=np.float16 if ctype == "__half" else np.int16)
             _launch.dequantize_into(self, buf, ctype, cupy.cuda.get_current_stream())
             return cupy.ascontiguousarray(buf[:, : self.out_features])
@@ -443,3 +473,20 @@ def _exl2_padding_rows(layout, in_features, q_weight, q_invperm) -> int:
                     f"value {1 << (g.bits - 1)} of their {g.bits}-bit group"
                 )
     return total - int(in_features)
+
+
+def dequantize_dtype(dtype) -> str:
+    """"float16" or "bfloat16": the element type ``dequantize`` produces for ``dtype`` (a name such as
+    ``"bfloat16"`` or ``"torch.bfloat16"``, a NumPy dtype or type, or a torch dtype). Raises ValueError for any
+    other, listing the accepted ones (the float32 weight is ``reference_weight()``)."""
+    name = dtype if isinstance(dtype, str) else str(dtype)
+    if not isinstance(dtype, str) and type(dtype).__module__.split(".", 1)[0] != "torch":
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            pass
+    name = name.removeprefix("torch.")
+    if name not in DEQUANTIZE_DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DEQUANTIZE_DTYPES)} (a name, NumPy or torch dtype; "
+                         f"the float32 weight is reference_weight()), got {dtype!r}")
+    return name

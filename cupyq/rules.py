@@ -42,7 +42,9 @@ def dense_threshold(qm) -> int:
 
 def wgmma_supported(qm) -> bool:
     """Whether qwgmma can run ``qm``: an sm_90 device (any storage: 4-bit, 8-bit, or EXL2 mixes of both, whose
-    stages never straddle the two since each storage segment is whole steps of 256 rows)."""
+    stages never straddle the two since each storage segment is whole steps of 256 rows). ValueError for a matrix
+    that runs no kernel (a CPU matrix, or a closed one)."""
+    _kernel_layout(qm)
     return device_compute_capability(qm.device_id) == (9, 0)
 
 
@@ -57,7 +59,9 @@ def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
     order. Kernels: "qgemv" (streaming, one m8 tile), "qgemv2" (two m8 tiles), "qwgmma" (warpgroup tensor-core
     kernel, sm_90, from m = 9 where qgemv2 does not run), "qmma" (pipelined tensor-core kernel), "dense"
     (dequantise into scratch + dense matmul; falls back to the quantized kernel when the scratch cannot hold a
-    chunk of 64 rows)."""
+    chunk of 64 rows). A CPU matrix runs no kernel (it multiplies by the float32 reference): ValueError, pointing
+    to :func:`explain`, which answers for it on a named architecture."""
+    _kernel_layout(qm)
     if m <= 8:
         return "qgemv", "m <= 8: the streaming kernel with one m8 tile"
     weights = qm.in_features * qm.out_features
@@ -82,12 +86,32 @@ def explain(qm, m: int, ctype: str, compute_capability, force_cuda: bool = False
     """(kernel, reason) of :func:`choose_kernel` for ``qm`` as if it were on a device of ``compute_capability``
     ((major, minor), e.g. (9, 0)), asking no device and compiling nothing. ``qm`` needs only ``in_features``,
     ``out_features`` and a ``layout`` with ``chunks8``, ``chunks4``, ``padded_rows``, ``padded_cols`` and
-    ``tile_group``: a QMatrix's device layout, or a checkpoint layer's :class:`cupyq.layout.LayoutShape` worked out
-    on the CPU (:func:`cupyq.explain.layer_shape`). ctype: ``"__half"`` or ``"__nv_bfloat16"``."""
+    ``tile_group``: a GPU QMatrix's device layout, or a checkpoint layer's :class:`cupyq.layout.LayoutShape` worked
+    out on the CPU (:func:`cupyq.explain.layer_shape`); a CPU QMatrix answers with the LayoutShape its device
+    layout would have (``CpuQMatrix.layout_shape()``). ctype: ``"__half"`` or ``"__nv_bfloat16"``."""
+    layout = getattr(qm, "layout", None)
+    if layout is None and callable(getattr(qm, "layout_shape", None)):
+        layout = qm.layout_shape()
+    if layout is None:
+        raise ValueError(f"qm: expected a QMatrix or an object with a layout, got a {type(qm).__name__} without one "
+                         "(a closed matrix?)")
     # The rules read the architecture through the device id: a stand-in id answers without a device.
-    on_arch = SimpleNamespace(in_features=qm.in_features, out_features=qm.out_features, layout=qm.layout,
+    on_arch = SimpleNamespace(in_features=qm.in_features, out_features=qm.out_features, layout=layout,
                               device_id=architecture_key(compute_capability), _plans={})
     return choose_kernel(on_arch, m, ctype, force_cuda)
+
+
+def _kernel_layout(qm):
+    """The device layout of a matrix that runs the kernels; ValueError naming ``qm`` for one on the CPU (the float32
+    reference, no kernel) or a closed one."""
+    layout = getattr(qm, "layout", None)
+    if getattr(qm, "device_id", None) is None:
+        raise ValueError("qm: the matrix lives on the CPU and runs the float32 reference, no kernel; "
+                         "rules.explain(qm, m, ctype, compute_capability) says which kernel it would run on a GPU of "
+                         "that architecture")
+    if layout is None:
+        raise ValueError("qm: the matrix was closed (it has no device layout)")
+    return layout
 
 
 # Layers of at least this many weights take the 64-row qmma tile from m = 33 on: enough tiles to fill the GPU.

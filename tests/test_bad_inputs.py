@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +128,30 @@ def test_qmatrix_from_gptq_bad_options():
         cupyq.QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4, checkpoint_format="v3")
     with pytest.raises(ValueError, match=r"bias: expected shape \(64,\), got \(63,\)"):
         cupyq.QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias=np.ones(63, np.float16))
-    with pytest.raises(ValueError, match=r"device: expected a CUDA device"):
+    with pytest.raises(ValueError, match=r"device: expected 'cpu', 'cpu:0', an int, 'cuda', 'cuda:N'.*got 'tpu'"):
         cupyq.QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], device="tpu")
+    _assert_unchanged(t, before)
+
+
+def test_qmatrix_cpu_device_spellings():
+    """Every spelling of the CPU that torch.device accepts with index 0 builds a CPU matrix; others are refused."""
+    torch = pytest.importorskip("torch")
+    t = _gptq(8)
+    before = _copies(t)
+    x = np.random.default_rng(9).standard_normal((3, K)).astype(np.float32)
+    ref = x @ cupyq.reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)
+    for device in ("cpu", "cpu:0", torch.device("cpu"), torch.device("cpu", 0), torch.zeros(1).device):
+        qm = cupyq.QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4, device=device)
+        assert qm.device_id is None and not qm.is_cuda, device
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "no GPU kernel ran": the CPU path is the point
+            np.testing.assert_allclose(cupyq.gemm(x, qm), ref, rtol=1e-5, atol=1e-5)
+    refused = {"cpu:1": "the CPU is device 'cpu' or 'cpu:0'", torch.device("cpu", 1): "the CPU is device 'cpu'",
+               "CPU": r"lower case, as in torch\), got 'CPU'", "cpu ": "got 'cpu '",
+               "meta": "meta device, which holds no data", torch.device("meta"): "meta device"}
+    for device, message in refused.items():
+        with pytest.raises(ValueError, match=rf"^device: .*{message}"):
+            cupyq.QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4, device=device)
     _assert_unchanged(t, before)
 
 

@@ -99,14 +99,18 @@ def test_config_from_each_file(tmp_path, fname):
 
 
 def test_config_search_order(tmp_path):
-    write_config(tmp_path, "config.json", {"quantization_config": {"bits": 2, "group_size": 128}})
-    write_config(tmp_path, "quant_config.json", {"bits": 3, "group_size": 128})
-    assert read_quant_config(tmp_path).bits == 3
-    write_config(tmp_path, "quantize_config.json", {"bits": 4, "group_size": 128})
-    assert read_quant_config(tmp_path).bits == 4
+    # The sources agree on every setting they share; the first one found is used as it is.
+    write_config(tmp_path, "config.json", {"quantization_config": {"bits": 4, "group_size": 128, "sym": False}})
+    write_config(tmp_path, "quant_config.json", {"bits": 4, "group_size": 128})
+    qc = read_quant_config(tmp_path)
+    assert (qc.source.name, qc.sym) == ("quant_config.json", True)
+    write_config(tmp_path, "quantize_config.json", {"bits": 4})
+    qc = read_quant_config(tmp_path)
+    assert (qc.source.name, qc.group_size) == ("quantize_config.json", None)
     (tmp_path / "quantize_config.json").unlink()
     (tmp_path / "quant_config.json").unlink()
-    assert read_quant_config(tmp_path).bits == 2
+    qc = read_quant_config(tmp_path)
+    assert (qc.source.name, qc.group_size, qc.sym) == ("config.json", 128, False)
 
 
 def test_config_json_without_quantization_config(tmp_path):

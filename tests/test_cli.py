@@ -299,7 +299,8 @@ def test_bench_model_passes_its_options(monkeypatch, capsys):
     def fake(**kwargs):
         seen.update(kwargs)
         row = {"case": "decode", "batch": 4, "tokens": 1, "fp16_ms": 2.0, "cupyq_ms": 1.0, "cupyq_ms_per_layer": 1 / 3,
-               "fp16_ms_per_layer": 2 / 3, "cupyq_tokens_per_s": 4000.0, "speedup_over_fp16": 2.0}
+               "fp16_ms_per_layer": 2 / 3, "cupyq_tokens_per_s": 4000.0, "speedup_over_fp16": 2.0,
+               "fp16_eager_ms": 3.0, "cupyq_eager_ms": 2.5, "eager_speedup_over_fp16": 1.2}
         kwargs["progress"](row)
         return {"config": {"layers": 3, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8},
                 "format": kwargs["fmt"], "rows": [row]}
@@ -311,7 +312,7 @@ def test_bench_model_passes_its_options(monkeypatch, capsys):
     assert code == 0, err
     assert seen["layers"] == 3 and seen["fmt"] == "exl2" and seen["dry_run"] is False
     assert seen["batches"] == [1, 4, 8] and seen["prefill"] == [128]
-    assert "exl2 model: 3 decoder layer(s)" in out and "speed-up" in out
+    assert "exl2 model: 3 decoder layer(s)" in out and "speed-up" in out and "eager speed-up" in out
     run(["bench", "--model"], capsys)
     assert seen["layers"] == model_bench.DEFAULT_LAYERS and seen["fmt"] == "gptq"
     assert seen["batches"] == list(model_bench.DEFAULT_BATCHES) and seen["prefill"] == list(model_bench.DEFAULT_PREFILL)

@@ -225,6 +225,50 @@ def test_no_driver_is_named_not_insufficient_driver(monkeypatch, fresh_checks):
     assert "no NVIDIA driver found" in str(info.value) and "cudaError" not in str(info.value)
 
 
+def _cuda_spellings():
+    spellings = [0, np.int64(0), "cuda:0", "cuda"]
+    if "torch" in sys.modules:
+        spellings += [sys.modules["torch"].device("cuda"), sys.modules["torch"].device("cuda", 0)]
+    return spellings
+
+
+def _setup_errors_of_every_cuda_spelling():
+    """{spelling: the SetupError message} of QMatrix.from_gptq for each CUDA spelling (the arrays unchanged)."""
+    import cupyq
+
+    g = _gptq_tensors(3)
+    before = {k: v.copy() for k, v in g.items()}
+    messages = {}
+    for spelling in _cuda_spellings():
+        with pytest.raises(device.SetupError) as info:
+            cupyq.QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4, device=spelling)
+        messages[repr(spelling)] = str(info.value)
+    for k, v in g.items():
+        np.testing.assert_array_equal(v, before[k])
+    return messages
+
+
+def test_every_cuda_spelling_names_the_missing_driver(monkeypatch, fresh_checks):
+    # the fake has no getDevice: "cuda" must not ask CuPy for its current device before the check
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(driver=0, count_error="cudaErrorInsufficientDriver: ..."))
+    for spelling, message in _setup_errors_of_every_cuda_spelling().items():
+        assert re.fullmatch(r"device (0|cuda): no NVIDIA driver found: .*nvidia-smi.*", message), (spelling, message)
+
+
+def test_every_cuda_spelling_gives_the_reason_of_the_availability_check(monkeypatch, fresh_checks):
+    monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: "no CUDA device is visible (check ...)")
+    for spelling, message in _setup_errors_of_every_cuda_spelling().items():
+        assert re.fullmatch(r"device (0|cuda): no CUDA device is visible \(check \.\.\.\)", message), spelling
+
+
+def test_every_cuda_spelling_on_this_machine_gives_one_reason(fresh_checks):
+    reason = device.gpu_unavailable_reason()
+    if reason is None:
+        pytest.skip("this machine has a usable GPU")
+    for spelling, message in _setup_errors_of_every_cuda_spelling().items():
+        assert message in (f"device 0: {reason}", f"device cuda: {reason}"), (spelling, message)
+
+
 def test_old_driver_is_named_with_versions(monkeypatch, fresh_checks):
     fake = _fake_cupy(driver=12040, runtime_version=13000, count_error="cudaErrorInsufficientDriver: CUDA driver")
     monkeypatch.setitem(sys.modules, "cupy", fake)

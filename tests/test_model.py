@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from cupyq.checkpoint import open_checkpoint, save_exl2, save_gptq  # noqa: E402
+from cupyq.checkpoint import CheckpointError, open_checkpoint, save_exl2, save_gptq  # noqa: E402
 from cupyq.model import patch_model  # noqa: E402
 from cupyq.quantize import quantize_exl2, quantize_gptq  # noqa: E402
 from cupyq.torch_ops import QuantizedLinear  # noqa: E402
@@ -196,10 +196,95 @@ def test_warns_about_unused_and_untouched_tensors(tmp_path):
     assert any("not in the checkpoint keep their values" in m and "lm_head.weight" in m for m in messages)
 
 
+def _snapshot(model):
+    """Every module object of the model and a copy of every tensor."""
+    return dict(model.named_modules()), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_as_before(model, snapshot):
+    modules, tensors = snapshot
+    now = dict(model.named_modules())
+    assert now.keys() == modules.keys() and all(now[n] is modules[n] for n in modules)
+    state = model.state_dict()
+    assert state.keys() == tensors.keys() and all(torch.equal(state[k], tensors[k]) for k in tensors)
+
+
 def test_bad_device(tmp_path):
     ckpt_dir = _write(tmp_path, "gptq")
-    with pytest.raises(ValueError, match="device: expected a CPU or CUDA device, got meta"):
-        patch_model(Tiny(1), ckpt_dir, device="meta")
+    model = Tiny(1)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"device: 'meta' is the meta device.*cannot put weights on it; pass 'cpu'"):
+        patch_model(model, ckpt_dir, device="meta")
+    with pytest.raises(ValueError, match=r"device: the CPU is device 'cpu' or 'cpu:0'.*got 'cpu:1'"):
+        patch_model(model, ckpt_dir, device="cpu:1")
+    _assert_as_before(model, before)
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda", 0, torch.device("cuda"), torch.device("cuda", 0)],
+                         ids=["cuda:0", "cuda", "0", "torch-cuda", "torch-cuda-0"])
+def test_every_cuda_spelling_without_a_gpu_gives_the_setup_error(tmp_path, monkeypatch, device):
+    from cupyq import device as cupyq_device
+
+    monkeypatch.setattr(cupyq_device, "_checked_devices", set())
+    monkeypatch.setattr(cupyq_device, "gpu_unavailable_reason", lambda: "no CUDA device is visible (check ...)")
+    ckpt_dir = _write(tmp_path, "gptq")
+    model = Tiny(1)
+    before = _snapshot(model)
+    with pytest.raises(cupyq_device.SetupError, match=r"^device (0|cuda): no CUDA device is visible"):
+        patch_model(model, ckpt_dir, device=device)
+    _assert_as_before(model, before)
+
+
+@pytest.mark.parametrize("device", ["cpu:0", torch.device("cpu", 0), torch.device("cpu")])
+def test_cpu_spellings_patch_onto_the_cpu(tmp_path, device):
+    ckpt_dir = _write(tmp_path, "gptq")
+    model = patch_model(Tiny(1), ckpt_dir, device=device)
+    assert all(not _modules(model)[n].qmatrix.is_cuda for n in LINEARS)
+
+
+def test_bad_tensors_of_a_late_layer_leave_the_model_as_it_was(tmp_path):
+    """A NaN scale in the last quantized layer: no module is replaced, no tensor loaded."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    ckpt_dir = _write(tmp_path, "gptq")
+    last = open_checkpoint(ckpt_dir).quantized_layers[-1]
+    file = str(ckpt_dir / "model.safetensors")
+    with safe_open(file, "np") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    rng = np.random.default_rng(5)
+    scales = tensors[f"{last}.scales"]
+    bad = tuple(int(rng.integers(0, s)) for s in scales.shape)
+    scales[bad] = np.nan
+    save_file(tensors, file, metadata=metadata)
+    model = Tiny(1)
+    before = _snapshot(model)
+    with pytest.raises(CheckpointError, match=rf"tensor '{last}.scales': scales: expected finite values"):
+        patch_model(model, ckpt_dir, device="cpu")
+    _assert_as_before(model, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cuda", torch.device("cuda"), 0, "cuda:0"],
+                         ids=["cuda", "torch-cuda", "0", "cuda:0"])
+def test_patch_model_gpu_materialises_a_meta_model_on_every_cuda_spelling(tmp_path, device):
+    """device="cuda" is CuPy's current device (0 in a fresh process): the matrices and loaded tensors go there."""
+    ckpt_dir = _write(tmp_path, "gptq")
+    with torch.device("meta"):
+        model = Tiny(7).half()
+    patch_model(model, ckpt_dir, device=device)
+    assert all(_modules(model)[n].qmatrix.device_id == 0 for n in LINEARS)
+    assert all(t.device == torch.device("cuda", 0) for t in model.state_dict().values())
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    twin = _dense_twin(ckpt_dir)
+    with torch.no_grad():
+        got = model(ids.cuda()).float().cpu()
+        ref = twin(ids)
+        ref16 = twin.half().cuda()(ids.cuda()).float().cpu()
+    err = ((got - ref).norm() / ref.norm()).item()
+    err16 = ((ref16 - ref).norm() / ref.norm()).item()
+    assert err <= 2 * err16 + 2e-3  # the dense fp16 model is the yardstick, as for the model built on the GPU
 
 
 @pytest.mark.gpu

@@ -35,3 +35,12 @@ def test_run_model_benchmark_refuses_bad_arguments():
     for bad in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match="layers: expected a positive int"):
             run_model_benchmark(layers=bad, dry_run=True)
+
+
+def test_time_eager_runs_warmup_then_timed_steps_between_two_synchronisations():
+    from cupyq.model_bench import time_eager
+
+    events = []
+    ms = time_eager(lambda: events.append("step"), lambda: events.append("sync"), warmup=2, steps=5)
+    assert events == ["step"] * 2 + ["sync"] + ["step"] * 5 + ["sync"]
+    assert ms > 0

@@ -123,12 +123,16 @@ def test_device_index_accepts_the_usual_spellings(monkeypatch):
 
     import pytest
 
+    import numpy as np
+
+    from cupyq import device
     from cupyq.arrays import device_index
 
     torch = pytest.importorskip("torch")  # before cupy is faked: importing torch may import the real cupyx
     fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 3)))
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
-    assert device_index(0) == 0 and device_index(2) == 2
+    monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: None)  # the current device is asked only then
+    assert device_index(0) == 0 and device_index(2) == 2 and device_index(np.int64(2)) == 2
     assert device_index("cuda:1") == 1 and device_index("cuda") == 3 and device_index(None) == 3
     assert device_index(torch.device("cuda", 1)) == 1 and device_index(torch.device("cuda")) == 3
 
@@ -139,7 +143,7 @@ def test_device_index_accepts_the_usual_spellings(monkeypatch):
             self.id = i
 
     assert device_index(Device(5)) == 5
-    for bad in ("cuda:x", "gpu", "cuda:-1", -1, True, 1.5, torch.device("cpu")):
+    for bad in ("cuda:x", "gpu", "cuda:-1", "cuda:01", "CUDA", -1, True, np.bool_(False), 1.5, torch.device("cpu")):
         with pytest.raises(ValueError, match="device"):
             device_index(bad)
 

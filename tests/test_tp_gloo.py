@@ -208,6 +208,76 @@ def test_tiny_llama_sharded_two_ways_gives_the_unsharded_logits(tmp_path):
     run_ranks(_llama_worker, 2, directories)
 
 
+NARROW = dict(LLAMA, hidden_size=64, intermediate_size=128)  # head_dim 16: k_proj and v_proj have 32 outputs
+
+
+def _write_unfit_llamas(directory):
+    """Two GPTQ checkpoints of a Llama whose layers mostly shard over 2 ranks, each with one layer that does not:
+    ``narrow``: 3-bit, so k_proj's 32 outputs do not split into halves of whole 32-column units; ``nan``: 4-bit
+    with NaN scales in the last projection of the last decoder layer."""
+    import transformers
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from cupyq.checkpoint import save_gptq
+
+    torch.manual_seed(0)
+    source = transformers.LlamaForCausalLM(transformers.LlamaConfig(**NARROW)).eval()
+    quantized = [n for n, m in source.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    extras = {k: v.detach().numpy() for k, v in source.state_dict().items()
+              if k.rsplit(".", 1)[0] not in quantized}
+    paths = {}
+    for kind, bits in (("narrow", 3), ("nan", 4)):
+        layers = {n: quantize_gptq(source.get_submodule(n).weight.detach().numpy().T, bits=bits, group_size=32)
+                  for n in quantized}
+        paths[kind] = save_gptq(directory / kind, layers, bits=bits, group_size=32, desc_act=False, sym=True,
+                                extra_tensors=extras)
+    bad = "model.layers.1.self_attn.v_proj"  # the last quantized layer in the checkpoint's order
+    file = str(directory / "nan" / "model.safetensors")
+    with safe_open(file, "np") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    tensors[f"{bad}.scales"][1, [3, 16 + 3]] = np.nan  # one in each rank's half: a rank checks only its own
+    save_file(tensors, file, metadata=metadata)
+    return paths
+
+
+def _unfit_worker(rank, world_size, paths):
+    import transformers
+
+    from cupyq.checkpoint import open_checkpoint
+    from cupyq.distributed import patch_model_tp
+
+    assert open_checkpoint(paths["nan"]).quantized_layers[-1] == "model.layers.1.self_attn.v_proj"
+    expected = {
+        "narrow": r"layer 'model\.layers\.0\.self_attn\.k_proj' \(column shard of rank \d of 2\): qweight "
+                  r"out_features: 32 does not split",
+        "nan": r"layer 'model\.layers\.1\.self_attn\.v_proj' \(column shard of rank \d of 2\): scales: "
+               r"expected finite values",
+    }
+    for kind, message in expected.items():
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**NARROW)).eval()
+        modules = dict(model.named_modules())
+        tensors = {k: v.clone() for k, v in model.state_dict().items()}
+        def numbers():  # the head counts and sizes of the attention modules
+            return [{k: v for k, v in vars(m.self_attn).items() if isinstance(v, int)} for m in model.model.layers]
+
+        heads = numbers()
+        with pytest.raises(ValueError, match=message):
+            patch_model_tp(model, paths[kind])
+        now = dict(model.named_modules())
+        assert now.keys() == modules.keys() and all(now[n] is modules[n] for n in modules), (kind, rank)
+        assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items()), (kind, rank)
+        assert numbers() == heads, (kind, rank)
+
+
+def test_patch_model_tp_checks_every_layer_before_modifying_the_model(tmp_path):
+    """A layer that does not shard, early (k_proj of layer 0) or late (bad scales in the last layer): the error
+    names it, and every module and tensor of the model is as it was."""
+    pytest.importorskip("transformers")
+    run_ranks(_unfit_worker, 2, _write_unfit_llamas(tmp_path))
+
+
 # ------------------------------------------------------------------------------------------------ NCCL
 def _two_gpus():
     return torch.cuda.is_available() and torch.cuda.device_count() >= 2

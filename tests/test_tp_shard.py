@@ -364,6 +364,28 @@ def test_bad_arguments_name_what_is_wrong():
         shard_awq([1, 2], rank=0, world_size=1, mode="row")
 
 
+@pytest.mark.parametrize("argument, value", [("group_size", "32"), ("group_size", 32.0), ("group_size", True),
+                                             ("rank", "0"), ("world_size", 2.0), ("bits", "4"), ("bits", 4.0)])
+def test_argument_of_the_wrong_type_is_named(argument, value):
+    layers = {"gptq": _gptq((4, 32, False, "gptq")), "exl2": _exl2(EXL2_MIXES[1]), "awq": _awq(32)}
+    before = {fmt: {k: v.copy() for k, v in t.items()} for fmt, t in layers.items()}
+    shard = {"gptq": shard_gptq, "exl2": shard_exl2, "awq": shard_awq}
+    takes = {"group_size": ("awq",), "bits": ("gptq",)}.get(argument, ("gptq", "exl2", "awq"))
+    for fmt in takes:
+        with pytest.raises(TypeError, match=rf"^{argument}: expected an int, got {type(value).__name__} "):
+            shard[fmt](layers[fmt], **{"rank": 0, "world_size": 2, "mode": "row", argument: value})
+    for fmt, t in layers.items():
+        for k, v in t.items():
+            np.testing.assert_array_equal(v, before[fmt][k])
+
+
+def test_int_arguments_may_be_numpy_integers():
+    full = _awq(32)
+    w = _awq_dequantize(full, 32)
+    r = shard_awq(full, rank=np.int64(1), world_size=np.int32(2), mode="row", group_size=np.int64(32))
+    np.testing.assert_array_equal(_awq_dequantize(r, 32), w[K // 2 :])
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 def _gpu_case(kind, seed):
     if kind == "exl2":

@@ -3,7 +3,8 @@
 A checkpoint directory holds one or more ``*.safetensors`` files (optionally sharded with a
 ``model.safetensors.index.json``), a ``config.json`` and, for GPTQ and AWQ, the quantisation settings in
 ``quantize_config.json``, ``quant_config.json`` or ``config.json["quantization_config"]`` (searched in
-that order). Each linear layer is detected by its tensor names, so one directory can mix formats:
+that order; where several are present they must agree on the settings that change the decoding). Each
+linear layer is detected by its tensor names, so one directory can mix formats:
 
 - GPTQ: ``<name>.qweight`` int32 ``[K*bits/32, N]``, ``.qzeros`` int32 ``[G, N*bits/32]``, ``.scales``
   float ``[G, N]``, optional ``.g_idx`` int ``[K]`` and ``.bias`` ``[N]``;

@@ -47,7 +47,8 @@ class QuantConfig:
             (then it is inferred per layer from the tensor shapes).
         desc_act: GPTQ act-order flag. sym: symmetric flag (True when missing; AWQ: ``not zero_point``).
         checkpoint_format: ``"gptq"`` (v1 zeros, stored z-1) or ``"gptq_v2"``; None for AWQ.
-        dynamic: GPTQModel per-module overrides ``{"+:regex" | "regex": {...}, "-:regex": {}}``.
+        dynamic: GPTQModel per-module overrides ``{"+:regex" | "regex": {...}, "-:regex": {}}``; their bits,
+            group_size, desc_act and sym are checked as the top-level keys are.
         head_bits: EXL2 ``head_bits`` (informational).
         hints: loading hints found in the file (``use_exllama``...), accepted and ignored.
         raw: the parsed JSON object.
@@ -133,10 +134,27 @@ def v1_zero_encoding(quant_config):
     return None
 
 
-def _parse_gptq_config(d, source) -> QuantConfig:
-    def bad(key, problem):
-        _fail(source, f"quantization config key '{key}': {problem}")
+def _bits_value(bits, key, bad):
+    if not _is_int(bits) or bits not in _GPTQ_BITS:
+        bad(key, f"expected one of {_GPTQ_BITS}, got {bits!r}")
+    return int(bits)
 
+
+def _group_size_value(gs, key, bad):
+    """int group size or None (not given: inferred per layer from the shapes)."""
+    if gs is not None and (not _is_int(gs) or not (gs == -1 or gs > 0)):
+        bad(key, f"expected -1 or a positive integer, got {gs!r}")
+    return None if gs is None else int(gs)
+
+
+def _flag_value(flag, key, bad):
+    if not isinstance(flag, bool):
+        bad(key, f"expected true or false, got {flag!r}")
+    return flag
+
+
+def _gptq_format(d, bad):
+    """The lower-case checkpoint format of a GPTQ config object from ``format`` or its alias ``checkpoint_format``."""
     fmt = d.get("format")
     alias = d.get("checkpoint_format")
     if fmt is not None and alias is not None and str(fmt).lower() != str(alias).lower():
@@ -145,40 +163,61 @@ def _parse_gptq_config(d, source) -> QuantConfig:
     fmt = "gptq" if fmt is None else fmt
     if not isinstance(fmt, str) or fmt.lower() not in _GPTQ_FORMATS:
         bad("format", f"expected one of {_GPTQ_FORMATS}, got {fmt!r} (marlin/gptq_p checkpoints are not supported)")
-    if "bits" not in d:
-        bad("bits", "missing")
-    bits = d["bits"]
-    if not _is_int(bits) or bits not in _GPTQ_BITS:
-        bad("bits", f"expected one of {_GPTQ_BITS}, got {bits!r}")
-    gs = d.get("group_size")
-    if gs is not None and (not _is_int(gs) or not (gs == -1 or gs > 0)):
-        bad("group_size", f"expected -1 or a positive integer, got {gs!r}")
-    desc_act = d.get("desc_act", False)
-    if not isinstance(desc_act, bool):
-        bad("desc_act", f"expected true or false, got {desc_act!r}")
-    sym = d.get("sym", True)
-    if not isinstance(sym, bool):
-        bad("sym", f"expected true or false, got {sym!r}")
-    dynamic = d.get("dynamic") or {}
+    return fmt.lower()
+
+
+# The keys a GPTQModel 'dynamic' override may set, each checked by the rule of the top-level key; other keys are
+# ignored, as unknown top-level keys are.
+_OVERRIDE_RULES = {"bits": _bits_value, "group_size": _group_size_value, "desc_act": _flag_value, "sym": _flag_value}
+
+
+def _parse_dynamic(dynamic, fmt, source):
+    """The ``dynamic`` overrides with every value checked as its top-level key is: ``{pattern: {key: value}}``."""
+
+    def bad_dynamic(problem):
+        _fail(source, f"quantization config key 'dynamic': {problem}")
+
+    dynamic = dynamic or {}
     if not isinstance(dynamic, dict) or not all(isinstance(v, dict) for v in dynamic.values()):
-        bad("dynamic", f"expected an object of pattern -> overrides, got {dynamic!r}")
+        bad_dynamic(f"expected an object of pattern -> overrides, got {dynamic!r}")
+    parsed = {}
     for pattern, override in dynamic.items():
         try:
             re.compile(pattern[2:] if pattern[:2] in ("+:", "-:") else pattern)
         except re.error as exc:
-            bad("dynamic", f"pattern {pattern!r} is not a valid regular expression ({exc})")
-        if "bits" in override and (not _is_int(override["bits"]) or override["bits"] not in _GPTQ_BITS):
-            bad("dynamic", f"pattern {pattern!r}: bits must be one of {_GPTQ_BITS}, got {override['bits']!r}")
+            bad_dynamic(f"pattern {pattern!r} is not a valid regular expression ({exc})")
+
+        def bad(key, problem, pattern=pattern):
+            bad_dynamic(f"pattern {pattern!r}, key '{key}': {problem}")
+
+        parsed[pattern] = dict(override)
+        for key, rule in _OVERRIDE_RULES.items():
+            if key in override:
+                parsed[pattern][key] = rule(override[key], key, bad)
+        if "format" in override or "checkpoint_format" in override:
+            own = _gptq_format(override, bad)
+            if own != fmt:  # for_layer applies one format to every module
+                bad("format", f"per-module checkpoint formats are not supported: {own!r} here, {fmt!r} for the model")
+    return parsed
+
+
+def _parse_gptq_config(d, source) -> QuantConfig:
+    def bad(key, problem):
+        _fail(source, f"quantization config key '{key}': {problem}")
+
+    fmt = _gptq_format(d, bad)
+    if "bits" not in d:
+        bad("bits", "missing")
     hints = {k: d[k] for k in _IGNORED_HINTS if k in d}
     return QuantConfig(
         "gptq",
         Path(source),
-        bits=int(bits),
-        group_size=None if gs is None else int(gs),
-        desc_act=desc_act,
-        sym=sym,
-        checkpoint_format=fmt.lower(),
-        dynamic=dict(dynamic),
+        bits=_bits_value(d["bits"], "bits", bad),
+        group_size=_group_size_value(d.get("group_size"), "group_size", bad),
+        desc_act=_flag_value(d.get("desc_act", False), "desc_act", bad),
+        sym=_flag_value(d.get("sym", True), "sym", bad),
+        checkpoint_format=fmt,
+        dynamic=_parse_dynamic(d.get("dynamic"), fmt, source),
         hints=hints,
         raw=dict(d),
     )
@@ -209,12 +248,9 @@ def _parse_awq_config(d, source) -> QuantConfig:
     if not _is_int(bits) or bits != 4:
         bad(key, f"AWQ GEMM checkpoints are 4-bit, got {bits!r}")
     key, gs = one_of("group_size", "q_group_size")
-    if gs is not None and (not _is_int(gs) or not (gs == -1 or gs > 0)):
-        bad(key, f"expected -1 or a positive integer, got {gs!r}")
+    gs = _group_size_value(gs, key, bad)
     # Informational: the zero points are read from each layer's qzeros whatever this says.
-    zero_point = d.get("zero_point", True)
-    if not isinstance(zero_point, bool):
-        bad("zero_point", f"expected true or false, got {zero_point!r}")
+    zero_point = _flag_value(d.get("zero_point", True), "zero_point", bad)
     keep = d.get("modules_to_not_convert") or []
     if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
         bad("modules_to_not_convert", f"expected a list of module names or null, got {keep!r}")
@@ -222,7 +258,7 @@ def _parse_awq_config(d, source) -> QuantConfig:
         "awq",
         Path(source),
         bits=4,
-        group_size=None if gs is None else int(gs),
+        group_size=gs,
         sym=not zero_point,
         checkpoint_format=None,
         hints={k: d[k] for k in _AWQ_HINTS if k in d},
@@ -249,19 +285,56 @@ def _parse_quant_config(d, source) -> QuantConfig:
     return _parse_gptq_config(d, source)
 
 
-def read_quant_config(directory):
-    """The quantisation config of a checkpoint directory, or None when it has none.
+def _stated(keys, value):
+    """A decoding setting of a QuantConfig: ``value(config)``, or None when its JSON gives none of ``keys``."""
+    return lambda c: value(c) if any(c.raw.get(k) is not None for k in keys) else None
 
-    Looks in ``quantize_config.json``, then ``quant_config.json``, then ``config.json`` key
-    ``quantization_config`` (the order AutoGPTQ, GPTQModel and TGI use). Accepts ``format`` or its
-    alias ``checkpoint_format``; reads and ignores the loading hints ``use_exllama``,
-    ``exllama_config``, ``disable_exllama``, ``use_cuda_fp16``, ``max_input_length`` and ``backend``.
-    AWQ settings come from the same places (AutoAWQ writes ``quant_config.json`` with ``w_bit`` /
-    ``q_group_size``, transformers ``quantization_config`` with ``quant_method: awq``).
-    Raises :class:`CheckpointError` for unparsable JSON, bad values or unsupported methods (Marlin, AWQ
-    versions other than GEMM).
-    """
-    directory = Path(directory)
+
+# The settings that change how a method's tensors decode, as two config sources must agree on them. A setting
+# is compared only when both sources state it.
+_DECODING_SETTINGS = {
+    "gptq": {
+        "bits": _stated(("bits",), lambda c: c.bits),
+        "group_size": _stated(("group_size",), lambda c: c.group_size),
+        "desc_act": _stated(("desc_act",), lambda c: c.desc_act),
+        "sym": _stated(("sym",), lambda c: c.sym),
+        "checkpoint_format": _stated(("format", "checkpoint_format"), lambda c: c.checkpoint_format),
+        "dynamic": _stated(("dynamic",), lambda c: c.dynamic),
+        "v1 zero encoding (meta.quantizer)": lambda c: v1_zero_encoding(c) if c.checkpoint_format == "gptq" else None,
+    },
+    "awq": {
+        "bits": _stated(("bits", "w_bit"), lambda c: c.bits),
+        "group_size": _stated(("group_size", "q_group_size"), lambda c: c.group_size),
+        "zero_point": _stated(("zero_point",), lambda c: not c.sym),
+        "version": _stated(("version", "format"), lambda c: c.version),
+    },
+    "exl2": {},  # its config is informational: the tensors say everything
+}
+
+
+def _source_name(quant_config):
+    name = quant_config.source.name
+    return f"{name} quantization_config" if name == "config.json" else name
+
+
+def _check_agree(used, other):
+    """Fail naming both files and every decoding setting on which two config sources of a directory differ."""
+    if used.quant_method != other.quant_method:
+        diffs = [("quant_method", used.quant_method, other.quant_method)]
+    else:
+        settings = _DECODING_SETTINGS[used.quant_method].items()
+        diffs = [(key, value(used), value(other)) for key, value in settings]
+        diffs = [(key, a, b) for key, a, b in diffs if a is not None and b is not None and a != b]
+    if diffs:
+        a_name, b_name = _source_name(used), _source_name(other)
+        listed = "; ".join(f"{key} is {a!r} in {a_name} but {b!r} in {b_name}" for key, a, b in diffs)
+        _fail(used.source, f"the quantization settings disagree with {other.source}: {listed} "
+                           "(the files decode the tensors differently; correct or remove one of them)")
+
+
+def _config_sources(directory):
+    """``[(path, quantization config JSON)]`` of every config source present, in search order."""
+    sources = []
     for name in QUANT_CONFIG_FILES:
         path = directory / name
         if not path.is_file():
@@ -273,5 +346,27 @@ def read_quant_config(directory):
             if d.get("quantization_config") is None:
                 continue
             d = d["quantization_config"]
-        return _parse_quant_config(d, path)
-    return None
+        sources.append((path, d))
+    return sources
+
+
+def read_quant_config(directory):
+    """The quantisation config of a checkpoint directory, or None when it has none.
+
+    Looks in ``quantize_config.json``, then ``quant_config.json``, then ``config.json`` key
+    ``quantization_config`` (the order AutoGPTQ, GPTQModel and TGI use) and returns the first found. Accepts
+    ``format`` or its alias ``checkpoint_format``; reads and ignores the loading hints ``use_exllama``,
+    ``exllama_config``, ``disable_exllama``, ``use_cuda_fp16``, ``max_input_length`` and ``backend``.
+    AWQ settings come from the same places (AutoAWQ writes ``quant_config.json`` with ``w_bit`` /
+    ``q_group_size``, transformers ``quantization_config`` with ``quant_method: awq``).
+    Every source present is parsed, and they must agree on the settings that change how the tensors decode
+    (quant method; GPTQ bits, group_size, desc_act, sym, checkpoint format, dynamic and the v1 zero encoding
+    that meta.quantizer implies; AWQ bits, group_size, zero_point and version); a setting that only one
+    source states is no conflict.
+    Raises :class:`CheckpointError` for unparsable JSON, bad values, unsupported methods (Marlin, AWQ
+    versions other than GEMM) or sources that disagree (naming both files and every differing setting).
+    """
+    configs = [_parse_quant_config(d, path) for path, d in _config_sources(Path(directory))]
+    for other in configs[1:]:
+        _check_agree(configs[0], other)
+    return configs[0] if configs else None

@@ -106,9 +106,10 @@ class Checkpoint:
             from cupyq.formats import exl2 as fx
 
             q_groups = self.load_tensor(name + ".q_groups")
-            invperm = _unsigned_invperm(self.load_tensor(name + ".q_invperm"))
+            q_invperm = self.load_tensor(name + ".q_invperm")
             qrows = self.tensors[name + ".q_weight"].shape[0]
             groups = self._wrap(name + ".q_groups", lambda: fx.parse_q_groups(q_groups, qrows, info.in_features))
+            perm = self._wrap(name + ".q_invperm", lambda: fx.perm_from_invperm(q_invperm, xp=np))
             mix = {}
             for g in groups:
                 mix[g.bits] = mix.get(g.bits, 0) + g.rows
@@ -118,7 +119,7 @@ class Checkpoint:
                 bits=tuple(sorted(mix, reverse=True)),
                 bit_mix=tuple(sorted(mix.items(), reverse=True)),
                 group_size=full_sizes.pop() if len(full_sizes) == 1 else None,
-                act_order=not np.array_equal(invperm, np.arange(invperm.shape[0])),
+                act_order=not np.array_equal(perm, np.arange(perm.shape[0])),
             )
         return self._details[name]
 
@@ -144,7 +145,8 @@ class Checkpoint:
         ``[K]`` (``k // group_size`` when the file has none), optional ``bias`` float16 ``[N]``.
         EXL2: ``q_weight`` int32 ``[Q, N_pad]``, ``q_invperm`` int32 ``[K]``, ``q_perm`` int32 ``[K]``
         (rebuilt as argsort of q_invperm), ``q_scale`` int32 ``[G, N_pad/8]``, ``q_scale_max`` float16
-        ``[G]``, ``q_groups`` int16 ``[2G]``, optional ``bias`` float16 ``[N_pad]`` (zero-padded).
+        ``[G]``, ``q_groups`` int16 ``[2G]``, optional ``bias`` float16 ``[N_pad]``
+        (zero-padded; :meth:`qmatrix` gives the layer the true width of a bias stored unpadded).
         AWQ: ``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32 ``[G, N/8]`` (as stored), ``scales`` float16
         ``[G, N]`` (bf16/fp32 cast), optional ``bias`` float16 ``[N]``.
         Plain: ``weight`` ``[out, in]`` in its stored dtype (bf16 as float32), optional ``bias``.
@@ -165,7 +167,7 @@ class Checkpoint:
 
         out = {"qweight": raw["qweight"], "qzeros": raw["qzeros"], "scales": raw["scales"].astype(np.float16, copy=False)}
         if "bias" in raw:
-            out["bias"] = raw["bias"].astype(np.float16, copy=False)
+            out["bias"] = self._checked_bias(info, raw, info.out_features)
         self._wrap(info.name + ".qweight", lambda: fa.check_awq(out["qweight"], out["qzeros"], out["scales"], info.group_size))
         return out
 
@@ -178,42 +180,55 @@ class Checkpoint:
             "qzeros": raw["qzeros"],
             "scales": raw["scales"].astype(np.float16, copy=False),
         }
-        if "g_idx" in raw:
-            out["g_idx"] = raw["g_idx"].astype(np.int32, copy=False)
-        else:
-            out["g_idx"] = fg.default_g_idx(info.in_features, info.group_size, xp=np)
+        # The range of a stored g_idx is checked before it is narrowed to int32, which would wrap int64 values.
+        g_idx = raw.get("g_idx")
+        if g_idx is None:
+            g_idx = fg.default_g_idx(info.in_features, info.group_size, xp=np)
         if "bias" in raw:
-            out["bias"] = raw["bias"].astype(np.float16, copy=False)
+            out["bias"] = self._checked_bias(info, raw, info.out_features)
         bits = info.bits[0]
         tensor = name + (".g_idx" if "g_idx" in raw else ".qweight")
-        self._wrap(tensor, lambda: fg.check_gptq(out["qweight"], out["qzeros"], out["scales"], out["g_idx"], bits))
+        self._wrap(tensor, lambda: fg.check_gptq(out["qweight"], out["qzeros"], out["scales"], g_idx, bits))
+        out["g_idx"] = g_idx.astype(np.int32, copy=False)
         return out
 
     def _load_exl2(self, info, raw):
         from cupyq.formats import exl2 as fx
 
         name = info.name
+        q_scale_max = raw["q_scale_max"].astype(np.float16, copy=False)
+        # Checked as stored: narrowing q_invperm (int64) or q_groups (int32) first would wrap bad values into
+        # plausible ones. Once they pass, the casts below lose nothing.
+        self._wrap(
+            name + ".q_groups",
+            lambda: fx.check_exl2(raw["q_weight"], raw["q_invperm"], raw["q_scale"], q_scale_max, raw["q_groups"]),
+        )
         out = {
             "q_weight": raw["q_weight"],
             "q_invperm": _unsigned_invperm(raw["q_invperm"]),
             "q_scale": raw["q_scale"],
-            "q_scale_max": raw["q_scale_max"].astype(np.float16, copy=False),
+            "q_scale_max": q_scale_max,
             "q_groups": raw["q_groups"].astype(np.int16, copy=False),
+            "q_perm": fx.perm_from_invperm(raw["q_invperm"], xp=np),
         }
-        out["q_perm"] = self._wrap(name + ".q_invperm", lambda: fx.perm_from_invperm(out["q_invperm"], xp=np))
         if "q_perm" in raw and not np.array_equal(raw["q_perm"].astype(np.int64), out["q_perm"]):
             rec = self.tensors[name + ".q_perm"]
             _fail(rec.file, "stored q_perm is not the inverse of q_invperm", rec.name)
-        self._wrap(
-            name + ".q_groups",
-            lambda: fx.check_exl2(out["q_weight"], out["q_invperm"], out["q_scale"], out["q_scale_max"], out["q_groups"]),
-        )
         if "bias" in raw:
-            # An unpadded bias gets zeros for the padding columns, which dequantise to zero too.
+            # An unpadded bias gets zeros for the padding columns, which dequantise to zero too (the stored width,
+            # as shards read it); qmatrix() gives the layer the stored bias's width.
             bias = np.zeros(info.out_features, dtype=np.float16)
-            bias[: raw["bias"].shape[0]] = raw["bias"]
+            bias[: raw["bias"].shape[0]] = self._checked_bias(info, raw, raw["bias"].shape[0])
             out["bias"] = bias
         return out
+
+    def _checked_bias(self, info, raw, width):
+        """The layer's bias as float16 [width], checked by the rule of every QMatrix bias
+        (:func:`cupyq.formats.bias.check_bias`) before the cast, so that no value becomes inf; CheckpointError naming the
+        tensor otherwise."""
+        from cupyq.formats.bias import check_bias
+
+        return self._wrap(info.name + ".bias", lambda: check_bias(raw["bias"], width)).astype(np.float16)
 
     def qmatrix(self, name, device=None):
         """Build the :class:`cupyq.QMatrix` of a quantized layer.
@@ -244,8 +259,11 @@ class Checkpoint:
             return QMatrix.from_awq(
                 t["qweight"], t["qzeros"], t["scales"], t.get("bias"), group_size=info.group_size, device=device
             )
+        bias = t.get("bias")
+        if bias is not None:  # as stored: an unpadded bias gives the layer's true width (QMatrix.from_exl2)
+            bias = bias[: self.tensors[name + ".bias"].shape[0]]
         return QMatrix.from_exl2(
-            t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], t.get("bias"), device=device
+            t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], bias, device=device
         )
 
     def dequantize(self, name) -> np.ndarray:
@@ -268,7 +286,8 @@ class Checkpoint:
 
 
 def _unsigned_invperm(q_invperm):
-    """int32 copy of a stored q_invperm; 16-bit values are read as unsigned (K up to 65535)."""
+    """int32 copy of a stored q_invperm that :func:`cupyq.formats.exl2.check_exl2` accepted (so its values lie
+    in ``[0, K)``, K <= 65535, and the cast loses nothing); 16-bit values are read as unsigned."""
     if q_invperm.dtype == np.int16:
         q_invperm = q_invperm.view(np.uint16)
     return q_invperm.astype(np.int32)
@@ -305,8 +324,8 @@ def open_checkpoint(path) -> Checkpoint:
 
     Reads the config files and every safetensors header; no tensor data (except the scalar
     ``gptq_bits``/``gptq_groupsize`` of TGI-made checkpoints). With ``model.safetensors.index.json``
-    the files it names are used and every entry is checked against their headers; without it, every
-    ``*.safetensors`` in the directory. Raises :class:`CheckpointError` (naming file, tensor and
+    the files it names are used, every entry is checked against their headers and every tensor of those files
+    must be listed; without it, every ``*.safetensors`` in the directory. Raises :class:`CheckpointError` (naming file, tensor and
     problem) for malformed or inconsistent checkpoints, FileNotFoundError for a missing path.
     """
     path = Path(path)
@@ -329,7 +348,10 @@ def open_checkpoint(path) -> Checkpoint:
                 _fail(f, f"is {what}, not a safetensors file")
             _fail(directory / INDEX_FILE, f"names file '{f.name}', which does not exist")
         for name, rec in read_safetensors_header(f).items():
-            if weight_map is not None and weight_map.get(name) != f.name:
+            if weight_map is not None and name not in weight_map:
+                _fail(directory / INDEX_FILE, f"not listed in the index's weight_map, but '{f.name}' holds it "
+                                              "(an incomplete or stale index)", name)
+            if weight_map is not None and weight_map[name] != f.name:
                 continue  # the index decides which copy of a tensor is used
             if name in tensors:
                 _fail(f, f"tensor also stored in '{tensors[name].file.name}' (duplicate name)", name)

@@ -180,7 +180,7 @@ def _safetensors_files(directory):
             _fail(index_path, "expected an object with a non-empty 'weight_map' of tensor -> file")
         files = []
         for tensor, fname in weight_map.items():
-            if not isinstance(fname, str) or Path(fname).name != fname:
+            if not isinstance(fname, str) or fname in ("", ".", "..") or Path(fname).name != fname:
                 _fail(index_path, f"weight_map entry is not a plain file name: {fname!r}", tensor)
             if fname not in files:
                 files.append(fname)
@@ -195,15 +195,24 @@ def _safetensors_files(directory):
 
 
 def _to_numpy(a, name):
+    """A NumPy array (CPU copy of a CuPy or torch array, NumPy input as is) of a safetensors dtype.
+
+    Raises TypeError naming ``name`` for a dtype safetensors cannot store through NumPy (bfloat16,
+    complex, object...), whatever the array's library.
+    """
     module = type(a).__module__.split(".")[0]
     if module == "torch":
         t = a.detach().cpu()
         if str(t.dtype) == "torch.bfloat16":
             raise TypeError(f"{name}: bfloat16 cannot be saved through NumPy; convert it to float16 or float32 first")
-        return t.numpy()
-    if module == "cupy":
-        return a.get()
-    a = np.asarray(a)
+        try:
+            a = t.numpy()
+        except TypeError as exc:  # a torch dtype without a NumPy counterpart
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors ({exc})") from None
+    elif module == "cupy":
+        a = a.get()
+    else:
+        a = np.asarray(a)
     if a.dtype not in _NP_TO_ST:
         raise TypeError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
     return a
@@ -224,6 +233,18 @@ def _shards(tensors, shard_bytes):
 
 
 def _write_safetensors(path, tensors):
+    """Write ``{name: NumPy array}`` (any shape, 0-d included, kept as is) as one new safetensors file.
+
+    The file gets the permissions a newly created file has (0o666 less the umask), like the JSON files
+    beside it: it is created first with ``open``, whose mode is kept after safetensors replaces it.
+    """
+    import os
+    import stat
+
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    with open(path, "xb") as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+    # np.asarray keeps 0-d arrays 0-d (np.ascontiguousarray would make them [1]).
+    save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    os.chmod(path, mode)

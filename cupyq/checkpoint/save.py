@@ -1,76 +1,196 @@
 """Writing GPTQ, EXL2 and AWQ checkpoint directories: :func:`save_gptq`, :func:`save_exl2`, :func:`save_awq`.
 
-Every layer is checked and every file written into a staging directory beside the target before anything
-there is replaced (:func:`_write_directory`), so a bad argument or a failed write leaves an existing
-checkpoint as it was.
+Every argument and layer is checked, with the rules :func:`~cupyq.checkpoint.open_checkpoint` applies,
+before any folder is created or file written. The files are written into a staging folder on the target's
+filesystem and moved into place once all are written; an overwrite moves the old checkpoint's files aside
+first and deletes them only when every new file is in place (:func:`_write_directory`), so a bad argument
+or a failed write leaves an existing checkpoint as it was.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
+import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from cupyq.checkpoint.config import _GPTQ_BITS, _GPTQ_FORMATS, _is_int
-from cupyq.checkpoint.layers import _AWQ_PARTS, _EXL2_PARTS, _GPTQ_PARTS
-from cupyq.checkpoint.safetensors_io import INDEX_FILE, _shards, _to_numpy, _write_safetensors
+from cupyq.checkpoint.config import _GPTQ_BITS, _GPTQ_FORMATS, QUANT_CONFIG_FILES, _is_int, _parse_quant_config
+from cupyq.checkpoint.layers import _AWQ_PARTS, _EXL2_PARTS, _GPTQ_PARTS, detect_layers
+from cupyq.checkpoint.safetensors_io import (
+    _NP_TO_ST,
+    INDEX_FILE,
+    TensorRecord,
+    _shards,
+    _to_numpy,
+    _write_safetensors,
+)
 
 __all__ = ["save_gptq", "save_exl2", "save_awq"]
 
 
-def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
-    """Write the files into a temporary directory beside ``directory``, then move them into place.
+# ------------------------------------------------------------------------------------------------
+# the directory: staging, the overwrite transaction
+# ------------------------------------------------------------------------------------------------
 
-    Every argument is checked and every file written before anything in ``directory`` is replaced, so a
-    bad argument or a failed write leaves an existing checkpoint as it was.
+
+def _json_texts(configs):
+    """``{file name: JSON text}`` of the config files; raises naming ``config`` when one cannot be encoded
+    (NaN and infinities included: they are not JSON)."""
+    texts = {}
+    for fname, content in configs.items():
+        try:
+            texts[fname] = json.dumps(content, indent=2, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"config: cannot be written as JSON to {fname} ({exc})") from exc
+    return texts
+
+
+def _reader_files(directory):
+    """The files of ``directory`` :func:`open_checkpoint` reads: ``*.safetensors``, the shard index and
+    the quantization config files, weights first."""
+    weights = sorted(directory.glob("*.safetensors"))
+    others = [directory / n for n in (INDEX_FILE, *QUANT_CONFIG_FILES) if os.path.lexists(directory / n)]
+    return weights + [p for p in others if p not in weights]
+
+
+def _write_files(folder, tensors, texts, shard_bytes):
+    """Write the safetensors files (one, or shards of at most ``shard_bytes`` plus the index) and the
+    config texts into ``folder``; returns the names written."""
+    if shard_bytes is None:
+        _write_safetensors(folder / "model.safetensors", tensors)
+        names = ["model.safetensors"]
+    else:
+        shards = _shards(tensors, int(shard_bytes))
+        weight_map, names = {}, []
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(folder / fname, {n: tensors[n] for n in shard})
+            weight_map.update({n: fname for n in shard})
+            names.append(fname)
+        index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
+        texts = {INDEX_FILE: json.dumps(index, indent=2) + "\n", **texts}
+    for fname, text in texts.items():
+        (folder / fname).write_text(text, encoding="utf-8")
+    return names + list(texts)
+
+
+def _swap_in(directory, staging, names, old):
+    """Move the staged files ``names`` into ``directory``, replacing the files ``old``.
+
+    The old files are moved aside (into a folder beside them, so every move is a rename on one
+    filesystem), the new ones moved in, and only then are the old ones deleted. On any failure the new
+    files are taken out again, the old ones put back and the exception re-raised.
     """
-    import os
-    import shutil
-    import uuid
+    aside = directory / f".{uuid.uuid4().hex[:12]}.old"
+    aside.mkdir()
+    moved_aside, moved_in = [], []
+    try:
+        for p in old:
+            os.replace(p, aside / p.name)
+            moved_aside.append(p.name)
+        for name in names:
+            os.replace(staging / name, directory / name)
+            moved_in.append(name)
+    except BaseException as exc:
+        try:
+            for name in moved_in:
+                os.unlink(directory / name)
+            for name in reversed(moved_aside):
+                os.replace(aside / name, directory / name)
+        except OSError as restore_exc:
+            exc.add_note(f"{directory}: the previous files could not all be put back ({restore_exc}); they are in {aside}")
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
+
+def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
+    """Write the safetensors files and ``configs`` (``{file name: JSON object}``) as checkpoint ``directory``.
+
+    Everything is checked before anything is created. A new directory is written as a staging folder
+    beside it and renamed into place; an existing one gets its staging folder inside it (the same
+    filesystem as the final files, even when ``directory`` is a link to another disk or a mount point)
+    and the files are swapped in by :func:`_swap_in`. An overwrite removes every file of the old
+    checkpoint that the reader would read and the new one does not replace (other weights, the shard
+    index, ``quantize_config.json`` / ``quant_config.json``), so none of them can shadow the new files.
+    """
     directory = Path(directory)
     if shard_bytes is not None and (not _is_int(shard_bytes) or shard_bytes <= 0):
         raise ValueError(f"shard_bytes: expected a positive integer, got {shard_bytes!r}")
-    if directory.exists() and not directory.is_dir():
+    overwrite = _require_bool("overwrite", overwrite)
+    texts = _json_texts(configs)
+    if os.path.lexists(directory) and not directory.is_dir():
         raise NotADirectoryError(f"{directory}: exists and is not a directory")
-    stale = sorted(directory.glob("*.safetensors")) + sorted(directory.glob(INDEX_FILE)) if directory.is_dir() else []
-    if stale and not overwrite:
-        raise FileExistsError(f"{directory}: already holds {stale[0].name}; pass overwrite=True to replace")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
-    staging.mkdir()  # default permissions, as the directory itself gets when it is new
-    try:
-        if shard_bytes is None:
-            _write_safetensors(staging / "model.safetensors", tensors)
-        else:
-            shards = _shards(tensors, int(shard_bytes))
-            weight_map = {}
-            for i, names in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _write_safetensors(staging / fname, {n: tensors[n] for n in names})
-                weight_map.update({n: fname for n in names})
-            index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        for fname, content in configs.items():
-            (staging / fname).write_text(json.dumps(content, indent=2) + "\n")
-        if not directory.exists():
-            staging.rename(directory)
-            return directory
-        for p in stale:
-            p.unlink()
-        for p in sorted(staging.iterdir()):
-            p.replace(directory / p.name)
-    finally:
-        if staging.exists():
+    old = _reader_files(directory) if directory.is_dir() else []
+    # Without overwrite only a config.json may be there (a model config copied in first); it is replaced.
+    blocking = [p for p in old if p.name != "config.json"]
+    if blocking and not overwrite:
+        raise FileExistsError(f"{directory}: already holds {blocking[0].name}; pass overwrite=True to replace")
+    token = uuid.uuid4().hex[:12]  # short: the staging name must fit wherever the directory's name does
+    if directory.is_dir():
+        staging = directory / f".{token}.partial"
+        staging.mkdir()
+        try:
+            names = _write_files(staging, tensors, texts, shard_bytes)
+            _swap_in(directory, staging, names, old)
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
+        return directory
+    created = [p for p in directory.parents if not p.exists()]
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{token}.partial"
+    try:
+        staging.mkdir()  # default permissions, as the directory itself gets when it is new
+        _write_files(staging, tensors, texts, shard_bytes)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for p in created:  # deepest first; only the folders this call made, and only while empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
     return directory
 
 
-def _collect(layers, parts, extra_tensors, check):
+# ------------------------------------------------------------------------------------------------
+# arguments and tensors
+# ------------------------------------------------------------------------------------------------
+
+
+def _require_bool(name, value):
+    """``value`` as a bool; TypeError naming ``name`` unless it is one (a string such as "no" is not)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _mapping(name, value):
+    """``value`` (a Mapping, or None for empty) as a dict; TypeError naming ``name`` otherwise."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name}: expected a dict or None, got {type(value).__name__}")
+    return dict(value)
+
+
+def _collect(layers, parts, extra_tensors, check, unstored=()):
+    """``({tensor name: NumPy array}, extra tensor names)`` of the layers and the extra tensors.
+
+    Each layer's tensors (``parts`` of it, NumPy, CuPy or torch) are converted and checked by ``check``;
+    ``unstored`` parts are accepted and checked but not written.
+    """
     if not isinstance(layers, Mapping):
         raise TypeError(f"layers: expected a dict of layer name -> tensors, got {type(layers).__name__}")
+    extra_tensors = _mapping("extra_tensors", extra_tensors)
     tensors = {}
     for lname, lt in layers.items():
         if not isinstance(lt, Mapping):
@@ -84,15 +204,38 @@ def _collect(layers, parts, extra_tensors, check):
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layers[{lname!r}]: {exc}") from exc
         for k in parts:
-            if k in arrays:
+            if k in arrays and k not in unstored:
                 tensors[f"{lname}.{k}"] = arrays[k]
-    for name, value in (extra_tensors or {}).items():
+    for name, value in extra_tensors.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"extra_tensors: tensor names must be non-empty strings, got {name!r}")
         if name in tensors:
             raise ValueError(f"extra_tensors: {name!r} is also a quantized layer tensor")
         tensors[name] = _to_numpy(value, name)
     if not tensors:
         raise ValueError("layers: nothing to save")
-    return tensors
+    return tensors, set(extra_tensors)
+
+
+def _check_as_read(directory, layers, tensors, extra, qcfg, qcfg_file):
+    """Refuse what :func:`open_checkpoint` would refuse in the directory about to be written.
+
+    The reader's own checks run on ``qcfg`` as ``qcfg_file`` will hold it and on the tensors' headers as
+    they will be stored (dtype, shape): desc_act without g_idx, a bias that is not out_features long, a
+    plain weight or a quantized-only tensor (``scales``...) without its layer. An extra tensor the reader
+    would take as part of one of ``layers`` is refused too: a layer's tensors are given (and checked
+    whole) in ``layers``. Extra tensors may form layers of their own (a mixed checkpoint). Raises
+    CheckpointError naming ``directory`` and the tensor, or ValueError naming ``extra_tensors``.
+    """
+    directory = Path(directory)
+    quant_config = _parse_quant_config(qcfg, directory / qcfg_file)
+    records = {n: TensorRecord(n, directory, _NP_TO_ST[a.dtype], tuple(a.shape), 0, a.nbytes) for n, a in tensors.items()}
+    for name, info in detect_layers(records, quant_config, lambda: None).items():
+        taken = [t for t in info.tensors if t in extra] if name in layers else []
+        if taken:
+            raise ValueError(
+                f"extra_tensors: {taken[0]!r} would be read as part of layer {name!r}; give it in layers[{name!r}]"
+            )
 
 
 def _cupyq_version():
@@ -119,23 +262,32 @@ def save_gptq(
     """Write a Hugging Face GPTQ checkpoint directory.
 
     Args:
-        directory: created if missing; must hold no ``.safetensors`` unless ``overwrite``.
+        directory: created if missing; must hold no ``.safetensors``, shard index, ``quantize_config.json``
+            or ``quant_config.json`` unless ``overwrite``, which replaces them all (other files are kept;
+            a failed save leaves the old checkpoint as it was).
         layers: ``{module name: quantize_gptq output}`` (``qweight``, ``qzeros``, ``scales``, ``g_idx``,
             optional ``bias``; NumPy, CuPy or torch), stored as ``<name>.qweight`` etc.
         bits, group_size, desc_act, sym, checkpoint_format: the settings the layers were made with
-            (each layer is checked against ``bits`` and ``group_size``; ``checkpoint_format`` is the
-            format of the given ``qzeros``, v1 read per field as :func:`cupyq.quantize_gptq` writes it).
+            (each layer is checked against ``bits`` and ``group_size``, and needs ``g_idx`` when
+            ``desc_act``; ``desc_act`` and ``sym`` are bools; ``checkpoint_format`` is the format of the
+            given ``qzeros``, v1 read per field as :func:`cupyq.quantize_gptq` writes it).
         write_format: the zero-point format of the files: ``"gptq"`` (v1) or ``"gptq_v2"``. None writes
             asymmetric layers (``sym=False``) as ``"gptq_v2"``, which every reader decodes the same way (v1
             zeros of 0 are stored differently by different tools), and symmetric ones as ``checkpoint_format``.
             The qzeros are converted when it differs from ``checkpoint_format``.
-        extra_tensors: other tensors to store by full name (``lm_head.weight``, embeddings, norms...).
-        config: base ``config.json`` content (e.g. the model config); ``quantization_config`` is added.
+        extra_tensors: dict of other tensors to store by full name (``lm_head.weight``, embeddings,
+            norms...; any shape, 0-d included); none may be read back as part of a quantized layer
+            (``<layer>.weight``, ``<layer>.scales``...).
+        config: dict, the base ``config.json`` content (e.g. the model config), JSON-encodable;
+            ``quantization_config`` is added.
         shard_bytes: split into ``model-0000i-of-0000n.safetensors`` of at most this many bytes each
             plus ``model.safetensors.index.json``; None writes one ``model.safetensors``.
+        overwrite: bool.
 
-    Writes ``config.json`` (with ``quantization_config``) and ``quantize_config.json``.
-    Returns the directory as a Path.
+    Writes ``config.json`` (with ``quantization_config``) and ``quantize_config.json``, each file with the
+    mode a new file gets (0o666 less the umask). Everything :func:`open_checkpoint` would refuse is
+    refused before anything is written (TypeError / ValueError / CheckpointError naming the argument or
+    tensor). Returns the directory as a Path.
     """
     from cupyq.formats import gptq as fg
 
@@ -145,6 +297,9 @@ def save_gptq(
         raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
     if checkpoint_format not in _GPTQ_FORMATS:
         raise ValueError(f"checkpoint_format: expected one of {_GPTQ_FORMATS}, got {checkpoint_format!r}")
+    desc_act = _require_bool("desc_act", desc_act)
+    sym = _require_bool("sym", sym)
+    cfg = _mapping("config", config)
     if write_format is None:
         write_format = "gptq_v2" if not sym else checkpoint_format
     if write_format not in _GPTQ_FORMATS:
@@ -159,7 +314,7 @@ def save_gptq(
         if layout.groups != groups:
             raise ValueError(f"scales: {layout.groups} groups, but group_size {group_size} over {layout.in_features} rows needs {groups}")
 
-    tensors = _collect(layers, _GPTQ_PARTS, extra_tensors, check)
+    tensors, extra = _collect(layers, _GPTQ_PARTS, extra_tensors, check)
     if write_format != checkpoint_format:
         for lname in layers:
             key = f"{lname}.qzeros"
@@ -170,14 +325,14 @@ def save_gptq(
         "quant_method": "gptq",
         "bits": int(bits),
         "group_size": int(group_size),
-        "desc_act": bool(desc_act),
-        "sym": bool(sym),
+        "desc_act": desc_act,
+        "sym": sym,
         "format": write_format,
         "checkpoint_format": write_format,
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"cupyq:{_cupyq_version()}"]},
     }
-    cfg = dict(config or {})
+    _check_as_read(directory, layers, tensors, extra, qcfg, "quantize_config.json")
     cfg["quantization_config"] = qcfg
     return _write_directory(directory, tensors, {"config.json": cfg, "quantize_config.json": qcfg}, shard_bytes, overwrite)
 
@@ -186,18 +341,26 @@ def save_exl2(directory, layers, *, extra_tensors=None, config=None, bits=None, 
     """Write an EXL2 checkpoint directory.
 
     Args:
-        directory: created if missing; must hold no ``.safetensors`` unless ``overwrite``.
+        directory: as in :func:`save_gptq`.
         layers: ``{module name: quantize_exl2 output}`` (``q_weight``, ``q_invperm``, ``q_scale``,
             ``q_scale_max``, ``q_groups``, optional ``bias``; a ``q_perm`` entry is accepted and not
             written, as converters do not write it).
         extra_tensors, config, shard_bytes, overwrite: as in :func:`save_gptq`.
-        bits: target bits per weight recorded in ``quantization_config`` (informational); None
-            records the measured average of the layers' q_weight.
+        bits: target bits per weight recorded in ``quantization_config`` (informational): a finite
+            number from 2 to 8 (the EXL2 widths); None records the measured average of the layers'
+            q_weight.
 
     Writes ``config.json`` with ``quantization_config = {"quant_method": "exl2", "version", "bits",
     "head_bits"}``. Returns the directory as a Path.
     """
     from cupyq.formats import exl2 as fx
+
+    lo, hi = min(fx.EXL2_BITS), max(fx.EXL2_BITS)
+    if bits is not None and (isinstance(bits, (bool, np.bool_)) or not isinstance(bits, numbers.Real)):
+        raise TypeError(f"bits: expected None or a number of bits per weight, got {type(bits).__name__} {bits!r}")
+    if bits is not None and not (math.isfinite(bits) and lo <= bits <= hi):
+        raise ValueError(f"bits: expected bits per weight from {lo} to {hi} (the EXL2 widths), got {bits!r}")
+    cfg = _mapping("config", config)
 
     def check(t):
         for part in ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups"):
@@ -205,24 +368,27 @@ def save_exl2(directory, layers, *, extra_tensors=None, config=None, bits=None, 
                 raise ValueError(f"missing tensor '{part}'")
         fx.check_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"])
 
-    stored = tuple(p for p in _EXL2_PARTS if p != "q_perm")
-    tensors = _collect(layers, stored + ("q_perm",), extra_tensors, check)
-    tensors = {k: v for k, v in tensors.items() if not (k.endswith(".q_perm") and k[: -len(".q_perm")] in layers)}
-    if bits is None:
-        packed = sum(np.asarray(layers[n]["q_weight"]).shape[0] * 32 for n in layers)
-        rows = sum(np.asarray(layers[n]["q_invperm"]).shape[0] for n in layers)
-        bits = round(packed / rows, 3)
+    tensors, extra = _collect(layers, _EXL2_PARTS, extra_tensors, check, unstored=("q_perm",))
+
+    def packed_rows(n):
+        return tensors[f"{n}.q_weight"].shape[0] * 32
+
+    def rows(n):
+        return tensors[f"{n}.q_invperm"].shape[0]
+
+    if bits is None and layers:
+        bits = round(sum(packed_rows(n) for n in layers) / sum(rows(n) for n in layers), 3)
     head = "lm_head"
     if head in layers:
-        head_bits = round(np.asarray(layers[head]["q_weight"]).shape[0] * 32 / np.asarray(layers[head]["q_invperm"]).shape[0], 3)
+        head_bits = round(packed_rows(head) / rows(head), 3)
     elif head + ".weight" in tensors:
         head_bits = 8 * tensors[head + ".weight"].dtype.itemsize
     else:
         head_bits = None
-    qcfg = {"quant_method": "exl2", "version": f"cupyq {_cupyq_version()}", "bits": float(bits)}
+    qcfg = {"quant_method": "exl2", "version": f"cupyq {_cupyq_version()}", "bits": None if bits is None else float(bits)}
     if head_bits is not None:
         qcfg["head_bits"] = head_bits
-    cfg = dict(config or {})
+    _check_as_read(directory, layers, tensors, extra, qcfg, "config.json")
     cfg["quantization_config"] = qcfg
     return _write_directory(directory, tensors, {"config.json": cfg}, shard_bytes, overwrite)
 
@@ -241,7 +407,7 @@ def save_awq(
     """Write a Hugging Face AWQ (GEMM) checkpoint directory.
 
     Args:
-        directory: created if missing; must hold no ``.safetensors`` unless ``overwrite``.
+        directory: as in :func:`save_gptq`.
         layers: ``{module name: quantize_awq output}`` (``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32
             ``[G, N/8]``, ``scales`` ``[G, N]``, optional ``bias``; NumPy, CuPy or torch), stored as
             ``<name>.qweight`` etc.; each layer is checked against ``group_size``.
@@ -260,6 +426,7 @@ def save_awq(
     keep = [] if modules_to_not_convert is None else modules_to_not_convert
     if isinstance(keep, str) or not all(isinstance(k, str) and k for k in keep):
         raise ValueError(f"modules_to_not_convert: expected a list of module names, got {modules_to_not_convert!r}")
+    cfg = _mapping("config", config)
     if isinstance(layers, Mapping):
         clash = [n for n in layers if any(k in n for k in keep)]
         if clash:
@@ -271,7 +438,7 @@ def save_awq(
                 raise ValueError(f"missing tensor '{part}'")
         fa.check_awq(t["qweight"], t["qzeros"], t["scales"], group_size)
 
-    tensors = _collect(layers, _AWQ_PARTS, extra_tensors, check)
+    tensors, extra = _collect(layers, _AWQ_PARTS, extra_tensors, check)
     qcfg = {
         "quant_method": "awq",
         "bits": 4,
@@ -280,6 +447,6 @@ def save_awq(
         "version": "gemm",
         "modules_to_not_convert": list(keep) or None,
     }
-    cfg = dict(config or {})
+    _check_as_read(directory, layers, tensors, extra, qcfg, "config.json")
     cfg["quantization_config"] = qcfg
     return _write_directory(directory, tensors, {"config.json": cfg}, shard_bytes, overwrite)

@@ -146,7 +146,9 @@ def _cmd_model_bench(args):
         cols += [("max |logit|", "max_abs_logit")]
     else:
         cols += [("fp16 ms", "fp16_ms"), ("cupyq ms", "cupyq_ms"), ("cupyq ms/layer", "cupyq_ms_per_layer"),
-                 ("cupyq tokens/s", "cupyq_tokens_per_s"), ("speed-up", "speedup_over_fp16")]
+                 ("cupyq tokens/s", "cupyq_tokens_per_s"), ("speed-up", "speedup_over_fp16"),
+                 ("fp16 eager ms", "fp16_eager_ms"), ("cupyq eager ms", "cupyq_eager_ms"),
+                 ("eager speed-up", "eager_speedup_over_fp16")]
     text = (f"{report['format']} model: {cfg['layers']} decoder layer(s), hidden {cfg['hidden']}, intermediate "
             f"{cfg['intermediate']}\n" + format_table(report["rows"], cols))
     if args.dry_run:

@@ -75,10 +75,29 @@ def _verify_layer(ckpt, name, ms, rng, on_gpu, reps):
                 start = time.perf_counter()
                 y = np.asarray(gemm(x, qm))
                 us = (time.perf_counter() - start) * 1e6
-        if y.shape[-1] != ref.shape[-1]:
-            y = y[..., : ref.shape[-1]]
+        n = min(y.shape[-1], ref.shape[-1])  # EXL2: the matrix may have the true width, the stored tensors more
+        y, ref = y[..., :n], ref[..., :n]
         results.append({"m": m, "error": _relative_error(y, ref), "us": us})
     return info, results
+
+
+def _open_distinct(paths, is_sample):
+    """``{label: Checkpoint}`` of ``paths``, each checkpoint once, in order.
+
+    A path that opens the same directory and files as an earlier one (a directory given twice, through a link,
+    or beside its only ``.safetensors`` file) is skipped with a note on stderr. label: the path as given, or
+    the sample's name for the built-in sample.
+    """
+    opened, seen = {}, {}
+    for path in paths:
+        ckpt = _open(path)
+        key = (ckpt.path.resolve(), frozenset(f.resolve() for f in ckpt.files))
+        if key in seen:
+            print(f"cupyq verify: {path} is the same checkpoint as {seen[key]}; verified once", file=sys.stderr)
+            continue
+        seen[key] = path
+        opened[ckpt.path.name if is_sample else str(path)] = ckpt
+    return opened
 
 
 def cmd_verify(args):
@@ -98,20 +117,20 @@ def cmd_verify(args):
         return EXIT_FAIL
     with tempfile.TemporaryDirectory(prefix="cupyq-sample-") as tmp:
         paths, is_sample = _checkpoint_paths(args.paths, tmp)
-        checkpoints = [_open(p) for p in paths]
-        jobs = [(c, n) for c in checkpoints for n in c.quantized_layers]
+        checkpoints = _open_distinct(paths, is_sample)
+        jobs = [(label, c, n) for label, c in checkpoints.items() for n in c.quantized_layers]
         if not jobs:
             raise UsageError("no GPTQ or EXL2 layers to verify in " + ", ".join(str(p) for p in paths))
         rng = np.random.default_rng(args.seed)
         rows, failed = [], 0
         with Progress(len(jobs), "verify") as bar:
-            for ckpt, name in jobs:
+            for label, ckpt, name in jobs:
                 info, results = _verify_layer(ckpt, name, ms, rng, on_gpu, args.reps)
                 worst = max(r["error"] for r in results)
                 ok = worst <= args.tolerance
                 failed += not ok
                 rows.append({
-                    "checkpoint": ckpt.path.name if is_sample else str(ckpt.path),
+                    "checkpoint": label,
                     "layer": name,
                     "format": info.format,
                     "bits": _bits_text(info),
@@ -133,15 +152,14 @@ def cmd_verify(args):
     cols += [(f"us m={m}", f"us_m{m}") for m in ms]
     cols += [("ok", "ok")]
     lines = []
-    for ckpt in checkpoints:
-        key = ckpt.path.name if is_sample else str(ckpt.path)
+    for label in checkpoints:
         sub = [dict(r, **{f"{k}_m{res['m']}": res[k] for res in r["results"] for k in ("error", "us")})
-               for r in rows if r["checkpoint"] == key]
+               for r in rows if r["checkpoint"] == label]
         if sub:
-            lines.append(("sample " if is_sample else "") + key)
+            lines.append(("sample " if is_sample else "") + label)
             lines.append(format_table(sub, cols))
             lines.append("")
-    warnings_ = [w for ckpt in checkpoints for w in _zero_point_warnings(ckpt)]
+    warnings_ = [w for ckpt in checkpoints.values() for w in _zero_point_warnings(ckpt)]
     lines += [f"warning: {w}" for w in warnings_]
     lines.append(f"mode: {mode}")
     lines.append(

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from cupyq.checkpoint import Checkpoint, open_checkpoint
+from cupyq.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from cupyq.distributed.shard import CheckpointLayer, shard_exl2, shard_gptq
 
 __all__ = ["COLUMN_LAYERS", "ROW_LAYERS", "shard_qmatrix", "patch_model_tp"]
@@ -71,14 +71,17 @@ def patch_model_tp(model, ckpt, group=None, *, device=None, column=COLUMN_LAYERS
     ``num_key_value_heads`` of ``model.config`` must be multiples of the world size; the transformers
     attention reads its local head count from the projections' widths (``model.config`` keeps the global
     counts: a cache sized from the config, e.g. a static cache, must be built for the local heads).
-    Returns the model. Raises ValueError before modifying anything when a layer does not fit.
+    Returns the model. Raises ValueError naming the layer, before modifying anything, when a layer does not fit
+    or its shard is bad (every rank's layer is built before the first module is replaced; a rank checks only its
+    own slices of the tensors).
     """
     import torch
 
     from cupyq.distributed.layers import ColumnParallelQuantLinear, RowParallelQuantLinear, group_rank_and_size
-    from cupyq.model import _parent_and_attr, _qmatrix_device
+    from cupyq.model import _parent_and_attr, _qmatrix_device, _resolved_device
     from cupyq.torch_ops import QuantizedLinear
 
+    device = _resolved_device(device)
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
     rank, world_size = group_rank_and_size(group)
     modules = dict(model.named_modules())
@@ -119,21 +122,30 @@ def patch_model_tp(model, ckpt, group=None, *, device=None, column=COLUMN_LAYERS
             raise ValueError(f"{ckpt.tensors[tname].file}: tensor '{tname}' has shape {list(shape)}, the model's {list(target.shape)}")
         to_load.append((tname, target))
 
-    attention = set()
+    # Every layer is sharded (and so checked) before the first module is replaced.
+    layers = {}
     for name, mode in plan.items():
-        old = modules[name]
         if mode is None:
-            layer = QuantizedLinear(ckpt.qmatrix(name, device=devices[name]))
-        else:
+            layers[name] = QuantizedLinear(ckpt.qmatrix(name, device=devices[name]))
+            continue
+        try:
             qm, bias = shard_qmatrix(ckpt, name, rank=rank, world_size=world_size, mode=mode, device=devices[name])
-            if mode == "column":
-                layer = ColumnParallelQuantLinear(qm, group=group)
-            else:
-                b = None if bias is None else torch.from_numpy(np.asarray(bias)).to(old.weight.device, old.weight.dtype)
-                layer = RowParallelQuantLinear(qm, b, group=group)
+        except ValueError as exc:
+            if isinstance(exc, CheckpointError):  # names the file and tensor already
+                raise
+            where = f"{ckpt.path}: layer '{name}' ({mode} shard of rank {rank} of {world_size})"
+            raise ValueError(f"{where}: {exc}") from None
+        if mode == "column":
+            layers[name] = ColumnParallelQuantLinear(qm, group=group)
+        else:
+            weight = modules[name].weight
+            b = None if bias is None else torch.from_numpy(np.asarray(bias)).to(weight.device, weight.dtype)
+            layers[name] = RowParallelQuantLinear(qm, b, group=group)
+    attention = set()
+    for name, layer in layers.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, layer)
-        if attr in ("q_proj", "k_proj", "v_proj", "o_proj") and mode is not None:
+        if attr in ("q_proj", "k_proj", "v_proj", "o_proj") and plan[name] is not None:
             attention.add(parent)
     for attn in attention:
         _split_heads(attn, world_size)

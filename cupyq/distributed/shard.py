@@ -135,17 +135,22 @@ def _require_keys(tensors, keys, what):
         raise ValueError(f"tensors: a {what} layer needs {list(keys)}; missing {missing} (got {sorted(tensors)})")
 
 
+def _check_int(name, value) -> int:
+    """``value`` as an int; TypeError naming the argument for anything but an int (bool included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def _check_rank(rank, world_size, mode):
-    for name, v in (("rank", rank), ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    rank, world_size = _check_int("rank", rank), _check_int("world_size", world_size)
     if world_size < 1:
         raise ValueError(f"world_size: expected at least 1, got {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: expected 0..{world_size - 1}, got {rank}")
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    return int(rank), int(world_size)
+    return rank, world_size
 
 
 def shard_range(size, rank, world_size, *, multiple=1, what="size"):
@@ -178,9 +183,10 @@ def _gptq_bits(tensors, bits):
         bits = qrows * 32 // k if k and (qrows * 32) % k == 0 else None
     if bits is None:
         raise ValueError("bits: required for a GPTQ layer without g_idx (or pass a CheckpointLayer)")
+    bits = _check_int("bits", bits)
     if bits not in _gptq.GPTQ_BITS:
         raise ValueError(f"bits: expected one of {_gptq.GPTQ_BITS}, got {bits!r}")
-    return int(bits)
+    return bits
 
 
 def shard_gptq(tensors, *, rank, world_size, mode, bits=None) -> dict:
@@ -344,7 +350,7 @@ def shard_awq(tensors, *, rank, world_size, mode, group_size=None) -> dict:
     tensors: ``qweight`` int32 [K, N/8] (8 outputs per word, packed along the outputs in AWQ's interleaved
         nibble order), ``qzeros`` int32 [K/gs, N/8] (same packing), ``scales`` float16 [K/gs, N], optional
         ``bias`` [N]; no g_idx: row ``k`` is in group ``k // gs``.
-    group_size: rows per group (None: K / groups; -1 or K for one group).
+    group_size: rows per group, an int (None: K / groups; -1 or K for one group).
     mode ``"column"``: outputs ``[r*N/W, (r+1)*N/W)`` (N/W a multiple of 8, so whole words of qweight and
         qzeros; the nibble order lies within a word and is kept).
     mode ``"row"``: input rows ``[r0, r1)`` of qweight and the rows of qzeros and scales of their groups;
@@ -354,6 +360,8 @@ def shard_awq(tensors, *, rank, world_size, mode, group_size=None) -> dict:
     """
     _require_keys(tensors, ("qweight", "qzeros", "scales"), "AWQ")
     rank, world_size = _check_rank(rank, world_size, mode)
+    if group_size is not None:
+        group_size = _check_int("group_size", group_size)
     k, words = _shape(tensors, "qweight")
     groups, n = _shape(tensors, "scales")
     if n != words * 8:

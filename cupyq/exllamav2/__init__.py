@@ -20,7 +20,8 @@ compiled ``exllamav2_kernels`` extension is not needed. Differences that matter:
   other hand hands out *distinct* 128-byte aligned slices (a bump allocator), and says so clearly when
   the buffer is exhausted.
 * **Correct results instead of shape errors.** Layers whose output width is not a multiple of 32 work
-  (``forward`` returns the true width); GPTQ zero points decode with the ``& 0xF`` mask; any
+  (``forward`` returns the true width; for EXL2, whose ``q_weight`` is stored padded, the width of the bias
+  when one is given); GPTQ zero points decode with the ``& 0xF`` mask; any
   ``g_idx`` (None, trivial, act-order, all zero) gives ``x @ W`` for the ``W`` the checkpoint means.
 * **Memory.** The ``QMatrix`` holds its own prepared copy of the weights. A layer keeps its
   checkpoint tensors too (the original's attributes) until ``release_checkpoint_tensors()``.
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from cupyq import torch_ops
+from cupyq.formats.exl2 import exl2_out_features
 from cupyq.exllamav2.device_tensors import ExLlamaV2DeviceTensors
 from cupyq.exllamav2.ext import bind_scratch, ext_gemm_half_q_half, ext_make_q_matrix, qmatrix_torch_device
 from cupyq.exllamav2.weights import (build_qmatrix, implied_g_idx, is_absent, make_group_map, none_tensor,
@@ -134,7 +136,9 @@ class QuantLinear(nn.Module):
       qweight int32 ``[K/8, N]``, qzeros int32 ``[G, N/8]``, scales float16/float32 ``[G, N]``,
       g_idx int32/int64 ``[K]`` or None (a layer without g_idx uses ``k // groupsize``), bias ``[N]``
       or None, bits must be 4 (``ValueError`` otherwise), groupsize positive or -1.
-    ``QuantLinear(weight, bias)`` (TGI): ``weight`` a ``GPTQWeight``- or ``Exl2Weight``-like object.
+    ``QuantLinear(weight, bias)`` (TGI): ``weight`` a ``GPTQWeight``- or ``Exl2Weight``-like object. An EXL2
+      ``q_weight`` may hold up to 31 padding columns: bias ``[N]`` of the true width N, or the stored width, or
+      None (the layer is then as wide as ``q_weight``; :meth:`cupyq.QMatrix.from_exl2`).
 
     Attributes as the original: ``infeatures`` (K), ``outfeatures`` (N rounded up to 32),
     ``padding`` (the rounding), ``q_handle`` (the ``cupyq.QMatrix`` once built), ``temp_dq``.
@@ -201,7 +205,8 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"weight: EXL2 weight object ({type(weight).__name__}) has no {', '.join(absent)}")
             self.bits = None
             self.infeatures = int(perm.shape[0])
-            self.outfeatures = int(weight.q_weight.shape[1])
+            # q_weight's columns may include padding; a bias of the true width says where the layer ends
+            self.outfeatures = exl2_out_features(int(weight.q_weight.shape[1]), self.bias)
             self.device = weight.q_weight.device
             self.q_tensors = weight
         elif hasattr(weight, "qweight"):

@@ -92,6 +92,9 @@ def ext_gemm_half_q_half(x, q_handle, q4_width, force_cuda=False):
     never the dequantise + matmul path.
     """
     qm, handle = _resolve_handle(q_handle)
+    if isinstance(q4_width, bool) or not isinstance(q4_width, (int, np.integer)):
+        raise TypeError(f"q4_width: expected an integer (the output width, at least out_features={qm.out_features}), "
+                        f"got {type(q4_width).__name__} {q4_width!r}")
     width = int(q4_width)
     if width < qm.out_features:
         raise ValueError(f"q4_width: expected at least out_features={qm.out_features}, got {width}")

@@ -50,6 +50,7 @@ __all__ = [
     "decode_scales",
     "encode_scale_codes",
     "check_exl2",
+    "exl2_out_features",
 ]
 
 EXL2_BITS = (8, 6, 5, 4, 3, 2)
@@ -168,22 +169,28 @@ def perm_from_invperm(q_invperm, xp=None):
     """``perm`` with ``perm[sorted_row] = original_row`` from ``q_invperm[original_row] = sorted_row``.
 
     q_invperm: int16/uint16/int32/int64 [K], a permutation of ``0..K-1``. 16-bit input is read as unsigned
-    (as the kernels read it), then widened to int32 before inverting, so K up to 65535 is safe.
+    (as the kernels read it), then widened to int32 before inverting, so K up to 65535 is safe; the range is
+    checked on the stored values, before int64 input is narrowed.
     Returns int32 [K]. Raises ValueError unless ``q_invperm`` is a permutation.
     """
     q_invperm = _host_or_self(q_invperm)
     xp = resolve_xp(q_invperm, xp)
     name = require_dtype("q_invperm", q_invperm, ("int16", "uint16", "int32", "int64"))
     require_ndim("q_invperm", q_invperm, 1)
-    inv = xp.asarray(q_invperm).astype(xp.int32)
+    inv = xp.asarray(q_invperm)
     if name == "int16":
-        inv &= 0xFFFF
+        inv = inv.astype(xp.int32) & 0xFFFF
     k = int(inv.shape[0])
     if k == 0:
-        return inv
+        return inv.astype(xp.int32)
     lo, hi = int(inv.min()), int(inv.max())
     if lo < 0 or hi >= k:
-        raise ValueError(f"q_invperm: not a permutation of 0..{k - 1}: values range over [{lo}, {hi}]")
+        at = int(xp.argmin(inv)) if lo < 0 else int(xp.argmax(inv))
+        raise ValueError(
+            f"q_invperm: not a permutation of 0..{k - 1}: values range over [{lo}, {hi}] "
+            f"(value {int(inv[at])} at row {at})"
+        )
+    inv = inv.astype(xp.int32)
     perm = xp.full(k, -1, dtype=xp.int32)
     perm[inv] = xp.arange(k, dtype=xp.int32)
     if int(perm.min()) < 0:  # K values into K slots: an empty slot means a repeated value
@@ -353,3 +360,20 @@ def check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups) -> Exl2Layou
     perm_from_invperm(q_invperm)
     require_finite("q_scale_max", q_scale_max)
     return Exl2Layout(in_features, out_features, tuple(groups))
+
+
+def exl2_out_features(stored: int, bias=None, out_features=None) -> int:
+    """The true output width of an EXL2 layer whose q_weight has ``stored`` columns (see ``QMatrix.from_exl2``):
+    ``out_features`` when given (an int, ``stored - 31 .. stored``); else the length of a 1-D ``bias`` within that
+    range (the bias is the one tensor of the true width), else ``stored``. Raises ValueError naming
+    ``out_features``."""
+    lowest = max(1, stored - 31)
+    if out_features is None:
+        shape = np.shape(bias) if bias is not None else ()
+        return int(shape[0]) if len(shape) == 1 and lowest <= shape[0] <= stored else stored
+    if isinstance(out_features, bool) or not isinstance(out_features, (int, np.integer)) or not (
+        lowest <= out_features <= stored
+    ):
+        raise ValueError(f"out_features: expected {lowest}..{stored} (q_weight's {stored} columns, fewer than 32 of "
+                         f"them padding), got {out_features!r}")
+    return int(out_features)

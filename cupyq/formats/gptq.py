@@ -247,12 +247,39 @@ def ambiguous_v1_zeros(qzeros, bits) -> int:
     return count
 
 
-def check_gptq(qweight, qzeros, scales, g_idx, bits) -> GPTQLayout:
+def _group_count(qzeros, scales, g_idx, in_features, group_size, widths) -> int:
+    """G, the rows of ``qzeros`` and of ``scales``. Where the two differ, the one that disagrees with the count the
+    layer's grouping gives (``g_idx``: its largest group + 1; else ``group_size``: ``ceil(K / group_size)``) is
+    named, with the shape expected (``widths``: the columns of each); without either, both are."""
+    rows = {"qzeros": int(qzeros.shape[0]), "scales": int(scales.shape[0])}
+    if rows["qzeros"] == 0:
+        raise ValueError("qzeros: expected at least one group, got shape " + str(tuple(qzeros.shape)))
+    if rows["qzeros"] == rows["scales"]:
+        return rows["qzeros"]
+    expected = None
+    if g_idx is not None and int(g_idx.shape[0]):
+        expected, source = int(g_idx.max()) + 1, "g_idx (its largest group + 1)"
+    elif isinstance(group_size, (int, np.integer)) and not isinstance(group_size, bool) and (
+        group_size == -1 or group_size > 0
+    ):
+        expected = 1 if group_size == -1 else -(-int(in_features) // int(group_size))
+        source = f"group_size {int(group_size)} over {int(in_features)} input rows"
+    if expected is not None and expected in rows.values():
+        wrong = "qzeros" if rows["scales"] == expected else "scales"
+        got = tuple(int(v) for v in (qzeros if wrong == "qzeros" else scales).shape)
+        raise ValueError(f"{wrong}: expected shape {(expected, widths[wrong])}, got {got}: {source} gives "
+                         f"{expected} groups")
+    raise ValueError(f"qzeros: {rows['qzeros']} rows (groups), but scales has {rows['scales']}; the two must agree")
+
+
+def check_gptq(qweight, qzeros, scales, g_idx, bits, group_size=None) -> GPTQLayout:
     """Validate the tensors of one GPTQ layer and return its :class:`GPTQLayout`.
 
     qweight: int32 [K*bits/32, N] (3-bit: row count a multiple of 3); qzeros: int32 [G, ceil(N*bits/32)];
     scales: float16/float32/bfloat16 [G, N]; g_idx: int32/int64 [K] with values in ``[0, G)``, or None;
-    bits: one of ``GPTQ_BITS``. Works on NumPy, CuPy and torch arrays.
+    bits: one of ``GPTQ_BITS``; group_size: the checkpoint's rows per group (-1: one group) or None, used only to
+    say which of qzeros and scales has the wrong number of groups when they differ (:func:`check_group_size`
+    checks it). Works on NumPy, CuPy and torch arrays.
     Raises TypeError (dtype) or ValueError (shape, range, bits, NaN/Inf scales) naming the tensor.
     """
     bits = require_bits("bits", bits, GPTQ_BITS)
@@ -269,14 +296,14 @@ def check_gptq(qweight, qzeros, scales, g_idx, bits) -> GPTQLayout:
     if qrows % words_per_unit:
         raise ValueError(f"qweight: {bits}-bit rows come in units of {words_per_unit} words, got {qrows} rows")
     in_features = qrows * 32 // bits
-    groups = int(qzeros.shape[0])
-    if groups == 0:
-        raise ValueError("qzeros: expected at least one group, got shape " + str(tuple(qzeros.shape)))
-    require_shape("qzeros", qzeros, (groups, _packed_width(out_features, bits)))
-    require_shape("scales", scales, (groups, out_features))
     if g_idx is not None:
         require_dtype("g_idx", g_idx, ("int32", "int64"))
         require_shape("g_idx", g_idx, (in_features,))
+    widths = {"qzeros": _packed_width(out_features, bits), "scales": out_features}
+    groups = _group_count(qzeros, scales, g_idx, in_features, group_size, widths)
+    require_shape("qzeros", qzeros, (groups, widths["qzeros"]))
+    require_shape("scales", scales, (groups, widths["scales"]))
+    if g_idx is not None:
         lo, hi = int(g_idx.min()), int(g_idx.max())
         if lo < 0 or hi >= groups:
             raise ValueError(f"g_idx: values must lie in [0, {groups}) (the number of groups), got range [{lo}, {hi}]")

@@ -43,12 +43,11 @@ def _weight_float32(weight):
 
 
 def _bias_float16(bias, out_features):
-    b = _as_numpy(bias, "bias")
-    if b.dtype.kind != "f":
-        raise TypeError(f"bias: expected a floating dtype, got {b.dtype}")
-    if b.shape != (out_features,):
-        raise ValueError(f"bias: expected shape ({out_features},), got {b.shape}")
-    return np.array(b, dtype=np.float16, copy=True)
+    """The quantizers' bias output: float16 [out_features] of a bias :func:`cupyq.formats.bias.check_bias` accepts
+    (a finite float in the float16 range, so no value becomes inf)."""
+    from cupyq.formats.bias import check_bias
+
+    return check_bias(bias, out_features).astype(np.float16)
 
 
 def _importance_order(importance, in_features, seed):
