@@ -155,12 +155,14 @@ def _qgemm_impl(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
 
 
 def _dequantized(qm, like: torch.Tensor) -> torch.Tensor:
-    """W [K, N] as a torch tensor on ``like``'s device: float32 on the CPU, ``like``'s dtype on a GPU."""
+    """W [K, N] as a torch tensor for the backward of ``x @ W``: for a CPU matrix the float32 reference weight
+    (``reference_weight()``, the W its forward multiplies by); for a GPU matrix the kernels' dequantised weight,
+    on ``like``'s device in ``like``'s dtype."""
+    if not qm.is_cuda:
+        return torch.from_numpy(qm.reference_weight())
     w = qm.dequantize()
-    if not isinstance(w, torch.Tensor):  # NumPy (CPU matrix) or CuPy (matrix built from CuPy arrays)
-        w = torch.from_numpy(w) if type(w).__module__.startswith("numpy") else torch.from_dlpack(w)
-    if like.device.type == "cpu":
-        return w.to(device="cpu", dtype=torch.float32)
+    if not isinstance(w, torch.Tensor):  # CuPy (matrix built from CuPy arrays)
+        w = torch.from_dlpack(w)
     return w.to(device=like.device, dtype=like.dtype)
 
 
