@@ -422,6 +422,7 @@ def test_gpu_matrix_refuses_pickling_and_says_how_to_save():
     assert dup.qmatrix is qm and dup.handle == layer.handle
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
 def test_jit_trace_records_the_op():
     model, oracle = _two_layer_model(27)
     with torch.no_grad():
@@ -580,6 +581,7 @@ def test_gpu_layer_refuses_pickling_and_deepcopy_shares_its_matrix():
     _assert_close_fp16(dup(x), _expected(x, w, b))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
 @pytest.mark.gpu
 def test_jit_trace_records_the_op_cuda():
     qm, w, b = _layer("exl2", 256, 128, seed=36, device="cuda")
