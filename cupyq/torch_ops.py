@@ -231,7 +231,7 @@ def _not_compiling() -> bool:
 # Bound once (dynamo recognises the function itself while tracing, however it is reached).
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _not_compiling)
 _is_grad_enabled = torch.is_grad_enabled
-_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing without its Python frame
+_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)  # torch.jit.is_tracing without its Python frame
 
 
 def apply_qgemm(x: torch.Tensor, handle: int, force_cuda: bool = False) -> torch.Tensor:
