@@ -81,20 +81,8 @@ class AWQLinear(torch_ops.QMatrixModule, nn.Module):
         self._bias = None if bias is None else bias.detach().clone()
         self.qmatrix = qm
 
-    @property
-    def bias(self):
-        """A copy of the bias ``[N]`` the matrix adds (the tensor given, its dtype and device), or None.
-
-        Read-only: the bias is fused into the prepared matrix, so changing this copy changes nothing and
-        assigning raises AttributeError; build a new layer with the bias wanted."""
-        return None if self._bias is None else self._bias.clone()
-
-    @bias.setter
-    def bias(self, value):
-        raise AttributeError(
-            "bias: AWQLinear's bias is part of its prepared quantized matrix (added in the kernel); it cannot be "
-            "assigned: build a new AWQLinear(w_bit, group_size, qweight, qzeros, scales, bias) with the bias wanted"
-        )
+    bias = torch_ops.fused_bias_property(
+        "build a new AWQLinear(w_bit, group_size, qweight, qzeros, scales, bias) with the bias wanted")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):

@@ -34,6 +34,7 @@ __all__ = [
     "QuantizedLinear",
     "TrimmedQuantizedLinear",
     "apply_qgemm",
+    "fused_bias_property",
     "lookup_qmatrix",
     "qgemm",
     "register_qmatrix",
@@ -333,6 +334,22 @@ class QMatrixModule:
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return new
+
+
+def fused_bias_property(rebuild: str) -> property:
+    """The read-only ``bias`` of a drop-in layer whose bias is fused into its quantized matrix (added in the
+    kernel), kept as ``self._bias``: reading gives a copy of the bias ``[N]`` the matrix adds (the tensor given,
+    its dtype and device) or None, so changing it changes nothing; assigning raises AttributeError saying
+    ``rebuild`` (how to build a layer with another bias)."""
+
+    def get(self):
+        return None if self._bias is None else self._bias.clone()
+
+    def refuse(self, value):
+        raise AttributeError(f"bias: {type(self).__name__}'s bias is part of its quantized matrix (added in the "
+                             f"kernel); it cannot be assigned: {rebuild}")
+
+    return property(get, refuse, doc=fused_bias_property.__doc__)
 
 
 _warned_weights_left_out = False

@@ -266,7 +266,7 @@ def test_awq_linear_bias_is_read_only_and_truthful():
         torch.testing.assert_close(expected.double(), _expected(x, w, b), rtol=1e-5, atol=1e-5)
         layer.bias.mul_(0)  # a copy: the matrix, and so forward, keep the bias
         assert torch.equal(layer.bias, tt["bias"])
-        with pytest.raises(AttributeError, match=r"bias: AWQLinear's bias is part of its prepared quantized matrix.*"
+        with pytest.raises(AttributeError, match=r"bias: AWQLinear's bias is part of its quantized matrix.*"
                                                  r"build a new AWQLinear"):
             layer.bias = None
         assert torch.equal(layer(x), expected) and torch.equal(layer.bias, tt["bias"])

@@ -187,20 +187,7 @@ class QuantLinear(torch_ops.QMatrixModule, nn.Module):
         super().__setstate__(state)
         self._add_to_layers()  # a layer of this process now, as a constructed one
 
-    @property
-    def bias(self):
-        """A copy of the bias ``[N]`` the matrix adds (the tensor given, its dtype and device), or None.
-
-        Read-only: the bias is fused into the quantized matrix, so changing this copy changes nothing and
-        assigning raises AttributeError; build a new layer with the bias wanted."""
-        return None if self._bias is None else self._bias.clone()
-
-    @bias.setter
-    def bias(self, value):
-        raise AttributeError(
-            "bias: QuantLinear's bias is part of its quantized matrix (added in the kernel); it cannot be "
-            "assigned: build a new QuantLinear with the bias wanted"
-        )
+    bias = torch_ops.fused_bias_property("build a new QuantLinear with the bias wanted")
 
     def _set_bias(self, bias, out_features, device):
         """Check ``bias`` against the layer's true width and keep a copy (None for an absent bias); a bias that
