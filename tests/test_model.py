@@ -381,7 +381,13 @@ def test_patch_model_gpu_materialises_a_meta_model_on_every_cuda_spelling(tmp_pa
     patch_model(model, ckpt_dir, device=device)
     assert all(_modules(model)[n].qmatrix.device_id == 0 for n in LINEARS)
     assert all(t.device == torch.device("cuda", 0) for t in model.state_dict().values())
-    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    _check_against_fp16_twin(model, ckpt_dir, seed=1)
+
+
+def _check_against_fp16_twin(model, ckpt_dir, seed):
+    """Relative logit errors (patched model on cuda:0, the dense twin in fp16 on the GPU) against the float32
+    dense twin; the dense model run in fp16 is the yardstick for fp16 rounding: allow twice it plus a floor."""
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
     twin = _dense_twin(ckpt_dir)
     with torch.no_grad():
         got = model(ids.cuda()).float().cpu()
@@ -389,7 +395,8 @@ def test_patch_model_gpu_materialises_a_meta_model_on_every_cuda_spelling(tmp_pa
         ref16 = twin.half().cuda()(ids.cuda()).float().cpu()
     err = ((got - ref).norm() / ref.norm()).item()
     err16 = ((ref16 - ref).norm() / ref.norm()).item()
-    assert err <= 2 * err16 + 2e-3  # the dense fp16 model is the yardstick, as for the model built on the GPU
+    assert err <= 2 * err16 + 2e-3
+    return err, err16
 
 
 @pytest.mark.gpu
@@ -399,14 +406,5 @@ def test_patch_model_gpu_fp16(tmp_path, kind):
     model = Tiny(7).half().cuda()
     patch_model(model, ckpt_dir)
     assert all(_modules(model)[n].qmatrix.is_cuda for n in LINEARS)
-    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-    twin = _dense_twin(ckpt_dir)
-    with torch.no_grad():
-        got = model(ids.cuda()).float().cpu()
-        ref = twin(ids)
-        ref16 = twin.half().cuda()(ids.cuda()).float().cpu()
-    err = ((got - ref).norm() / ref.norm()).item()
-    err16 = ((ref16 - ref).norm() / ref.norm()).item()
+    err, err16 = _check_against_fp16_twin(model, ckpt_dir, seed=0)
     print(f"patch_model {kind} GPU fp16: relative logit error {err:.3g} (dense fp16 model: {err16:.3g})")
-    # The dense model run in fp16 is the yardstick for fp16 rounding; allow twice it plus a floor.
-    assert err <= 2 * err16 + 2e-3
