@@ -15,6 +15,7 @@ Differences that matter:
   float16 and cast back, as the original does.
 * The layer keeps its checkpoint tensors (the original's attributes) until
   :meth:`AWQLinear.release_checkpoint_tensors`; the prepared matrix is a second copy.
+* ``bias`` is read-only (a copy of the bias the matrix adds): it is fused into the prepared matrix.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _is_absent(t) -> bool:
     return t is None or (isinstance(t, torch.Tensor) and t.is_meta)
 
 
-class AWQLinear(nn.Module):
+class AWQLinear(torch_ops.QMatrixModule, nn.Module):
     """AWQ (GEMM-packed, 4-bit) linear layer with the LoRAX interface.
 
     ``AWQLinear(w_bit, group_size, qweight, qzeros, scales, bias)``:
@@ -42,11 +43,15 @@ class AWQLinear(nn.Module):
       ``[K/group_size, N]``; bias ``[N]`` or None. All torch tensors on one device.
 
     Attributes as the original: ``in_features`` (K), ``out_features`` (N), ``w_bit``, ``group_size``
-    (``in_features`` for -1), ``qweight``, ``qzeros``, ``scales``, ``bias``; plus ``qmatrix`` (the
-    prepared :class:`cupyq.QMatrix`) and ``handle`` (its ``cupyq::qgemm`` handle).
+    (``in_features`` for -1), ``qweight``, ``qzeros``, ``scales``, ``bias`` (read-only, see :attr:`bias`);
+    plus ``qmatrix`` (the prepared :class:`cupyq.QMatrix`, the one forward uses) and ``handle`` (its
+    ``cupyq::qgemm`` handle). Pickling and ``copy.deepcopy`` as :class:`cupyq.torch_ops.QMatrixModule`
+    says (a copy shares the matrix; a layer on a GPU refuses to be pickled).
 
     ``forward(x)``: x ``[..., K]`` -> ``[..., N]`` with x's dtype and the bias added.
     """
+
+    qmatrix = torch_ops.QMatrixAttribute("handle")
 
     def __init__(self, w_bit, group_size, qweight, qzeros, scales, bias):
         super().__init__()
@@ -72,9 +77,12 @@ class AWQLinear(nn.Module):
         self.out_features = layout.out_features
         self.group_size = layout.group_size
         self.device = device
-        self.qweight, self.qzeros, self.scales, self.bias = qweight, qzeros, scales, bias
+        self.qweight, self.qzeros, self.scales = qweight, qzeros, scales
+        self._bias = None if bias is None else bias.detach().clone()
         self.qmatrix = qm
-        self.handle = torch_ops.register_qmatrix(qm)
+
+    bias = torch_ops.fused_bias_property(
+        "build a new AWQLinear(w_bit, group_size, qweight, qzeros, scales, bias) with the bias wanted")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):
@@ -89,5 +97,5 @@ class AWQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, w_bit={self.w_bit}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}, device={self.device}"
+            f"group_size={self.group_size}, bias={self._bias is not None}, device={self.device}"
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 from cupyq.arrays import requested_device
@@ -41,26 +40,6 @@ def _parent_and_attr(model, name):
 def _padded_width(info, linear):
     """True when an EXL2 layer's stored width is the module's out_features padded (by fewer than 32 columns)."""
     return info.format == "exl2" and linear.out_features < info.out_features < linear.out_features + 32
-
-
-@functools.lru_cache(maxsize=1)
-def _trimmed_class():
-    """The QuantizedLinear subclass for EXL2 matrices wider than their module (made once, when torch is loaded)."""
-    from cupyq.torch_ops import QuantizedLinear
-
-    class TrimmedQuantizedLinear(QuantizedLinear):
-        """QuantizedLinear returning only the first ``out_features`` columns (EXL2 pads N to a multiple of 32);
-        ``stored_out_features`` is the matrix's width."""
-
-        def __init__(self, qm, out_features):
-            super().__init__(qm)
-            self.stored_out_features = self.out_features
-            self.out_features = int(out_features)
-
-        def forward(self, x):
-            return super().forward(x)[..., : self.out_features]
-
-    return TrimmedQuantizedLinear
 
 
 def _materialise_device(device, path):
@@ -159,27 +138,43 @@ def patch_model(model, checkpoint_dir, *, device=None):
     building their module again from its ``config``; ``device`` is then required.
 
     An EXL2 layer whose stored width is the module's ``out_features`` padded (converters pad N to a
-    multiple of 32, e.g. a 32001-row ``lm_head`` stored as 32032) is accepted; the padding columns are
-    dropped from its output.
+    multiple of 32, e.g. a 32001-row ``lm_head`` stored as 32032) is accepted
+    (:class:`cupyq.torch_ops.TrimmedQuantizedLinear`); the padding columns are dropped from its output.
+
+    A quantized layer computes what its checkpoint holds: ``x @ W``, plus the checkpoint's bias when it has
+    one. A Linear bias of the model that the checkpoint's layer lacks is dropped, with a warning naming it.
+
+    The quantized weights are held by the modules' QMatrix objects, not by parameters or buffers:
+    ``model.state_dict()`` (and so ``save_pretrained``) leaves them out, and warns once per process that
+    it does. ``torch.save(model)`` pickles a model on the CPU; keep the checkpoint (or write one with
+    :mod:`cupyq.checkpoint`) to save a model on a GPU.
 
     Returns the model. Raises ValueError (nothing is modified) when a quantized layer has no
-    ``nn.Linear`` of that name, its features differ, a loaded tensor's shape differs from the
-    model's, or a parameter or buffer would stay on the meta device (naming it); CheckpointError
-    (nothing is modified: every matrix is built before the first module is replaced) when a quantized
-    layer's tensors are bad; SetupError or ValueError for a ``device`` that cannot be used, before
-    anything is read. Warns about checkpoint tensors the model has no place for and about parameters
-    the checkpoint leaves untouched.
+    ``nn.Linear`` of that name (or is a QuantizedLinear already: the model was patched before), its
+    features differ, a loaded tensor's shape differs from the model's, or a parameter or buffer would
+    stay on the meta device (naming it); CheckpointError (nothing is modified: every matrix is built
+    before the first module is replaced) when a quantized layer's tensors are bad; SetupError or
+    ValueError for a ``device`` that cannot be used, before anything is read. Warns about checkpoint
+    tensors the model has no place for, about parameters the checkpoint leaves untouched and about
+    dropped biases.
     """
     device = _resolved_device(device)
     import torch
 
-    from cupyq.torch_ops import QuantizedLinear
+    from cupyq.torch_ops import QuantizedLinear, TrimmedQuantizedLinear
 
     ckpt = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else open_checkpoint(checkpoint_dir)
     modules = dict(model.named_modules())
     quantized = ckpt.quantized_layers
 
     # Check everything, and build every matrix, before touching the model, so a bad checkpoint leaves it as it was.
+    patched = [n for n in quantized if isinstance(modules.get(n), QuantizedLinear)]
+    if patched:
+        shown = ", ".join(repr(n) for n in patched[:5]) + (" ..." if len(patched) > 5 else "")
+        raise ValueError(
+            f"{ckpt.path}: {len(patched)} quantized layer(s) are already cupyq QuantizedLinear modules (the model was "
+            f"patched before): {shown}; patch a freshly built model"
+        )
     not_linear = [n for n in quantized if not isinstance(modules.get(n), torch.nn.Linear)]
     if not_linear:
         shown = ", ".join(repr(n) for n in not_linear[:5]) + (" ..." if len(not_linear) > 5 else "")
@@ -237,7 +232,11 @@ def patch_model(model, checkpoint_dir, *, device=None):
     layers = {}
     for name in quantized:
         qm, out_features = ckpt.qmatrix(name, device=devices[name]), modules[name].out_features
-        layers[name] = QuantizedLinear(qm) if qm.out_features == out_features else _trimmed_class()(qm, out_features)
+        layers[name] = QuantizedLinear(qm) if qm.out_features == out_features else TrimmedQuantizedLinear(qm, out_features)
+    # A Linear bias the checkpoint's layer lacks: its values are no part of the checkpoint (in a model built on the
+    # meta device there are none), so the layer computes x @ W, as the checkpoint says, and the loss is said.
+    dropped = [f"{name}.bias" for name, layer in layers.items()
+               if modules[name].bias is not None and layer.qmatrix.bias is None]
     for name, layer in layers.items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, layer)
@@ -268,6 +267,13 @@ def patch_model(model, checkpoint_dir, *, device=None):
     if unused:
         shown = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
         warnings.warn(f"{ckpt.path}: {len(unused)} checkpoint tensor(s) not used by the model: {shown}", stacklevel=2)
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else "")
+        warnings.warn(
+            f"{ckpt.path}: {len(dropped)} model bias(es) dropped: their Linear has a bias but the checkpoint's quantized "
+            f"layer has none, so the layer computes x @ W without it: {shown}",
+            stacklevel=2,
+        )
     untouched = [k for k in state if k not in loaded and k not in replaced_params]
     if untouched:
         shown = ", ".join(untouched[:5]) + (" ..." if len(untouched) > 5 else "")

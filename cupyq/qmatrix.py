@@ -1,6 +1,6 @@
 """QMatrix: a prepared quantized matrix (GPTQ, EXL2 or AWQ). The builders return a :class:`GpuQMatrix` (the
 kernels' device layout, launch plans, workspaces) or a :class:`CpuQMatrix` (the checkpoint tensors for the float32
-reference path), both QMatrix. The three classes share this module (about 480 lines) because the builders, which
+reference path), both QMatrix. The three classes share this module (about 500 lines) because the builders, which
 validate each format once, pick the type and fill it."""
 
 from __future__ import annotations
@@ -380,6 +380,14 @@ class GpuQMatrix(QMatrix):
         self._plans = {}
         self._fast_paths = {}  # eager torch calls by (x.shape, x.dtype): cupyq.dispatch._TorchFastPath
         self._scratch = None
+
+    def __reduce_ex__(self, protocol):
+        """Refused (TypeError): device buffers and launch plans cannot be restored from a pickle."""
+        raise TypeError(
+            f"a QMatrix on cuda:{self.device_id} cannot be pickled or copied (its weights are device buffers in the "
+            "kernels' layout): save a model's quantized layers with cupyq.checkpoint.save_gptq / save_exl2 / "
+            "save_awq, or keep the checkpoint directory and load it again (cupyq.patch_model); CPU matrices pickle"
+        )
 
     @property
     def dequant_scratch_bytes(self) -> int:

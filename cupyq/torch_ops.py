@@ -7,7 +7,10 @@ capture it is a plain sequence of kernels on torch's current stream with a torch
 
 A handle is an int key into a module-level registry of weak references: registering never keeps a
 matrix alive, the owner (``QuantizedLinear``, ``cupyq.exllamav2.QuantLinear``) does. Once the matrix
-is garbage collected its handle is gone and calling the op with it raises ``ValueError``.
+is garbage collected its handle is gone and calling the op with it raises ``ValueError``. A handle
+names a matrix in one process only: the modules hold their matrix in a :class:`QMatrixAttribute`,
+which registers whatever matrix it is given, and :class:`QMatrixModule` registers it again when a
+module is unpickled or deep-copied, so a module always computes with the matrix it holds.
 
 The op is defined with ``torch.library.custom_op`` (torch >= 2.4). On an older torch ``qgemm`` is a
 plain Python function with the same signature (no ``torch.compile`` support, eager and graph capture
@@ -16,16 +19,22 @@ still work).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
+import warnings
 import weakref
 
 import torch
 
 __all__ = [
     "HAS_CUSTOM_OP",
+    "QMatrixAttribute",
+    "QMatrixModule",
     "QuantizedLinear",
+    "TrimmedQuantizedLinear",
     "apply_qgemm",
+    "fused_bias_property",
     "lookup_qmatrix",
     "qgemm",
     "register_qmatrix",
@@ -155,12 +164,14 @@ def _qgemm_impl(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
 
 
 def _dequantized(qm, like: torch.Tensor) -> torch.Tensor:
-    """W [K, N] as a torch tensor on ``like``'s device: float32 on the CPU, ``like``'s dtype on a GPU."""
+    """W [K, N] as a torch tensor for the backward of ``x @ W``: for a CPU matrix the float32 reference weight
+    (``reference_weight()``, the W its forward multiplies by); for a GPU matrix the kernels' dequantised weight,
+    on ``like``'s device in ``like``'s dtype."""
+    if not qm.is_cuda:
+        return torch.from_numpy(qm.reference_weight())
     w = qm.dequantize()
-    if not isinstance(w, torch.Tensor):  # NumPy (CPU matrix) or CuPy (matrix built from CuPy arrays)
-        w = torch.from_numpy(w) if type(w).__module__.startswith("numpy") else torch.from_dlpack(w)
-    if like.device.type == "cpu":
-        return w.to(device="cpu", dtype=torch.float32)
+    if not isinstance(w, torch.Tensor):  # CuPy (matrix built from CuPy arrays)
+        w = torch.from_dlpack(w)
     return w.to(device=like.device, dtype=like.dtype)
 
 
@@ -206,6 +217,11 @@ else:  # pragma: no cover - torch < 2.4
 
     def qgemm(x: torch.Tensor, handle: int, force_cuda: bool) -> torch.Tensor:
         """``x @ W + bias`` for the matrix registered under ``handle`` (plain function on torch < 2.4)."""
+        if torch.jit.is_tracing():
+            raise RuntimeError("torch.jit.trace of a cupyq layer needs torch >= 2.4 (the cupyq::qgemm custom op); "
+                               "on this torch the trace would record the traced call's output as a constant")
+        if x.is_meta:
+            return _qgemm_fake(x, handle, force_cuda)
         return _qgemm_impl(x, handle, force_cuda)
 
 
@@ -216,28 +232,33 @@ def _not_compiling() -> bool:
 # Bound once (dynamo recognises the function itself while tracing, however it is reached).
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _not_compiling)
 _is_grad_enabled = torch.is_grad_enabled
+_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)  # torch.jit.is_tracing without its Python frame
 
 
 def apply_qgemm(x: torch.Tensor, handle: int, force_cuda: bool = False) -> torch.Tensor:
     """``qgemm`` as modules call it: the op node when traced, a direct call in plain eager inference.
 
-    Under ``torch.compile``/export tracing, for tensor subclasses (fake, functional) and when a
-    gradient is needed, this is ``torch.ops.cupyq.qgemm``. Otherwise it calls the same implementation
-    without the dispatcher's per-call cost (several microseconds, a large share of a decode-sized
-    GEMM); results, streams and graph-capture behaviour are identical. A call whose matrix already has a
-    fast path for x's shape and dtype (see ``cupyq.dispatch.gemm``) goes straight to it: its output is a
-    fresh contiguous tensor of x's dtype, as the op's contract asks.
+    Under ``torch.compile``/export tracing and ``torch.jit.trace`` (which records the op), for tensor
+    subclasses (fake, functional), when a gradient is needed and for meta tensors (the op's fake kernel
+    gives the ``[..., out_features]`` output), this is ``torch.ops.cupyq.qgemm``. Otherwise it calls the
+    same implementation without the dispatcher's per-call cost (several microseconds, a large share of a
+    decode-sized GEMM); results, streams and graph-capture behaviour are identical. A call whose matrix
+    already has a fast path for x's shape and dtype (see ``cupyq.dispatch.gemm``) goes straight to it: its
+    output is a fresh contiguous tensor of x's dtype, as the op's contract asks.
     """
-    if _is_compiling() or type(x) is not torch.Tensor or (x.requires_grad and _is_grad_enabled()):
+    if (_is_compiling() or type(x) is not torch.Tensor or (x.requires_grad and _is_grad_enabled())
+            or _is_tracing()):
         return qgemm(x, handle, force_cuda)
     ref = _by_handle.get(handle) if type(handle) is int else None
     qm = ref() if ref is not None else None
     if qm is not None:
         path = getattr(qm, "_fast_paths", _NO_PATHS).get((x.shape, x.dtype))
-        if path is not None:
+        if path is not None:  # a fast path runs only on its CUDA device: a meta x gets None
             y = path.run(qm, x, None)
             if y is not None:
                 return y
+    if x.is_meta:
+        return qgemm(x, handle, force_cuda)
     return _qgemm_impl(x, handle, force_cuda)
 
 
@@ -246,23 +267,137 @@ def apply_qgemm(x: torch.Tensor, handle: int, force_cuda: bool = False) -> torch
 # --------------------------------------------------------------------------------------------
 
 
-class QuantizedLinear(torch.nn.Module):
+class QMatrixAttribute:
+    """A module attribute holding a QMatrix (or None) that keeps the module's handle attribute in step with it.
+
+    handle_attr: the name of the plain attribute, read by ``forward``, that holds the handle of the matrix
+    held. Assigning a matrix registers it (:func:`register_qmatrix`; TypeError for anything else, nothing
+    changed) and stores its handle there; assigning None stores None in both. Reading returns the matrix.
+    """
+
+    def __init__(self, handle_attr: str):
+        self.handle_attr = handle_attr
+        self.key = None
+
+    def __set_name__(self, owner, name):
+        self.key = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return obj.__dict__.get(self.key)
+
+    def __set__(self, obj, qm):
+        handle = None if qm is None else register_qmatrix(qm)
+        obj.__dict__[self.key] = qm
+        obj.__dict__[self.handle_attr] = handle
+
+
+class QMatrixModule:
+    """Pickling and deep copies for torch modules holding their matrices in :class:`QMatrixAttribute` attributes
+    (a base placed before ``torch.nn.Module``).
+
+    A handle names a matrix in one process only, so no handle leaves the module: unpickling (``torch.load``)
+    and ``copy.deepcopy`` register the held matrices again. A CPU matrix pickles with its NumPy arrays; a GPU
+    matrix refuses with TypeError (save the checkpoint instead). A deep copy shares the matrices (never
+    modified) with the original, so either module may outlive the other, and shares the attributes named in
+    ``_shared_on_copy`` (such as a scratch buffer); everything else is copied.
+    """
+
+    _shared_on_copy: tuple = ()
+
+    @classmethod
+    def _qmatrix_attributes(cls) -> list:
+        found = {}
+        for klass in reversed(cls.__mro__):
+            found.update({name: a for name, a in vars(klass).items() if isinstance(a, QMatrixAttribute)})
+        return list(found.values())
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for attr in self._qmatrix_attributes():
+            state[attr.handle_attr] = None  # registered again where the state is restored
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for attr in self._qmatrix_attributes():
+            attr.__set__(self, self.__dict__.get(attr.key))
+
+    def __deepcopy__(self, memo):
+        shared = [self.__dict__.get(attr.key) for attr in self._qmatrix_attributes()]
+        shared += [self.__dict__.get(name) for name in self._shared_on_copy]
+        for value in shared:
+            if value is not None:
+                memo.setdefault(id(value), value)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+
+def fused_bias_property(rebuild: str) -> property:
+    """The read-only ``bias`` of a drop-in layer whose bias is fused into its quantized matrix (added in the
+    kernel), kept as ``self._bias``: reading gives a copy of the bias ``[N]`` the matrix adds (the tensor given,
+    its dtype and device) or None, so changing it changes nothing; assigning raises AttributeError saying
+    ``rebuild`` (how to build a layer with another bias)."""
+
+    def get(self):
+        return None if self._bias is None else self._bias.clone()
+
+    def refuse(self, value):
+        raise AttributeError(f"bias: {type(self).__name__}'s bias is part of its quantized matrix (added in the "
+                             f"kernel); it cannot be assigned: {rebuild}")
+
+    return property(get, refuse, doc=fused_bias_property.__doc__)
+
+
+_warned_weights_left_out = False
+
+
+def _warn_weights_left_out(prefix: str) -> None:
+    """Say once per process that a state dict of values leaves the quantized weights out."""
+    global _warned_weights_left_out
+    if _warned_weights_left_out:
+        return
+    _warned_weights_left_out = True
+    name = prefix[:-1] if prefix.endswith(".") else prefix
+    where = f"'{name}'" if name else "the module"
+    warnings.warn(
+        f"state_dict(): {where} is a cupyq QuantizedLinear, whose quantized weights are held by its QMatrix, not by "
+        "parameters or buffers: the state dict leaves them out (of every such layer), so save_pretrained or "
+        "torch.save(model.state_dict()) writes no quantized layer. Write them with cupyq.checkpoint.save_gptq / "
+        "save_exl2 / save_awq, or keep the checkpoint directory and patch_model it again (warned once per process)",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
+class QuantizedLinear(QMatrixModule, torch.nn.Module):
     """``y = x @ W + bias`` with a quantized ``W`` held by a ``cupyq.QMatrix``.
 
     qm: the matrix (GPTQ or EXL2, CUDA or CPU); the module keeps it alive. ``forward(x)``:
     x ``[..., in_features]`` -> ``[..., out_features]`` with x's dtype, through
     ``torch.ops.cupyq.qgemm`` (see :func:`apply_qgemm` for the eager shortcut): CUDA tensors run the
-    cupyq kernels on torch's current stream (float16/bfloat16), CPU tensors the float32 reference path.
-    Gradients flow to ``x`` (``grad @ W^T``, with ``W`` dequantised during backward); the quantized
-    weights themselves are frozen.
+    cupyq kernels on torch's current stream (float16/bfloat16), CPU tensors the float32 reference path,
+    meta tensors give a meta output of the right shape. Gradients flow to ``x`` (``grad @ W^T``, with ``W``
+    dequantised during backward: the float32 reference weight on the CPU); the quantized weights themselves
+    are frozen.
+
+    ``qmatrix`` is the matrix forward uses: assigning another one (of the same features) switches to it
+    (``handle`` is its ``cupyq::qgemm`` handle). ``torch.save(module)`` / ``torch.load`` and ``copy.deepcopy``
+    work for CPU matrices (:class:`QMatrixModule`); a GPU matrix refuses to be pickled with TypeError.
 
     The weights are not parameters or buffers: ``.to()`` / ``.cuda()`` do not move them and
-    ``state_dict()`` is empty. Build the QMatrix on the device it is used on.
+    ``state_dict()`` is empty. Build the QMatrix on the device it is used on. A state dict of values
+    (``keep_vars=False``, what ``save_pretrained`` and ``torch.save(model.state_dict())`` write) warns once
+    per process that the quantized weights are not in it.
     """
+
+    qmatrix = QMatrixAttribute("handle")
 
     def __init__(self, qm, *, force_cuda: bool = False):
         super().__init__()
-        self.handle = register_qmatrix(qm)
         self.qmatrix = qm
         self.in_features = int(qm.in_features)
         self.out_features = int(qm.out_features)
@@ -270,6 +405,11 @@ class QuantizedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_qgemm(x, self.handle, self.force_cuda)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars:  # values to be saved; keep_vars=True is a look at the live tensors (patch_model's)
+            _warn_weights_left_out(prefix)
 
     def extra_repr(self) -> str:
         qm = self.qmatrix
@@ -282,6 +422,23 @@ class QuantizedLinear(torch.nn.Module):
         if device is not None:
             parts.append(f"device={device}")
         return ", ".join(parts)
+
+
+class TrimmedQuantizedLinear(QuantizedLinear):
+    """QuantizedLinear returning only the first ``out_features`` columns of its matrix (EXL2 stores N padded to
+    a multiple of 32); ``stored_out_features`` is the matrix's width.
+
+    qm: the matrix; out_features: the module's width, less than ``qm.out_features``. ``forward(x)``: x
+    ``[..., in_features]`` -> ``[..., out_features]`` (a view of the padded product).
+    """
+
+    def __init__(self, qm, out_features):
+        super().__init__(qm)
+        self.stored_out_features = self.out_features
+        self.out_features = int(out_features)
+
+    def forward(self, x):
+        return super().forward(x)[..., : self.out_features]
 
 
 def _qmatrix_device(qm) -> str | None:

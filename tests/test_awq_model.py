@@ -6,7 +6,10 @@ Weights are checked against a dequantiser written here from the AutoAWQ GEMM lay
 unpack columns with shifts 0..28, reorder with 0, 4, 1, 5, 2, 6, 3, 7, ``W = (q - z) * s``.
 """
 
+import copy
+import gc
 import json
+import pickle
 import warnings
 
 import numpy as np
@@ -214,7 +217,8 @@ def test_awq_linear_attributes():
     layer, tt, _, _ = _layer(256, 64, 64)
     assert (layer.in_features, layer.out_features, layer.w_bit, layer.group_size) == (256, 64, 4, 64)
     assert layer.qweight is tt["qweight"] and layer.qzeros is tt["qzeros"] and layer.scales is tt["scales"]
-    assert layer.bias is tt["bias"] and layer.qmatrix.format == "awq"
+    assert torch.equal(layer.bias, tt["bias"]) and layer.bias.dtype == tt["bias"].dtype  # a copy: see the bias tests
+    assert layer.qmatrix.format == "awq"
     assert layer.handle in registered_handles()
     assert "w_bit=4" in repr(layer) and "group_size=64" in repr(layer)
     whole, _, _, _ = _layer(128, 16, -1, bias=False)
@@ -251,6 +255,38 @@ def test_awq_linear_validation():
         AWQLinear(4, 32, tt["qweight"], tt["qzeros"], tt["scales"], None)
     with pytest.raises(ValueError, match="bias"):
         AWQLinear(4, 64, tt["qweight"], tt["qzeros"], tt["scales"], torch.zeros(65))
+
+
+def test_awq_linear_bias_is_read_only_and_truthful():
+    layer, tt, w, b = _layer(seed=7)
+    x = _x((3, 256), seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = layer(x)
+        torch.testing.assert_close(expected.double(), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+        layer.bias.mul_(0)  # a copy: the matrix, and so forward, keep the bias
+        assert torch.equal(layer.bias, tt["bias"])
+        with pytest.raises(AttributeError, match=r"bias: AWQLinear's bias is part of its quantized matrix.*"
+                                                 r"build a new AWQLinear"):
+            layer.bias = None
+        assert torch.equal(layer(x), expected) and torch.equal(layer.bias, tt["bias"])
+        tt["bias"].mul_(2)  # the caller's tensor is not the layer's either
+        assert torch.equal(layer(x), expected)
+
+
+def test_awq_linear_pickles_and_copies():
+    layer, _, w, b = _layer(seed=8)
+    x = _x((4, 256), seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = layer(x)
+        back, dup = pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)
+        assert back.handle != layer.handle and back.handle in registered_handles()
+        assert dup.qmatrix is layer.qmatrix and dup.handle == layer.handle
+        del layer
+        gc.collect()
+        for other in (back, dup):
+            assert torch.equal(other(x), expected) and torch.equal(other.bias, torch.from_numpy(b))
 
 
 def test_awq_linear_release_and_compile_cpu():

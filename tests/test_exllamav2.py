@@ -7,6 +7,9 @@ tests (marked ``gpu``) run the kernels, the scratch lifecycle, torch.compile and
 
 from __future__ import annotations
 
+import copy
+import gc
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -422,6 +425,66 @@ def test_tgi_style_quant_linear():
         ex.QuantLinear(_TgiGPTQWeight(gt["qweight"], gt["qzeros"], gt["scales"], g_idx, 8, gs), None)
     with pytest.raises(TypeError, match="weight"):
         ex.QuantLinear(object(), None)
+
+
+def test_quant_linear_checks_the_bias_before_registering():
+    tt, g_idx, gs, _, _ = _gptq("trivial", 256, 64, bias=False)
+    good = ex.QuantLinear(tt["qweight"], tt["qzeros"], tt["scales"], g_idx, None, 4, gs)
+    et, _, _ = _exl2(seed=9, bias=False)
+    gptq_weight = _TgiGPTQWeight(tt["qweight"], tt["qzeros"], tt["scales"], g_idx, 4, gs)
+    for make, match in [
+        (lambda: ex.QuantLinear(tt["qweight"], tt["qzeros"], tt["scales"], g_idx, torch.ones(65), 4, gs),
+         r"bias: expected shape \(64,\), got \(65,\)"),
+        (lambda: ex.QuantLinear(tt["qweight"], tt["qzeros"], tt["scales"], g_idx, torch.ones(64, 1), 4, gs),
+         r"bias: expected shape \(64,\)"),
+        (lambda: ex.QuantLinear(tt["qweight"], tt["qzeros"], tt["scales"], g_idx,
+                                torch.full((64,), float("nan")), 4, gs), "bias"),
+        (lambda: ex.QuantLinear(gptq_weight, torch.ones(63)), r"bias: expected shape \(64,\), got \(63,\)"),
+        (lambda: ex.QuantLinear(_tgi_exl2(et), torch.ones(65)), r"bias: expected shape \(64,\), got \(65,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    with pytest.raises(TypeError, match="bias"):
+        ex.QuantLinear(tt["qweight"], tt["qzeros"], tt["scales"], g_idx, torch.ones(64, dtype=torch.int32), 4, gs)
+    assert ex.LAYERS == [good] and ex.FIXED_BYTES == good.temp_dq_size()
+    t2, g2, gs2, w2, b2 = _gptq("act_order", 256, 64, seed=10)
+    later = ex.QuantLinear(t2["qweight"], t2["qzeros"], t2["scales"], g2, t2["bias"], 4, gs2)
+    assert ex.create_exllama_buffers() == {}  # CPU layers: nothing to bind, and no error from a refused layer
+    x = _x((3, 256), seed=10)
+    torch.testing.assert_close(later(x), _expected(x, w2, b2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_quant_linear_bias_is_read_only_and_truthful(built):
+    layer, w, b = _lorax_layer("act_order", seed=11)
+    x = _x((3, 256), seed=11)
+    if built:
+        layer.post_init(None)
+    layer.bias.mul_(0)  # a copy: the matrix keeps the bias
+    assert torch.equal(layer.bias, torch.from_numpy(b))
+    with pytest.raises(AttributeError, match=r"bias: QuantLinear's bias is part of its quantized matrix.*new QuantLinear"):
+        layer.bias = None
+    torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+    assert "bias=True" in repr(layer)
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_quant_linear_pickles_and_copies(built):
+    layer, w, b = _lorax_layer("no_g_idx", seed=12)
+    if built:
+        ex.create_exllama_buffers()
+    back, dup = pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)
+    assert ex.LAYERS == [layer, back, dup]  # layers of this process, as constructed ones
+    if built:
+        assert back._op_handle not in (None, layer._op_handle) and dup.q_handle is layer.q_handle
+    ex.LAYERS.remove(layer)
+    del layer
+    gc.collect()
+    x = _x((3, 256), seed=12)
+    for other in (back, dup):
+        torch.testing.assert_close(other(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+        assert torch_ops.lookup_qmatrix(other._op_handle) is other.q_handle
+    assert ex.create_exllama_buffers() == {}
 
 
 def test_ext_make_q_matrix_rejects_unknown_weights():

@@ -1,5 +1,6 @@
 """patch_model on a small Llama-shaped torch module (CPU reference path; a GPU variant for the device)."""
 
+import io
 import warnings
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from cupyq import torch_ops  # noqa: E402
 from cupyq.checkpoint import CheckpointError, open_checkpoint, save_exl2, save_gptq  # noqa: E402
 from cupyq.model import patch_model  # noqa: E402
 from cupyq.quantize import quantize_exl2, quantize_gptq  # noqa: E402
@@ -196,16 +198,119 @@ def test_warns_about_unused_and_untouched_tensors(tmp_path):
     assert any("not in the checkpoint keep their values" in m and "lm_head.weight" in m for m in messages)
 
 
+def test_patching_a_patched_model_says_so_and_changes_nothing(tmp_path):
+    ckpt_dir = _write(tmp_path, "gptq")
+    model = _quiet(patch_model, Tiny(1), ckpt_dir, device="cpu")
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=r"3 quantized layer\(s\) are already cupyq QuantizedLinear modules \(the model "
+                                         r"was patched before\): 'model.layers.0.mlp.down_proj', "):
+        patch_model(model, ckpt_dir, device="cpu")
+    _assert_as_before(model, snapshot)
+
+
+def _write_layers(directory, source, names, kind="gptq", bias=True):
+    """A checkpoint of the layers ``names`` of ``source`` only (with their biases when ``bias``)."""
+    layers = {n: v for n, v in _quantize(source, kind).items() if n in names}
+    if not bias:
+        layers = {n: {k: a for k, a in t.items() if k != "bias"} for n, t in layers.items()}
+    save_gptq(directory, layers, bits=4, group_size=32, desc_act=True, sym=True)
+    return directory
+
+
+def test_a_model_bias_the_checkpoint_lacks_is_dropped_with_a_warning(tmp_path):
+    source = Tiny(0)
+    ckpt_dir = _write_layers(tmp_path, source, LINEARS, bias=False)
+    model = Tiny(1)
+    assert model.model.layers[0].mlp.up_proj.bias is not None
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        patch_model(model, ckpt_dir, device="cpu")
+    dropped = [str(w.message) for w in record if "dropped" in str(w.message)]
+    assert len(dropped) == 1 and "1 model bias(es) dropped" in dropped[0]
+    assert dropped[0].endswith(": model.layers.0.mlp.up_proj.bias")
+    up = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(2))
+    w = open_checkpoint(ckpt_dir).dequantize("model.layers.0.mlp.up_proj")
+    with torch.no_grad():
+        y = _quiet(up, x)
+    np.testing.assert_allclose(y.numpy(), x.numpy() @ w, rtol=1e-5, atol=1e-5)  # x @ W, as the checkpoint says
+
+
+def test_a_checkpoint_bias_gives_no_dropped_bias_warning(tmp_path):
+    ckpt_dir = _write(tmp_path, "gptq")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        patch_model(Tiny(1), ckpt_dir, device="cpu")
+    assert not [w for w in record if "dropped" in str(w.message)]
+
+
+@pytest.fixture
+def state_dict_warning_not_given(monkeypatch):
+    """The once-per-process state_dict warning as in a process that has not given it yet."""
+    monkeypatch.setattr(torch_ops, "_warned_weights_left_out", False)
+
+
+def test_state_dict_of_a_patched_model_warns_once_that_quantized_weights_are_left_out(
+        tmp_path, state_dict_warning_not_given):
+    model = _quiet(patch_model, Tiny(1), _write(tmp_path, "gptq"), device="cpu")
+    with pytest.warns(UserWarning, match=r"state_dict\(\): 'model.layers.0.self_attn.q_proj' is a cupyq QuantizedLinear.*"
+                                         r"leaves them out.*cupyq.checkpoint.save_gptq / save_exl2 / save_awq"):
+        state = model.state_dict()
+    assert not any(k.startswith("model.layers.0.self_attn.q_proj") for k in state)
+    assert "model.layers.0.mlp.up_proj.bias" not in state and "lm_head.weight" in state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = model.state_dict()  # once per process
+        model.load_state_dict(again)  # the round trip into the patched model still works
+        torch.save(model.state_dict(), io.BytesIO())
+
+
+def test_patch_model_reads_a_partly_patched_state_dict_without_the_warning(tmp_path, state_dict_warning_not_given):
+    source = Tiny(0)
+    first = _write_layers(tmp_path / "a", source, LINEARS[:1])
+    second = _write_layers(tmp_path / "b", source, LINEARS[1:])
+    model = _quiet(patch_model, Tiny(1), first, device="cpu")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        patch_model(model, second, device="cpu")
+        model.state_dict(keep_vars=True)
+    assert not [w for w in record if "state_dict()" in str(w.message)]
+    assert all(isinstance(_modules(model)[n], QuantizedLinear) for n in LINEARS)
+    with pytest.warns(UserWarning, match="state_dict"):  # not used up by the calls above
+        model.state_dict()
+
+
+def test_a_patched_cpu_model_pickles(tmp_path):
+    ckpt_dir = _write(tmp_path, "exl2")
+    model = _quiet(patch_model, Tiny(1), ckpt_dir, device="cpu")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    back = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = _quiet(model, ids)
+        del model
+        assert torch.equal(_quiet(back, ids), expected)
+    layer = _modules(back)[LINEARS[0]]
+    assert torch_ops.lookup_qmatrix(layer.handle) is layer.qmatrix
+
+
+def _quiet(fn, *args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kw)
+
+
 def _snapshot(model):
     """Every module object of the model and a copy of every tensor."""
-    return dict(model.named_modules()), {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return dict(model.named_modules()), {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
 
 
 def _assert_as_before(model, snapshot):
     modules, tensors = snapshot
     now = dict(model.named_modules())
     assert now.keys() == modules.keys() and all(now[n] is modules[n] for n in modules)
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
     assert state.keys() == tensors.keys() and all(torch.equal(state[k], tensors[k]) for k in tensors)
 
 
@@ -276,7 +381,13 @@ def test_patch_model_gpu_materialises_a_meta_model_on_every_cuda_spelling(tmp_pa
     patch_model(model, ckpt_dir, device=device)
     assert all(_modules(model)[n].qmatrix.device_id == 0 for n in LINEARS)
     assert all(t.device == torch.device("cuda", 0) for t in model.state_dict().values())
-    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    _check_against_fp16_twin(model, ckpt_dir, seed=1)
+
+
+def _check_against_fp16_twin(model, ckpt_dir, seed):
+    """Relative logit errors (patched model on cuda:0, the dense twin in fp16 on the GPU) against the float32
+    dense twin; the dense model run in fp16 is the yardstick for fp16 rounding: allow twice it plus a floor."""
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
     twin = _dense_twin(ckpt_dir)
     with torch.no_grad():
         got = model(ids.cuda()).float().cpu()
@@ -284,7 +395,8 @@ def test_patch_model_gpu_materialises_a_meta_model_on_every_cuda_spelling(tmp_pa
         ref16 = twin.half().cuda()(ids.cuda()).float().cpu()
     err = ((got - ref).norm() / ref.norm()).item()
     err16 = ((ref16 - ref).norm() / ref.norm()).item()
-    assert err <= 2 * err16 + 2e-3  # the dense fp16 model is the yardstick, as for the model built on the GPU
+    assert err <= 2 * err16 + 2e-3
+    return err, err16
 
 
 @pytest.mark.gpu
@@ -294,14 +406,5 @@ def test_patch_model_gpu_fp16(tmp_path, kind):
     model = Tiny(7).half().cuda()
     patch_model(model, ckpt_dir)
     assert all(_modules(model)[n].qmatrix.is_cuda for n in LINEARS)
-    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-    twin = _dense_twin(ckpt_dir)
-    with torch.no_grad():
-        got = model(ids.cuda()).float().cpu()
-        ref = twin(ids)
-        ref16 = twin.half().cuda()(ids.cuda()).float().cpu()
-    err = ((got - ref).norm() / ref.norm()).item()
-    err16 = ((ref16 - ref).norm() / ref.norm()).item()
+    err, err16 = _check_against_fp16_twin(model, ckpt_dir, seed=0)
     print(f"patch_model {kind} GPU fp16: relative logit error {err:.3g} (dense fp16 model: {err16:.3g})")
-    # The dense model run in fp16 is the yardstick for fp16 rounding; allow twice it plus a floor.
-    assert err <= 2 * err16 + 2e-3

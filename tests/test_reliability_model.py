@@ -1,7 +1,9 @@
 """patch_model on meta-device models and on EXL2 layers with padded output width; the GPTQModel-made
 checkpoint end to end; clear errors of the exllamav2-compatible QuantLinear (CPU reference path)."""
 
+import io
 import json
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -18,7 +20,7 @@ from cupyq import exllamav2 as ex  # noqa: E402
 from cupyq.checkpoint import save_exl2, save_gptq  # noqa: E402
 from cupyq.model import patch_model  # noqa: E402
 from cupyq.quantize import quantize_exl2, quantize_gptq  # noqa: E402
-from cupyq.torch_ops import QuantizedLinear  # noqa: E402
+from cupyq.torch_ops import QuantizedLinear, TrimmedQuantizedLinear  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 FIXTURE = DATA / "gptqmodel_asym_v1"
@@ -46,7 +48,8 @@ def tiny_checkpoint(directory, config, seed=0, drop=()):
     for name, p in source.state_dict().items():
         module = name.rsplit(".", 1)[0]
         if any(module.endswith(s) for s in PROJ):
-            layers[module] = quantize_gptq(p.numpy().T.copy(), bits=4, group_size=32, sym=True)
+            if name.endswith(".weight"):  # a projection's bias (attention_bias=True) is not given to the quantizer
+                layers[module] = quantize_gptq(p.numpy().T.copy(), bits=4, group_size=32, sym=True)
         elif name not in drop:
             extras[name] = p.numpy().astype(np.float16)
     if config.tie_word_embeddings:
@@ -169,6 +172,40 @@ def test_padded_exl2_output_width_accepted(tmp_path, out_features):
     y = quiet(model.lm_head, x)
     assert tuple(y.shape) == (3, out_features) and model.lm_head.out_features == out_features
     np.testing.assert_allclose(y.numpy(), x.numpy() @ wq[:, :out_features], rtol=1e-5, atol=1e-5)
+
+
+def test_patched_model_with_a_padded_exl2_layer_pickles(tmp_path):
+    rng = np.random.default_rng(7)
+    w = np.concatenate([rng.standard_normal((64, 40)), np.zeros((64, 24))], axis=1).astype(np.float32)
+    save_exl2(tmp_path, {"lm_head": quantize_exl2(w, bits=(6,), proportions=(1.0,))})
+    model = quiet(patch_model, Head(40), tmp_path, device="cpu")
+    assert type(model.lm_head) is TrimmedQuantizedLinear
+    x = torch.from_numpy(rng.standard_normal((3, 64)).astype(np.float32))
+    expected = quiet(model.lm_head, x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    for back in (pickle.loads(pickle.dumps(model)), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        layer = back.lm_head
+        assert type(layer) is TrimmedQuantizedLinear and (layer.out_features, layer.stored_out_features) == (40, 64)
+        assert layer.qmatrix is not model.lm_head.qmatrix and layer.handle != model.lm_head.handle
+        assert torch.equal(quiet(layer, x), expected)
+
+
+def test_attention_bias_missing_from_the_checkpoint_is_dropped_with_a_warning(tmp_path):
+    config = tiny_config(attention_bias=True)
+    d = tiny_checkpoint(tmp_path / "ckpt", config)  # the quantizer was given no bias
+    for model in (transformers.LlamaForCausalLM(config).float().eval(), meta_model(config)):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            patch_model(model, d, device="cpu")
+        dropped = [str(w.message) for w in record if "dropped" in str(w.message)]
+        biases = [f"model.layers.0.{p}.bias" for p in sorted(PROJ) if p.startswith("self_attn")]
+        assert len(dropped) == 1 and dropped[0].endswith(f"{len(biases)} model bias(es) dropped: their Linear has a "
+                                                         f"bias but the checkpoint's quantized layer has none, so the "
+                                                         f"layer computes x @ W without it: {', '.join(biases)}")
+        assert meta_names(model) == []
+        q = model.model.layers[0].self_attn.q_proj
+        assert not quiet(q, torch.zeros(2, 64)).any()  # no bias added
 
 
 def test_exl2_width_beyond_padding_still_rejected(tmp_path):

@@ -6,9 +6,13 @@ assertion in any rank fails the test with that rank's traceback.
 """
 
 import datetime
+import json
+import re
 import socket
 import time
 import warnings
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +22,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from cupyq import QMatrix, gemm  # noqa: E402
-from cupyq.quantize import quantize_exl2, quantize_gptq  # noqa: E402
+from cupyq.quantize import quantize_awq, quantize_exl2, quantize_gptq  # noqa: E402
 
 TIMEOUT = 300  # seconds for all ranks of one test; collectives time out after COLLECTIVE_TIMEOUT
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
@@ -42,11 +46,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, backend, args):
+def _entry(rank, fn, world_size, port, backend, collective_timeout, args):
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=COLLECTIVE_TIMEOUT)
+                            timeout=collective_timeout)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "no GPU kernel ran": the CPU path is the point
@@ -56,11 +60,11 @@ def _entry(rank, fn, world_size, port, backend, args):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size, *args, timeout=TIMEOUT, backend="gloo"):
+def run_ranks(fn, world_size, *args, timeout=TIMEOUT, backend="gloo", collective_timeout=COLLECTIVE_TIMEOUT):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned ranks (gloo; NCCL: rank r on cuda:r);
     fail on error or timeout."""
-    ctx = mp.start_processes(_entry, args=(fn, world_size, _free_port(), backend, args), nprocs=world_size,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(_entry, args=(fn, world_size, _free_port(), backend, collective_timeout, args),
+                             nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException on failure
         if time.monotonic() > deadline:
@@ -152,72 +156,99 @@ EXL2_RECIPE = {
 }
 
 
-def _llama(seed):
+LLAMA_BIASES = dict(LLAMA, attention_bias=True, mlp_bias=True)  # every projection has a bias
+GPTQMODEL_V1 = Path(__file__).parent / "data" / "gptqmodel_asym_v1"  # v1 zero points written per word
+
+
+def _llama(seed, settings=LLAMA):
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**LLAMA)
+    config = transformers.LlamaConfig(**settings)
     config._attn_implementation = "eager"
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def _write_llama(directory, kind):
-    from cupyq.checkpoint import save_exl2, save_gptq
+def _write_llama(directory, kind, settings=LLAMA):
+    from cupyq.checkpoint import save_awq, save_exl2, save_gptq
 
-    source = _llama(0)
+    source = _llama(0, settings)
     rng = np.random.default_rng(0)
     layers = {}
     for name, lin in source.named_modules():
         if not (isinstance(lin, torch.nn.Linear) and ".layers." in name):
             continue
         w = lin.weight.detach().numpy().T
+        bias = None if lin.bias is None else lin.bias.detach().numpy()
         if kind == "gptq":
-            layers[name] = quantize_gptq(w, bits=4, group_size=32, act_order=True, importance=rng.random(w.shape[0]))
+            layers[name] = quantize_gptq(w, bits=4, group_size=32, act_order=True, importance=rng.random(w.shape[0]),
+                                         bias=bias)
+        elif kind == "awq":
+            layers[name] = quantize_awq(w, group_size=32, bias=bias)
         else:
             widths, props = EXL2_RECIPE[name.rsplit(".", 1)[1]]
-            layers[name] = quantize_exl2(w, bits=widths, proportions=props, importance=rng.random(w.shape[0]))
-    quantized = {f"{n}.weight" for n in layers}
+            layers[name] = quantize_exl2(w, bits=widths, proportions=props, importance=rng.random(w.shape[0]),
+                                         bias=bias)
+    quantized = {f"{n}.{p}" for n in layers for p in ("weight", "bias")}
     extras = {k: v.detach().numpy().astype(np.float16) for k, v in source.state_dict().items() if k not in quantized}
     if kind == "gptq":
         return save_gptq(directory, layers, bits=4, group_size=32, desc_act=True, sym=True, extra_tensors=extras)
+    if kind == "awq":
+        return save_awq(directory, layers, group_size=32, extra_tensors=extras)
     return save_exl2(directory, layers, extra_tensors=extras)
 
 
-def _llama_worker(rank, world_size, directories):
+def _settings_of(directory):
+    """The LlamaConfig settings of a checkpoint's config.json, without its quantization config."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    return {k: v for k, v in config.items() if k not in ("quantization_config", "architectures", "dtype")}
+
+
+def _llama_worker(rank, world_size, cases, tolerance):
     from cupyq.distributed import ColumnParallelQuantLinear, RowParallelQuantLinear, patch_model_tp
     from cupyq.model import patch_model
 
-    ids = torch.randint(0, LLAMA["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
-    for directory in directories:
-        whole = patch_model(_llama(1), directory)
-        sharded = patch_model_tp(_llama(2), directory)
+    for directory, settings in cases:
+        ids = torch.randint(0, settings["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+        whole = patch_model(_llama(1, settings), directory)
+        sharded = patch_model_tp(_llama(2, settings), directory)
         attn = sharded.model.layers[0].self_attn
+        head_dim = settings["hidden_size"] // settings["num_attention_heads"]
         assert isinstance(attn.q_proj, ColumnParallelQuantLinear) and isinstance(attn.o_proj, RowParallelQuantLinear)
-        assert attn.q_proj.out_features == 128 // world_size and attn.k_proj.out_features == 64 // world_size
-        assert sharded.model.layers[1].mlp.down_proj.in_features == 256 // world_size
+        assert attn.q_proj.out_features == settings["hidden_size"] // world_size
+        assert attn.k_proj.out_features == settings["num_key_value_heads"] * head_dim // world_size
+        assert sharded.model.layers[-1].mlp.down_proj.in_features == settings["intermediate_size"] // world_size
         with torch.no_grad():
             ref = whole(ids).logits
             got = sharded(ids).logits
+            greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+            ref_tokens, tokens = whole.generate(ids, **greedy), sharded.generate(ids, **greedy)
         # Same float32 weights; partial sums over ranks reorder the additions only.
-        assert _relative(got, ref) < 1e-5, (str(directory), rank, _relative(got, ref))
+        assert _relative(got, ref) < tolerance, (str(directory), rank, _relative(got, ref))
+        assert torch.equal(tokens, ref_tokens), (str(directory), rank)
 
 
 def test_tiny_llama_sharded_two_ways_gives_the_unsharded_logits(tmp_path):
     pytest.importorskip("transformers")
-    directories = [_write_llama(tmp_path / kind, kind) for kind in ("gptq", "exl2")]
-    run_ranks(_llama_worker, 2, directories)
+    cases = [(_write_llama(tmp_path / kind, kind), LLAMA) for kind in ("gptq", "exl2")]
+    run_ranks(_llama_worker, 2, cases, 1e-5)
+
+
+def test_awq_and_gptqmodel_llamas_sharded_two_ways_give_the_unsharded_logits(tmp_path):
+    """AWQ column and row layers, every one with a bias (added once after the row reduce), and a GPTQModel
+    checkpoint whose v1 zero points are decoded per word, as the unsharded model decodes them."""
+    pytest.importorskip("transformers")
+    cases = [(_write_llama(tmp_path / "awq", "awq", LLAMA_BIASES), LLAMA_BIASES),
+             (GPTQMODEL_V1, _settings_of(GPTQMODEL_V1))]
+    run_ranks(_llama_worker, 2, cases, 1e-6)
 
 
 NARROW = dict(LLAMA, hidden_size=64, intermediate_size=128)  # head_dim 16: k_proj and v_proj have 32 outputs
 
 
-def _write_unfit_llamas(directory):
-    """Two GPTQ checkpoints of a Llama whose layers mostly shard over 2 ranks, each with one layer that does not:
-    ``narrow``: 3-bit, so k_proj's 32 outputs do not split into halves of whole 32-column units; ``nan``: 4-bit
-    with NaN scales in the last projection of the last decoder layer."""
+def _write_narrow_gptq(directory, bits):
+    """A GPTQ checkpoint (no act-order, groups of 32) of a seeded NARROW Llama, its other tensors float32."""
     import transformers
-    from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
 
     from cupyq.checkpoint import save_gptq
 
@@ -226,20 +257,51 @@ def _write_unfit_llamas(directory):
     quantized = [n for n, m in source.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     extras = {k: v.detach().numpy() for k, v in source.state_dict().items()
               if k.rsplit(".", 1)[0] not in quantized}
-    paths = {}
-    for kind, bits in (("narrow", 3), ("nan", 4)):
-        layers = {n: quantize_gptq(source.get_submodule(n).weight.detach().numpy().T, bits=bits, group_size=32)
-                  for n in quantized}
-        paths[kind] = save_gptq(directory / kind, layers, bits=bits, group_size=32, desc_act=False, sym=True,
-                                extra_tensors=extras)
-    bad = "model.layers.1.self_attn.v_proj"  # the last quantized layer in the checkpoint's order
-    file = str(directory / "nan" / "model.safetensors")
+    layers = {n: quantize_gptq(source.get_submodule(n).weight.detach().numpy().T, bits=bits, group_size=32)
+              for n in quantized}
+    return save_gptq(directory, layers, bits=bits, group_size=32, desc_act=False, sym=True, extra_tensors=extras)
+
+
+def _spoil_scales(directory, layer, rows, cols):
+    """Set ``scales[rows, cols]`` of one layer of a checkpoint written by :func:`_write_narrow_gptq` to NaN."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    file = str(Path(directory) / "model.safetensors")
     with safe_open(file, "np") as f:
         metadata = f.metadata()
     tensors = load_file(file)
-    tensors[f"{bad}.scales"][1, [3, 16 + 3]] = np.nan  # one in each rank's half: a rank checks only its own
+    tensors[f"{layer}.scales"][rows, cols] = np.nan
     save_file(tensors, file, metadata=metadata)
-    return paths
+    return directory
+
+
+def _write_unfit_llamas(directory):
+    """Two GPTQ checkpoints of a Llama whose layers mostly shard over 2 ranks, each with one layer that does not:
+    ``narrow``: 3-bit, so k_proj's 32 outputs do not split into halves of whole 32-column units; ``nan``: 4-bit
+    with NaN scales in the last projection of the last decoder layer."""
+    bad = "model.layers.1.self_attn.v_proj"  # the last quantized layer in the checkpoint's order
+    # One NaN in each rank's half: a rank checks only its own.
+    return {"narrow": _write_narrow_gptq(directory / "narrow", 3),
+            "nan": _spoil_scales(_write_narrow_gptq(directory / "nan", 4), bad, 1, [3, 16 + 3])}
+
+
+def _model_snapshot(model):
+    """A function asserting that ``model``'s modules, tensors and attention head counts are as they are now."""
+    def numbers():  # the head counts and sizes of the attention modules
+        return [{k: v for k, v in vars(m.self_attn).items() if isinstance(v, int)} for m in model.model.layers]
+
+    modules = dict(model.named_modules())
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    heads = numbers()
+
+    def check(what):
+        now = dict(model.named_modules())
+        assert now.keys() == modules.keys() and all(now[n] is modules[n] for n in modules), what
+        assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items()), what
+        assert numbers() == heads, what
+
+    return check
 
 
 def _unfit_worker(rank, world_size, paths):
@@ -257,18 +319,10 @@ def _unfit_worker(rank, world_size, paths):
     }
     for kind, message in expected.items():
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**NARROW)).eval()
-        modules = dict(model.named_modules())
-        tensors = {k: v.clone() for k, v in model.state_dict().items()}
-        def numbers():  # the head counts and sizes of the attention modules
-            return [{k: v for k, v in vars(m.self_attn).items() if isinstance(v, int)} for m in model.model.layers]
-
-        heads = numbers()
+        unchanged = _model_snapshot(model)
         with pytest.raises(ValueError, match=message):
             patch_model_tp(model, paths[kind])
-        now = dict(model.named_modules())
-        assert now.keys() == modules.keys() and all(now[n] is modules[n] for n in modules), (kind, rank)
-        assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items()), (kind, rank)
-        assert numbers() == heads, (kind, rank)
+        unchanged((kind, rank))
 
 
 def test_patch_model_tp_checks_every_layer_before_modifying_the_model(tmp_path):
@@ -276,6 +330,52 @@ def test_patch_model_tp_checks_every_layer_before_modifying_the_model(tmp_path):
     names it, and every module and tensor of the model is as it was."""
     pytest.importorskip("transformers")
     run_ranks(_unfit_worker, 2, _write_unfit_llamas(tmp_path))
+
+
+def _write_one_rank_spoilt_llamas(directory):
+    """``(checkpoint, layer, mode, rank)`` cases whose NaN scales lie only in the slice that ``rank`` of 2 owns:
+    columns 64.. of up_proj (128 outputs) and group 0 (rows 0..31 of 128) of down_proj."""
+    up, down = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"
+    return [(_spoil_scales(_write_narrow_gptq(directory / "column", 4), up, 1, 64 + 5), up, "column", 1),
+            (_spoil_scales(_write_narrow_gptq(directory / "row", 4), down, 0, 7), down, "row", 0)]
+
+
+def _one_rank_fails_worker(rank, world_size, cases):
+    import transformers
+
+    from cupyq.distributed import patch_model_tp
+
+    for directory, layer, mode, bad_rank in cases:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**NARROW)).eval()
+        unchanged = _model_snapshot(model)
+        if rank == bad_rank:
+            message = (rf"layer '{re.escape(layer)}' \({mode} shard of rank {bad_rank} of 2\): scales: expected "
+                       "finite values")
+        else:
+            message = (rf"^{re.escape(str(directory))}: rank {bad_rank} of 2 could not build its tensor-parallel "
+                       rf"layers .*rank {rank} built its own, but the model was left unchanged on every rank$")
+        with pytest.raises(ValueError, match=message):
+            patch_model_tp(model, directory)
+        unchanged((mode, rank))
+    # An error that is not about the checkpoint (rank 1 passes no model) reaches rank 0 as a RuntimeError.
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**NARROW)).eval()
+    unchanged = _model_snapshot(model)
+    if rank == 1:
+        with pytest.raises(AttributeError):
+            patch_model_tp(None, cases[0][0])
+    else:
+        with pytest.raises(RuntimeError, match="rank 1 of 2 could not build its tensor-parallel layers"):
+            patch_model_tp(model, cases[0][0])
+    unchanged(("no model", rank))
+
+
+def test_patch_model_tp_raises_on_every_rank_when_one_rank_fails(tmp_path):
+    """Bad scales only in the columns or the rows that one rank owns: that rank raises its own error, the other
+    learns of it from the one all-reduce before any module is replaced and raises naming the failed rank; no
+    model changes, and no rank waits for a collective that the other never joins (short timeouts)."""
+    pytest.importorskip("transformers")
+    run_ranks(_one_rank_fails_worker, 2, _write_one_rank_spoilt_llamas(tmp_path), timeout=120,
+              collective_timeout=datetime.timedelta(seconds=30))
 
 
 # ------------------------------------------------------------------------------------------------ NCCL
@@ -352,20 +452,46 @@ def test_parallel_layers_on_two_gpus_with_nccl(tmp_path):
     run_ranks(_nccl_worker, 2, directories, backend="nccl")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs 2 CUDA GPUs")
+def test_patch_model_tp_raises_on_every_rank_when_one_rank_fails_with_nccl(tmp_path):
+    """The same agreement over NCCL: its all-reduce runs on each rank's current CUDA device."""
+    pytest.importorskip("transformers")
+    run_ranks(_one_rank_fails_worker, 2, _write_one_rank_spoilt_llamas(tmp_path), timeout=120, backend="nccl",
+              collective_timeout=datetime.timedelta(seconds=30))
+
+
 # ------------------------------------------------------------------------------------------------ one process
-def test_patch_model_tp_without_a_process_group_is_patch_model(tmp_path):
+@pytest.mark.parametrize("kind", ["gptq", "awq"])
+def test_patch_model_tp_without_a_process_group_is_patch_model(tmp_path, kind):
     """torch.distributed not initialised means one rank: the parallel modules hold whole layers."""
     pytest.importorskip("transformers")
-    from cupyq.distributed import patch_model_tp
+    from cupyq.distributed import ColumnParallelQuantLinear, RowParallelQuantLinear, patch_model_tp
     from cupyq.model import patch_model
 
-    directory = _write_llama(tmp_path, "gptq")
+    settings = LLAMA_BIASES if kind == "awq" else LLAMA
+    directory = _write_llama(tmp_path, kind, settings)
     ids = torch.randint(0, LLAMA["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(4))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", RuntimeWarning)
-        ref = patch_model(_llama(1), directory)(ids).logits
-        got = patch_model_tp(_llama(2), directory)(ids).logits
+        ref = patch_model(_llama(1, settings), directory)(ids).logits
+        sharded = patch_model_tp(_llama(2, settings), directory)
+        got = sharded(ids).logits
+    mlp = sharded.model.layers[0].mlp
+    assert isinstance(mlp.up_proj, ColumnParallelQuantLinear) and isinstance(mlp.down_proj, RowParallelQuantLinear)
     assert _relative(got, ref) < 1e-6
+
+
+def test_shard_qmatrix_names_a_layer_of_another_format(tmp_path):
+    """Only GPTQ, EXL2 and AWQ layers have shards; a plain weight (the fp16 lm_head) is refused by name."""
+    pytest.importorskip("transformers")
+    from cupyq.checkpoint import open_checkpoint
+    from cupyq.distributed import shard_qmatrix
+
+    ckpt = open_checkpoint(_write_llama(tmp_path, "awq"))
+    with pytest.raises(ValueError, match=r"layer 'lm_head' has format 'fp16'; only 'gptq', 'exl2', 'awq' layers "
+                                         r"can be sharded"):
+        shard_qmatrix(ckpt, "lm_head", rank=0, world_size=2, mode="column")
 
 
 def test_patch_model_tp_rejects_heads_that_do_not_split(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Tensor-parallel patching of a Llama-style transformers model from a GPTQ / EXL2 checkpoint."""
+"""Tensor-parallel patching of a Llama-style transformers model from a GPTQ / EXL2 / AWQ checkpoint."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from cupyq.checkpoint import Checkpoint, CheckpointError, open_checkpoint
-from cupyq.distributed.shard import CheckpointLayer, shard_exl2, shard_gptq
+from cupyq.distributed.shard import CheckpointLayer, shard_awq, shard_exl2, shard_gptq
 
 __all__ = ["COLUMN_LAYERS", "ROW_LAYERS", "shard_qmatrix", "patch_model_tp"]
 
@@ -16,30 +16,64 @@ COLUMN_LAYERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_LAYERS = ("o_proj", "down_proj")
 
 
+def _column_bias(t, mode):
+    # A column shard adds its own bias slice; a row shard's bias is added once, after the reduce.
+    return t.get("bias") if mode == "column" else None
+
+
+def _gptq_shard(layer, rank, world_size, mode, device):
+    from cupyq.qmatrix import QMatrix
+
+    info = layer.info
+    t = shard_gptq(layer, rank=rank, world_size=world_size, mode=mode)
+    qm = QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], _column_bias(t, mode),
+                           bits=info.bits[0], checkpoint_format=info.checkpoint_format,
+                           v1_encoding=info.v1_encoding or "field", device=device)
+    return qm, t
+
+
+def _exl2_shard(layer, rank, world_size, mode, device):
+    from cupyq.qmatrix import QMatrix
+
+    t = shard_exl2(layer, rank=rank, world_size=world_size, mode=mode)
+    k = layer.info.in_features // world_size if mode == "row" else None
+    qm = QMatrix.from_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"],
+                           _column_bias(t, mode), device=device, in_features=k)
+    return qm, t
+
+
+def _awq_shard(layer, rank, world_size, mode, device):
+    from cupyq.qmatrix import QMatrix
+
+    group_size = layer.info.group_size
+    t = shard_awq(layer, rank=rank, world_size=world_size, mode=mode, group_size=group_size)
+    if t["scales"].shape[0] == 1:  # one group (-1 or K): a row shard's group is its K/W rows
+        group_size = -1
+    qm = QMatrix.from_awq(t["qweight"], t["qzeros"], t["scales"], _column_bias(t, mode), group_size=group_size,
+                          device=device)
+    return qm, t
+
+
+_SHARDERS = {"gptq": _gptq_shard, "exl2": _exl2_shard, "awq": _awq_shard}
+
+
 def shard_qmatrix(ckpt, name, *, rank, world_size, mode, device=None):
     """The rank's :class:`cupyq.QMatrix` of a checkpoint layer, reading only its slices where the layout allows.
 
-    ckpt: an open :class:`cupyq.checkpoint.Checkpoint`; name: a GPTQ or EXL2 layer; mode ``"column"`` or
+    ckpt: an open :class:`cupyq.checkpoint.Checkpoint`; name: a GPTQ, EXL2 or AWQ layer; mode ``"column"`` or
     ``"row"``; device as in ``QMatrix.from_gptq`` (None: CPU, the float32 reference path).
     Returns ``(qm, bias)``: column shards keep their bias slice inside ``qm`` and return ``bias=None``; row
     shards return ``qm`` without bias and the whole bias (float16 NumPy ``[N]`` or None), to be added once
-    after the reduce.
+    after the reduce. Raises ValueError naming the layer for a layer of any other format (e.g. a plain weight).
     """
-    from cupyq.qmatrix import QMatrix
-
-    layer = CheckpointLayer(ckpt, name)
-    info = layer.info
-    if info.format == "gptq":
-        t = shard_gptq(layer, rank=rank, world_size=world_size, mode=mode)
-        bias = t.get("bias") if mode == "column" else None
-        qm = QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits=info.bits[0],
-                               checkpoint_format=info.checkpoint_format, device=device)
-    else:
-        t = shard_exl2(layer, rank=rank, world_size=world_size, mode=mode)
-        bias = t.get("bias") if mode == "column" else None
-        k = info.in_features // world_size if mode == "row" else None
-        qm = QMatrix.from_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], bias,
-                               device=device, in_features=k)
+    info = ckpt.layer_info(name)
+    shard = _SHARDERS.get(info.format)
+    if shard is None:
+        raise ValueError(
+            f"{ckpt.path}: layer '{name}' has format {info.format!r}; only {', '.join(map(repr, _SHARDERS))} "
+            "layers can be sharded"
+        )
+    qm, t = shard(CheckpointLayer(ckpt, name), rank, world_size, mode, device)
     return qm, (t.get("bias") if mode == "row" else None)
 
 
@@ -56,7 +90,7 @@ def patch_model_tp(model, ckpt, group=None, *, device=None, column=COLUMN_LAYERS
 
     model: a transformers Llama-style model (``model.layers.N.self_attn.{q,k,v,o}_proj``,
         ``model.layers.N.mlp.{gate,up,down}_proj``), modified in place, the same on every rank.
-    ckpt: a checkpoint directory or an open :class:`cupyq.checkpoint.Checkpoint`.
+    ckpt: a checkpoint directory or an open :class:`cupyq.checkpoint.Checkpoint` (GPTQ, EXL2 or AWQ layers).
     group: the torch.distributed process group (None: the default one; torch.distributed not initialised
         means one rank).
     device: where the rank's matrices live (as in :func:`cupyq.patch_model`; None: each layer's weight device;
@@ -71,19 +105,39 @@ def patch_model_tp(model, ckpt, group=None, *, device=None, column=COLUMN_LAYERS
     ``num_key_value_heads`` of ``model.config`` must be multiples of the world size; the transformers
     attention reads its local head count from the projections' widths (``model.config`` keeps the global
     counts: a cache sized from the config, e.g. a static cache, must be built for the local heads).
-    Returns the model. Raises ValueError naming the layer, before modifying anything, when a layer does not fit
-    or its shard is bad (every rank's layer is built before the first module is replaced; a rank checks only its
-    own slices of the tensors).
+    Returns the model.
+
+    Nothing is modified until every rank has built all of its layers: each rank checks the model against the
+    checkpoint and builds its shards (checking only its own slices of the tensors), then one all-reduce over
+    ``group`` (an int32 vector on the CPU for gloo, on the current CUDA device for NCCL; none with one rank)
+    tells every rank which ranks failed. A rank that failed raises its own error (ValueError naming the layer
+    when a layer does not fit or its shard is bad); the other ranks raise ValueError naming the failed ranks
+    (RuntimeError when one of those failed otherwise). Either way the model is left unchanged on every rank.
+    Every rank must call this function (it is a collective of ``group``).
     """
+    from cupyq.distributed.layers import group_rank_and_size
+
+    rank, world_size = group_rank_and_size(group)
+    source = ckpt.path if isinstance(ckpt, Checkpoint) else ckpt
+    try:
+        built = _build_tp(model, ckpt, group, rank, world_size, device, column, row)
+    except Exception as exc:
+        _agree(group, rank, world_size, source, exc)
+        raise
+    _agree(group, rank, world_size, source, None)
+    return _apply_tp(model, built, world_size)
+
+
+def _build_tp(model, ckpt, group, rank, world_size, device, column, row):
+    """Check the model against the checkpoint and build this rank's layers; modifies nothing."""
     import torch
 
-    from cupyq.distributed.layers import ColumnParallelQuantLinear, RowParallelQuantLinear, group_rank_and_size
-    from cupyq.model import _parent_and_attr, _qmatrix_device, _resolved_device
+    from cupyq.distributed.layers import ColumnParallelQuantLinear, RowParallelQuantLinear
+    from cupyq.model import _qmatrix_device, _resolved_device
     from cupyq.torch_ops import QuantizedLinear
 
     device = _resolved_device(device)
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
-    rank, world_size = group_rank_and_size(group)
     modules = dict(model.named_modules())
     config = getattr(model, "config", None)
     for attr in ("num_attention_heads", "num_key_value_heads"):
@@ -122,7 +176,6 @@ def patch_model_tp(model, ckpt, group=None, *, device=None, column=COLUMN_LAYERS
             raise ValueError(f"{ckpt.tensors[tname].file}: tensor '{tname}' has shape {list(shape)}, the model's {list(target.shape)}")
         to_load.append((tname, target))
 
-    # Every layer is sharded (and so checked) before the first module is replaced.
     layers = {}
     for name, mode in plan.items():
         if mode is None:
@@ -141,8 +194,60 @@ def patch_model_tp(model, ckpt, group=None, *, device=None, column=COLUMN_LAYERS
             weight = modules[name].weight
             b = None if bias is None else torch.from_numpy(np.asarray(bias)).to(weight.device, weight.dtype)
             layers[name] = RowParallelQuantLinear(qm, b, group=group)
+    return dict(ckpt=ckpt, plan=plan, layers=layers, to_load=to_load, replaced=replaced, state=state)
+
+
+def _collective_device(group):
+    """The device of a tensor that ``group``'s backend reduces: the current CUDA device for NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree(group, rank, world_size, source, error):
+    """Tell every rank of ``group`` which ranks failed to build their layers: one all-reduce, none with one rank
+    or without torch.distributed initialised.
+
+    error: this rank's exception, or None when it built all its layers. Returns when no rank failed, or when
+    this one did (the caller re-raises its own error); otherwise raises ValueError (RuntimeError when some
+    failed rank's error was not a ValueError) naming the failed ranks.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    # One slot per rank: 0 built, 1 a ValueError (the checkpoint does not fit), 2 any other error.
+    codes = torch.zeros(world_size, dtype=torch.int32, device=_collective_device(group))
+    codes[rank] = 0 if error is None else 1 if isinstance(error, ValueError) else 2
+    dist.all_reduce(codes, group=group)
+    codes = codes.cpu().tolist()
+    failed = [r for r, code in enumerate(codes) if code]
+    if error is not None or not failed:
+        return
+    kind = ValueError if all(codes[r] == 1 for r in failed) else RuntimeError
+    if len(failed) == 1:
+        who = f"rank {failed[0]} of {world_size} could not build its"
+    else:
+        who = f"ranks {', '.join(map(str, failed))} of {world_size} could not build their"
+    raise kind(
+        f"{source}: {who} tensor-parallel layers (see the error raised there); rank {rank} built its own, but "
+        "the model was left unchanged on every rank"
+    )
+
+
+def _apply_tp(model, built, world_size):
+    """Replace the modules and load the other tensors that :func:`_build_tp` prepared."""
+    import torch
+
+    from cupyq.model import _parent_and_attr
+
+    ckpt, plan, state, replaced, to_load = (built[k] for k in ("ckpt", "plan", "state", "replaced", "to_load"))
     attention = set()
-    for name, layer in layers.items():
+    for name, layer in built["layers"].items():
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, layer)
         if attr in ("q_proj", "k_proj", "v_proj", "o_proj") and plan[name] is not None:
@@ -156,5 +261,5 @@ def patch_model_tp(model, ckpt, group=None, *, device=None, column=COLUMN_LAYERS
     untouched = [k for k in state if k not in loaded and k not in replaced]
     if untouched:
         warnings.warn(f"{ckpt.path}: {len(untouched)} model tensor(s) not in the checkpoint keep their values: "
-                      f"{', '.join(untouched[:5])}", stacklevel=2)
+                      f"{', '.join(untouched[:5])}", stacklevel=3)
     return model

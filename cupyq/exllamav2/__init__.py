@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from cupyq import torch_ops
+from cupyq.formats.bias import check_bias
 from cupyq.formats.exl2 import exl2_out_features
 from cupyq.exllamav2.device_tensors import ExLlamaV2DeviceTensors
 from cupyq.exllamav2.ext import bind_scratch, ext_gemm_half_q_half, ext_make_q_matrix, qmatrix_torch_device
@@ -129,7 +130,7 @@ def create_exllama_buffers(max_total_tokens=None):
     return result
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(torch_ops.QMatrixModule, nn.Module):
     """GPTQ 4-bit / EXL2 linear layer with the LoRAX / TGI exllamav2 interface.
 
     ``QuantLinear(qweight, qzeros, scales, g_idx, bias, bits, groupsize)`` (LoRAX):
@@ -141,8 +142,12 @@ class QuantLinear(nn.Module):
       None (the layer is then as wide as ``q_weight``; :meth:`cupyq.QMatrix.from_exl2`).
 
     Attributes as the original: ``infeatures`` (K), ``outfeatures`` (N rounded up to 32),
-    ``padding`` (the rounding), ``q_handle`` (the ``cupyq.QMatrix`` once built), ``temp_dq``.
-    Construction appends the layer to ``LAYERS`` and raises ``FIXED_BYTES`` to its ``temp_dq_size()``.
+    ``padding`` (the rounding), ``q_handle`` (the ``cupyq.QMatrix`` once built; forward uses the matrix it
+    holds), ``temp_dq``, ``bias`` (read-only: a copy of the bias the matrix adds, see :attr:`bias`).
+    Construction checks the bias (:func:`cupyq.formats.bias.check_bias`; ValueError/TypeError naming ``bias``,
+    before anything is registered), then appends the layer to ``LAYERS`` and raises ``FIXED_BYTES`` to its
+    ``temp_dq_size()``; so does unpickling or ``copy.deepcopy`` (:class:`cupyq.torch_ops.QMatrixModule`: a copy
+    shares the matrix and ``temp_dq``; a layer on a GPU refuses to be pickled).
 
     ``forward(x, force_cuda=False)``: x ``[..., K]`` (float16 on CUDA) -> ``[..., N]`` with the bias
     added, N being the true output width. The matrix is built by ``post_init`` (or lazily by the first
@@ -150,6 +155,8 @@ class QuantLinear(nn.Module):
     """
 
     QUANT_TYPE = "exllamav2"
+    q_handle = torch_ops.QMatrixAttribute("_op_handle")
+    _shared_on_copy = ("temp_dq",)
 
     def __init__(self, qweight, qzeros=None, scales=None, g_idx=None, bias=None, bits=4, groupsize=-1):
         super().__init__()
@@ -169,11 +176,27 @@ class QuantLinear(nn.Module):
         self.outfeatures = self.outfeatures + self.padding
         self.q_handle = None
         self.temp_dq = None
-        self._op_handle = None
+        self._add_to_layers()
 
+    def _add_to_layers(self):
         global FIXED_BYTES
         FIXED_BYTES = max(FIXED_BYTES, self.temp_dq_size())
         LAYERS.append(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._add_to_layers()  # a layer of this process now, as a constructed one
+
+    bias = torch_ops.fused_bias_property("build a new QuantLinear with the bias wanted")
+
+    def _set_bias(self, bias, out_features, device):
+        """Check ``bias`` against the layer's true width and keep a copy (None for an absent bias); a bias that
+        is not a tensor is kept as the float32 tensor the rule gives, on ``device``."""
+        if is_absent(bias):
+            self._bias = None
+            return
+        checked = check_bias(bias, out_features)
+        self._bias = bias.detach().clone() if isinstance(bias, torch.Tensor) else torch.as_tensor(checked, device=device)
 
     def _init_lorax(self, qweight, qzeros, scales, g_idx, bias, bits, groupsize):
         g_idx = None if is_absent(g_idx) else g_idx
@@ -187,14 +210,14 @@ class QuantLinear(nn.Module):
         self.qzeros = qzeros
         self.scales = scales
         self.g_idx = g_idx
-        self.bias = None if is_absent(bias) else bias
+        self._set_bias(bias, layout.out_features, qweight.device)
         self.group_size = groupsize
         if g_idx is None:
             g_idx = implied_g_idx(qweight, groupsize, layout.in_features, layout.groups)
-        self.q_tensors = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx, "bias": self.bias}
+        self.q_tensors = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx, "bias": self._bias}
 
     def _init_tgi(self, weight, bias):
-        self.bias = None if is_absent(bias) else bias
+        bias = None if is_absent(bias) else bias
         if hasattr(weight, "q_weight"):
             fields, _ = weight_fields(weight)
             absent = [k for k in ("q_scale", "q_scale_max", "q_groups") if is_absent(fields.get(k))]
@@ -206,7 +229,8 @@ class QuantLinear(nn.Module):
             self.bits = None
             self.infeatures = int(perm.shape[0])
             # q_weight's columns may include padding; a bias of the true width says where the layer ends
-            self.outfeatures = exl2_out_features(int(weight.q_weight.shape[1]), self.bias)
+            self.outfeatures = exl2_out_features(int(weight.q_weight.shape[1]), bias)
+            self._set_bias(bias, self.outfeatures, weight.q_weight.device)
             self.device = weight.q_weight.device
             self.q_tensors = weight
         elif hasattr(weight, "qweight"):
@@ -221,6 +245,7 @@ class QuantLinear(nn.Module):
             self.maxq = 15
             self.infeatures = layout.in_features
             self.outfeatures = layout.out_features
+            self._set_bias(bias, layout.out_features, weight.qweight.device)
             self.device = weight.qweight.device
             self.group_size = groupsize
             if g_idx is None:
@@ -246,10 +271,8 @@ class QuantLinear(nn.Module):
             if self.q_tensors is None:
                 raise RuntimeError("QuantLinear: the checkpoint tensors were released before the matrix was built")
             fields, scale_max_divided = weight_fields(self.q_tensors)
-            fields["bias"] = self.bias  # fused into the matrix: one launch per forward
-            qm = build_qmatrix(fields, scale_max_divided, "QuantLinear")
-            self.q_handle = qm
-            self._op_handle = torch_ops.register_qmatrix(qm)
+            fields["bias"] = self._bias  # fused into the matrix: one launch per forward
+            self.q_handle = build_qmatrix(fields, scale_max_divided, "QuantLinear")
         return self.q_handle
 
     def post_init(self, temp_dq):
@@ -299,5 +322,5 @@ class QuantLinear(nn.Module):
         kind = "exl2" if self.bits is None else f"gptq, bits={self.bits}"
         return (
             f"infeatures={self.infeatures}, outfeatures={self.outfeatures - self.padding}, {kind}, "
-            f"bias={self.bias is not None}, device={self.device}"
+            f"bias={self._bias is not None}, device={self.device}"
         )
