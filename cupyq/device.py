@@ -61,8 +61,8 @@ def gpu_unavailable_reason():
     except Exception as exc:
         text = str(exc)
         if "InsufficientDriver" in text and driver:
-            runtime_version = _cuda_version_text(cupy.cuda.runtime.runtimeGetVersion())
-            return (f"the NVIDIA driver supports CUDA {_cuda_version_text(driver)} but CuPy uses the CUDA "
+            runtime_version = cuda_version_text(cupy.cuda.runtime.runtimeGetVersion())
+            return (f"the NVIDIA driver supports CUDA {cuda_version_text(driver)} but CuPy uses the CUDA "
                     f"{runtime_version} runtime: update the driver or install the extra of the driver's CUDA "
                     f"major ({INSTALL_HINT})")
         return f"CuPy cannot reach a GPU: {text}"
@@ -71,8 +71,11 @@ def gpu_unavailable_reason():
     return None
 
 
-def _cuda_version_text(version: int) -> str:
-    """``"12.8"`` from CUDA's integer version 12080."""
+def cuda_version_text(version: int) -> str:
+    """``"12.8"`` from CUDA's integer version 12080; ``"none"`` for 0 (what the driver query gives without a
+    driver)."""
+    if version == 0:
+        return "none"
     return f"{version // 1000}.{version % 1000 // 10}"
 
 
