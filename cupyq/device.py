@@ -3,7 +3,7 @@ mixes, the per-device check of a QMatrix, device properties and torch's current 
 
 Everything here works, and never raises on a missing library, without a GPU (``device_summary`` then has fewer
 keys); only :func:`check_device_supported`, :func:`current_device` and :func:`require_cupy` raise
-:class:`SetupError` by design.
+:class:`SetupError` by design (and :func:`require_torch` an ImportError).
 """
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ def require_cupy(what: str):
     except ImportError as exc:
         raise SetupError(f"{what} needs CuPy, which is not installed ({exc}); {INSTALL_HINT}") from None
     return cupy
+
+
+def require_torch(what: str):
+    """Import and return torch; ImportError naming ``what`` and the install command when it is missing (the torch
+    front ends: :mod:`cupyq.torch_ops`, the drop-in modules, ``patch_model``, tensor parallelism)."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError(f"{what} needs torch, which is not installed ({exc}): pip install torch") from None
+    return torch
 
 
 def gpu_unavailable_reason():
