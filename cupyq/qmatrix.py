@@ -78,8 +78,9 @@ class QMatrix:
         bias: float [N] or None (as :func:`cupyq.formats.bias.check_bias` accepts it).
         bits: 2, 3, 4 or 8. v1_encoding: how v1 zeros were written, "field" or "word"
             (:mod:`cupyq.formats.gptq`; ignored for v2).
-        group_size: rows per group (-1: one group), checked against G; None infers ceil(K / G) (used only
-            without g_idx; pass the checkpoint's setting, as a guess is wrong for act-order layers).
+        group_size: rows per group (-1: one group), checked against G. Without g_idx it is needed unless
+            the shapes fix it (one group, or a single size s with ceil(K / s) == G); else ValueError naming
+            ``group_size`` (several sizes give the same G, e.g. 100..199 for 200 rows in 2 groups).
         device: None (where the tensors are; NumPy -> CPU), "cpu", an int or "cuda:N".
         Arrays may be NumPy, CuPy or torch; none is modified, and none is referenced afterwards.
         """
