@@ -105,8 +105,9 @@ class QMatrix:
             g_host = _gptq.default_g_idx(self.in_features, group_size)
         g_host = g_host.astype(np.int64)
         self.act_order = bool(np.any(np.diff(g_host) < 0))
-        rows = group_size if group_size is not None else -1 if groups == 1 else -(-self.in_features // groups)
-        self.group_sizes = {self.bits[0]: rows}
+        if group_size is None:  # g_idx given: every group but a partial last one holds group_size rows
+            group_size = -1 if groups == 1 else int(np.bincount(g_host, minlength=groups).max())
+        self.group_sizes = {self.bits[0]: group_size}
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(

@@ -317,3 +317,16 @@ def test_layer_without_g_idx_infers_a_size_the_shapes_fix():
         t = (g["qweight"], g["qzeros"], g["scales"])
         np.testing.assert_array_equal(reference.dequantize_gptq(*t, None, bits=4),
                                       reference.dequantize_gptq(*t, g["g_idx"], bits=4))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_qmatrix_group_size_of_a_layer_with_g_idx_comes_from_g_idx(act_order):
+    import cupyq
+    from cupyq.quantize import quantize_gptq
+
+    w = np.random.default_rng(63).standard_normal((200, 32)).astype(np.float32)
+    g = quantize_gptq(w, bits=4, group_size=128, act_order=act_order, seed=63)  # groups of 128 and 72 rows
+    qm = cupyq.QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4)
+    assert qm.group_sizes == {4: 128} and qm.group_size == 128 and qm.act_order == act_order
+    one = quantize_gptq(w, bits=4, group_size=-1)
+    assert cupyq.QMatrix.from_gptq(one["qweight"], one["qzeros"], one["scales"], one["g_idx"]).group_sizes == {4: -1}
