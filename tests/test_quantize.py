@@ -530,3 +530,18 @@ def test_gptq_accepts_numpy_bools():
     b = quantize_gptq(w, group_size=16, sym=False, act_order=True)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.gpu
+def test_gpu_dequantises_the_largest_accepted_weights_as_the_reference():
+    import cupyq
+
+    w = gaussian(256, 64, seed=38)
+    w *= np.float32(60000.0) / np.abs(w).max()
+    g = quantize_gptq(w, bits=4, group_size=128)
+    qm = cupyq.QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4, device=0)
+    w16 = qm.dequantize()
+    w16 = w16.get() if hasattr(w16, "get") else np.asarray(w16)
+    assert np.isfinite(w16).all()
+    ref = dq_gptq(g, 4)
+    np.testing.assert_allclose(w16.astype(np.float32), ref, rtol=2**-10, atol=0)
