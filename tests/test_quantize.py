@@ -498,10 +498,13 @@ def test_weights_just_inside_float16_dequantise_finitely():
     assert relative_error(w, dq_gptq(g, 4)) < 0.15
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
 @pytest.mark.parametrize("label, quantize", _quantizers(), ids=[q[0] for q in _quantizers()])
-def test_float64_weights_beyond_float32_name_their_magnitude(label, quantize):
+def test_float64_weights_beyond_float32_name_their_magnitude(label, quantize, kind):
     w = gaussian(256, 64, seed=35).astype(np.float64)
     w[3, 5] = -1e39
+    if kind == "torch":
+        w = pytest.importorskip("torch").from_numpy(w)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow warning from a cast
         with pytest.raises(ValueError, match=r"weight: magnitudes too large for float16 \(largest \|weight\| 1e\+39"):

@@ -20,9 +20,8 @@ def _as_numpy(a, name):
         return a.get()
     if module == "torch":
         t = a.detach().cpu()
-        if not t.dtype.is_floating_point:
-            return t.numpy()
-        return t.float().numpy()
+        # NumPy has no bfloat16; other dtypes keep their precision (a float64 weight is range-checked as such)
+        return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
     try:
         return np.asarray(a)
     except Exception as exc:  # pragma: no cover - depends on the object passed
