@@ -20,8 +20,10 @@ Differences that matter:
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from cupyq.device import require_torch
+
+torch = require_torch("cupyq.awq (AWQLinear)")
+nn = torch.nn
 
 from cupyq import torch_ops
 from cupyq.formats import awq as _awq

@@ -3,7 +3,7 @@ mixes, the per-device check of a QMatrix, device properties and torch's current 
 
 Everything here works, and never raises on a missing library, without a GPU (``device_summary`` then has fewer
 keys); only :func:`check_device_supported`, :func:`current_device` and :func:`require_cupy` raise
-:class:`SetupError` by design.
+:class:`SetupError` by design (and :func:`require_torch` an ImportError).
 """
 
 from __future__ import annotations
@@ -44,6 +44,16 @@ def require_cupy(what: str):
     return cupy
 
 
+def require_torch(what: str):
+    """Import and return torch; ImportError naming ``what`` and the install command when it is missing (the torch
+    front ends: :mod:`cupyq.torch_ops`, the drop-in modules, ``patch_model``, tensor parallelism)."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError(f"{what} needs torch, which is not installed ({exc}): pip install torch") from None
+    return torch
+
+
 def gpu_unavailable_reason():
     """None when CuPy imports and sees a CUDA device; otherwise one sentence naming the cause and the fix."""
     try:
@@ -61,8 +71,8 @@ def gpu_unavailable_reason():
     except Exception as exc:
         text = str(exc)
         if "InsufficientDriver" in text and driver:
-            runtime_version = _cuda_version_text(cupy.cuda.runtime.runtimeGetVersion())
-            return (f"the NVIDIA driver supports CUDA {_cuda_version_text(driver)} but CuPy uses the CUDA "
+            runtime_version = cuda_version_text(cupy.cuda.runtime.runtimeGetVersion())
+            return (f"the NVIDIA driver supports CUDA {cuda_version_text(driver)} but CuPy uses the CUDA "
                     f"{runtime_version} runtime: update the driver or install the extra of the driver's CUDA "
                     f"major ({INSTALL_HINT})")
         return f"CuPy cannot reach a GPU: {text}"
@@ -71,8 +81,11 @@ def gpu_unavailable_reason():
     return None
 
 
-def _cuda_version_text(version: int) -> str:
-    """``"12.8"`` from CUDA's integer version 12080."""
+def cuda_version_text(version: int) -> str:
+    """``"12.8"`` from CUDA's integer version 12080; ``"none"`` for 0 (what the driver query gives without a
+    driver)."""
+    if version == 0:
+        return "none"
     return f"{version // 1000}.{version % 1000 // 10}"
 
 

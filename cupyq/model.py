@@ -159,8 +159,9 @@ def patch_model(model, checkpoint_dir, *, device=None):
     dropped biases.
     """
     device = _resolved_device(device)
-    import torch
+    from cupyq.device import require_torch
 
+    torch = require_torch("cupyq.patch_model")
     from cupyq.torch_ops import QuantizedLinear, TrimmedQuantizedLinear
 
     ckpt = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else open_checkpoint(checkpoint_dir)

@@ -78,8 +78,9 @@ class QMatrix:
         bias: float [N] or None (as :func:`cupyq.formats.bias.check_bias` accepts it).
         bits: 2, 3, 4 or 8. v1_encoding: how v1 zeros were written, "field" or "word"
             (:mod:`cupyq.formats.gptq`; ignored for v2).
-        group_size: rows per group (-1: one group), checked against G; None infers ceil(K / G) (used only
-            without g_idx; pass the checkpoint's setting, as a guess is wrong for act-order layers).
+        group_size: rows per group (-1: one group), checked against G. Without g_idx it is needed unless
+            the shapes fix it (one group, or a single size s with ceil(K / s) == G); else ValueError naming
+            ``group_size`` (several sizes give the same G, e.g. 100..199 for 200 rows in 2 groups).
         device: None (where the tensors are; NumPy -> CPU), "cpu", an int or "cuda:N".
         Arrays may be NumPy, CuPy or torch; none is modified, and none is referenced afterwards.
         """
@@ -104,8 +105,9 @@ class QMatrix:
             g_host = _gptq.default_g_idx(self.in_features, group_size)
         g_host = g_host.astype(np.int64)
         self.act_order = bool(np.any(np.diff(g_host) < 0))
-        rows = group_size if group_size is not None else -1 if groups == 1 else -(-self.in_features // groups)
-        self.group_sizes = {self.bits[0]: rows}
+        if group_size is None:  # g_idx given: every group but a partial last one holds group_size rows
+            group_size = -1 if groups == 1 else int(np.bincount(g_host, minlength=groups).max())
+        self.group_sizes = {self.bits[0]: group_size}
         self._init_bias(bias)
         if self.device_id is None:
             self._cpu = dict(

@@ -100,8 +100,8 @@ def dequantize_gptq(
     bits: 2, 3, 4 or 8; checkpoint_format: ``"gptq"`` (v1, stored ``z - 1``) or ``"gptq_v2"`` (``z = stored``);
     v1_encoding: ``"field"`` (``z = (field + 1) & (2**bits - 1)``) or ``"word"`` (add ``0x11111111``
         (4-bit), ``0x55555555`` (2-bit) or ``0x01010101`` (8-bit) to each uint32 word, then read the fields;
-        3-bit is per field); group_size: rows per group (-1: one group), checked against G; None infers
-        ``ceil(K / G)`` (needed only without g_idx).
+        3-bit is per field); group_size: rows per group (-1: one group), checked against G; needed without g_idx
+        unless the shapes fix it (:func:`cupyq.formats.gptq.check_group_size`).
     Returns float32 [K, N] in original row order.
     """
     qweight, k_rows, z, s, g = _gptq_parts(qweight, qzeros, scales, g_idx, bits, checkpoint_format, v1_encoding, group_size)

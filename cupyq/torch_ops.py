@@ -25,7 +25,9 @@ import threading
 import warnings
 import weakref
 
-import torch
+from cupyq.device import require_torch
+
+torch = require_torch("cupyq.torch_ops (QuantizedLinear, the cupyq::qgemm op)")
 
 __all__ = [
     "HAS_CUSTOM_OP",

@@ -471,3 +471,15 @@ def test_bench_model_gpu_small(capsys):
         assert r["fp16_ms"] > 0 and r["cupyq_ms"] > 0
         assert r["speedup_over_fp16"] == pytest.approx(r["fp16_ms"] / r["cupyq_ms"])
         assert r["cupyq_tokens_per_s"] == pytest.approx(r["batch"] * r["tokens"] * 1e3 / r["cupyq_ms"])
+
+
+def test_info_shows_cuda_versions_as_versions(monkeypatch, capsys):
+    """The text report turns CUDA's integer versions into major.minor, and a driver version of 0 into 'none';
+    --json keeps the integers."""
+    summary = {"gpus": [], "cupy": "14.2.0", "cuda_runtime": 13020, "cuda_driver": 0, "nvrtc": "13.5"}
+    monkeypatch.setattr(device, "device_summary", lambda: dict(summary))
+    code, out, _ = run(["info"], capsys)
+    assert code == 0
+    assert "CUDA runtime 13.2, CUDA driver none, NVRTC 13.5" in out and "13020" not in out
+    code, out, _ = run(["info", "--json"], capsys)
+    assert json.loads(out)["device_summary"]["cuda_runtime"] == 13020

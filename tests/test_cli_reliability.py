@@ -153,6 +153,7 @@ def test_compile_without_cupy_exit_2(monkeypatch, capsys, no_cupy):
     code, _, err = run(["compile", "--arch", "sm_80"], capsys)
     assert code == 2 and "needs CuPy, which is not installed" in err and "cupyq[cuda13]" in err
     assert "Traceback" not in err and "ModuleNotFoundError:" not in err
+    assert "NVRTC compile(s)" not in err  # no compile is announced that cannot start
 
 
 def test_verify_without_cupy_says_why(ckpt, monkeypatch, capsys, no_cupy):

@@ -803,3 +803,37 @@ def test_non_default_stream(m):
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     _assert_close_fp16(y, _expected(x2, w, b))
+
+
+# --------------------------------------------------------------------------------------------
+# GPTQ layers without g_idx: the group size is not guessed from the group count
+# --------------------------------------------------------------------------------------------
+
+
+def _three_groups_of_128(seed):
+    """320 input rows in groups of 128, 128 and 64: every size in 107..159 gives 3 groups."""
+    t = quantize_gptq(_weight(320, 64, seed), bits=4, group_size=128, seed=seed)
+    w = reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)
+    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in t.items()}, w
+
+
+def test_ext_make_q_matrix_without_g_idx_uses_the_exllamav2_power_of_two_group_size():
+    tt, w = _three_groups_of_128(seed=40)
+    w_dict = {"qweight": tt["qweight"], "qzeros": tt["qzeros"], "scales": tt["scales"], "g_idx": ex.none_tensor}
+    qm = ex.ext_make_q_matrix(w_dict, ex.none_tensor)
+    assert qm.group_sizes == {4: 128}
+    np.testing.assert_array_equal(qm.reference_weight(), w)
+
+
+@pytest.mark.parametrize("groupsize", [128, -1])
+def test_lorax_quant_linear_without_g_idx_follows_its_groupsize(groupsize):
+    tt, w = _three_groups_of_128(seed=41)
+    layer = ex.QuantLinear(tt["qweight"], tt["qzeros"], tt["scales"], None, None, 4, groupsize)
+    x = _x((2, 320), seed=41)
+    torch.testing.assert_close(layer(x), _expected(x, w, None), rtol=1e-5, atol=1e-5)
+
+
+def test_lorax_quant_linear_with_a_wrong_groupsize_is_refused():
+    tt, _ = _three_groups_of_128(seed=42)
+    with pytest.raises(ValueError, match=r"groupsize: 64 gives 5 groups for 320 input features"):
+        ex.QuantLinear(tt["qweight"], tt["qzeros"], tt["scales"], None, None, 4, 64)

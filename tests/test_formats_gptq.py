@@ -244,3 +244,89 @@ def test_cupy_matches_numpy(bits):
     np.testing.assert_array_equal(g.get(), default_g_idx(256, 128))
     layout = check_gptq(cupy.asarray(qweight), cupy.asarray(qzeros), cupy.asarray(scales), g % 3, bits)
     assert layout == GPTQLayout(256, 96, 3, bits)
+
+
+# ------------------------------------------------------------------------------------- group size without g_idx
+
+
+@pytest.mark.parametrize(
+    "k, groups, expected",
+    [(4096, 1, -1), (96, 48, 2), (64, 32, 2), (256, 128, 2), (300, 150, 2), (64, 64, 1), (200, 100, 2)],
+)
+def test_check_group_size_infers_only_a_size_the_shapes_fix(k, groups, expected):
+    from cupyq.formats.gptq import check_group_size
+
+    assert check_group_size(k, groups) == expected
+    if expected != -1:
+        assert -(-k // expected) == groups
+
+
+@pytest.mark.parametrize("k, groups, lo, hi", [(200, 2, 100, 199), (4096, 32, 128, 132), (96, 3, 32, 47),
+                                               (256, 5, 52, 63)])
+def test_check_group_size_refuses_to_guess(k, groups, lo, hi):
+    from cupyq.formats.gptq import check_group_size
+
+    with pytest.raises(ValueError, match=rf"^group_size: not given and g_idx is absent, and {k} rows in {groups} "
+                       rf"groups fit group sizes {lo}\.\.{hi}: pass group_size= \(or g_idx\)$"):
+        check_group_size(k, groups)
+    for size in (lo, hi):  # every size of the range is a valid setting
+        assert check_group_size(k, groups, size) == size
+    for size in (lo - 1, hi + 1):
+        with pytest.raises(ValueError, match=rf"group_size: {size} over {k} input rows needs"):
+            check_group_size(k, groups, size)
+
+
+def test_check_group_size_without_any_fitting_size():
+    from cupyq.formats.gptq import check_group_size
+
+    with pytest.raises(ValueError, match=r"group_size: no group size splits 96 input rows into 50 groups"):
+        check_group_size(96, 50)
+
+
+def test_layer_without_g_idx_needs_its_group_size_when_several_fit():
+    import cupyq
+    from cupyq import reference
+    from cupyq.quantize import quantize_gptq
+
+    w = np.random.default_rng(60).standard_normal((200 // 8 * 8, 32)).astype(np.float32)
+    g = quantize_gptq(w, bits=4, group_size=128)  # 2 groups: 128 + 72 rows
+    t = (g["qweight"], g["qzeros"], g["scales"])
+    true_w = reference.dequantize_gptq(*t, g["g_idx"], bits=4)
+    x = np.random.default_rng(61).standard_normal((3, 200)).astype(np.float32)
+    message = r"group_size: not given and g_idx is absent, and 200 rows in 2 groups fit group sizes 100\.\.199"
+    with pytest.raises(ValueError, match=message):
+        reference.dequantize_gptq(*t, None, bits=4)
+    with pytest.raises(ValueError, match=message):
+        reference.matmul_gptq(x, *t, None, bits=4)
+    with pytest.raises(ValueError, match=message):
+        cupyq.QMatrix.from_gptq(*t, None, bits=4)
+    np.testing.assert_array_equal(reference.dequantize_gptq(*t, None, bits=4, group_size=128), true_w)
+    qm = cupyq.QMatrix.from_gptq(*t, None, bits=4, group_size=128)
+    assert qm.group_sizes == {4: 128}
+    np.testing.assert_array_equal(qm.reference_weight(), true_w)
+    np.testing.assert_allclose(cupyq.gemm(x, qm), x @ true_w, rtol=1e-5, atol=1e-4)
+
+
+def test_layer_without_g_idx_infers_a_size_the_shapes_fix():
+    from cupyq import reference
+    from cupyq.quantize import quantize_gptq
+
+    w = np.random.default_rng(62).standard_normal((64, 32)).astype(np.float32)
+    for size in (2, -1):  # 32 groups of 64 rows: only 2 fits; one group: -1
+        g = quantize_gptq(w, bits=4, group_size=size)
+        t = (g["qweight"], g["qzeros"], g["scales"])
+        np.testing.assert_array_equal(reference.dequantize_gptq(*t, None, bits=4),
+                                      reference.dequantize_gptq(*t, g["g_idx"], bits=4))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_qmatrix_group_size_of_a_layer_with_g_idx_comes_from_g_idx(act_order):
+    import cupyq
+    from cupyq.quantize import quantize_gptq
+
+    w = np.random.default_rng(63).standard_normal((200, 32)).astype(np.float32)
+    g = quantize_gptq(w, bits=4, group_size=128, act_order=act_order, seed=63)  # groups of 128 and 72 rows
+    qm = cupyq.QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4)
+    assert qm.group_sizes == {4: 128} and qm.group_size == 128 and qm.act_order == act_order
+    one = quantize_gptq(w, bits=4, group_size=-1)
+    assert cupyq.QMatrix.from_gptq(one["qweight"], one["qzeros"], one["scales"], one["g_idx"]).group_sizes == {4: -1}

@@ -517,3 +517,24 @@ def test_cublas_loads_for_the_dense_path():
     want = a.astype(np.float32) @ b.astype(np.float32)
     # fp16 output rounding: relative 2**-11 per element; 1e-2 of the norm leaves a wide margin
     assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
+
+
+@pytest.mark.parametrize("statement, what", [
+    ("import cupyq.torch_ops", "cupyq.torch_ops"),
+    ("import cupyq.awq", "cupyq.awq"),
+    ("import cupyq.exllamav2", "cupyq.exllamav2"),
+    ("import cupyq.distributed.layers", "cupyq.distributed"),
+    ("import cupyq; cupyq.patch_model(None, '.', device='cpu')", "cupyq.patch_model"),
+])
+def test_torch_front_ends_without_torch_name_the_fix(statement, what):
+    """Without torch, every torch front end raises ImportError naming itself and the install command (as a
+    missing CuPy does), not a bare ModuleNotFoundError from deep inside."""
+    import subprocess
+
+    code = f"import sys\nsys.modules['torch'] = None\n{statement}"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ImportError: {what}") and "needs torch, which is not installed" in last
+    assert last.endswith("pip install torch"), last

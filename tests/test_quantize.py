@@ -8,13 +8,15 @@ below (4-bit g128 ~ 0.1, 8-bit ~ 0.006). The asserted bounds leave ~20 % room ab
 values of these seeded inputs and also assert a floor, so a test that quantised nothing would fail.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
 from cupyq import reference
 from cupyq.formats import exl2 as fexl2
 from cupyq.formats import gptq as fgptq
-from cupyq.quantize import exl2_group_plan, quantize_exl2, quantize_gptq, relative_error
+from cupyq.quantize import exl2_group_plan, quantize_awq, quantize_exl2, quantize_gptq, relative_error
 
 K, N = 1024, 256
 
@@ -401,3 +403,148 @@ def test_relative_error():
     assert relative_error(np.zeros(3), np.ones(3)) == float("inf")
     with pytest.raises(ValueError, match="w_dq"):
         relative_error(w, w[:, :5])
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200, 1e-170])
+def test_relative_error_of_tiny_and_huge_values(scale):
+    w = np.random.default_rng(19).standard_normal(40) * scale
+    assert relative_error(w, np.zeros_like(w)) == 1.0
+    approx = w * (1 + 0.01 * np.random.default_rng(20).standard_normal(40))
+    rw, ra = w / scale, approx / scale  # the same numbers at an ordinary scale, exact powers aside
+    expected = np.linalg.norm(rw - ra) / np.linalg.norm(rw)
+    assert relative_error(w, approx) == pytest.approx(expected, rel=1e-9)
+
+
+def test_relative_error_matches_the_float64_formula():
+    w = gaussian(48, 16, seed=21)
+    approx = gaussian(48, 16, seed=22).astype(np.float16)
+    a, b = w.astype(np.float64), approx.astype(np.float64)
+    assert relative_error(w, approx) == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(a), rel=1e-12)
+    ints = np.random.default_rng(23).integers(-5, 5, size=30)
+    assert relative_error(ints, ints + 1) == pytest.approx(np.sqrt(30) / np.linalg.norm(ints), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "w, w_dq, name",
+    [
+        (np.array([1 + 1j, 2j]), np.array([1 + 0j, 0j]), "w"),
+        (np.ones(2), np.array([1 + 0j, 0j]), "w_dq"),
+        (None, None, "w"),
+        (np.ones(2), None, "w_dq"),
+        (np.array(["a", "b"], dtype=object), np.ones(2), "w"),
+        (np.ones(2), np.array(["1", "2"]), "w_dq"),
+    ],
+)
+def test_relative_error_refuses_non_real_input(w, w_dq, name):
+    with pytest.raises(TypeError, match=rf"^{name}: expected a real"):
+        relative_error(w, w_dq)
+
+
+# ---------------------------------------------------------------------------------------------- float16 range
+
+
+def _quantizers():
+    return [
+        ("gptq", lambda w: quantize_gptq(w, bits=4, group_size=128)),
+        ("gptq-asym", lambda w: quantize_gptq(w, bits=4, group_size=128, sym=False)),
+        ("exl2", lambda w: quantize_exl2(w, bits=(8, 4), proportions=(0.5, 0.5))),
+        ("awq", lambda w: quantize_awq(w, group_size=128)),
+    ]
+
+
+@pytest.mark.parametrize("label, quantize", _quantizers(), ids=[q[0] for q in _quantizers()])
+def test_tiny_weights_warn_that_their_scales_underflow(label, quantize):
+    w = gaussian(256, 64, seed=30) * np.float32(1e-9)
+    w[:, :8] = 0.0  # all-zero groups are exact and do not count
+    with pytest.warns(RuntimeWarning, match=r"weight \[256, 64\]: \d+ of \d+ group scales .*below the float16 scale "
+                      r"range \(smallest scale 2\*\*-24\).*quantize \(partly\) to zero.*rescale") as rec:
+        quantize(w)
+    assert len([r for r in rec if issubclass(r.category, RuntimeWarning)]) == 1
+
+
+def test_tiny_weight_warning_counts_the_groups_that_underflow():
+    w = gaussian(256, 64, seed=31)
+    w[:128, :10] *= np.float32(1e-9)  # 10 (group, column) scales of the first group
+    w[128:, 20:30] = 0.0  # all zero: scale 1.0, no warning for these
+    with pytest.warns(RuntimeWarning, match=r"weight \[256, 64\]: 10 of 128 group scales"):
+        g = quantize_gptq(w, bits=4, group_size=128)
+    np.testing.assert_array_equal(g["scales"][1, 20:30], np.float16(1.0))
+    np.testing.assert_array_equal(dq_gptq(g, 4)[128:, 20:30], 0.0)
+
+
+@pytest.mark.parametrize("label, quantize", _quantizers(), ids=[q[0] for q in _quantizers()])
+def test_ordinary_and_zero_groups_do_not_warn(label, quantize):
+    w = gaussian(256, 64, seed=32)
+    w[:, :8] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(w)
+
+
+@pytest.mark.parametrize("label, quantize", _quantizers(), ids=[q[0] for q in _quantizers()])
+def test_weights_whose_dequantised_values_exceed_float16_are_refused(label, quantize):
+    # scales stay below 65504, but scale * (q - zero) reaches a few times 65504
+    w = gaussian(256, 64, seed=33) * np.float32(1e5)
+    with pytest.raises(ValueError, match=r"weight: magnitudes too large for float16 \(largest dequantised value "
+                       r"[0-9.e+]+ > 65504"):
+        quantize(w)
+
+
+def test_weights_just_inside_float16_dequantise_finitely():
+    w = gaussian(256, 64, seed=34)
+    w *= np.float32(60000.0) / np.abs(w).max()
+    g = quantize_gptq(w, bits=4, group_size=128)
+    assert np.isfinite(dq_gptq(g, 4).astype(np.float16)).all()
+    assert relative_error(w, dq_gptq(g, 4)) < 0.15
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("label, quantize", _quantizers(), ids=[q[0] for q in _quantizers()])
+def test_float64_weights_beyond_float32_name_their_magnitude(label, quantize, kind):
+    w = gaussian(256, 64, seed=35).astype(np.float64)
+    w[3, 5] = -1e39
+    if kind == "torch":
+        w = pytest.importorskip("torch").from_numpy(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning from a cast
+        with pytest.raises(ValueError, match=r"weight: magnitudes too large for float16 \(largest \|weight\| 1e\+39"):
+            quantize(w)
+
+
+# ---------------------------------------------------------------------------------------------- argument types
+
+
+@pytest.mark.parametrize("in_features", [-5, 0, 64.0, "64", True, None])
+def test_exl2_group_plan_rejects_bad_in_features(in_features):
+    with pytest.raises(ValueError, match=r"in_features: expected a positive integer"):
+        exl2_group_plan(in_features)
+
+
+@pytest.mark.parametrize("name", ["sym", "act_order"])
+@pytest.mark.parametrize("value", ["no", 0, 1, None, "False"])
+def test_gptq_boolean_arguments_must_be_bools(name, value):
+    with pytest.raises(TypeError, match=rf"^{name}: expected True or False"):
+        quantize_gptq(gaussian(64, 32, seed=36), group_size=16, **{name: value})
+
+
+def test_gptq_accepts_numpy_bools():
+    w = gaussian(64, 32, seed=37)
+    a = quantize_gptq(w, group_size=16, sym=np.bool_(False), act_order=np.bool_(True))
+    b = quantize_gptq(w, group_size=16, sym=False, act_order=True)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.gpu
+def test_gpu_dequantises_the_largest_accepted_weights_as_the_reference():
+    import cupyq
+
+    w = gaussian(256, 64, seed=38)
+    w *= np.float32(60000.0) / np.abs(w).max()
+    g = quantize_gptq(w, bits=4, group_size=128)
+    qm = cupyq.QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4, device=0)
+    w16 = qm.dequantize()
+    w16 = w16.get() if hasattr(w16, "get") else np.asarray(w16)
+    assert np.isfinite(w16).all()
+    ref = dq_gptq(g, 4)
+    np.testing.assert_allclose(w16.astype(np.float32), ref, rtol=2**-10, atol=0)

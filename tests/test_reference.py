@@ -51,7 +51,7 @@ def test_dequantize_gptq_single_group_and_default_g_idx():
     np.testing.assert_array_equal(dequantize_gptq(**t), expected)
     np.testing.assert_array_equal(dequantize_gptq(t["qweight"], t["qzeros"], t["scales"]), expected)
     t, q, zeros, scales, g_idx = gptq_case(rng, 4, 96, 16, 3)
-    np.testing.assert_array_equal(dequantize_gptq(t["qweight"], t["qzeros"], t["scales"]),
+    np.testing.assert_array_equal(dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], group_size=32),
                                   gptq_oracle(q, zeros, scales, g_idx))
 
 
@@ -68,7 +68,7 @@ def test_dequantize_gptq_v1_vs_v2_zero_conventions():
 def test_dequantize_gptq_needs_g_idx_or_group_size_when_groups_cannot_be_inferred():
     rng = np.random.default_rng(3)
     t, *_ = gptq_case(rng, 4, 96, 8, 50)
-    with pytest.raises(ValueError, match=r"group_size: 50 groups cannot split 96 input rows evenly; pass group_size"):
+    with pytest.raises(ValueError, match=r"group_size: no group size splits 96 input rows into 50 groups"):
         dequantize_gptq(t["qweight"], t["qzeros"], t["scales"])
     with pytest.raises(ValueError, match="checkpoint_format"):
         dequantize_gptq(**t, checkpoint_format="awq")

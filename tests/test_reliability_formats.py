@@ -129,7 +129,7 @@ def act_order_case(rng, k=128, n=32, group_size=32):
 
 def test_group_size_keyword_without_g_idx():
     rng = np.random.default_rng(3)
-    # 96 rows in 3 groups of 40, 40 and 16 rows: ceil(96 / 3) = 32 would be a wrong guess
+    # 96 rows in 3 groups of 40, 40 and 16 rows: any of 32..47 gives 3 groups, so none is guessed
     k, n, gs = 96, 16, 40
     q = rng.integers(0, 16, size=(k, n))
     z = rng.integers(1, 16, size=(3, n))
@@ -140,7 +140,8 @@ def test_group_size_keyword_without_g_idx():
     qm = cupyq.QMatrix.from_gptq(**t, group_size=gs, device="cpu")
     assert qm.group_size == gs
     np.testing.assert_array_equal(qm.reference_weight(), expected)
-    assert not np.array_equal(reference.dequantize_gptq(**t), expected)  # the guess is 32 rows per group
+    with pytest.raises(ValueError, match=r"group_size: .*g_idx is absent.*fit group sizes 32\.\.47"):
+        reference.dequantize_gptq(**t)
 
 
 def test_group_size_inconsistent_with_shapes_is_an_error():

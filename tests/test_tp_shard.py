@@ -48,7 +48,7 @@ def _exl2(mix, seed=0):
 
 def _dq_gptq(t, case):
     return reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), bits=case[0],
-                                     checkpoint_format=case[3])
+                                     checkpoint_format=case[3], group_size=None if "g_idx" in t else case[1])
 
 
 def _dq_exl2(t):
@@ -93,23 +93,30 @@ def test_gptq_row_shards_are_row_slices(case, world_size):
 
 
 def test_gptq_row_shard_without_g_idx_adds_one_only_when_needed():
-    # 52-row groups: 5 groups over 256 rows, so both halves start or end inside a group.
+    # 52-row groups: 5 groups over 256 rows. Rank 0 starts on a group boundary (its k // 52 holds, the last group
+    # partial); rank 1 starts inside a group, so it gets a g_idx.
     case = (4, 52, False, "gptq")
     with_g = _gptq(case)
     w = _dq_gptq(with_g, case)
     full = {k: v for k, v in with_g.items() if k != "g_idx"}
     for rank in range(2):
-        s = shard_gptq(full, rank=rank, world_size=2, mode="row", bits=4)
+        s = shard_gptq(full, rank=rank, world_size=2, mode="row", bits=4, group_size=52)
         rows = np.arange(rank * 128, (rank + 1) * 128)
-        np.testing.assert_array_equal(s["g_idx"], rows // 52 - rows[0] // 52)
+        assert ("g_idx" in s) == (rank == 1)
+        if rank == 1:
+            np.testing.assert_array_equal(s["g_idx"], rows // 52 - rows[0] // 52)
         np.testing.assert_array_equal(_dq_gptq(s, case), w[rows])
     # 64-row groups: each rank holds whole groups, so the implied k // 64 stays right and no g_idx is added.
     case = (4, 64, False, "gptq")
     with_g = _gptq(case)
     full = {k: v for k, v in with_g.items() if k != "g_idx"}
-    s = shard_gptq(full, rank=1, world_size=2, mode="row", bits=4)
+    s = shard_gptq(full, rank=1, world_size=2, mode="row", bits=4, group_size=64)
     assert sorted(s) == sorted(full)
     np.testing.assert_array_equal(_dq_gptq(s, case), _dq_gptq(with_g, case)[128:])
+    # Without g_idx or group_size, 5 groups over 256 rows fit sizes 52..63: no guess is taken.
+    with pytest.raises(ValueError, match=r"group_size: .*g_idx is absent.*52\.\.63: pass group_size="):
+        shard_gptq({k: v for k, v in _gptq((4, 52, False, "gptq")).items() if k != "g_idx"}, rank=0, world_size=2,
+                   mode="row", bits=4)
 
 
 # ------------------------------------------------------------------------------------------------ EXL2

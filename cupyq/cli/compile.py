@@ -13,7 +13,10 @@ from cupyq.cli.output import _emit, format_table
 
 def cmd_compile(args):
     from cupyq import nvrtc
+    from cupyq.device import require_cupy
     from cupyq.sources import list_cuda_sources
+
+    require_cupy("cupyq compile (NVRTC)")  # before announcing the compiles
 
     archs = args.arch or ["sm_80", "sm_90"]
     sources = args.source or None

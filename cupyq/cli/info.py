@@ -61,7 +61,11 @@ def cmd_info(args):
     if mismatch:
         lines.append("warning: " + mismatch.removeprefix("cupyq: "))
     libs = [("CuPy", "cupy"), ("CUDA runtime", "cuda_runtime"), ("CUDA driver", "cuda_driver"), ("NVRTC", "nvrtc"), ("torch", "torch"), ("torch CUDA", "torch_cuda")]
-    lines.append("libraries: " + ", ".join(f"{label} {summary.get(key) if summary.get(key) is not None else 'n/a'}" for label, key in libs))
+    shown = dict(summary)
+    for key in ("cuda_runtime", "cuda_driver"):  # CUDA's integers (13020) as versions (13.2)
+        if isinstance(shown.get(key), int):
+            shown[key] = device.cuda_version_text(shown[key])
+    lines.append("libraries: " + ", ".join(f"{label} {shown.get(key) if shown.get(key) is not None else 'n/a'}" for label, key in libs))
     for key, value in summary.items():
         if key not in {k for _, k in libs} | {"gpus"}:
             lines.append(f"{key}: {value}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+from cupyq.device import require_torch
+
+torch = require_torch("cupyq.distributed (tensor parallelism)")
 import torch.distributed as dist
 
 from cupyq.torch_ops import QuantizedLinear, apply_qgemm

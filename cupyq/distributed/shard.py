@@ -189,12 +189,14 @@ def _gptq_bits(tensors, bits):
     return bits
 
 
-def shard_gptq(tensors, *, rank, world_size, mode, bits=None) -> dict:
+def shard_gptq(tensors, *, rank, world_size, mode, bits=None, group_size=None) -> dict:
     """One rank's part of a GPTQ layer.
 
     tensors: ``qweight`` int32 [K*b/32, N], ``qzeros`` int32 [G, N*b/32], ``scales`` float [G, N], optional
         ``g_idx`` int [K] and ``bias`` [N] (a mapping or a :class:`CheckpointLayer`).
     bits: 2, 3, 4 or 8 (None: from the CheckpointLayer, or from qweight and g_idx).
+    group_size: rows per group (-1: one group) of a layer without g_idx, where the group count alone does not
+        fix it (:func:`cupyq.formats.gptq.check_group_size`); checked against the groups when given.
     mode ``"column"``: outputs ``[r*N/W, (r+1)*N/W)`` of qweight, scales and bias and the matching qzeros
         words (N/W must be a multiple of ``32 // gcd(b, 32)`` so the zero fields of a rank fill whole words);
         ``g_idx`` whole.
@@ -226,10 +228,11 @@ def shard_gptq(tensors, *, rank, world_size, mode, bits=None) -> dict:
 
     r0, r1 = shard_range(k, rank, world_size, multiple=unit, what="qweight in_features")
     out["qweight"] = _read(tensors, "qweight", rows=slice(r0 * bits // 32, r1 * bits // 32))
+    gs = None if "g_idx" in tensors and group_size is None else _gptq.check_group_size(k, groups, group_size)
     if "g_idx" in tensors:
         g = _read(tensors, "g_idx", rows=slice(r0, r1)).astype(np.int32)
     else:
-        g = _gptq.default_g_idx(k, -(-k // groups) if groups > 1 else -1)[r0:r1]
+        g = _gptq.default_g_idx(k, gs)[r0:r1]
     if g.size and (int(g.min()) < 0 or int(g.max()) >= groups):
         raise ValueError(f"g_idx: values must lie in [0, {groups}) (the number of groups), got [{int(g.min())}, {int(g.max())}]")
     if np.all(np.diff(g) >= 0):  # groups are a contiguous range: keep and rebase them
@@ -237,8 +240,7 @@ def shard_gptq(tensors, *, rank, world_size, mode, bits=None) -> dict:
         out["qzeros"] = _read(tensors, "qzeros", rows=slice(lo, hi))
         out["scales"] = _read(tensors, "scales", rows=slice(lo, hi))
         g = g - np.int32(lo)
-        implied = _gptq.default_g_idx(r1 - r0, -(-(r1 - r0) // (hi - lo)) if hi - lo > 1 else -1)
-        if "g_idx" in tensors or not np.array_equal(g, implied):
+        if "g_idx" in tensors or not np.array_equal(g, _gptq.default_g_idx(r1 - r0, gs)):
             out["g_idx"] = g
     else:  # act-order: absolute groups, all of them
         out["qzeros"] = _read(tensors, "qzeros")

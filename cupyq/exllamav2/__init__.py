@@ -42,8 +42,10 @@ a :class:`cupyq.QMatrix`, ``device_tensors`` is the scratch buffer and ``ext`` t
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from cupyq.device import require_torch
+
+torch = require_torch("cupyq.exllamav2")
+nn = torch.nn
 
 from cupyq import torch_ops
 from cupyq.formats.bias import check_bias

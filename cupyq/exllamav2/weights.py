@@ -93,9 +93,28 @@ def _make_gptq(fields, name):
     bias = None if is_absent(fields.get("bias")) else fields["bias"]
     bits = fields.get("bits", 4)
     checkpoint_format = fields.get("checkpoint_format", "gptq")
+    group_size = None if g_idx is not None else _exllamav2_group_size(qweight, fields["qzeros"], bits)
     return QMatrix.from_gptq(
-        qweight, fields["qzeros"], fields["scales"], g_idx, bias, bits=bits, checkpoint_format=checkpoint_format
+        qweight, fields["qzeros"], fields["scales"], g_idx, bias, bits=bits, checkpoint_format=checkpoint_format,
+        group_size=group_size,
     )
+
+
+def _exllamav2_group_size(qweight, qzeros, bits):
+    """The group size exllamav2 reads a GPTQ layer without g_idx with: the smallest power of two whose groups cover
+    the K input rows (-1 for one group); None where the shapes are not those of a layer (QMatrix.from_gptq says why)."""
+    from cupyq.formats import gptq
+
+    shapes = [tuple(getattr(a, "shape", ())) for a in (qweight, qzeros)]
+    if isinstance(bits, bool) or bits not in gptq.GPTQ_BITS or any(len(sh) != 2 or not sh[0] for sh in shapes):
+        return None
+    in_features, groups = shapes[0][0] * 32 // int(bits), shapes[1][0]
+    if groups == 1:
+        return -1
+    size = 1
+    while size * groups < in_features:
+        size *= 2
+    return size
 
 
 def build_qmatrix(fields, scale_max_divided, name):
@@ -148,10 +167,12 @@ def validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize):
 
 
 def implied_g_idx(qweight, groupsize, in_features, groups):
-    """The explicit g_idx of a layer given without one, when its group size does not divide K."""
+    """The explicit g_idx (``k // groupsize``) of a layer of several groups given without one, so that the
+    matrix does not have to guess its group size from the group count (several sizes may fit); None for one
+    group or an unknown (None or -1) groupsize."""
     from cupyq.formats import gptq
 
-    if groupsize is None or groupsize == -1 or in_features % groups == 0 and in_features // groups == groupsize:
+    if groupsize is None or groupsize == -1 or groups == 1:
         return None
     g_idx = gptq.default_g_idx(in_features, int(groupsize))
     return torch.from_numpy(g_idx).to(qweight.device)

@@ -204,17 +204,27 @@ def check_group_size(in_features, groups, group_size=None) -> int:
     """The rows per group of a layer of ``in_features`` rows and ``groups`` groups (-1: one group).
 
     group_size: the checkpoint's setting, checked against the shapes (``ceil(in_features / group_size)``
-    groups, 1 for -1); None infers it: -1 for one group, else ``ceil(in_features / groups)``, which must
-    give back ``groups``. Raises ValueError naming ``group_size`` when the sizes disagree.
+    groups, 1 for -1); None infers it only where the shapes leave no choice: -1 for one group, else the one
+    size ``s`` with ``ceil(in_features / s) == groups``. Raises ValueError naming ``group_size`` when the sizes
+    disagree, or when None is given and several sizes fit (e.g. 200 rows in 2 groups: any of 100..199).
     """
     in_features, groups = int(in_features), int(groups)
     if group_size is None:
-        group_size = -1 if groups == 1 else -(-in_features // groups)
-        if groups > 1 and -(-in_features // group_size) != groups:
+        if groups == 1:
+            return -1
+        # ceil(K / s) == G  <=>  (G - 1) * s < K <= G * s
+        lo, hi = -(-in_features // groups), (in_features - 1) // (groups - 1)
+        if lo > hi:
             raise ValueError(
-                f"group_size: {groups} groups cannot split {in_features} input rows evenly; pass group_size explicitly"
+                f"group_size: no group size splits {in_features} input rows into {groups} groups "
+                "(g_idx is absent); check qzeros/scales"
             )
-        return group_size
+        if lo < hi:
+            raise ValueError(
+                f"group_size: not given and g_idx is absent, and {in_features} rows in {groups} groups fit group "
+                f"sizes {lo}..{hi}: pass group_size= (or g_idx)"
+            )
+        return lo
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or not (
         group_size == -1 or group_size > 0
     ):

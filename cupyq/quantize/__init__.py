@@ -6,6 +6,11 @@ benchmarks and demos; the tensors it returns are laid out exactly as GPTQ / EXL2
 
 Weights are ``[K, N]`` = ``[in_features, out_features]`` (the transpose of ``torch.nn.Linear.weight``),
 so ``y = x @ W``.
+
+Every quantizer keeps the layer within float16, as the GPU kernels compute it: weights whose scales or
+dequantised values ``|scale * (q - zero)|`` exceed 65504 raise ValueError naming the largest value; nonzero
+groups that need a scale below float16's smallest (2**-24) get that scale and round (partly) to zero, with one
+RuntimeWarning per call; all-zero groups get scale 1.0 and stay exact.
 """
 
 from cupyq.quantize.awq import quantize_awq

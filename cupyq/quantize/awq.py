@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cupyq.formats import awq as _awq
-from cupyq.quantize.common import _bias_float16, _fp16_at_least, _weight_float32
+from cupyq.quantize.common import _bias_float16, _check_fp16_magnitude, _fp16_at_least, _weight_float32
 
 
 def quantize_awq(weight, *, group_size=128, bias=None):
@@ -39,10 +39,11 @@ def quantize_awq(weight, *, group_size=128, bias=None):
     blocks = w.reshape(groups, gs, n)
     lo = np.minimum(blocks.min(axis=1), 0.0)
     hi = np.maximum(blocks.max(axis=1), 0.0)
-    scales = _fp16_at_least((hi - lo) / maxq)
+    scales = _fp16_at_least((hi - lo) / maxq, w.shape)
     zeros = np.clip(np.rint(-lo / scales.astype(np.float32)), 0, maxq).astype(np.int64)
     # Quantise against the float16 scales that are stored, so dequantisation sees the same grid.
     q = np.clip(np.rint(blocks / scales.astype(np.float32)[:, None, :]) + zeros[:, None, :], 0, maxq)
+    _check_fp16_magnitude(np.abs((q - zeros[:, None, :]) * scales.astype(np.float32)[:, None, :]).max())
     out = {
         "qweight": np.ascontiguousarray(_awq.pack_qweight(q.reshape(k, n).astype(np.uint8), xp=np)),
         "qzeros": np.ascontiguousarray(_awq.pack_qzeros(zeros.astype(np.uint8), xp=np)),

@@ -8,7 +8,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from cupyq.formats import exl2 as _exl2
-from cupyq.quantize.common import _bias_float16, _fp16_at_least, _importance_order, _weight_float32
+from cupyq.quantize.common import (
+    _bias_float16,
+    _check_fp16_magnitude,
+    _fp16_at_least,
+    _importance_order,
+    _weight_float32,
+)
 
 
 def _exl2_widths(bits, proportions, group_sizes):
@@ -50,8 +56,12 @@ def exl2_group_plan(in_features, bits=(4,), proportions=(1.0,), group_sizes=None
 
     Returns:
         (group_bits, group_rows): two lists of ints, one entry per group in row order, widths
-        non-increasing, ``sum(group_rows) == in_features``.
+        non-increasing, ``sum(group_rows) == in_features``. ValueError unless ``in_features`` is a
+        positive integer.
     """
+    if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)) or in_features <= 0:
+        raise ValueError(f"in_features: expected a positive integer, got {in_features!r}")
+    in_features = int(in_features)
     widths, props, sizes = _exl2_widths(bits, proportions, group_sizes)
     group_bits, group_rows = [], []
     remaining = in_features
@@ -72,20 +82,20 @@ def exl2_group_plan(in_features, bits=(4,), proportions=(1.0,), group_sizes=None
     return group_bits, group_rows
 
 
-def _exl2_quantize_group(block, bits):
+def _exl2_quantize_group(block, bits, qsm16):
     """Quantise one group of sorted rows, ``block`` float32 [rows, N], at width ``bits``.
 
-    ``q_scale_max`` is the group's largest symmetric-grid step ``2 * max|w| / (2**bits - 1)`` rounded
-    up to float16, so code 15 never clips any column. Each column then takes the code (0..15) whose
-    scale ``(code + 1)**2 * q_scale_max / 256`` gives the smallest squared rounding error; a smaller
+    ``qsm16``, the group's float16 ``q_scale_max``, is its largest symmetric-grid step
+    ``2 * max|w| / (2**bits - 1)`` rounded up to float16, so code 15 never clips any column. Each column
+    then takes the code (0..15) whose scale ``(code + 1)**2 * q_scale_max / 256`` gives the smallest
+    squared rounding error; a smaller
     scale than the column's own max-abs step may win when it trades a little clipping of an outlier
     for a finer grid.
 
-    Returns (q uint8 [rows, N], codes uint8 [N], q_scale_max float16 scalar).
+    Returns (q uint8 [rows, N], codes uint8 [N], largest dequantised magnitude).
     """
     maxq = 2**bits - 1
     zero = 2 ** (bits - 1)
-    qsm16 = _fp16_at_least(np.array([2.0 * np.abs(block).max() / maxq], dtype=np.float32))[0]
     best_err = np.full(block.shape[1], np.inf, dtype=np.float64)
     codes = np.zeros(block.shape[1], dtype=np.uint8)
     for code in range(16):
@@ -97,7 +107,7 @@ def _exl2_quantize_group(block, bits):
         codes[better] = code
     scales = _exl2_decoded_scale(codes, qsm16)
     q = np.clip(np.rint(block / scales) + zero, 0, maxq).astype(np.uint8)
-    return q, codes, qsm16
+    return q, codes, float(np.abs((q.astype(np.float32) - zero) * scales).max())
 
 
 def _exl2_decoded_scale(code, qsm16):
@@ -147,14 +157,17 @@ def quantize_exl2(weight, *, bits=(4,), proportions=(1.0,), group_sizes=None, im
     w_sorted = w[perm]
     q = np.empty((k, n_pad), dtype=np.uint8)
     codes = np.zeros((len(group_bits), n_pad), dtype=np.uint8)
-    q_scale_max = np.empty(len(group_bits), dtype=np.float16)
-    start = 0
-    for g, (b, rows) in enumerate(zip(group_bits, group_rows)):
-        q[start : start + rows, :n], group_codes, qsm16 = _exl2_quantize_group(w_sorted[start : start + rows], b)
+    starts = np.cumsum([0] + group_rows[:-1])
+    steps = [2.0 * np.abs(w_sorted[s : s + r]).max() / (2**b - 1) for s, b, r in zip(starts, group_bits, group_rows)]
+    q_scale_max = _fp16_at_least(np.array(steps, dtype=np.float32), w.shape)
+    largest = 0.0
+    for g, (b, start, rows) in enumerate(zip(group_bits, starts, group_rows)):
+        q[start : start + rows, :n], codes[g, :n], group_largest = _exl2_quantize_group(
+            w_sorted[start : start + rows], b, q_scale_max[g]
+        )
         q[start : start + rows, n:] = 2 ** (b - 1)
-        codes[g, :n] = group_codes
-        q_scale_max[g] = qsm16
-        start += rows
+        largest = max(largest, group_largest)
+    _check_fp16_magnitude(largest)
 
     q_weight, q_groups = _exl2.pack_q_weight(q, group_bits, group_rows, xp=np)
     out = {

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from cupyq.formats import gptq as _gptq
-from cupyq.quantize.common import _CHECKPOINT_FORMATS, _bias_float16, _fp16_at_least, _importance_order, _weight_float32
+from cupyq.quantize.common import (
+    _CHECKPOINT_FORMATS,
+    _bias_float16,
+    _check_fp16_magnitude,
+    _fp16_at_least,
+    _importance_order,
+    _require_bool,
+    _weight_float32,
+)
 
 
 def _gptq_group_index(in_features, group_size, act_order, importance, seed):
@@ -53,9 +61,10 @@ def quantize_gptq(
         bits: 2, 3, 4 or 8.
         group_size: rows per group, or -1 for one group over all of ``K``. Any positive size is
             accepted; when it does not divide ``K`` the last group is partial.
-        sym: symmetric grid (zero point ``2**(bits-1)``, scale from the group's max abs) or
-            asymmetric (scale and zero from the group's min/max, the range widened to contain 0).
-        act_order: GPTQ ``desc_act``: rows are assigned to groups in order of descending
+        sym: a bool (TypeError otherwise): symmetric grid (zero point ``2**(bits-1)``, scale from the
+            group's max abs) or asymmetric (scale and zero from the group's min/max, the range widened
+            to contain 0).
+        act_order: a bool, GPTQ ``desc_act``: rows are assigned to groups in order of descending
             ``importance``, so ``g_idx[row] = rank(row) // group_size``.
         importance: float ``[K]`` (e.g. the Hessian diagonal). Used only with ``act_order``;
             ``None`` means a random importance drawn from ``seed``.
@@ -79,6 +88,8 @@ def quantize_gptq(
         group_size == -1 or group_size > 0
     ):
         raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
+    _require_bool("sym", sym)
+    _require_bool("act_order", act_order)
     w = _weight_float32(weight)
     k, n = w.shape
     unit = 32 if bits == 3 else 32 // bits
@@ -93,18 +104,19 @@ def quantize_gptq(
     wmin = _group_reduce(w, g_idx, groups, np.minimum)
     if sym:
         amax = np.maximum(np.abs(wmin), np.abs(wmax))
-        scales = _fp16_at_least(2.0 * amax / maxq)
+        scales = _fp16_at_least(2.0 * amax / maxq, w.shape)
         zeros = np.full((groups, n), 2 ** (bits - 1), dtype=np.int64)
     else:
         # The grid must contain 0 so that the integer zero point lies in [0, maxq].
         lo = np.minimum(wmin, 0.0)
         hi = np.maximum(wmax, 0.0)
-        scales = _fp16_at_least((hi - lo) / maxq)
+        scales = _fp16_at_least((hi - lo) / maxq, w.shape)
         zeros = np.clip(np.rint(-lo / scales.astype(np.float32)), 0, maxq).astype(np.int64)
 
     # Quantise against the float16 scales that are stored, so dequantisation sees the same grid.
     s_rows = scales.astype(np.float32)[g_idx]
     q = np.clip(np.rint(w / s_rows) + zeros[g_idx], 0, maxq).astype(np.uint8)
+    _check_fp16_magnitude(np.abs((q - zeros[g_idx]) * s_rows).max())
 
     out = {
         "qweight": np.ascontiguousarray(_gptq.pack_qweight(q, bits, xp=np), dtype=np.int32),
