@@ -30,6 +30,7 @@ from cupyq.checkpoint.safetensors_io import (
     _to_numpy,
     _write_safetensors,
 )
+from cupyq.formats.common import require_bool
 
 __all__ = ["save_gptq", "save_exl2", "save_awq"]
 
@@ -124,7 +125,7 @@ def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
     directory = Path(directory)
     if shard_bytes is not None and (not _is_int(shard_bytes) or shard_bytes <= 0):
         raise ValueError(f"shard_bytes: expected a positive integer, got {shard_bytes!r}")
-    overwrite = _require_bool("overwrite", overwrite)
+    overwrite = require_bool("overwrite", overwrite)
     texts = _json_texts(configs)
     if os.path.lexists(directory) and not directory.is_dir():
         raise NotADirectoryError(f"{directory}: exists and is not a directory")
@@ -164,13 +165,6 @@ def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
 # ------------------------------------------------------------------------------------------------
 # arguments and tensors
 # ------------------------------------------------------------------------------------------------
-
-
-def _require_bool(name, value):
-    """``value`` as a bool; TypeError naming ``name`` unless it is one (a string such as "no" is not)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
 
 
 def _mapping(name, value):
@@ -297,8 +291,8 @@ def save_gptq(
         raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
     if checkpoint_format not in _GPTQ_FORMATS:
         raise ValueError(f"checkpoint_format: expected one of {_GPTQ_FORMATS}, got {checkpoint_format!r}")
-    desc_act = _require_bool("desc_act", desc_act)
-    sym = _require_bool("sym", sym)
+    desc_act = require_bool("desc_act", desc_act)
+    sym = require_bool("sym", sym)
     cfg = _mapping("config", config)
     if write_format is None:
         write_format = "gptq_v2" if not sym else checkpoint_format

@@ -156,3 +156,11 @@ def to_host_ints(a, name="values") -> list[int]:
         ):
             raise ValueError(f"{name}: expected integers, got {v!r}")
     return [int(v) for v in flat]
+
+
+def require_bool(name: str, value) -> bool:
+    """``value`` (a bool or NumPy bool) as a bool; TypeError naming ``name`` otherwise (a string such as "no" would
+    read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return bool(value)

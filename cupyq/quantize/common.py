@@ -47,12 +47,6 @@ def _weight_float32(weight):
     return w
 
 
-def _require_bool(name, value):
-    """Refuse a boolean argument that is not a real bool (``"no"`` would otherwise be taken as True)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
-
-
 def _bias_float16(bias, out_features):
     """The quantizers' bias output: float16 [out_features] of a bias :func:`cupyq.formats.bias.check_bias` accepts
     (a finite float in the float16 range, so no value becomes inf)."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from cupyq.formats import gptq as _gptq
+from cupyq.formats.common import require_bool
 from cupyq.quantize.common import (
     _CHECKPOINT_FORMATS,
     _bias_float16,
     _check_fp16_magnitude,
     _fp16_at_least,
     _importance_order,
-    _require_bool,
     _weight_float32,
 )
 
@@ -88,8 +88,8 @@ def quantize_gptq(
         group_size == -1 or group_size > 0
     ):
         raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
-    _require_bool("sym", sym)
-    _require_bool("act_order", act_order)
+    require_bool("sym", sym)
+    require_bool("act_order", act_order)
     w = _weight_float32(weight)
     k, n = w.shape
     unit = 32 if bits == 3 else 32 // bits
