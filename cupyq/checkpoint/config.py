@@ -11,9 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from cupyq.checkpoint.errors import _fail, _read_json
+from cupyq.formats.common import is_int
 
 __all__ = ["QUANT_CONFIG_FILES", "QuantConfig", "read_quant_config", "v1_zero_encoding"]
 
@@ -94,10 +93,6 @@ class QuantConfig:
         return bits, gs, act, sym
 
 
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _quantizers(raw):
     """The ``meta.quantizer`` entries of a quantization config as ``[(tool, version tuple)]``."""
     meta = raw.get("meta") if isinstance(raw, dict) else None
@@ -135,14 +130,14 @@ def v1_zero_encoding(quant_config):
 
 
 def _bits_value(bits, key, bad):
-    if not _is_int(bits) or bits not in _GPTQ_BITS:
+    if not is_int(bits) or bits not in _GPTQ_BITS:
         bad(key, f"expected one of {_GPTQ_BITS}, got {bits!r}")
     return int(bits)
 
 
 def _group_size_value(gs, key, bad):
     """int group size or None (not given: inferred per layer from the shapes)."""
-    if gs is not None and (not _is_int(gs) or not (gs == -1 or gs > 0)):
+    if gs is not None and (not is_int(gs) or not (gs == -1 or gs > 0)):
         bad(key, f"expected -1 or a positive integer, got {gs!r}")
     return None if gs is None else int(gs)
 
@@ -245,7 +240,7 @@ def _parse_awq_config(d, source) -> QuantConfig:
     key, bits = one_of("bits", "w_bit")
     if bits is None:
         bad("bits", "missing (an AWQ config gives 'bits' or 'w_bit')")
-    if not _is_int(bits) or bits != 4:
+    if not is_int(bits) or bits != 4:
         bad(key, f"AWQ GEMM checkpoints are 4-bit, got {bits!r}")
     key, gs = one_of("group_size", "q_group_size")
     gs = _group_size_value(gs, key, bad)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cupyq.checkpoint.config import _GPTQ_BITS, _GPTQ_FORMATS, QUANT_CONFIG_FILES, _is_int, _parse_quant_config
+from cupyq.checkpoint.config import _GPTQ_BITS, _GPTQ_FORMATS, QUANT_CONFIG_FILES, _parse_quant_config
 from cupyq.checkpoint.layers import _AWQ_PARTS, _EXL2_PARTS, _GPTQ_PARTS, detect_layers
 from cupyq.checkpoint.safetensors_io import (
     _NP_TO_ST,
@@ -30,7 +30,7 @@ from cupyq.checkpoint.safetensors_io import (
     _to_numpy,
     _write_safetensors,
 )
-from cupyq.formats.common import require_bool
+from cupyq.formats.common import is_int, require_bool
 
 __all__ = ["save_gptq", "save_exl2", "save_awq"]
 
@@ -123,7 +123,7 @@ def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
     index, ``quantize_config.json`` / ``quant_config.json``), so none of them can shadow the new files.
     """
     directory = Path(directory)
-    if shard_bytes is not None and (not _is_int(shard_bytes) or shard_bytes <= 0):
+    if shard_bytes is not None and (not is_int(shard_bytes) or shard_bytes <= 0):
         raise ValueError(f"shard_bytes: expected a positive integer, got {shard_bytes!r}")
     overwrite = require_bool("overwrite", overwrite)
     texts = _json_texts(configs)
@@ -285,9 +285,9 @@ def save_gptq(
     """
     from cupyq.formats import gptq as fg
 
-    if not _is_int(bits) or bits not in _GPTQ_BITS:
+    if not is_int(bits) or bits not in _GPTQ_BITS:
         raise ValueError(f"bits: expected one of {_GPTQ_BITS}, got {bits!r}")
-    if not _is_int(group_size) or not (group_size == -1 or group_size > 0):
+    if not is_int(group_size) or not (group_size == -1 or group_size > 0):
         raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
     if checkpoint_format not in _GPTQ_FORMATS:
         raise ValueError(f"checkpoint_format: expected one of {_GPTQ_FORMATS}, got {checkpoint_format!r}")
@@ -415,7 +415,7 @@ def save_awq(
     """
     from cupyq.formats import awq as fa
 
-    if not _is_int(group_size) or not (group_size == -1 or group_size > 0):
+    if not is_int(group_size) or not (group_size == -1 or group_size > 0):
         raise ValueError(f"group_size: expected -1 or a positive integer, got {group_size!r}")
     keep = [] if modules_to_not_convert is None else modules_to_not_convert
     if isinstance(keep, str) or not all(isinstance(k, str) and k for k in keep):

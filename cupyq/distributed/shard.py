@@ -16,7 +16,7 @@ import numpy as np
 from cupyq import reference
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
-from cupyq.formats.common import unit_rows
+from cupyq.formats.common import is_int, unit_rows
 
 __all__ = ["CheckpointLayer", "shard_gptq", "shard_exl2", "shard_awq", "shard_range", "MODES"]
 
@@ -137,7 +137,7 @@ def _require_keys(tensors, keys, what):
 
 def _check_int(name, value) -> int:
     """``value`` as an int; TypeError naming the argument for anything but an int (bool included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     return int(value)
 

@@ -158,6 +158,11 @@ def to_host_ints(a, name="values") -> list[int]:
     return [int(v) for v in flat]
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python or NumPy integer, and not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def require_bool(name: str, value) -> bool:
     """``value`` (a bool or NumPy bool) as a bool; TypeError naming ``name`` otherwise (a string such as "no" would
     read as True)."""

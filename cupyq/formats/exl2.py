@@ -27,6 +27,7 @@ from cupyq.formats.bitstream import (
     unpack_bitstream_columns,
 )
 from cupyq.formats.common import (
+    is_int,
     require_dtype,
     require_finite,
     require_integer,
@@ -371,9 +372,7 @@ def exl2_out_features(stored: int, bias=None, out_features=None) -> int:
     if out_features is None:
         shape = np.shape(bias) if bias is not None else ()
         return int(shape[0]) if len(shape) == 1 and lowest <= shape[0] <= stored else stored
-    if isinstance(out_features, bool) or not isinstance(out_features, (int, np.integer)) or not (
-        lowest <= out_features <= stored
-    ):
+    if not is_int(out_features) or not lowest <= out_features <= stored:
         raise ValueError(f"out_features: expected {lowest}..{stored} (q_weight's {stored} columns, fewer than 32 of "
                          f"them padding), got {out_features!r}")
     return int(out_features)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from cupyq.formats import exl2 as _exl2
+from cupyq.formats.common import is_int
 from cupyq.quantize.common import (
     _bias_float16,
     _check_fp16_magnitude,
@@ -59,7 +60,7 @@ def exl2_group_plan(in_features, bits=(4,), proportions=(1.0,), group_sizes=None
         non-increasing, ``sum(group_rows) == in_features``. ValueError unless ``in_features`` is a
         positive integer.
     """
-    if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)) or in_features <= 0:
+    if not is_int(in_features) or in_features <= 0:
         raise ValueError(f"in_features: expected a positive integer, got {in_features!r}")
     in_features = int(in_features)
     widths, props, sizes = _exl2_widths(bits, proportions, group_sizes)
