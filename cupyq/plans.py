@@ -81,11 +81,11 @@ def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:
     if kernel in ("qgemv", "qgemv2"):
         return _qgemv_plan(qm, m, ctype)
     if kernel == "qwgmma":
-        return _qmma_plan(qm, m, ctype, choose_wgmma(m, qm.in_features * qm.out_features))
+        lay = qm.layout
+        cfg = choose_wgmma(m, qm.in_features * qm.out_features, lay.chunks8, lay.chunks4, scale_rows_per_chunk(qm))
+        return _qmma_plan(qm, m, ctype, cfg)
     return _qmma_plan(qm, m, ctype, choose_qmma(m, qm.in_features * qm.out_features))
 
-
-QMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may take on sm_80 and sm_90
 
 
 def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
@@ -103,9 +103,10 @@ def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
     else:
         fn = runtime.get_function("qmma.cu", name, qm.device_id)
         ffn = runtime.get_function("qmma.cu", kernels.frag_x_name(ctype), qm.device_id)
+    misfit = kernels.tiling_misfit(cfg, lay.chunks8, lay.chunks4, zr)
+    if misfit:
+        raise ValueError(f"qm: {name} cannot run this layout: {misfit}")
     smem = cfg.smem_bytes(has8, zr)
-    if smem > QMMA_SMEM_LIMIT:
-        raise ValueError(f"qm: {name} needs {smem} bytes of shared memory, more than {QMMA_SMEM_LIMIT}")
     _allow_smem(fn, smem)
     chunks = lay.chunks8 + lay.chunks4
     ksteps = chunks // cfg.ks

@@ -457,14 +457,39 @@ def test_qwgmma_matches_reference(layout, dtype, nb, nw):
     types, batch tiles of 16-128 rows (16 rows on chunk-uniform groups: post-scaled chunks) and CTAs of one or
     two column sets (320 columns: a partial last column block), batches that are not a multiple of 8 and span
     several m blocks, outputs poisoned."""
+    from cupyq import kernels
+
+    if not _sm90():
+        pytest.skip("qwgmma needs an sm_90 GPU")
+    rng = np.random.default_rng(nb + 7 * nw + len(layout) + len(dtype))
+    _check_qwgmma(rng, layout, dtype, kernels.WgmmaConfig(nb, 2, 3, nw))
+
+
+@pytest.mark.parametrize("layout", ["gptq4", "gptq8", "gptq3_act", "exl2_8_4"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["wg16", "wg16k8", "wg32", "wg32k8", "wg64", "wg128"])
+def test_qwgmma_dispatched_tilings_match_reference(layout, dtype, name):
+    """Every tiling dispatch runs (kernels.WGMMA_CONFIGS, stages of four and eight chunks) against the reference;
+    a tiling that cannot run a layout (kernels.tiling_misfit) is refused by the plan, and the rules never pick it."""
+    from cupyq import kernels
+
+    if not _sm90():
+        pytest.skip("qwgmma needs an sm_90 GPU")
+    assert set(kernels.WGMMA_CONFIGS) == {"wg16", "wg16k8", "wg32", "wg32k8", "wg64", "wg128"}
+    cfg = kernels.WGMMA_CONFIGS[name]
+    rng = np.random.default_rng(len(name) + 3 * len(layout) + len(dtype))
+    _check_qwgmma(rng, layout, dtype, cfg)
+
+
+def _check_qwgmma(rng, layout, dtype, cfg):
+    """qwgmma of tiling ``cfg`` on a 1024 x 320 matrix of ``layout`` against the float64 product, at batches of a
+    partial tile, several m blocks and not a multiple of 8, outputs poisoned; a tiling that cannot run the layout
+    must be refused by the plan and never chosen by the rules."""
     import torch
 
     from cupyq import kernels, launch, plans, rules
     from cupyq.device import torch_stream
 
-    if not _sm90():
-        pytest.skip("qwgmma needs an sm_90 GPU")
-    rng = np.random.default_rng(nb + 7 * nw + len(layout) + len(dtype))
     if layout.startswith("gptq"):
         bits = int(layout[4])
         t = random_gptq(rng, 1024, 320, bits=bits, group_size=64, act_order=layout.endswith("act"), bias=True)
@@ -473,12 +498,19 @@ def test_qwgmma_matches_reference(layout, dtype, nb, nw):
         t = random_exl2(rng, 1024, 320, EXL2_MIXES[layout[5:]], bias=True)
         qm, w = build("exl2", t), ref_weight("exl2", t)
     assert rules.wgmma_supported(qm)
-    cfg = kernels.WgmmaConfig(nb, 2, 3, nw)
     ct = "__half" if dtype == "float16" else "__nv_bfloat16"
     tol = REL_TOL if dtype == "float16" else 1.5e-2
+    nb = cfg.m_tile
     for m in (1, 13, 64, nb + 9, 2 * nb + 40):
         x = torch.from_numpy(rng.standard_normal((m, 1024)).astype(np.float32)).cuda().to(getattr(torch, dtype))
         out = torch.full((m, 320), float("nan"), dtype=x.dtype, device="cuda")
+        lay, zr = qm.layout, rules.scale_rows_per_chunk(qm)
+        if kernels.tiling_misfit(cfg, lay.chunks8, lay.chunks4, zr):
+            with pytest.raises(ValueError, match="cannot run this layout"):
+                plans._qmma_plan(qm, m, ct, cfg)
+            assert all(rules.choose_wgmma(mm, w, lay.chunks8, lay.chunks4, zr) is not cfg
+                       for mm in (16, 32, 64) for w in (1 << 24, 1 << 26))
+            return
         plan = plans._qmma_plan(qm, m, ct, cfg)
         launch._launch_plan(qm, plan, x.data_ptr(), out.data_ptr(), m, ct, torch_stream(0),
                             torch.cuda.is_current_stream_capturing)
