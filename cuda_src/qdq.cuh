@@ -101,6 +101,9 @@ __device__ __forceinline__ void dequant8_exact(unsigned w0, unsigned w1, __half2
     d[3] = __hsub2(as_half2(__byte_perm(w1, magic, 0x4342)), zhi);
 }
 
+template <typename T> struct is_half { static constexpr bool value = false; };
+template <> struct is_half<__half> { static constexpr bool value = true; };
+
 // Scale the exact integers into the A fragment of element type T.
 template <typename T> struct Frag;
 

@@ -127,6 +127,26 @@ __device__ __forceinline__ bool is_step8(int chunk, int C8) {
     return HAS8 && (!HAS4 || chunk < C8);  // C8 % kStepChunks == 0: a step never straddles the two storages
 }
 
+// bf16 activations are multiplied in fp16: each batch row of a CTA's range is scaled by a power of two 2^-E that
+// brings its largest magnitude into [2^14, 2^15), which makes every bf16 value of at least 2^-28 times that
+// maximum an exact fp16 value (bf16 carries 8 significant bits, fp16 11), and the row's fp32 sums are scaled
+// back by 2^E. The fragments then come from the fp16 dequantisation, which a bf16 mantissa is too short for (the
+// magic-number conversion gives an exact integer only for the lowest nibble of a lane).
+// E for a row whose largest |value| has the bf16 bits `big`; E >= -126 keeps 2^E and 2^-E normal fp32 numbers.
+__device__ __forceinline__ int bf16_row_exponent(unsigned big) { return max((int)(big >> 7) - 141, -126); }
+
+// The largest |value| among eight bf16, as bf16 bits (non-negative values order as their bits).
+__device__ __forceinline__ unsigned bf16x8_absmax_bits(uint4 v) {
+    const unsigned m = __vmaxu2(__vmaxu2(v.x & 0x7fff7fffu, v.y & 0x7fff7fffu),
+                                __vmaxu2(v.z & 0x7fff7fffu, v.w & 0x7fff7fffu));
+    return max(m & 0xffffu, m >> 16);
+}
+
+// Two bf16 (one word) times `down` (a power of two), rounded to two fp16.
+__device__ __forceinline__ unsigned bf16x2_to_half2(unsigned w, float down) {
+    return as_u32(__floats2half2_rn(__uint_as_float(w << 16) * down, __uint_as_float(w & 0xffff0000u) * down));
+}
+
 template <bool HAS8, bool HAS4>
 __device__ __forceinline__ void gemv_load_weights(GemvStep<HAS8>& r, const uint4* __restrict__ w8,
                                                   const uint4* __restrict__ w4, int tile, int chunk, int C8,
@@ -206,53 +226,22 @@ __device__ __forceinline__ void gemv_dequant(const GemvStep<HAS8>& r, int i, int
     }
 }
 
-// The A fragments of one chunk's words: exact(...) the integers (q - z) (chunks whose tiles share a group; the
-// product is scaled afterwards), scaled(...) the weights (q - z) * s. bf16 activations on 4-bit storage build
-// them in bf16 directly (dequant4_bf16_exact, then one bf16 multiply by the scale rounded to bf16, as qmma and
-// qwgmma do), not in fp16 converted through fp32: half the instructions per word.
-template <typename T, bool HAS8, bool HAS4>
+// The fp16 A fragments of one chunk's words: exact(...) the integers (q - z) (chunks whose tiles share a group;
+// the product is scaled afterwards), scaled(...) the weights (q - z) * s.
+template <bool HAS8, bool HAS4>
 struct GemvFragments {
     __device__ __forceinline__ GemvFragments(__half2, __half2) {}
     __device__ __forceinline__ void exact(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo, __half2 zhi,
                                           unsigned a[4]) const {
         __half2 q[4];
         gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
-        Frag<T>::exact(q, a);
+        Frag<__half>::exact(q, a);
     }
     __device__ __forceinline__ void scaled(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo,
                                            __half2 zhi, __half2 slo, __half2 shi, unsigned a[4]) const {
         __half2 q[4];
         gemv_dequant<HAS8, HAS4>(r, i, j, is8, zlo, zhi, q);
-        Frag<T>::scale(q, slo, shi, a);
-    }
-};
-
-template <bool HAS8>
-struct GemvFragments<__nv_bfloat16, HAS8, true> {
-    __nv_bfloat162 zl, zh;
-    __device__ __forceinline__ GemvFragments(__half2 zlo, __half2 zhi) { bf16_zeros4(zlo, zhi, zl, zh); }
-    __device__ __forceinline__ void exact(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo, __half2 zhi,
-                                          unsigned a[4]) const {
-        if (HAS8 && is8) {
-            __half2 q[4];
-            gemv_dequant<HAS8, true>(r, i, j, is8, zlo, zhi, q);
-            Frag<__nv_bfloat16>::exact(q, a);
-        } else {
-            dequant4_bf16_exact(gemv_word4(r, i, j), zl, zh, a);
-        }
-    }
-    __device__ __forceinline__ void scaled(const GemvStep<HAS8>& r, int i, int j, bool is8, __half2 zlo,
-                                           __half2 zhi, __half2 slo, __half2 shi, unsigned a[4]) const {
-        if (HAS8 && is8) {
-            __half2 q[4];
-            gemv_dequant<HAS8, true>(r, i, j, is8, zlo, zhi, q);
-            Frag<__nv_bfloat16>::scale(q, slo, shi, a);
-        } else {
-            const __nv_bfloat162 sl = __float2bfloat162_rn(__low2float(slo));
-            const __nv_bfloat162 sh = __float2bfloat162_rn(__low2float(shi));
-            dequant4_bf16_exact(gemv_word4(r, i, j), zl, zh, a);
-            scale4_bf16(a, sl, sh);
-        }
+        Frag<__half>::scale(q, slo, shi, a);
     }
 };
 
@@ -268,9 +257,9 @@ __device__ __forceinline__ void gemv_load_x(const T* p, unsigned bx[8]) {
 // between the two ways is made per step, so that the chunks' products form independent chains the scheduler
 // can interleave (four chains with one m8 tile, two with two tiles, which need twice the accumulators; two with
 // 8-bit storage alone, whose two steps of weights in registers take twice as many).
-template <typename T, int MT, bool HAS8, bool HAS4>
-__device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* const* xrow, const int* cg, bool is8,
-                                             float (&acc)[MT][4]) {
+template <int MT, bool HAS8, bool HAS4>
+__device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const __half* const* xrow, const int* cg,
+                                             bool is8, float (&acc)[MT][4]) {
     constexpr int kChains = (HAS8 && !HAS4 ? 2 : kStepChunks) / MT;
     // One m8 tile on 4-bit storage has the registers to unpack the step's zeros up front (measured faster there);
     // the other variants unpack each chunk's zeros where they are used, which keeps them free of spills.
@@ -304,13 +293,13 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
                     gemv_load_x(xrow[mt] + i * 64, bx[mt]);
                     d[c][mt][0] = d[c][mt][1] = d[c][mt][2] = d[c][mt][3] = 0.0f;
                 }
-                const GemvFragments<T, HAS8, HAS4> frag(zlo, zhi);
+                const GemvFragments<HAS8, HAS4> frag(zlo, zhi);
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     unsigned a[4];
                     frag.exact(r, i, j, is8, zlo, zhi, a);
 #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[c][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);
+                    for (int mt = 0; mt < MT; ++mt) Mma<__half>::run(d[c][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);
                 }
             }
 #pragma unroll
@@ -336,7 +325,7 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
             const __half2 slo = __low2half2(as_half2(r.zlo[i])), shi = __low2half2(as_half2(r.zhi[i]));
             __half2 zlo, zhi;
             zeros(i, zlo, zhi);
-            const GemvFragments<T, HAS8, HAS4> frag(zlo, zhi);
+            const GemvFragments<HAS8, HAS4> frag(zlo, zhi);
             unsigned bx[MT][8];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) gemv_load_x(xrow[mt] + i * 64, bx[mt]);
@@ -345,7 +334,7 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
                 unsigned a[4];
                 frag.scaled(r, i, j, is8, zlo, zhi, slo, shi, a);
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) Mma<T>::run(d[i & 1][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);
+                for (int mt = 0; mt < MT; ++mt) Mma<__half>::run(d[i & 1][mt], a, bx[mt][2 * j], bx[mt][2 * j + 1]);
             }
         }
 #pragma unroll
@@ -363,7 +352,9 @@ __device__ __forceinline__ void gemv_compute(const GemvStep<HAS8>& r, const T* c
 
 // x must be in sorted row order (gathered beforehand by gather_columns for permuted or padded matrices).
 // MT m8 tiles of batch rows (1 or 2): requires M <= MT * 8 and chunks_per_split % kStepChunks == 0. Dynamic
-// shared memory: M * (chunks_per_split * 64 + 8) elements of T, then 5 * chunks_per_split ints.
+// shared memory: M * (chunks_per_split * 64 + 8) halves (the activations, fp16 for either T), then
+// 5 * chunks_per_split ints, then for bf16 M * (chunks_per_split / kStepChunks + 1) words (the largest |x| of
+// each batch row and step, then each row's scale).
 template <typename T, int MT, bool HAS8, bool HAS4>
 __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
     qgemv(const T* __restrict__ x, const uint4* __restrict__ w8, const uint4* __restrict__ w4,
@@ -379,9 +370,14 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
     const int chunk_begin = blockIdx.y * chunks_per_split;
     const int nchunks = min(C8 + C4, chunk_begin + chunks_per_split) - chunk_begin;
     const int ld = chunks_per_split * 64 + 8;
-    T* xs = reinterpret_cast<T*>(smem_raw);
+    constexpr bool kScaledX = !is_half<T>::value;  // bf16 activations staged as scaled fp16 (above)
+    __half* xs = reinterpret_cast<__half*>(smem_raw);
     int* cg = reinterpret_cast<int*>(xs + M * ld);
     int* tg = cg + chunks_per_split;
+    // bf16 only: the largest |x| of each (batch row, step) as bf16 bits, then each batch row's scale.
+    const int steps_per_split = chunks_per_split / kStepChunks;
+    unsigned* step_max = reinterpret_cast<unsigned*>(tg + 4 * chunks_per_split);  // [M][steps_per_split]
+    float* row_scale = reinterpret_cast<float*>(step_max + M * steps_per_split);  // [M]
 
     cupyq::GemvStep<HAS8> ra, rb;
     const int n_lo = tile * 16 + (lane >> 2);
@@ -400,7 +396,42 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
     const int nrows = nchunks * 64;
     // Row t of each 16-row tile is stored at 4 * ((t / 2) % 4) + 2 * (t / 8) + t % 2, so that the two B words
     // of each mma are adjacent.
-    if (x_vec) {  // K % 8 == 0, 16-byte aligned rows
+    if constexpr (kScaledX) {
+        // One warp per (batch row, step), eight rows per lane: the step's maximum is one warp reduction, the
+        // row's the largest of its steps' (after the barrier); the second pass finds x in L1.
+        const int nsteps = nchunks / kStepChunks;
+        auto load8 = [&](int m, int s) {
+            const int kk = s * (kStepChunks * 64) + lane * 8;
+            const T* src = x + (size_t)m * K + row0 + kk;
+            if (x_vec) return row0 + kk < K ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+            unsigned short e[8];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) e[q] = row0 + kk + q < K ? __bfloat16_as_ushort(src[q]) : 0;
+            return make_uint4(e[0] | (unsigned)e[1] << 16, e[2] | (unsigned)e[3] << 16, e[4] | (unsigned)e[5] << 16,
+                              e[6] | (unsigned)e[7] << 16);
+        };
+        for (int p = warp; p < M * nsteps; p += kWarps) {
+            const int m = p / nsteps, s = p - m * nsteps;
+            const unsigned big = __reduce_max_sync(0xffffffffu, bf16x8_absmax_bits(load8(m, s)));
+            if (lane == 0) step_max[m * steps_per_split + s] = big;
+        }
+        __syncthreads();
+        for (int p = warp; p < M * nsteps; p += kWarps) {
+            const int m = p / nsteps, s = p - m * nsteps;
+            unsigned big = 0;
+            for (int t = lane; t < nsteps; t += 32) big = max(big, step_max[m * steps_per_split + t]);
+            const int E = bf16_row_exponent(__reduce_max_sync(0xffffffffu, big));
+            const float down = __uint_as_float((unsigned)(127 - E) << 23);
+            const uint4 v = load8(m, s);
+            const int kk = s * (kStepChunks * 64) + lane * 8;
+            unsigned* dst = reinterpret_cast<unsigned*>(xs + m * ld + (kk & ~15)) + ((kk >> 3) & 1);
+            dst[0] = bf16x2_to_half2(v.x, down);
+            dst[2] = bf16x2_to_half2(v.y, down);
+            dst[4] = bf16x2_to_half2(v.z, down);
+            dst[6] = bf16x2_to_half2(v.w, down);
+            if (s == 0 && lane == 0) row_scale[m] = __uint_as_float((unsigned)(127 + E) << 23);
+        }
+    } else if (x_vec) {  // K % 8 == 0, 16-byte aligned rows
         const int per_row = nrows / 8;
         for (int i = threadIdx.x; i < M * per_row; i += kThreads) {
             const int m = i / per_row;
@@ -427,7 +458,7 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
     if (active) {
-        const T* xrow[MT];
+        const __half* xrow[MT];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) xrow[mt] = xs + min(mt * 8 + (lane >> 2), M - 1) * ld + (lane & 3) * 16;
         for (int c = 0; c < nchunks; c += 2 * kStepChunks) {
@@ -439,13 +470,24 @@ __global__ void __launch_bounds__(cupyq::kThreads, CUPYQ_GEMV_MIN_BLOCKS)
             gemv_load_weights<HAS8, HAS4>(nxt, w8, w4, tile, chunk_begin + ahead, C8, C4, lane);                  \
             gemv_load_scales<HAS8>(nxt, cg, tg, zsn, ahead, Npad, lane);                                          \
         }                                                                                                         \
-        const T* xhere[MT];                                                                                       \
+        const __half* xhere[MT];                                                                                  \
         for (int mt = 0; mt < MT; ++mt) xhere[mt] = xrow[mt] + here * 64;                                         \
-        gemv_compute<T, MT, HAS8, HAS4>(cur, xhere, cg + here, is_step8<HAS8, HAS4>(chunk_begin + here, C8), acc); \
+        gemv_compute<MT, HAS8, HAS4>(cur, xhere, cg + here, is_step8<HAS8, HAS4>(chunk_begin + here, C8), acc);   \
     }
             CUPYQ_GEMV_STAGE(ra, rb, 0)
             CUPYQ_GEMV_STAGE(rb, ra, 1)
 #undef CUPYQ_GEMV_STAGE
+        }
+        if constexpr (kScaledX) {  // undo the row scales (element e of tile mt: batch row mt*8 + 2*(lane%4) + e%2)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const float f0 = row_scale[min(mt * 8 + 2 * (lane & 3), M - 1)];
+                const float f1 = row_scale[min(mt * 8 + 2 * (lane & 3) + 1, M - 1)];
+                acc[mt][0] *= f0;
+                acc[mt][1] *= f1;
+                acc[mt][2] *= f0;
+                acc[mt][3] *= f1;
+            }
         }
     }
     write_result<T, MT>(acc, active, tile, lane, 0, bias, out, ws, counters, M, N, Npad);

@@ -173,10 +173,13 @@ struct WShape {
 
 // Parameters: as qmma (cupyq/kernels.py QMMA_PARAMS), except that x holds the activations in the layout of
 // frag_xw: ceil(M / 8) groups of (C8 + C4) chunks of 1 KB. Dynamic shared memory: WShape<...>::kSmemBytes.
-// Tiles of up to 32 x 128 are small enough in shared memory for two CTAs per multiprocessor; their registers are
-// held to the 128 per thread that two CTAs allow.
+// Tiles of up to 32 x 128 whose stages fit two CTAs in a multiprocessor's shared memory (228 KB, less 1 KB per
+// CTA for the system) run two CTAs per multiprocessor; their registers are held to the 128 per thread that two
+// CTAs allow. Larger tiles were measured faster with one CTA and all the registers it needs.
 template <typename T, int NB, int NW, int KS, int STAGES, int ZR, bool HAS8, bool HAS4>
-__global__ void __launch_bounds__(cupyq::qmma_detail::kThreads, NB * NW <= 32 ? 2 : 1)
+__global__ void __launch_bounds__(
+    cupyq::qmma_detail::kThreads,
+    NB * NW <= 32 && cupyq::qwgmma_detail::WShape<NB, NW, KS, STAGES, ZR, HAS8>::kSmemBytes <= 113 * 1024 ? 2 : 1)
     qwgmma(const T* __restrict__ x, const uint4* __restrict__ w8, const uint4* __restrict__ w4,
            const int* __restrict__ tile_group, const unsigned* __restrict__ zs, const T* __restrict__ bias,
            T* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters, int M, int N, int Npad, int C8,

@@ -42,6 +42,19 @@ DEQUANT_INT_PARAMS = frozenset(("ld_out", "N", "Npad", "C8", "C4"))
 GATHER_PARAMS = ("x", "row_src", "out", "M", "K", "Kp")
 GATHER_INT_PARAMS = frozenset(("M", "K", "Kp"))
 
+
+
+def qgemv_smem_bytes(m: int, chunks: int, ctype: str) -> int:
+    """Dynamic shared memory of a qgemv CTA for ``m`` batch rows and ``chunks`` 64-row chunks per split: the
+    activations as fp16 (each row padded by 8), the chunk and tile groups (5 ints per chunk) and, for bf16
+    activations, a word per batch row and step and one per batch row (the row scales; cuda_src/qgemm.cu, the
+    comment above qgemv)."""
+    smem = m * (chunks * CHUNK_ROWS + 8) * 2 + 5 * chunks * 4
+    if ctype == "__nv_bfloat16":
+        smem += m * (chunks // STEP_CHUNKS + 1) * 4
+    return smem
+
+
 # qmma's parameters, in the order of its __global__ signature (cuda_src/qmma.cu).
 QMMA_PARAMS = ("x", "w8", "w4", "tile_group", "zs", "bias", "out", "ws", "counters", "M", "N", "Npad", "C8", "C4")
 QMMA_INT_PARAMS = frozenset(("M", "N", "Npad", "C8", "C4"))
@@ -62,6 +75,9 @@ WGMMA_N_TILE = 128  # output columns of a qwgmma CTA per column set (nw): two wa
 DEQUANT_T_PARAMS = ("w8", "w4", "tile_group", "zs", "outT", "ld_out", "Npad", "C8", "C4", "chunk_begin",
                     "chunk_end")
 DEQUANT_T_INT_PARAMS = frozenset(("ld_out", "Npad", "C8", "C4", "chunk_begin", "chunk_end"))
+
+
+QMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may take on sm_80 and sm_90
 
 
 def _b(v: bool) -> str:
@@ -153,15 +169,32 @@ class WgmmaConfig:
         return 2 * ctas * self.nb * self.n_tile
 
 
-# Tilings of qwgmma by batch tile (rows); the choice rule is rules.choose_wgmma, larger batches run several m blocks.
-# The 16- and 32-row tiles run two CTAs per multiprocessor. CTAs of two column sets (nw = 2) were measured slower
-# up to m = 192 and are left to scripts/tune_qmma.py.
+# Tilings of qwgmma by name; the choice rule is rules.choose_wgmma, larger batches run several m blocks. The 16-
+# and 32-row tiles of four-chunk stages run two CTAs per multiprocessor; the eight-chunk stages ("k8") halve the
+# copy and barrier work per weight at one CTA per multiprocessor, which wins on layers too small to fill the GPU
+# with tiles. CTAs of two column sets (nw = 2) were measured slower up to m = 192 and are left to
+# scripts/tune_qmma.py.
 WGMMA_CONFIGS = {
-    16: WgmmaConfig(nb=16, ks=4, stages=4),
-    32: WgmmaConfig(nb=32, ks=4, stages=3),
-    64: WgmmaConfig(nb=64, ks=4, stages=3),
-    128: WgmmaConfig(nb=128, ks=2, stages=4),
+    "wg16": WgmmaConfig(nb=16, ks=4, stages=4),
+    "wg16k8": WgmmaConfig(nb=16, ks=8, stages=3),
+    "wg32": WgmmaConfig(nb=32, ks=4, stages=3),
+    "wg32k8": WgmmaConfig(nb=32, ks=8, stages=2),
+    "wg64": WgmmaConfig(nb=64, ks=4, stages=3),
+    "wg128": WgmmaConfig(nb=128, ks=2, stages=4),
 }
+
+
+def tiling_misfit(cfg, chunks8: int, chunks4: int, zr: int) -> str | None:
+    """Why tiling ``cfg`` (a QmmaConfig or WgmmaConfig) cannot run a layout of ``chunks8`` + ``chunks4`` 64-row
+    chunks with ``zr`` scale rows per chunk, or None when it can: a stage must not straddle the end of a storage
+    segment (each segment a whole number of stages) and its stages must fit a CTA's shared memory."""
+    if chunks8 % cfg.ks or chunks4 % cfg.ks:
+        return (f"stages of {cfg.ks} chunks do not divide the storage segments ({chunks8} chunks of 8-bit and "
+                f"{chunks4} of 4-bit storage)")
+    smem = cfg.smem_bytes(chunks8 > 0, zr)
+    if smem > QMMA_SMEM_LIMIT:
+        return f"needs {smem} bytes of shared memory, more than {QMMA_SMEM_LIMIT}"
+    return None
 
 
 def frag_xw_name(ctype: str) -> str:

@@ -81,11 +81,11 @@ def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:
     if kernel in ("qgemv", "qgemv2"):
         return _qgemv_plan(qm, m, ctype)
     if kernel == "qwgmma":
-        return _qmma_plan(qm, m, ctype, choose_wgmma(m, qm.in_features * qm.out_features))
+        lay = qm.layout
+        cfg = choose_wgmma(m, qm.in_features * qm.out_features, lay.chunks8, lay.chunks4, scale_rows_per_chunk(qm))
+        return _qmma_plan(qm, m, ctype, cfg)
     return _qmma_plan(qm, m, ctype, choose_qmma(m, qm.in_features * qm.out_features))
 
-
-QMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may take on sm_80 and sm_90
 
 
 def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
@@ -103,9 +103,10 @@ def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
     else:
         fn = runtime.get_function("qmma.cu", name, qm.device_id)
         ffn = runtime.get_function("qmma.cu", kernels.frag_x_name(ctype), qm.device_id)
+    misfit = kernels.tiling_misfit(cfg, lay.chunks8, lay.chunks4, zr)
+    if misfit:
+        raise ValueError(f"qm: {name} cannot run this layout: {misfit}")
     smem = cfg.smem_bytes(has8, zr)
-    if smem > QMMA_SMEM_LIMIT:
-        raise ValueError(f"qm: {name} needs {smem} bytes of shared memory, more than {QMMA_SMEM_LIMIT}")
     _allow_smem(fn, smem)
     chunks = lay.chunks8 + lay.chunks4
     ksteps = chunks // cfg.ks
@@ -160,7 +161,7 @@ def _qgemv_plan(qm, m: int, ctype: str) -> LaunchPlan:
     fn = runtime.get_function("qgemm.cu", kernels.qgemv_name(ctype, mt, lay.chunks8 > 0, lay.chunks4 > 0),
                               qm.device_id)
     sms = sm_count(qm.device_id)
-    choice = _gemv_splits(steps, col_blocks, m, lambda smem: _ctas_per_sm(fn, qm.device_id, smem) * sms)
+    choice = _gemv_splits(steps, col_blocks, m, lambda smem: _ctas_per_sm(fn, qm.device_id, smem) * sms, ctype)
     if choice is None:
         raise ValueError(f"qm: {qm.in_features} rows do not fit the small-batch kernel's shared memory")
     splits, per_split, smem = choice
@@ -201,18 +202,18 @@ def _finish_plan(qm, m: int, ctype: str, fn, grid, smem: int, steps_per_split: i
 _WAVE_OVERHEAD_STEPS = 2
 
 
-def _gemv_splits(steps: int, col_blocks: int, m: int, resident_ctas):
+def _gemv_splits(steps: int, col_blocks: int, m: int, resident_ctas, ctype: str = "__half"):
     """(splits, steps per split, shared bytes) for qgemv: the split of the ``steps`` 256-row steps of each
     column block that minimises waves x (steps per split + a fixed cost per wave), fewer splits on ties, within
-    the shared-memory limit. ``resident_ctas(smem)``: CTAs the GPU holds at once with that much shared memory.
-    None when not even one step fits."""
+    the shared-memory limit. ``resident_ctas(smem)``: CTAs the GPU holds at once with that much shared memory;
+    ``ctype``: the activations' kernel type. None when not even one step fits."""
     best = None
     for splits in range(1, steps + 1):
         per_split = -(-steps // splits)
         if splits > 1 and -(-steps // (splits - 1)) == per_split:
             continue  # the same ranges as a smaller split count
         chunks = per_split * _STEP_CHUNKS
-        smem = m * (chunks * 64 + 8) * 2 + 5 * chunks * 4  # activations, chunk groups, tile groups
+        smem = kernels.qgemv_smem_bytes(m, chunks, ctype)
         if smem > _GEMV_SMEM_LIMIT:
             continue
         used = -(-steps // per_split)

@@ -41,11 +41,11 @@ def dense_threshold(qm) -> int:
 
 
 def wgmma_supported(qm) -> bool:
-    """Whether qwgmma can run ``qm``: an sm_90 device, and weights in one storage width (8-bit or 4-bit chunks,
-    not both: EXL2 mixes with 5-8-bit and 2-4-bit groups take qmma). ValueError for a matrix that runs no kernel
-    (a CPU matrix, or a closed one)."""
-    lay = _kernel_layout(qm)
-    return device_compute_capability(qm.device_id) == (9, 0) and not (lay.chunks8 > 0 and lay.chunks4 > 0)
+    """Whether qwgmma can run ``qm``: an sm_90 device (any storage: 4-bit, 8-bit, or EXL2 mixes of both, whose
+    stages never straddle the two since each storage segment is whole steps of 256 rows). ValueError for a matrix
+    that runs no kernel (a CPU matrix, or a closed one)."""
+    _kernel_layout(qm)
+    return device_compute_capability(qm.device_id) == (9, 0)
 
 
 # Batches of at most this many rows (two m8 tiles; see _two_tile_gemv for 9-16) use the streaming kernel qgemv:
@@ -74,10 +74,11 @@ def choose_kernel(qm, m: int, ctype: str, force_cuda: bool = False) -> tuple:
     if m > dense_threshold(qm) and not force_cuda:
         return "dense", f"m > {dense_threshold(qm)}: dequantise and multiply densely (compute-bound batches)"
     if wgmma:
-        cfg = choose_wgmma(m, weights)
+        cfg = choose_wgmma(m, weights, qm.layout.chunks8, qm.layout.chunks4, scale_rows_per_chunk(qm))
         if weights < SMALL_LAYER_WEIGHTS and cfg.m_tile < m:
             note = " (a layer below 32 M weights: more, smaller tiles fill the GPU)"
-        return "qwgmma", f"m = {m} on sm_90: qwgmma with {cfg.m_tile}x{cfg.n_tile} tiles{note}"
+        return "qwgmma", (f"m = {m} on sm_90: qwgmma with {cfg.m_tile}x{cfg.n_tile} tiles, stages of {cfg.ks} "
+                          f"chunks{note}")
     cfg = choose_qmma(m, weights)
     return "qmma", f"m = {m}: qmma with {cfg.m_tile}x{cfg.n_tile} tiles"
 
@@ -131,17 +132,27 @@ def choose_qmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.QmmaConfig:
     return kernels.QMMA_CONFIGS[limits[-1]]
 
 
-def choose_wgmma(m: int, weights: int = WIDE_TILE_WEIGHTS) -> kernels.WgmmaConfig:
-    """The qwgmma tiling for ``m`` rows of a layer of ``weights`` weights (measured on an H200, BENCHMARKS.md): the
-    smallest batch tile of 16, 32 or 64 rows that holds the batch; 128-row tiles above 64 rows on layers of
-    WIDE_TILE_WEIGHTS or more. Layers below SMALL_LAYER_WEIGHTS keep the 16-row tile up to m = 64 and the 32-row
-    tile above (more, smaller tiles fill the GPU: two CTAs per multiprocessor)."""
+def choose_wgmma(m: int, weights: int = WIDE_TILE_WEIGHTS, chunks8: int = 0, chunks4: int = 0,
+                 zr: int = 1) -> kernels.WgmmaConfig:
+    """The qwgmma tiling for ``m`` rows of a layer of ``weights`` weights (measured on an H200, BENCHMARKS.md).
+
+    Layers of WIDE_TILE_WEIGHTS or more: the smallest batch tile of 16, 32, 64 or 128 rows that holds the batch.
+    Layers below SMALL_LAYER_WEIGHTS: 16-row tiles of eight-chunk stages up to m = 32, 32-row ones above (more,
+    smaller tiles fill the GPU). Layers between: eight-chunk stages up to m = 32, then 64-row tiles. An
+    eight-chunk tiling that cannot run the layout (``chunks8`` / ``chunks4``: its 64-row chunks of 8-bit and 4-bit
+    storage; ``zr``: scale rows per chunk, see :func:`scale_rows_per_chunk`; :func:`kernels.tiling_misfit`) gives
+    way to the four-chunk tiling of its batch tile, which runs every layout.
+    """
     cfgs = kernels.WGMMA_CONFIGS
     if weights < SMALL_LAYER_WEIGHTS:
-        return cfgs[16] if m <= 64 else cfgs[32]
-    if m > 64:
-        return cfgs[128] if weights >= WIDE_TILE_WEIGHTS else cfgs[64]
-    return cfgs[16] if m <= 16 else cfgs[32] if m <= 32 else cfgs[64]
+        names = ("wg16k8", "wg16") if m <= 32 else ("wg32k8", "wg32")
+    elif weights < WIDE_TILE_WEIGHTS and m <= 32:
+        names = ("wg16k8", "wg16") if m <= 16 else ("wg32k8", "wg32")
+    else:
+        nb = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 or weights < WIDE_TILE_WEIGHTS else 128
+        names = (f"wg{nb}",)
+    fitting = [cfgs[n] for n in names if kernels.tiling_misfit(cfgs[n], chunks8, chunks4, zr) is None]
+    return fitting[0] if fitting else cfgs[names[-1]]
 
 
 def scale_rows_per_chunk(qm) -> int:
@@ -181,7 +192,7 @@ def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:
             if kernel == "dense":
                 names.add(("qmma.cu", kernels.dequant_t_name(ctype, has8, has4)))
             elif kernel == "qwgmma":
-                names.add(("qwgmma.cu", choose_wgmma(m, weights).name(ctype, zr, has8, has4)))
+                names.add(("qwgmma.cu", choose_wgmma(m, weights, lay.chunks8, lay.chunks4, zr).name(ctype, zr, has8, has4)))
                 names.add(("qwgmma.cu", kernels.frag_xw_name(ctype)))
             elif kernel in ("qgemv", "qgemv2"):
                 names.add(("qgemm.cu", kernels.qgemv_name(ctype, 1 if kernel == "qgemv" else 2, has8, has4)))

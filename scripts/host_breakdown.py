@@ -113,7 +113,7 @@ def stand_in_fast_path(torch, x, out_features: int, launch_fn):
     plan.launcher._launch = launch_fn
     out_shape = torch.Size(tuple(x.shape[:-1]) + (out_features,))
     path = dispatch._TorchFastPath(torch, plan, m, "__half", x.dtype, out_shape, 0)
-    path.device, path.torch_device = -1, torch.device("cpu")
+    path.device = -1
     path.raw_stream = lambda dev: 0
     path.streams = {0: (SimpleNamespace(ptr=0), scratch.Workspace(-1))}
     qm._fast_paths[(x.shape, x.dtype)] = path

@@ -70,7 +70,8 @@ def main() -> int:
     mats.append(("gptq4_wide", QMatrix.from_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4,
                                                  device=0),
                  reference.dequantize_gptq(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], bits=4)))
-    ms = sorted({1, 12, 17, 33, 40} | {lim + 1 for lim in kernels.QMMA_CONFIGS} | {lim + 1 for lim in kernels.WGMMA_CONFIGS}
+    ms = sorted({1, 12, 17, 33, 40} | {lim + 1 for lim in kernels.QMMA_CONFIGS}
+                | {cfg.m_tile + 1 for cfg in kernels.WGMMA_CONFIGS.values()}
                 | {200})
     bad = 0
     for name, qm, wref in mats:

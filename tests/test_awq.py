@@ -284,7 +284,7 @@ def test_gpu_layout_is_the_gptq_layout():
     s = (rng.uniform(0.5, 1.5, (k // gs, n)) * 0.004).astype(np.float16)
     awq = cupyq.QMatrix.from_awq(pack_columns(q), pack_columns(z), s, group_size=gs, device=0)
     gptq = cupyq.QMatrix.from_gptq(G.pack_qweight(q, 4), G.pack_qzeros(z, 4, checkpoint_format="gptq_v2"), s,
-                                   bits=4, checkpoint_format="gptq_v2", device=0)
+                                   bits=4, group_size=gs, checkpoint_format="gptq_v2", device=0)
     a, b = awq.layout, gptq.layout
     for field in ("in_features", "out_features", "padded_rows", "padded_cols", "chunks8", "chunks4"):
         assert getattr(a, field) == getattr(b, field), field

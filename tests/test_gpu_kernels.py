@@ -185,6 +185,38 @@ def test_bfloat16_activations():
         assert check_gemm(qm, w, t["bias"].astype(np.float32), m, rng, dtype="bfloat16") < 1.5e-2
 
 
+@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, False)])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_bfloat16_streaming_kernel_outside_the_fp16_range(bits, act_order, aligned):
+    """The streaming kernel multiplies bf16 activations in fp16, each batch row of a CTA's rows scaled by a power
+    of two: rows far above fp16's range (1e30) or below it (1e-30), rows with one outlier, K split over several
+    CTAs (each with its own scale) and misaligned rows (staged element by element) must all keep bf16 accuracy."""
+    import torch
+
+    import cupyq
+    from cupyq import rules
+
+    rng = np.random.default_rng(40 + bits + 2 * act_order + 4 * aligned)
+    k, n = 8192, 384
+    t = random_gptq(rng, k, n, bits=bits, group_size=128, act_order=act_order)
+    qm, w = build("gptq", t, bits=bits), ref_weight("gptq", t, bits=bits).astype(np.float64)
+    for m in (1, 3, 8):
+        assert rules.choose_kernel(qm, m, "__nv_bfloat16")[0] == "qgemv"
+        x = rng.standard_normal((m, k)) * np.array([1e30, 1e-30, 3.0, 1e5, 1.0, 1e-8, 1e20, 2.0])[:m, None]
+        x[-1, rng.integers(k)] *= 1e4  # one outlier in the last row
+        xb = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+        flat = torch.empty(m * k + (0 if aligned else 1), dtype=torch.bfloat16, device="cuda")
+        xd = flat[(0 if aligned else 1):].view(m, k)
+        xd.copy_(xb)
+        assert (xd.data_ptr() % 16 == 0) == aligned
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")  # poison
+        y = cupyq.gemm(xd, qm, out=out).double().cpu().numpy()
+        y_ref = xb.double().numpy() @ w
+        for r in range(m):  # each row against its own magnitude; bf16 output: about 4e-3
+            assert rel_err(y[r], y_ref[r]) < 1.5e-2, (m, r)
+        assert qm._plans[(m, "__nv_bfloat16")].launcher.grid[1] > 1  # K was split: several scales per row
+
+
 @pytest.mark.parametrize("fmt,group_size", [("gptq", 128), ("gptq", 32), ("exl2", None)])
 def test_bfloat16_streaming_kernel_on_8bit_storage(fmt, group_size):
     """bf16 activations on 8-bit storage, alone (GPTQ: groups of 128 take the per-chunk scaling, groups of 32
@@ -415,23 +447,49 @@ def _sm90():
     return cupy.cuda.Device(0).compute_capability == "90"
 
 
-@pytest.mark.parametrize("layout", ["gptq4", "gptq4_act", "gptq8", "gptq3_act", "exl2_3_2", "exl2_6_5"])
+@pytest.mark.parametrize("layout", ["gptq4", "gptq4_act", "gptq8", "gptq3_act", "exl2_3_2", "exl2_6_5", "exl2_8_4",
+                                    "exl2_all"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("nb,nw", [(16, 1), (16, 2), (32, 1), (64, 1), (64, 2), (128, 1), (128, 2)])
 def test_qwgmma_matches_reference(layout, dtype, nb, nw):
-    """The sm_90a warpgroup kernel on both storages it runs (4-bit: GPTQ 2-4 bits, EXL2 mixes of 2-4 bits;
-    8-bit: GPTQ 8 bits, EXL2 mixes of 5-8 bits), with act-order and EXL2 row permutations, both activation
+    """The sm_90a warpgroup kernel on every storage (4-bit: GPTQ 2-4 bits, EXL2 mixes of 2-4 bits; 8-bit: GPTQ 8
+    bits, EXL2 mixes of 5-8 bits; both: EXL2 mixes across 4 bits), with act-order and EXL2 row permutations, both activation
     types, batch tiles of 16-128 rows (16 rows on chunk-uniform groups: post-scaled chunks) and CTAs of one or
     two column sets (320 columns: a partial last column block), batches that are not a multiple of 8 and span
     several m blocks, outputs poisoned."""
+    from cupyq import kernels
+
+    if not _sm90():
+        pytest.skip("qwgmma needs an sm_90 GPU")
+    rng = np.random.default_rng(nb + 7 * nw + len(layout) + len(dtype))
+    _check_qwgmma(rng, layout, dtype, kernels.WgmmaConfig(nb, 2, 3, nw))
+
+
+@pytest.mark.parametrize("layout", ["gptq4", "gptq8", "gptq3_act", "exl2_8_4"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["wg16", "wg16k8", "wg32", "wg32k8", "wg64", "wg128"])
+def test_qwgmma_dispatched_tilings_match_reference(layout, dtype, name):
+    """Every tiling dispatch runs (kernels.WGMMA_CONFIGS, stages of four and eight chunks) against the reference;
+    a tiling that cannot run a layout (kernels.tiling_misfit) is refused by the plan, and the rules never pick it."""
+    from cupyq import kernels
+
+    if not _sm90():
+        pytest.skip("qwgmma needs an sm_90 GPU")
+    assert set(kernels.WGMMA_CONFIGS) == {"wg16", "wg16k8", "wg32", "wg32k8", "wg64", "wg128"}
+    cfg = kernels.WGMMA_CONFIGS[name]
+    rng = np.random.default_rng(len(name) + 3 * len(layout) + len(dtype))
+    _check_qwgmma(rng, layout, dtype, cfg)
+
+
+def _check_qwgmma(rng, layout, dtype, cfg):
+    """qwgmma of tiling ``cfg`` on a 1024 x 320 matrix of ``layout`` against the float64 product, at batches of a
+    partial tile, several m blocks and not a multiple of 8, outputs poisoned; a tiling that cannot run the layout
+    must be refused by the plan and never chosen by the rules."""
     import torch
 
     from cupyq import kernels, launch, plans, rules
     from cupyq.device import torch_stream
 
-    if not _sm90():
-        pytest.skip("qwgmma needs an sm_90 GPU")
-    rng = np.random.default_rng(nb + 7 * nw + len(layout) + len(dtype))
     if layout.startswith("gptq"):
         bits = int(layout[4])
         t = random_gptq(rng, 1024, 320, bits=bits, group_size=64, act_order=layout.endswith("act"), bias=True)
@@ -440,12 +498,19 @@ def test_qwgmma_matches_reference(layout, dtype, nb, nw):
         t = random_exl2(rng, 1024, 320, EXL2_MIXES[layout[5:]], bias=True)
         qm, w = build("exl2", t), ref_weight("exl2", t)
     assert rules.wgmma_supported(qm)
-    cfg = kernels.WgmmaConfig(nb, 2, 3, nw)
     ct = "__half" if dtype == "float16" else "__nv_bfloat16"
     tol = REL_TOL if dtype == "float16" else 1.5e-2
+    nb = cfg.m_tile
     for m in (1, 13, 64, nb + 9, 2 * nb + 40):
         x = torch.from_numpy(rng.standard_normal((m, 1024)).astype(np.float32)).cuda().to(getattr(torch, dtype))
         out = torch.full((m, 320), float("nan"), dtype=x.dtype, device="cuda")
+        lay, zr = qm.layout, rules.scale_rows_per_chunk(qm)
+        if kernels.tiling_misfit(cfg, lay.chunks8, lay.chunks4, zr):
+            with pytest.raises(ValueError, match="cannot run this layout"):
+                plans._qmma_plan(qm, m, ct, cfg)
+            assert all(rules.choose_wgmma(mm, w, lay.chunks8, lay.chunks4, zr) is not cfg
+                       for mm in (16, 32, 64) for w in (1 << 24, 1 << 26))
+            return
         plan = plans._qmma_plan(qm, m, ct, cfg)
         launch._launch_plan(qm, plan, x.data_ptr(), out.data_ptr(), m, ct, torch_stream(0),
                             torch.cuda.is_current_stream_capturing)

@@ -132,7 +132,7 @@ def test_qmma_configs_are_consistent(limit, cfg):
     for has8 in (False, True):
         for zr in (1, 4):
             if limit <= 64 or not has8:
-                assert cfg.smem_bytes(has8, zr) <= plans.QMMA_SMEM_LIMIT, (cfg, has8, zr)
+                assert cfg.smem_bytes(has8, zr) <= kernels.QMMA_SMEM_LIMIT, (cfg, has8, zr)
 
 
 def test_choose_qmma_picks_the_smallest_tile_that_holds_the_batch():
@@ -192,9 +192,9 @@ def test_dispatch_rules_on_sm90(monkeypatch, k, n):
     kernel, why = rules.choose_kernel(qm, 100, "__half")
     assert "sm_90" in why and ("128x128" if large else "32x128" if small else "64x128") in why
     assert ("smaller tiles fill the GPU" in why) == small
-    mixed = _fake(k, n, chunks8=4)  # 8-bit and 4-bit storage: qmma, and qmma's dense thresholds
-    assert rules.choose_kernel(mixed, 64, "__half")[0] == "qmma"
-    assert rules.choose_kernel(mixed, 129, "__half")[0] == "dense"
+    mixed = _fake(k, n, chunks8=4)  # 8-bit and 4-bit storage: qwgmma too, with its dense thresholds
+    for m in (9, 16, 64, 129, 257):
+        assert rules.choose_kernel(mixed, m, "__half")[0] == ("qwgmma" if m <= rules.dense_threshold(qm) else "dense")
     names = rules.needed_kernels(qm, max_m=256)
     assert ("qwgmma.cu", kernels.frag_xw_name("__half")) in names
     assert ("qwgmma.cu", rules.choose_wgmma(64, k * n).name("__half", 1, False, True)) in names
@@ -202,14 +202,27 @@ def test_dispatch_rules_on_sm90(monkeypatch, k, n):
 
 def test_choose_wgmma():
     cfgs = kernels.WGMMA_CONFIGS
-    assert [rules.choose_wgmma(m).nb for m in (9, 16, 17, 32, 33, 64, 65, 256)] == [16, 16, 32, 32, 64, 64, 128, 128]
-    assert [rules.choose_wgmma(m, 4096 * 14336).nb for m in (16, 32, 64, 65, 256)] == [16, 32, 64, 64, 64]
-    assert [rules.choose_wgmma(m, 4096 * 4096).nb for m in (17, 64, 65, 128)] == [16, 16, 32, 32]
-    assert rules.choose_wgmma(64) is cfgs[64]
-    for cfg in kernels.WGMMA_CONFIGS.values():
-        for has8 in (False, True):
-            for zr in (1, 4):
-                assert cfg.smem_bytes(has8, zr) <= plans.QMMA_SMEM_LIMIT, (cfg, has8, zr)
+    wide = [rules.choose_wgmma(m) for m in (9, 16, 17, 32, 33, 64, 65, 256)]
+    assert wide == [cfgs[n] for n in ("wg16", "wg16", "wg32", "wg32", "wg64", "wg64", "wg128", "wg128")]
+    mid = [rules.choose_wgmma(m, 4096 * 14336) for m in (16, 17, 32, 33, 65, 256)]
+    assert mid == [cfgs[n] for n in ("wg16k8", "wg32k8", "wg32k8", "wg64", "wg64", "wg64")]
+    small = [rules.choose_wgmma(m, 4096 * 4096) for m in (9, 32, 33, 128)]
+    assert small == [cfgs[n] for n in ("wg16k8", "wg16k8", "wg32k8", "wg32k8")]
+    assert rules.choose_wgmma(64) is cfgs["wg64"]
+    # Every tiling the rule picks can run the layout: eight-chunk stages give way where 8-bit storage exceeds shared
+    # memory or a storage segment is not a whole number of them (segments are padded to four chunks only).
+    for weights in (4096 * 4096, 4096 * 14336, 8192 * 28672):
+        for m in (9, 16, 17, 32, 33, 64, 65, 256):
+            for c8, c4 in ((0, 64), (0, 172), (64, 0), (12, 52), (8, 56)):
+                for zr in (1, 4):
+                    cfg = rules.choose_wgmma(m, weights, c8, c4, zr)
+                    assert kernels.tiling_misfit(cfg, c8, c4, zr) is None, (cfg, c8, c4, zr)
+    assert rules.choose_wgmma(16, 4096 * 4096, 64, 0, 1) is cfgs["wg16"]  # shared memory
+    assert rules.choose_wgmma(64, 4096 * 4096, 64, 0, 4) is cfgs["wg32k8"]
+    assert rules.choose_wgmma(64, 4096 * 4096, 12, 52, 4) is cfgs["wg32"]  # 12 chunks of 8-bit storage
+    assert rules.choose_wgmma(16, 4096 * 11008, 0, 172, 1) is cfgs["wg16"]  # K = 11008: 172 chunks
+    assert "do not divide" in kernels.tiling_misfit(cfgs["wg16k8"], 0, 172, 1)
+    assert "shared memory" in kernels.tiling_misfit(cfgs["wg16k8"], 64, 0, 1)
 
 
 def test_needed_kernels_follow_the_rules():
