@@ -12,7 +12,9 @@ CUDA-graph replay (median of 20 replays, CUDA events, with cupyq.bench's graph t
 * prefill: one forward of ``[1, T]`` tokens for every T.
 
 Each decode step is also timed eagerly, as a generation loop without graphs runs it: EAGER_STEPS forwards back to
-back after EAGER_WARMUP, one synchronisation at the end, wall time per forward. At small batches this is bound by
+back between two synchronisations, wall time per forward, in EAGER_ROUNDS rounds that alternate the fp16 and the
+cupyq model (after EAGER_WARMUP forwards of each), the median round reported, so that a change in the host's
+speed during the run reaches both models alike. At small batches this is bound by
 host time (Python, transformers and every layer's launch), so it shows what each quantized linear costs on the
 host against ``F.linear``.
 
@@ -25,6 +27,7 @@ and ``scripts/model_bench.py`` (:func:`main`).
 from __future__ import annotations
 
 import argparse
+import statistics
 import json
 import tempfile
 import time
@@ -40,8 +43,9 @@ DRY_RUN_LAYERS = 2
 DRY_RUN_BATCHES = (1, 3)
 DRY_RUN_PREFILL = (16,)
 REPLAYS = 20  # CUDA-graph replays per timing, the median is kept
-EAGER_WARMUP = 3  # eager forwards before the timed ones
-EAGER_STEPS = 20  # eager forwards timed back to back
+EAGER_WARMUP = 3  # eager forwards of each model before the timed ones
+EAGER_STEPS = 10  # eager forwards timed back to back in one round
+EAGER_ROUNDS = 7  # rounds per model, alternating the models; the median round is reported
 
 
 def llama_config(layers: int, tiny: bool):
@@ -168,8 +172,9 @@ def run_model_benchmark(*, layers: int = DEFAULT_LAYERS, fmt: str = "gptq", batc
                     # one step per graph, median of REPLAYS replays (the graph timer returns µs)
                     row[label] = _time_graph(torch, lambda i, m=model: m(ids, use_cache=False), 1, REPLAYS) / 1e3
                 if kind == "decode":
-                    for label, model in (("fp16_eager_ms", dense), ("cupyq_eager_ms", quant)):
-                        row[label] = time_eager(lambda m=model: m(ids, use_cache=False), torch.cuda.synchronize)
+                    row.update(time_eager({label: (lambda m=model: m(ids, use_cache=False)) for label, model in
+                                           (("fp16_eager_ms", dense), ("cupyq_eager_ms", quant))},
+                                          torch.cuda.synchronize))
                     row["eager_speedup_over_fp16"] = row["fp16_eager_ms"] / row["cupyq_eager_ms"]
                 row["cupyq_ms_per_layer"] = row["cupyq_ms"] / layers
                 row["fp16_ms_per_layer"] = row["fp16_ms"] / layers
@@ -181,18 +186,25 @@ def run_model_benchmark(*, layers: int = DEFAULT_LAYERS, fmt: str = "gptq", batc
     return report
 
 
-def time_eager(step, synchronize, *, warmup: int = EAGER_WARMUP, steps: int = EAGER_STEPS) -> float:
-    """Milliseconds of wall time per call of ``step()`` run ``steps`` times back to back after ``warmup`` calls,
-    with one ``synchronize()`` before the clock starts and one before it stops (as a decode loop without graphs
-    runs: the host queues the next step while the GPU runs the last)."""
-    for _ in range(warmup):
-        step()
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize()
-    return (time.perf_counter() - start) * 1e3 / steps
+def time_eager(steps: dict, synchronize, *, warmup: int = EAGER_WARMUP, per_round: int = EAGER_STEPS,
+               rounds: int = EAGER_ROUNDS) -> dict:
+    """Milliseconds of wall time per call of each ``steps[label]()``: ``rounds`` rounds, each timing every step in
+    turn ``per_round`` times back to back between two ``synchronize()`` calls (as a decode loop without graphs
+    runs: the host queues the next step while the GPU runs the last), after ``warmup`` calls of each. Returns
+    {label: the median round's ms per call}."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            synchronize()
+            times[label].append((time.perf_counter() - start) * 1e3 / per_round)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def main(argv=None) -> int:

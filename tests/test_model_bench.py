@@ -37,10 +37,12 @@ def test_run_model_benchmark_refuses_bad_arguments():
             run_model_benchmark(layers=bad, dry_run=True)
 
 
-def test_time_eager_runs_warmup_then_timed_steps_between_two_synchronisations():
+def test_time_eager_alternates_the_models_in_rounds_between_synchronisations():
     from cupyq.model_bench import time_eager
 
     events = []
-    ms = time_eager(lambda: events.append("step"), lambda: events.append("sync"), warmup=2, steps=5)
-    assert events == ["step"] * 2 + ["sync"] + ["step"] * 5 + ["sync"]
-    assert ms > 0
+    ms = time_eager({"a": lambda: events.append("a"), "b": lambda: events.append("b")},
+                    lambda: events.append("sync"), warmup=2, per_round=3, rounds=2)
+    one_round = ["sync"] + ["a"] * 3 + ["sync"] + ["sync"] + ["b"] * 3 + ["sync"]
+    assert events == ["a"] * 2 + ["b"] * 2 + one_round * 2
+    assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
