@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cupyq.checkpoint import CheckpointError, open_checkpoint, read_quant_config, save_awq, save_exl2, save_gptq
-from cupyq.checkpoint import save as save_module
+from cupyq.checkpoint import write as write_module
 from cupyq.quantize import quantize_awq, quantize_exl2, quantize_gptq
 
 LAYER = "model.layers.0.mlp.down_proj"
@@ -170,7 +170,7 @@ def test_failed_move_restores_every_old_file(tmp_path, monkeypatch, fail_at):
 def test_failed_shard_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     d = old_checkpoint(tmp_path)
     before = snapshot(d)
-    original = save_module._write_safetensors
+    original = write_module._write_safetensors
     written = []
 
     def write(path, tensors):
@@ -179,7 +179,7 @@ def test_failed_shard_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
         written.append(path)
         original(path, tensors)
 
-    monkeypatch.setattr(save_module, "_write_safetensors", write)
+    monkeypatch.setattr(write_module, "_write_safetensors", write)
     with pytest.raises(OSError, match="No space left"):
         save_gptq(d, {LAYER: gptq(10)}, **GPTQ_KW, shard_bytes=3000, overwrite=True)
     assert len(written) == 1
@@ -190,7 +190,7 @@ def test_failed_write_of_a_new_directory_removes_the_folders_it_made(tmp_path, m
     def write(path, tensors):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(save_module, "_write_safetensors", write)
+    monkeypatch.setattr(write_module, "_write_safetensors", write)
     refused_without_trace(tmp_path, lambda d: save_gptq(d, {LAYER: gptq(11)}, **GPTQ_KW), OSError, "No space left")
 
 
@@ -251,7 +251,7 @@ def test_unencodable_config_is_refused_before_anything_is_written(tmp_path, monk
     def write(path, tensors):
         raise AssertionError("weights written before the config was checked")
 
-    monkeypatch.setattr(save_module, "_write_safetensors", write)
+    monkeypatch.setattr(write_module, "_write_safetensors", write)
     refused_without_trace(
         tmp_path, lambda d: save_gptq(d, {LAYER: gptq(14)}, **GPTQ_KW, config=config), exc, r"config: cannot be written as JSON"
     )

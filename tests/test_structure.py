@@ -251,3 +251,12 @@ def test_cpu_and_gpu_matrices_are_separate_types_behind_one_constructor():
     with pytest.raises(ValueError, match="GpuQMatrix cannot live on the CPU"):
         GpuQMatrix.from_gptq(*args)
     assert not hasattr(qm, "_plans") and not hasattr(qm, "layout")  # no device state on the CPU type
+
+
+def test_modules_stay_small_or_say_why():
+    """A module over ~400 lines gives the reason in its docstring (naming its size), so growth is a decision."""
+    for name, path in _modules().items():
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 420:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            assert "lines" in doc, f"{name}: {text.count(chr(10))} lines and no reason in its docstring"

@@ -20,7 +20,8 @@ Opening reads only the safetensors headers; tensors are read when a layer is loa
 Modules: :mod:`~cupyq.checkpoint.safetensors_io` (headers, tensor reads, the shard index, writing),
 :mod:`~cupyq.checkpoint.config` (the quantization config), :mod:`~cupyq.checkpoint.layers` (layer
 detection and header checks), :mod:`~cupyq.checkpoint.directory` (:class:`Checkpoint`,
-:func:`open_checkpoint`) and :mod:`~cupyq.checkpoint.save` (writing checkpoint directories).
+:func:`open_checkpoint`), :mod:`~cupyq.checkpoint.save` (the savers: arguments and tensors checked) and
+:mod:`~cupyq.checkpoint.write` (writing a directory as one transaction).
 """
 
 from cupyq.checkpoint.config import QUANT_CONFIG_FILES, QuantConfig, read_quant_config, v1_zero_encoding

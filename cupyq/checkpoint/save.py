@@ -3,163 +3,26 @@
 Every argument and layer is checked, with the rules :func:`~cupyq.checkpoint.open_checkpoint` applies,
 before any folder is created or file written. The files are written into a staging folder on the target's
 filesystem and moved into place once all are written; an overwrite moves the old checkpoint's files aside
-first and deletes them only when every new file is in place (:func:`_write_directory`), so a bad argument
-or a failed write leaves an existing checkpoint as it was.
+first and deletes them only when every new file is in place (:func:`cupyq.checkpoint.write.write_directory`), so
+a bad argument or a failed write leaves an existing checkpoint as it was.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from cupyq.checkpoint.config import _GPTQ_BITS, _GPTQ_FORMATS, QUANT_CONFIG_FILES, _parse_quant_config
+from cupyq.checkpoint.config import _GPTQ_BITS, _GPTQ_FORMATS, _parse_quant_config
 from cupyq.checkpoint.layers import _AWQ_PARTS, _EXL2_PARTS, _GPTQ_PARTS, detect_layers
-from cupyq.checkpoint.safetensors_io import (
-    _NP_TO_ST,
-    INDEX_FILE,
-    TensorRecord,
-    _shards,
-    _to_numpy,
-    _write_safetensors,
-)
+from cupyq.checkpoint.safetensors_io import _NP_TO_ST, TensorRecord, _to_numpy
+from cupyq.checkpoint.write import write_directory
 from cupyq.formats.common import is_int, require_bool
 
 __all__ = ["save_gptq", "save_exl2", "save_awq"]
-
-
-# ------------------------------------------------------------------------------------------------
-# the directory: staging, the overwrite transaction
-# ------------------------------------------------------------------------------------------------
-
-
-def _json_texts(configs):
-    """``{file name: JSON text}`` of the config files; raises naming ``config`` when one cannot be encoded
-    (NaN and infinities included: they are not JSON)."""
-    texts = {}
-    for fname, content in configs.items():
-        try:
-            texts[fname] = json.dumps(content, indent=2, allow_nan=False) + "\n"
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"config: cannot be written as JSON to {fname} ({exc})") from exc
-    return texts
-
-
-def _reader_files(directory):
-    """The files of ``directory`` :func:`open_checkpoint` reads: ``*.safetensors``, the shard index and
-    the quantization config files, weights first."""
-    weights = sorted(directory.glob("*.safetensors"))
-    others = [directory / n for n in (INDEX_FILE, *QUANT_CONFIG_FILES) if os.path.lexists(directory / n)]
-    return weights + [p for p in others if p not in weights]
-
-
-def _write_files(folder, tensors, texts, shard_bytes):
-    """Write the safetensors files (one, or shards of at most ``shard_bytes`` plus the index) and the
-    config texts into ``folder``; returns the names written."""
-    if shard_bytes is None:
-        _write_safetensors(folder / "model.safetensors", tensors)
-        names = ["model.safetensors"]
-    else:
-        shards = _shards(tensors, int(shard_bytes))
-        weight_map, names = {}, []
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors(folder / fname, {n: tensors[n] for n in shard})
-            weight_map.update({n: fname for n in shard})
-            names.append(fname)
-        index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
-        texts = {INDEX_FILE: json.dumps(index, indent=2) + "\n", **texts}
-    for fname, text in texts.items():
-        (folder / fname).write_text(text, encoding="utf-8")
-    return names + list(texts)
-
-
-def _swap_in(directory, staging, names, old):
-    """Move the staged files ``names`` into ``directory``, replacing the files ``old``.
-
-    The old files are moved aside (into a folder beside them, so every move is a rename on one
-    filesystem), the new ones moved in, and only then are the old ones deleted. On any failure the new
-    files are taken out again, the old ones put back and the exception re-raised.
-    """
-    aside = directory / f".{uuid.uuid4().hex[:12]}.old"
-    aside.mkdir()
-    moved_aside, moved_in = [], []
-    try:
-        for p in old:
-            os.replace(p, aside / p.name)
-            moved_aside.append(p.name)
-        for name in names:
-            os.replace(staging / name, directory / name)
-            moved_in.append(name)
-    except BaseException as exc:
-        try:
-            for name in moved_in:
-                os.unlink(directory / name)
-            for name in reversed(moved_aside):
-                os.replace(aside / name, directory / name)
-        except OSError as restore_exc:
-            exc.add_note(f"{directory}: the previous files could not all be put back ({restore_exc}); they are in {aside}")
-        else:
-            shutil.rmtree(aside, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _write_directory(directory, tensors, configs, shard_bytes, overwrite):
-    """Write the safetensors files and ``configs`` (``{file name: JSON object}``) as checkpoint ``directory``.
-
-    Everything is checked before anything is created. A new directory is written as a staging folder
-    beside it and renamed into place; an existing one gets its staging folder inside it (the same
-    filesystem as the final files, even when ``directory`` is a link to another disk or a mount point)
-    and the files are swapped in by :func:`_swap_in`. An overwrite removes every file of the old
-    checkpoint that the reader would read and the new one does not replace (other weights, the shard
-    index, ``quantize_config.json`` / ``quant_config.json``), so none of them can shadow the new files.
-    """
-    directory = Path(directory)
-    if shard_bytes is not None and (not is_int(shard_bytes) or shard_bytes <= 0):
-        raise ValueError(f"shard_bytes: expected a positive integer, got {shard_bytes!r}")
-    overwrite = require_bool("overwrite", overwrite)
-    texts = _json_texts(configs)
-    if os.path.lexists(directory) and not directory.is_dir():
-        raise NotADirectoryError(f"{directory}: exists and is not a directory")
-    old = _reader_files(directory) if directory.is_dir() else []
-    # Without overwrite only a config.json may be there (a model config copied in first); it is replaced.
-    blocking = [p for p in old if p.name != "config.json"]
-    if blocking and not overwrite:
-        raise FileExistsError(f"{directory}: already holds {blocking[0].name}; pass overwrite=True to replace")
-    token = uuid.uuid4().hex[:12]  # short: the staging name must fit wherever the directory's name does
-    if directory.is_dir():
-        staging = directory / f".{token}.partial"
-        staging.mkdir()
-        try:
-            names = _write_files(staging, tensors, texts, shard_bytes)
-            _swap_in(directory, staging, names, old)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return directory
-    created = [p for p in directory.parents if not p.exists()]
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{token}.partial"
-    try:
-        staging.mkdir()  # default permissions, as the directory itself gets when it is new
-        _write_files(staging, tensors, texts, shard_bytes)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for p in created:  # deepest first; only the folders this call made, and only while empty
-            try:
-                p.rmdir()
-            except OSError:
-                break
-        raise
-    return directory
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,7 +191,7 @@ def save_gptq(
     }
     _check_as_read(directory, layers, tensors, extra, qcfg, "quantize_config.json")
     cfg["quantization_config"] = qcfg
-    return _write_directory(directory, tensors, {"config.json": cfg, "quantize_config.json": qcfg}, shard_bytes, overwrite)
+    return write_directory(directory, tensors, {"config.json": cfg, "quantize_config.json": qcfg}, shard_bytes, overwrite)
 
 
 def save_exl2(directory, layers, *, extra_tensors=None, config=None, bits=None, shard_bytes=None, overwrite=False):
@@ -384,7 +247,7 @@ def save_exl2(directory, layers, *, extra_tensors=None, config=None, bits=None, 
         qcfg["head_bits"] = head_bits
     _check_as_read(directory, layers, tensors, extra, qcfg, "config.json")
     cfg["quantization_config"] = qcfg
-    return _write_directory(directory, tensors, {"config.json": cfg}, shard_bytes, overwrite)
+    return write_directory(directory, tensors, {"config.json": cfg}, shard_bytes, overwrite)
 
 
 def save_awq(
@@ -443,4 +306,4 @@ def save_awq(
     }
     _check_as_read(directory, layers, tensors, extra, qcfg, "config.json")
     cfg["quantization_config"] = qcfg
-    return _write_directory(directory, tensors, {"config.json": cfg}, shard_bytes, overwrite)
+    return write_directory(directory, tensors, {"config.json": cfg}, shard_bytes, overwrite)
