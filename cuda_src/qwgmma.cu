@@ -175,7 +175,8 @@ struct WShape {
 // frag_xw: ceil(M / 8) groups of (C8 + C4) chunks of 1 KB. Dynamic shared memory: WShape<...>::kSmemBytes.
 // Tiles of up to 32 x 128 whose stages fit two CTAs in a multiprocessor's shared memory (228 KB, less 1 KB per
 // CTA for the system) run two CTAs per multiprocessor; their registers are held to the 128 per thread that two
-// CTAs allow. Larger tiles were measured faster with one CTA and all the registers it needs.
+// CTAs allow. Larger tiles measured the same with two CTAs as with one (BENCHMARKS.md) and keep one, with all
+// the registers it needs.
 template <typename T, int NB, int NW, int KS, int STAGES, int ZR, bool HAS8, bool HAS4>
 __global__ void __launch_bounds__(
     cupyq::qmma_detail::kThreads,

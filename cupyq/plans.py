@@ -87,7 +87,6 @@ def _qgemm_plan(qm, m: int, ctype: str) -> LaunchPlan:
     return _qmma_plan(qm, m, ctype, choose_qmma(m, qm.in_features * qm.out_features))
 
 
-
 def _qmma_plan(qm, m: int, ctype: str, cfg) -> LaunchPlan:
     """Launch plan of qmma (cfg: a kernels.QmmaConfig) or of qwgmma on sm_90 (cfg: a kernels.WgmmaConfig): one CTA
     per resident slot (stream-K over the tile iterations), after frag_x / frag_xw has written the activations in

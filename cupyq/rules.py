@@ -192,7 +192,8 @@ def needed_kernels(qm, *, max_m: int = 64, dtypes=("float16",)) -> set:
             if kernel == "dense":
                 names.add(("qmma.cu", kernels.dequant_t_name(ctype, has8, has4)))
             elif kernel == "qwgmma":
-                names.add(("qwgmma.cu", choose_wgmma(m, weights, lay.chunks8, lay.chunks4, zr).name(ctype, zr, has8, has4)))
+                cfg = choose_wgmma(m, weights, lay.chunks8, lay.chunks4, zr)
+                names.add(("qwgmma.cu", cfg.name(ctype, zr, has8, has4)))
                 names.add(("qwgmma.cu", kernels.frag_xw_name(ctype)))
             elif kernel in ("qgemv", "qgemv2"):
                 names.add(("qgemm.cu", kernels.qgemv_name(ctype, 1 if kernel == "qgemv" else 2, has8, has4)))
