@@ -469,3 +469,59 @@ def test_parallel_modules_replay_in_a_cuda_graph(kind):
     # Same kernels and inputs; a split-K sum may add its partials in another order (fp16 outputs).
     torch.testing.assert_close(y_col, column(x_col), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(y_row, row(x_row), rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------ inconsistent layers
+def _resized(t, key, rows=None, cols=None):
+    """A copy of layer ``t`` whose ``key`` is cut to ``rows`` / ``cols`` or, given more than it has, repeated."""
+    a = t[key]
+    if rows is not None:
+        a = np.concatenate([a, a])[:rows]
+    if cols is not None:
+        a = np.concatenate([a, a], axis=1)[:, :cols]
+    return {**t, key: a}
+
+
+@pytest.mark.parametrize("mode", ["column", "row"])
+@pytest.mark.parametrize("key, rows, cols, expected", [
+    ("scales", None, N + 8, rf"scales: expected shape \(8, {N}\), got \(8, {N + 8}\)"),
+    ("qzeros", None, N // 16, rf"qzeros: expected shape \(8, {N // 8}\), got \(8, {N // 16}\)"),
+    ("g_idx", K - 56, None, rf"g_idx: expected shape \({K},\), got \({K - 56},\)"),
+    ("g_idx", 2 * K, None, rf"g_idx: expected shape \({K},\), got \({2 * K},\)"),
+    ("bias", N - 28, None, rf"bias: expected shape \({N},\), got \({N - 28},\)"),
+])
+def test_gptq_shard_of_tensors_that_do_not_fit_qweight_is_refused(mode, key, rows, cols, expected):
+    """Every rank's slice of such a layer may look whole (extra scale columns, a g_idx too long); no shard of it
+    is made, on any rank, and the caller's arrays stay as they were."""
+    full = _gptq((4, 32, True, "gptq"), seed=5)
+    bad = _resized(full, key, rows, cols)
+    before = {k: v.copy() for k, v in bad.items()}
+    for rank in range(2):
+        with pytest.raises(ValueError, match=expected):
+            shard_gptq(bad, rank=rank, world_size=2, mode=mode, bits=4)
+    for k, v in bad.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_exl2_column_shard_of_q_scale_that_does_not_fit_q_weight_is_refused():
+    full = _exl2(EXL2_MIXES[1], seed=6)
+    groups = full["q_scale"].shape[0]
+    with pytest.raises(ValueError, match=rf"q_scale: expected shape \({groups}, {N // 8}\), got \({groups}, {N // 16}\)"):
+        shard_exl2(_resized(full, "q_scale", cols=N // 16), rank=0, world_size=2, mode="column")
+    with pytest.raises(ValueError, match=rf"q_groups: expected shape \({2 * groups},\)"):
+        shard_exl2(_resized(full, "q_groups", rows=2 * groups - 2), rank=0, world_size=2, mode="column")
+
+
+@pytest.mark.parametrize("mode", ["column", "row"])
+def test_exl2_shards_of_an_unpadded_bias_hold_zeros_for_the_padding_columns(mode):
+    """A bias stored without the padding columns (100 of 128): the last rank's column shard holds its 28 values
+    and 36 zeros, as a shard read from the checkpoint does, so the gathered bias is the bias padded."""
+    full = _exl2(EXL2_MIXES[2], seed=7)
+    short = {**full, "bias": full["bias"][:100].copy()}
+    padded = np.concatenate([short["bias"], np.zeros(N - 100, short["bias"].dtype)])
+    got = [shard_exl2(short, rank=r, world_size=2, mode=mode)["bias"] for r in range(2)]
+    np.testing.assert_array_equal(np.concatenate(got) if mode == "column" else got[1], padded)
+    np.testing.assert_array_equal(short["bias"], full["bias"][:100])
+    with pytest.raises(ValueError, match=rf"bias: expected shape \({N},\) \(q_weight's columns, or fewer than 32 less\), "
+                                         r"got \(96,\)"):
+        shard_exl2({**full, "bias": full["bias"][:96]}, rank=0, world_size=2, mode=mode)

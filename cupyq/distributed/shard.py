@@ -16,7 +16,7 @@ import numpy as np
 from cupyq import reference
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
-from cupyq.formats.common import is_int, unit_rows
+from cupyq.formats.common import is_int, require_shape, unit_rows
 
 __all__ = ["CheckpointLayer", "shard_gptq", "shard_exl2", "shard_awq", "shard_range", "MODES"]
 
@@ -127,6 +127,14 @@ def _shape(tensors, key) -> tuple:
     return tuple(int(s) for s in tensors[key].shape)
 
 
+def _require_shapes(tensors, expected):
+    """ValueError naming the tensor unless each present ``tensors[key]`` has the shape ``expected[key]`` (a shard
+    of inconsistent tensors would otherwise drop or misplace some rows or columns without a word)."""
+    for key, shape in expected.items():
+        if key in tensors:
+            require_shape(key, np.broadcast_to(np.uint8(0), _shape(tensors, key)), shape)  # a view: no copy
+
+
 def _require_keys(tensors, keys, what):
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors: expected a mapping of a layer's tensors or a CheckpointLayer, got {type(tensors).__name__}")
@@ -207,7 +215,8 @@ def shard_gptq(tensors, *, rank, world_size, mode, bits=None, group_size=None) -
         groups; the rank's QMatrix sorts its own rows by group. ``bias`` is returned whole: add it once,
         after the partial products are summed.
     Returns a dict of new NumPy arrays with the keys of ``tensors`` (a missing g_idx is added when the
-    rank's rows start inside a group, where the implied ``k // group_size`` would be wrong).
+    rank's rows start inside a group, where the implied ``k // group_size`` would be wrong). Raises ValueError
+    naming the tensor when the shapes of qzeros, scales, g_idx or bias do not fit qweight.
     """
     _require_keys(tensors, ("qweight", "qzeros", "scales"), "GPTQ")
     rank, world_size = _check_rank(rank, world_size, mode)
@@ -215,6 +224,8 @@ def shard_gptq(tensors, *, rank, world_size, mode, bits=None, group_size=None) -
     qrows, n = _shape(tensors, "qweight")
     groups = _shape(tensors, "qzeros")[0]
     k = qrows * 32 // bits
+    _require_shapes(tensors, {"qzeros": (groups, -(-n * bits // 32)), "scales": (groups, n), "g_idx": (k,),
+                              "bias": (n,)})
     unit = unit_rows(bits)
     out = {}
     if mode == "column":
@@ -254,7 +265,8 @@ def shard_exl2(tensors, *, rank, world_size, mode) -> dict:
     """One rank's part of an EXL2 layer.
 
     tensors: ``q_weight`` int32 [Q, N], ``q_invperm`` int [K], ``q_scale`` int32 [G, N/8], ``q_scale_max``
-        float16 [G], ``q_groups`` int16 [2G], optional ``q_perm`` int [K] and ``bias`` [N] (N: stored width).
+        float16 [G], ``q_groups`` int16 [2G], optional ``q_perm`` int [K] and ``bias`` [N] (N: stored width; a
+        bias stored unpadded, fewer than 32 short, gets zeros for the padding columns, as checkpoints read it).
     mode ``"column"``: columns ``[r*N/W, (r+1)*N/W)`` of q_weight and bias and the matching q_scale words
         (N/W a multiple of 8); q_invperm, q_perm, q_scale_max and q_groups whole.
     mode ``"row"``: a new EXL2 layer holding the rank's original rows ``[r0, r1) = [r*K/W, (r+1)*K/W)``.
@@ -267,8 +279,8 @@ def shard_exl2(tensors, *, rank, world_size, mode) -> dict:
         ``q_invperm`` (int32) has ``K/W + padding`` entries: build the matrix with
         ``QMatrix.from_exl2(..., in_features=K // W)``, which makes the kernels read no input for them.
         ``bias`` is returned whole (add it once, after the reduce).
-    Returns a dict of new NumPy arrays with the keys of ``tensors``. Reads all of q_weight in row mode (the
-    rank's rows are spread over every group).
+    Returns a dict of new NumPy arrays with the keys of ``tensors``; ValueError naming the tensor when a shape
+    does not fit q_weight. Reads all of q_weight in row mode (the rank's rows are spread over every group).
     """
     parts = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
     _require_keys(tensors, parts, "EXL2")
@@ -276,11 +288,13 @@ def shard_exl2(tensors, *, rank, world_size, mode) -> dict:
     qrows, n = _shape(tensors, "q_weight")
     out = {}
     if mode == "column":
+        groups, k = _shape(tensors, "q_scale_max")[0], _shape(tensors, "q_invperm")[0]
+        _require_shapes(tensors, {"q_scale": (groups, n // 8), "q_groups": (2 * groups,), "q_perm": (k,)})
         c0, c1 = shard_range(n, rank, world_size, multiple=8, what="q_weight out_features")
         out["q_weight"] = _read(tensors, "q_weight", cols=slice(c0, c1))
         out["q_scale"] = _read(tensors, "q_scale", cols=slice(c0 // 8, c1 // 8))
         if "bias" in tensors:
-            out["bias"] = _read(tensors, "bias", rows=slice(c0, c1))
+            out["bias"] = _exl2_bias(tensors, n)[c0:c1]
         return _copy_other(tensors, out, ("q_invperm", "q_perm", "q_scale_max", "q_groups"))
 
     full = {p: _read(tensors, p) for p in parts}
@@ -328,7 +342,24 @@ def shard_exl2(tensors, *, rank, world_size, mode) -> dict:
     out["q_groups"] = q_groups.astype(np.int16)
     if "q_perm" in tensors:
         out["q_perm"] = _exl2.perm_from_invperm(q_invperm, xp=np)
-    return _copy_other(tensors, out, ("bias",))
+    if "bias" in tensors:
+        out["bias"] = _exl2_bias(tensors, n)
+    return out
+
+
+def _exl2_bias(tensors, n):
+    """The bias of an EXL2 layer at the stored width ``n``: one stored unpadded (converters pad N to a multiple
+    of 32) gets zeros for the padding columns, as :meth:`CheckpointLayer.read` and ``Checkpoint.load_layer`` give
+    it, so that every column shard holds the bias of its own columns."""
+    width = _shape(tensors, "bias")
+    if len(width) != 1 or not n - 31 <= width[0] <= n:
+        raise ValueError(f"bias: expected shape ({n},) (q_weight's columns, or fewer than 32 less), got {width}")
+    bias = _read(tensors, "bias")
+    if width[0] == n:
+        return bias
+    padded = np.zeros(n, dtype=bias.dtype)
+    padded[: width[0]] = bias
+    return padded
 
 
 def _padded_widths(group_bits, group_rows):
