@@ -377,7 +377,7 @@ def test_argument_of_the_wrong_type_is_named(argument, value):
     layers = {"gptq": _gptq((4, 32, False, "gptq")), "exl2": _exl2(EXL2_MIXES[1]), "awq": _awq(32)}
     before = {fmt: {k: v.copy() for k, v in t.items()} for fmt, t in layers.items()}
     shard = {"gptq": shard_gptq, "exl2": shard_exl2, "awq": shard_awq}
-    takes = {"group_size": ("awq",), "bits": ("gptq",)}.get(argument, ("gptq", "exl2", "awq"))
+    takes = {"group_size": ("gptq", "awq"), "bits": ("gptq",)}.get(argument, ("gptq", "exl2", "awq"))
     for fmt in takes:
         with pytest.raises(TypeError, match=rf"^{argument}: expected an int, got {type(value).__name__} "):
             shard[fmt](layers[fmt], **{"rank": 0, "world_size": 2, "mode": "row", argument: value})
@@ -525,3 +525,25 @@ def test_exl2_shards_of_an_unpadded_bias_hold_zeros_for_the_padding_columns(mode
     with pytest.raises(ValueError, match=rf"bias: expected shape \({N},\) \(q_weight's columns, or fewer than 32 less\), "
                                          r"got \(96,\)"):
         shard_exl2({**full, "bias": full["bias"][:96]}, rank=0, world_size=2, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["column", "row"])
+def test_awq_shard_of_a_bias_that_does_not_fit_scales_is_refused(mode):
+    full = _awq(32, seed=8)
+    for width in (N - 8, N + 8):
+        bad = {**full, "bias": np.resize(full["bias"], width)}
+        with pytest.raises(ValueError, match=rf"bias: expected shape \({N},\), got \({width},\)"):
+            shard_awq(bad, rank=0, world_size=2, mode=mode)
+    with pytest.raises(ValueError, match=rf"qzeros: expected shape \({K // 32}, {N // 8}\), got \({K // 32}, {N // 16}\)"):
+        shard_awq({**full, "qzeros": full["qzeros"][:, : N // 16]}, rank=0, world_size=2, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["column", "row"])
+def test_gptq_group_size_is_checked_against_the_groups_in_both_modes(mode):
+    full = {k: v for k, v in _gptq((4, 32, False, "gptq"), seed=9).items() if k != "g_idx"}
+    with pytest.raises(ValueError, match=r"group_size: 1000 over 256 input rows needs 1 groups, but scales/qzeros have 8"):
+        shard_gptq(full, rank=0, world_size=2, mode=mode, bits=4, group_size=1000)
+    w = _dq_gptq(full, (4, 32, False, "gptq"))
+    s = shard_gptq(full, rank=1, world_size=2, mode=mode, bits=4, group_size=32)
+    rows, cols = (slice(None), slice(N // 2, N)) if mode == "column" else (slice(K // 2, K), slice(None))
+    np.testing.assert_array_equal(_dq_gptq(s, (4, 32, False, "gptq")), w[rows, cols])
