@@ -696,3 +696,21 @@ def test_patch_model_tp_accepts_a_replicated_exl2_lm_head_stored_padded(tmp_path
         got = sharded(ids).logits
     assert type(sharded.lm_head) is TrimmedQuantizedLinear and got.shape == (2, 5, 250)
     assert _relative(got, ref) < 1e-6
+
+
+def test_shard_qmatrix_takes_a_checkpoint_directory_or_names_ckpt(tmp_path):
+    """A directory, as patch_model_tp takes it, gives the shard of the open checkpoint; anything else is a
+    TypeError naming ``ckpt``."""
+    pytest.importorskip("transformers")
+    from cupyq.checkpoint import open_checkpoint
+    from cupyq.distributed import shard_qmatrix
+
+    directory = _write_llama(tmp_path, "awq", LLAMA_BIASES)
+    name = "model.layers.1.mlp.down_proj"
+    for mode in ("column", "row"):
+        qm, bias = shard_qmatrix(directory, name, rank=1, world_size=2, mode=mode)
+        want, want_bias = shard_qmatrix(open_checkpoint(directory), name, rank=1, world_size=2, mode=mode)
+        np.testing.assert_array_equal(qm.reference_weight(), want.reference_weight())
+        assert (bias is None) == (mode == "column") and (bias is None or np.array_equal(bias, want_bias))
+    with pytest.raises(TypeError, match="^ckpt: expected a checkpoint directory .* got int"):
+        shard_qmatrix(5, name, rank=0, world_size=2, mode="row")

@@ -61,12 +61,15 @@ _SHARDERS = {"gptq": _gptq_shard, "exl2": _exl2_shard, "awq": _awq_shard}
 def shard_qmatrix(ckpt, name, *, rank, world_size, mode, device=None):
     """The rank's :class:`cupyq.QMatrix` of a checkpoint layer, reading only its slices where the layout allows.
 
-    ckpt: an open :class:`cupyq.checkpoint.Checkpoint`; name: a GPTQ, EXL2 or AWQ layer; mode ``"column"`` or
-    ``"row"``; device as in ``QMatrix.from_gptq`` (None: CPU, the float32 reference path).
+    ckpt: an open :class:`cupyq.checkpoint.Checkpoint` or a checkpoint directory (opened for this call; open it
+    once to shard many layers); name: a GPTQ, EXL2 or AWQ layer; mode ``"column"`` or ``"row"``; device as in
+    ``QMatrix.from_gptq`` (None: CPU, the float32 reference path).
     Returns ``(qm, bias)``: column shards keep their bias slice inside ``qm`` and return ``bias=None``; row
     shards return ``qm`` without bias and the whole bias (float16 NumPy ``[N]`` or None), to be added once
-    after the reduce. Raises ValueError naming the layer for a layer of any other format (e.g. a plain weight).
+    after the reduce. Raises ValueError naming the layer for a layer of any other format (e.g. a plain weight),
+    TypeError naming ``ckpt`` when it is neither a Checkpoint nor a path.
     """
+    ckpt = _opened(ckpt)
     info = ckpt.layer_info(name)
     shard = _SHARDERS.get(info.format)
     if shard is None:
@@ -76,6 +79,17 @@ def shard_qmatrix(ckpt, name, *, rank, world_size, mode, device=None):
         )
     qm, t = shard(CheckpointLayer(ckpt, name), rank, world_size, mode, device)
     return qm, (t.get("bias") if mode == "row" else None)
+
+
+def _opened(ckpt) -> Checkpoint:
+    """``ckpt`` if it is an open Checkpoint, else the checkpoint of directory ``ckpt``; TypeError naming ``ckpt``
+    for anything but a Checkpoint, a str or a path."""
+    if isinstance(ckpt, Checkpoint):
+        return ckpt
+    if not isinstance(ckpt, (str, os.PathLike)):
+        raise TypeError(f"ckpt: expected a checkpoint directory (str or path) or an open cupyq.checkpoint.Checkpoint, "
+                        f"got {type(ckpt).__name__}")
+    return open_checkpoint(ckpt)
 
 
 def _split_heads(attn, world_size):
@@ -144,15 +158,12 @@ def _build_tp(model, ckpt, group, rank, world_size, device, column, row):
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a transformers Llama-style model), got {type(model).__name__}")
-    if not isinstance(ckpt, (Checkpoint, str, os.PathLike)):
-        raise TypeError(f"ckpt: expected a checkpoint directory (str or path) or an open cupyq.checkpoint.Checkpoint, "
-                        f"got {type(ckpt).__name__}")
     column, row = _layer_names("column", column), _layer_names("row", row)
     both = sorted(set(column) & set(row))
     if both:
         raise ValueError(f"column, row: a layer is split by columns or by rows, not both; {both} are in both")
     device = _resolved_device(device)
-    ckpt = ckpt if isinstance(ckpt, Checkpoint) else open_checkpoint(ckpt)
+    ckpt = _opened(ckpt)
     modules = dict(model.named_modules())
     _refuse_patched(ckpt, modules)
     config = getattr(model, "config", None)
