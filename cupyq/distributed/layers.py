@@ -39,7 +39,9 @@ class ColumnParallelQuantLinear(QuantizedLinear):
         row-parallel one wants; True all-gathers them into ``[..., N]`` (one gather into a new tensor and one
         reordering copy).
     group: the process group (None: the default group). force_cuda: as in QuantizedLinear.
-    ``forward(x)``: x ``[..., K]`` (whole on every rank) -> ``[..., N/W]`` or ``[..., N]`` in x's dtype.
+    ``forward(x)``: x ``[..., K]`` (whole on every rank) -> ``[..., N/W]`` or ``[..., N]`` in x's dtype. The
+    gather is a collective: every rank passes x of the same shape and dtype (nothing checks it, which would
+    cost a second collective per call).
     """
 
     def __init__(self, qm, *, gather_output: bool = False, group=None, force_cuda: bool = False):
