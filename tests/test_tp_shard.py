@@ -547,3 +547,19 @@ def test_gptq_group_size_is_checked_against_the_groups_in_both_modes(mode):
     s = shard_gptq(full, rank=1, world_size=2, mode=mode, bits=4, group_size=32)
     rows, cols = (slice(None), slice(N // 2, N)) if mode == "column" else (slice(K // 2, K), slice(None))
     np.testing.assert_array_equal(_dq_gptq(s, (4, 32, False, "gptq")), w[rows, cols])
+
+
+def test_shard_range_checks_its_arguments():
+    from cupyq.distributed import shard_range
+
+    assert [shard_range(96, r, 3, multiple=8) for r in range(3)] == [(0, 32), (32, 64), (64, 96)]
+    with pytest.raises(ValueError, match=r"^rank: expected 0\.\.1, got 5"):  # would give (25, 30) of 10 elements
+        shard_range(10, 5, 2)
+    with pytest.raises(ValueError, match="^world_size: expected at least 1, got 0"):
+        shard_range(10, 0, 0)
+    with pytest.raises(ValueError, match="^size, multiple: expected positive ints, got 10 and 0"):
+        shard_range(10, 0, 2, multiple=0)
+    with pytest.raises(TypeError, match="^size: expected an int, got float 10.5"):
+        shard_range(10.5, 0, 2)
+    with pytest.raises(ValueError, match=r"^q_invperm in_features: 10 does not split into 3 equal parts"):
+        shard_range(10, 0, 3, what="q_invperm in_features")

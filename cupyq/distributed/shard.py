@@ -38,7 +38,7 @@ def _check_int(name, value) -> int:
     return int(value)
 
 
-def _check_rank(rank, world_size, mode):
+def _check_rank(rank, world_size, mode=MODES[0]):
     rank, world_size = _check_int("rank", rank), _check_int("world_size", world_size)
     if world_size < 1:
         raise ValueError(f"world_size: expected at least 1, got {world_size}")
@@ -52,9 +52,14 @@ def _check_rank(rank, world_size, mode):
 def shard_range(size, rank, world_size, *, multiple=1, what="size"):
     """``(start, stop)`` of rank's equal part of ``size`` elements; the part must be a multiple of ``multiple``.
 
-    Raises ValueError naming ``what`` when ``size`` does not split into ``world_size`` such parts.
+    size, multiple: positive ints; rank: ``0 .. world_size - 1``. Raises ValueError naming ``what`` when ``size``
+    does not split into ``world_size`` such parts, TypeError or ValueError naming a bad argument.
     """
-    part, rest = divmod(int(size), int(world_size))
+    rank, world_size = _check_rank(rank, world_size)
+    size, multiple = _check_int("size", size), _check_int("multiple", multiple)
+    if size < 1 or multiple < 1:
+        raise ValueError(f"size, multiple: expected positive ints, got {size} and {multiple}")
+    part, rest = divmod(size, world_size)
     if rest or part % multiple or part == 0:
         raise ValueError(
             f"{what}: {size} does not split into {world_size} equal parts of a multiple of {multiple} "
