@@ -115,6 +115,40 @@ def _tensor_of(model, name):
     return parent._parameters.get(attr, parent._buffers.get(attr))
 
 
+def _whole_layer(qm, out_features):
+    """The module of an unsharded quantized layer: a QuantizedLinear, or a TrimmedQuantizedLinear that drops the
+    padding columns of an EXL2 layer stored wider than the model's ``out_features`` (see :func:`_padded_width`)."""
+    from cupyq.torch_ops import QuantizedLinear, TrimmedQuantizedLinear
+
+    return QuantizedLinear(qm) if qm.out_features == out_features else TrimmedQuantizedLinear(qm, out_features)
+
+
+def _refuse_patched(ckpt, modules):
+    """ValueError when a quantized layer of ``ckpt`` is a cupyq QuantizedLinear of the model already (``modules``:
+    its ``named_modules()``): the model was patched before."""
+    from cupyq.torch_ops import QuantizedLinear
+
+    patched = [n for n in ckpt.quantized_layers if isinstance(modules.get(n), QuantizedLinear)]
+    if patched:
+        shown = ", ".join(repr(n) for n in patched[:5]) + (" ..." if len(patched) > 5 else "")
+        raise ValueError(
+            f"{ckpt.path}: {len(patched)} quantized layer(s) are already cupyq QuantizedLinear modules (the model was "
+            f"patched before): {shown}; patch a freshly built model"
+        )
+
+
+def _warn_dropped_biases(ckpt, dropped, stacklevel):
+    """Warn about the model biases (``"name.bias"``) whose Linear has a bias that the checkpoint's layer lacks
+    (``stacklevel`` as the caller would pass it to ``warnings.warn``)."""
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else "")
+        warnings.warn(
+            f"{ckpt.path}: {len(dropped)} model bias(es) dropped: their Linear has a bias but the checkpoint's quantized "
+            f"layer has none, so the layer computes x @ W without it: {shown}",
+            stacklevel=stacklevel + 1,
+        )
+
+
 def patch_model(model, checkpoint_dir, *, device=None):
     """Replace the model's quantized linear layers and load its other weights from a checkpoint.
 
@@ -162,20 +196,13 @@ def patch_model(model, checkpoint_dir, *, device=None):
     from cupyq.device import require_torch
 
     torch = require_torch("cupyq.patch_model")
-    from cupyq.torch_ops import QuantizedLinear, TrimmedQuantizedLinear
 
     ckpt = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else open_checkpoint(checkpoint_dir)
     modules = dict(model.named_modules())
     quantized = ckpt.quantized_layers
 
     # Check everything, and build every matrix, before touching the model, so a bad checkpoint leaves it as it was.
-    patched = [n for n in quantized if isinstance(modules.get(n), QuantizedLinear)]
-    if patched:
-        shown = ", ".join(repr(n) for n in patched[:5]) + (" ..." if len(patched) > 5 else "")
-        raise ValueError(
-            f"{ckpt.path}: {len(patched)} quantized layer(s) are already cupyq QuantizedLinear modules (the model was "
-            f"patched before): {shown}; patch a freshly built model"
-        )
+    _refuse_patched(ckpt, modules)
     not_linear = [n for n in quantized if not isinstance(modules.get(n), torch.nn.Linear)]
     if not_linear:
         shown = ", ".join(repr(n) for n in not_linear[:5]) + (" ..." if len(not_linear) > 5 else "")
@@ -232,8 +259,7 @@ def patch_model(model, checkpoint_dir, *, device=None):
     # costs no more memory than replacing the modules one by one.
     layers = {}
     for name in quantized:
-        qm, out_features = ckpt.qmatrix(name, device=devices[name]), modules[name].out_features
-        layers[name] = QuantizedLinear(qm) if qm.out_features == out_features else TrimmedQuantizedLinear(qm, out_features)
+        layers[name] = _whole_layer(ckpt.qmatrix(name, device=devices[name]), modules[name].out_features)
     # A Linear bias the checkpoint's layer lacks: its values are no part of the checkpoint (in a model built on the
     # meta device there are none), so the layer computes x @ W, as the checkpoint says, and the loss is said.
     dropped = [f"{name}.bias" for name, layer in layers.items()
@@ -268,13 +294,7 @@ def patch_model(model, checkpoint_dir, *, device=None):
     if unused:
         shown = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
         warnings.warn(f"{ckpt.path}: {len(unused)} checkpoint tensor(s) not used by the model: {shown}", stacklevel=2)
-    if dropped:
-        shown = ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else "")
-        warnings.warn(
-            f"{ckpt.path}: {len(dropped)} model bias(es) dropped: their Linear has a bias but the checkpoint's quantized "
-            f"layer has none, so the layer computes x @ W without it: {shown}",
-            stacklevel=2,
-        )
+    _warn_dropped_biases(ckpt, dropped, stacklevel=2)
     untouched = [k for k in state if k not in loaded and k not in replaced_params]
     if untouched:
         shown = ", ".join(untouched[:5]) + (" ..." if len(untouched) > 5 else "")

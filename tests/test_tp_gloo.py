@@ -361,7 +361,7 @@ def _one_rank_fails_worker(rank, world_size, cases):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**NARROW)).eval()
     unchanged = _model_snapshot(model)
     if rank == 1:
-        with pytest.raises(AttributeError):
+        with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
             patch_model_tp(None, cases[0][0])
     else:
         with pytest.raises(RuntimeError, match="rank 1 of 2 could not build its tensor-parallel layers"):
@@ -506,3 +506,211 @@ def test_patch_model_tp_rejects_heads_that_do_not_split(tmp_path, monkeypatch):
         patch_model_tp(model, directory)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+def _row_layer_case(seed):
+    """A GPTQ QMatrix (K x N, no bias) and its float32 reference weight."""
+    rng = np.random.default_rng(seed)
+    t = quantize_gptq(rng.standard_normal((K, N)).astype(np.float32), bits=4, group_size=32, act_order=True,
+                      importance=rng.random(K))
+    qm = QMatrix.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)
+    return qm, qm.reference_weight()
+
+
+@pytest.mark.parametrize("bias, error, message", [
+    (torch.tensor([float("nan")] * N), ValueError, "bias: expected finite values"),
+    (torch.full((N,), 1e6), ValueError, "bias: expected magnitudes of at most 65504"),
+    (torch.ones(1, N), ValueError, rf"bias: expected shape \({N},\), got \(1, {N}\)"),
+    (torch.arange(N), TypeError, "bias: expected dtype float16, bfloat16, float32 or float64, got int64"),
+])
+def test_row_parallel_layer_checks_its_bias_by_the_bias_rule(bias, error, message):
+    """The bias a row layer adds after the reduce obeys the rule of every QMatrix bias (a column layer's is
+    inside its QMatrix); a bias that passes is added once, in x's dtype."""
+    from cupyq.distributed import RowParallelQuantLinear
+
+    qm, w = _row_layer_case(11)
+    with pytest.raises(error, match=message):
+        RowParallelQuantLinear(qm, bias)
+    rng = np.random.default_rng(12)
+    b = rng.standard_normal(N).astype(np.float16)
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        y = RowParallelQuantLinear(qm, torch.from_numpy(b))(torch.from_numpy(x))
+    assert y.shape == (2, 3, N) and y.dtype == torch.float32
+    ref = x @ w + b.astype(np.float32)
+    assert np.abs(y.numpy() - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def _spoil_tensor(directory, name, index, value):
+    """Set ``name[index]`` in a checkpoint's model.safetensors to ``value``."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    file = str(Path(directory) / "model.safetensors")
+    with safe_open(file, "np") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    tensors[name][index] = value
+    save_file(tensors, file, metadata=metadata)
+    return directory
+
+
+def test_patch_model_tp_refuses_a_nan_row_bias_naming_the_layer(tmp_path):
+    """A NaN in o_proj's bias (a row layer, whose bias is added after the reduce, outside its QMatrix) is refused
+    as patch_model refuses it, naming the layer; the model is unchanged."""
+    pytest.importorskip("transformers")
+    from cupyq.distributed import patch_model_tp
+    from cupyq.model import patch_model
+
+    layer = "model.layers.1.self_attn.o_proj"
+    directory = _spoil_tensor(_write_llama(tmp_path, "gptq", LLAMA_BIASES), f"{layer}.bias", 7, np.nan)
+    with pytest.raises(ValueError, match="bias"):
+        patch_model(_llama(2, LLAMA_BIASES), directory)
+    model = _llama(2, LLAMA_BIASES)
+    unchanged = _model_snapshot(model)
+    with pytest.raises(ValueError, match=rf"layer '{re.escape(layer)}' \(row shard of rank 0 of 1\): bias: expected "
+                                         r"finite values"):
+        patch_model_tp(model, directory)
+    unchanged("nan bias")
+
+
+def test_patch_model_tp_refuses_a_model_patched_before(tmp_path):
+    pytest.importorskip("transformers")
+    from cupyq.distributed import patch_model_tp
+    from cupyq.model import patch_model
+
+    directory = _write_llama(tmp_path, "gptq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for first in (patch_model, patch_model_tp):
+            model = first(_llama(2), directory)
+            with pytest.raises(ValueError, match=r"14 quantized layer\(s\) are already cupyq QuantizedLinear modules "
+                                                 r"\(the model was patched before\)"):
+                patch_model_tp(model, directory)
+
+
+def test_patch_model_tp_warns_about_biases_the_checkpoint_lacks(tmp_path):
+    """A model whose projections have biases, a checkpoint without them: the biases are dropped with patch_model's
+    warning, and the logits are patch_model's."""
+    pytest.importorskip("transformers")
+    from cupyq.distributed import patch_model_tp
+    from cupyq.model import patch_model
+
+    directory = _write_llama(tmp_path, "gptq")
+    ids = torch.randint(0, LLAMA["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        ref = patch_model(_llama(1, LLAMA_BIASES), directory)(ids).logits
+        with pytest.warns(UserWarning, match=r"14 model bias\(es\) dropped: .*model\.layers\.0\.mlp\.down_proj\.bias"):
+            got = patch_model_tp(_llama(2, LLAMA_BIASES), directory)(ids).logits
+    assert _relative(got, ref) < 1e-6
+
+
+def test_patch_model_tp_refuses_a_model_on_the_meta_device(tmp_path):
+    """patch_model_tp copies the checkpoint into the model's tensors: a meta model would stay meta (and give
+    meta logits), so it is refused before anything is built."""
+    pytest.importorskip("transformers")
+    from cupyq.distributed import patch_model_tp
+
+    directory = _write_llama(tmp_path, "gptq")
+    with torch.device("meta"):
+        model = _llama(2)
+    with pytest.raises(ValueError, match=r"model tensor\(s\) are on the meta device: model\.embed_tokens\.weight.*build "
+                                         r"the model on the CPU or a GPU"):
+        patch_model_tp(model, directory, device="cpu")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(model=5), TypeError, "^model: expected a torch.nn.Module"),
+    (dict(ckpt=5), TypeError, "^ckpt: expected a checkpoint directory"),
+    (dict(column="q_proj"), TypeError, r"^column: expected a tuple of module names .*got str 'q_proj'"),
+    (dict(row=("o_proj", 3)), TypeError, r"^row: expected a tuple of module names"),
+    (dict(column=("q_proj", "o_proj")), ValueError, r"^column, row: .* not both; \['o_proj'\] are in both"),
+])
+def test_patch_model_tp_names_an_argument_of_the_wrong_type(tmp_path, arguments, error, message):
+    """A single string for ``column`` would match names by substring; every such argument is refused by name
+    and the model is unchanged."""
+    pytest.importorskip("transformers")
+    from cupyq.distributed import patch_model_tp
+
+    model = _llama(2)
+    unchanged = _model_snapshot(model)
+    call = {"model": model, "ckpt": _write_llama(tmp_path, "gptq"), **arguments}
+    with pytest.raises(error, match=message):
+        patch_model_tp(call.pop("model"), call.pop("ckpt"), **call)
+    unchanged(str(arguments))
+
+
+def _outside_group_worker(rank, world_size):
+    from cupyq.distributed import ColumnParallelQuantLinear, RowParallelQuantLinear, patch_model_tp
+
+    only_rank_0 = dist.new_group([0])  # every rank must call new_group, members or not
+    qm, _ = _row_layer_case(13)
+    if rank == 0:
+        assert RowParallelQuantLinear(qm, group=only_rank_0).world_size == 1
+        return
+    message = r"^group: this process \(global rank 1\) is not a member of the process group"
+    for build in (lambda: RowParallelQuantLinear(qm, group=only_rank_0),
+                  lambda: ColumnParallelQuantLinear(qm, gather_output=True, group=only_rank_0),
+                  lambda: patch_model_tp(torch.nn.Linear(2, 2), "unused", group=only_rank_0)):
+        with pytest.raises(ValueError, match=message):
+            build()
+
+
+def test_parallel_layers_refuse_a_group_this_process_is_not_in():
+    """torch gives a process outside the group rank -1 and world size -1: a row layer would skip the all-reduce
+    and return its partial product. It is refused, naming the group, before anything is built."""
+    run_ranks(_outside_group_worker, 2, timeout=120, collective_timeout=datetime.timedelta(seconds=30))
+
+
+def test_patch_model_tp_accepts_a_replicated_exl2_lm_head_stored_padded(tmp_path):
+    """An EXL2 lm_head of 250 outputs stored 256 wide (converters pad N to a multiple of 32): replicated, it drops
+    the padding columns as patch_model's layer does, and the logits are patch_model's."""
+    pytest.importorskip("transformers")
+    from cupyq.checkpoint import save_exl2
+    from cupyq.distributed import patch_model_tp
+    from cupyq.model import patch_model
+    from cupyq.torch_ops import TrimmedQuantizedLinear
+
+    settings = dict(LLAMA, vocab_size=250)
+    source, rng = _llama(0, settings), np.random.default_rng(9)
+    layers = {}
+    for name, lin in source.named_modules():
+        if isinstance(lin, torch.nn.Linear) and ".layers." in name:
+            widths, props = EXL2_RECIPE[name.rsplit(".", 1)[1]]
+            layers[name] = quantize_exl2(lin.weight.detach().numpy().T, bits=widths, proportions=props)
+    head = np.zeros((LLAMA["hidden_size"], 256), dtype=np.float32)
+    head[:, :250] = source.lm_head.weight.detach().numpy().T
+    layers["lm_head"] = quantize_exl2(head, bits=(6,), proportions=(1.0,), importance=rng.random(head.shape[0]))
+    quantized = {f"{n}.weight" for n in layers}
+    extras = {k: v.detach().numpy() for k, v in source.state_dict().items() if k not in quantized}
+    directory = save_exl2(tmp_path, layers, extra_tensors=extras)
+    ids = torch.randint(0, 250, (2, 5), generator=torch.Generator().manual_seed(6))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = patch_model(_llama(1, settings), directory)(ids).logits
+        sharded = patch_model_tp(_llama(2, settings), directory)
+        got = sharded(ids).logits
+    assert type(sharded.lm_head) is TrimmedQuantizedLinear and got.shape == (2, 5, 250)
+    assert _relative(got, ref) < 1e-6
+
+
+def test_shard_qmatrix_takes_a_checkpoint_directory_or_names_ckpt(tmp_path):
+    """A directory, as patch_model_tp takes it, gives the shard of the open checkpoint; anything else is a
+    TypeError naming ``ckpt``."""
+    pytest.importorskip("transformers")
+    from cupyq.checkpoint import open_checkpoint
+    from cupyq.distributed import shard_qmatrix
+
+    directory = _write_llama(tmp_path, "awq", LLAMA_BIASES)
+    name = "model.layers.1.mlp.down_proj"
+    for mode in ("column", "row"):
+        qm, bias = shard_qmatrix(directory, name, rank=1, world_size=2, mode=mode)
+        want, want_bias = shard_qmatrix(open_checkpoint(directory), name, rank=1, world_size=2, mode=mode)
+        np.testing.assert_array_equal(qm.reference_weight(), want.reference_weight())
+        assert (bias is None) == (mode == "column") and (bias is None or np.array_equal(bias, want_bias))
+    with pytest.raises(TypeError, match="^ckpt: expected a checkpoint directory .* got int"):
+        shard_qmatrix(5, name, rank=0, world_size=2, mode="row")

@@ -377,7 +377,7 @@ def test_argument_of_the_wrong_type_is_named(argument, value):
     layers = {"gptq": _gptq((4, 32, False, "gptq")), "exl2": _exl2(EXL2_MIXES[1]), "awq": _awq(32)}
     before = {fmt: {k: v.copy() for k, v in t.items()} for fmt, t in layers.items()}
     shard = {"gptq": shard_gptq, "exl2": shard_exl2, "awq": shard_awq}
-    takes = {"group_size": ("awq",), "bits": ("gptq",)}.get(argument, ("gptq", "exl2", "awq"))
+    takes = {"group_size": ("gptq", "awq"), "bits": ("gptq",)}.get(argument, ("gptq", "exl2", "awq"))
     for fmt in takes:
         with pytest.raises(TypeError, match=rf"^{argument}: expected an int, got {type(value).__name__} "):
             shard[fmt](layers[fmt], **{"rank": 0, "world_size": 2, "mode": "row", argument: value})
@@ -469,3 +469,97 @@ def test_parallel_modules_replay_in_a_cuda_graph(kind):
     # Same kernels and inputs; a split-K sum may add its partials in another order (fp16 outputs).
     torch.testing.assert_close(y_col, column(x_col), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(y_row, row(x_row), rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------ inconsistent layers
+def _resized(t, key, rows=None, cols=None):
+    """A copy of layer ``t`` whose ``key`` is cut to ``rows`` / ``cols`` or, given more than it has, repeated."""
+    a = t[key]
+    if rows is not None:
+        a = np.concatenate([a, a])[:rows]
+    if cols is not None:
+        a = np.concatenate([a, a], axis=1)[:, :cols]
+    return {**t, key: a}
+
+
+@pytest.mark.parametrize("mode", ["column", "row"])
+@pytest.mark.parametrize("key, rows, cols, expected", [
+    ("scales", None, N + 8, rf"scales: expected shape \(8, {N}\), got \(8, {N + 8}\)"),
+    ("qzeros", None, N // 16, rf"qzeros: expected shape \(8, {N // 8}\), got \(8, {N // 16}\)"),
+    ("g_idx", K - 56, None, rf"g_idx: expected shape \({K},\), got \({K - 56},\)"),
+    ("g_idx", 2 * K, None, rf"g_idx: expected shape \({K},\), got \({2 * K},\)"),
+    ("bias", N - 28, None, rf"bias: expected shape \({N},\), got \({N - 28},\)"),
+])
+def test_gptq_shard_of_tensors_that_do_not_fit_qweight_is_refused(mode, key, rows, cols, expected):
+    """Every rank's slice of such a layer may look whole (extra scale columns, a g_idx too long); no shard of it
+    is made, on any rank, and the caller's arrays stay as they were."""
+    full = _gptq((4, 32, True, "gptq"), seed=5)
+    bad = _resized(full, key, rows, cols)
+    before = {k: v.copy() for k, v in bad.items()}
+    for rank in range(2):
+        with pytest.raises(ValueError, match=expected):
+            shard_gptq(bad, rank=rank, world_size=2, mode=mode, bits=4)
+    for k, v in bad.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_exl2_column_shard_of_q_scale_that_does_not_fit_q_weight_is_refused():
+    full = _exl2(EXL2_MIXES[1], seed=6)
+    groups = full["q_scale"].shape[0]
+    with pytest.raises(ValueError, match=rf"q_scale: expected shape \({groups}, {N // 8}\), got \({groups}, {N // 16}\)"):
+        shard_exl2(_resized(full, "q_scale", cols=N // 16), rank=0, world_size=2, mode="column")
+    with pytest.raises(ValueError, match=rf"q_groups: expected shape \({2 * groups},\)"):
+        shard_exl2(_resized(full, "q_groups", rows=2 * groups - 2), rank=0, world_size=2, mode="column")
+
+
+@pytest.mark.parametrize("mode", ["column", "row"])
+def test_exl2_shards_of_an_unpadded_bias_hold_zeros_for_the_padding_columns(mode):
+    """A bias stored without the padding columns (100 of 128): the last rank's column shard holds its 28 values
+    and 36 zeros, as a shard read from the checkpoint does, so the gathered bias is the bias padded."""
+    full = _exl2(EXL2_MIXES[2], seed=7)
+    short = {**full, "bias": full["bias"][:100].copy()}
+    padded = np.concatenate([short["bias"], np.zeros(N - 100, short["bias"].dtype)])
+    got = [shard_exl2(short, rank=r, world_size=2, mode=mode)["bias"] for r in range(2)]
+    np.testing.assert_array_equal(np.concatenate(got) if mode == "column" else got[1], padded)
+    np.testing.assert_array_equal(short["bias"], full["bias"][:100])
+    with pytest.raises(ValueError, match=rf"bias: expected shape \({N},\) \(q_weight's columns, or fewer than 32 less\), "
+                                         r"got \(96,\)"):
+        shard_exl2({**full, "bias": full["bias"][:96]}, rank=0, world_size=2, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["column", "row"])
+def test_awq_shard_of_a_bias_that_does_not_fit_scales_is_refused(mode):
+    full = _awq(32, seed=8)
+    for width in (N - 8, N + 8):
+        bad = {**full, "bias": np.resize(full["bias"], width)}
+        with pytest.raises(ValueError, match=rf"bias: expected shape \({N},\), got \({width},\)"):
+            shard_awq(bad, rank=0, world_size=2, mode=mode)
+    with pytest.raises(ValueError, match=rf"qzeros: expected shape \({K // 32}, {N // 8}\), got \({K // 32}, {N // 16}\)"):
+        shard_awq({**full, "qzeros": full["qzeros"][:, : N // 16]}, rank=0, world_size=2, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["column", "row"])
+def test_gptq_group_size_is_checked_against_the_groups_in_both_modes(mode):
+    full = {k: v for k, v in _gptq((4, 32, False, "gptq"), seed=9).items() if k != "g_idx"}
+    with pytest.raises(ValueError, match=r"group_size: 1000 over 256 input rows needs 1 groups, but scales/qzeros have 8"):
+        shard_gptq(full, rank=0, world_size=2, mode=mode, bits=4, group_size=1000)
+    w = _dq_gptq(full, (4, 32, False, "gptq"))
+    s = shard_gptq(full, rank=1, world_size=2, mode=mode, bits=4, group_size=32)
+    rows, cols = (slice(None), slice(N // 2, N)) if mode == "column" else (slice(K // 2, K), slice(None))
+    np.testing.assert_array_equal(_dq_gptq(s, (4, 32, False, "gptq")), w[rows, cols])
+
+
+def test_shard_range_checks_its_arguments():
+    from cupyq.distributed import shard_range
+
+    assert [shard_range(96, r, 3, multiple=8) for r in range(3)] == [(0, 32), (32, 64), (64, 96)]
+    with pytest.raises(ValueError, match=r"^rank: expected 0\.\.1, got 5"):  # would give (25, 30) of 10 elements
+        shard_range(10, 5, 2)
+    with pytest.raises(ValueError, match="^world_size: expected at least 1, got 0"):
+        shard_range(10, 0, 0)
+    with pytest.raises(ValueError, match="^size, multiple: expected positive ints, got 10 and 0"):
+        shard_range(10, 0, 2, multiple=0)
+    with pytest.raises(TypeError, match="^size: expected an int, got float 10.5"):
+        shard_range(10.5, 0, 2)
+    with pytest.raises(ValueError, match=r"^q_invperm in_features: 10 does not split into 3 equal parts"):
+        shard_range(10, 0, 3, what="q_invperm in_features")

@@ -7,6 +7,7 @@ from cupyq.device import require_torch
 torch = require_torch("cupyq.distributed (tensor parallelism)")
 import torch.distributed as dist
 
+from cupyq.formats.bias import check_bias
 from cupyq.torch_ops import QuantizedLinear, apply_qgemm
 
 __all__ = ["ColumnParallelQuantLinear", "RowParallelQuantLinear", "group_rank_and_size"]
@@ -17,12 +18,17 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 def group_rank_and_size(group=None) -> tuple:
     """``(rank, world_size)`` of this process in ``group`` (None: the default group); ``(0, 1)`` when
-    torch.distributed is not initialised."""
+    torch.distributed is not initialised. Raises ValueError when this process is not a member of ``group``
+    (torch gives it rank -1: its layers would compute a part that no collective sums)."""
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise RuntimeError("group: torch.distributed is not initialised (call init_process_group first)")
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the process group "
+                         "(build the layers only on its members)")
+    return rank, dist.get_world_size(group)
 
 
 class ColumnParallelQuantLinear(QuantizedLinear):
@@ -33,7 +39,9 @@ class ColumnParallelQuantLinear(QuantizedLinear):
         row-parallel one wants; True all-gathers them into ``[..., N]`` (one gather into a new tensor and one
         reordering copy).
     group: the process group (None: the default group). force_cuda: as in QuantizedLinear.
-    ``forward(x)``: x ``[..., K]`` (whole on every rank) -> ``[..., N/W]`` or ``[..., N]`` in x's dtype.
+    ``forward(x)``: x ``[..., K]`` (whole on every rank) -> ``[..., N/W]`` or ``[..., N]`` in x's dtype. The
+    gather is a collective: every rank passes x of the same shape and dtype (nothing checks it, which would
+    cost a second collective per call).
     """
 
     def __init__(self, qm, *, gather_output: bool = False, group=None, force_cuda: bool = False):
@@ -61,7 +69,8 @@ class RowParallelQuantLinear(QuantizedLinear):
 
     qm: the rank's :class:`cupyq.QMatrix` (a row shard without bias), K/W inputs by N outputs.
     bias: float ``[N]`` tensor or None, added once after the sum (a buffer: ``.to()`` moves and casts it;
-        keep it in the activations' dtype).
+        keep it in the activations' dtype); checked by the rule of every QMatrix bias
+        (:func:`cupyq.formats.bias.check_bias`: TypeError or ValueError naming ``bias``).
     input_is_parallel: True (default): x is the rank's slice ``[..., K/W]`` (the output of a column-parallel
         layer); False: x is whole ``[..., K]`` and the rank takes its columns (one copy).
     reduce_results: False leaves the partial product unsummed and the bias unadded (for callers that fuse the
@@ -82,9 +91,8 @@ class RowParallelQuantLinear(QuantizedLinear):
         self.input_is_parallel = bool(input_is_parallel)
         self.reduce_results = bool(reduce_results)
         if bias is not None:
-            bias = torch.as_tensor(bias).detach().reshape(-1)
-            if bias.shape[0] != self.out_features:
-                raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
+            check_bias(bias, self.out_features)  # the rule of every QMatrix bias: float [N], finite, fp16 range
+            bias = torch.as_tensor(bias).detach()
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cupyq import reference
+from cupyq.distributed.source import CheckpointLayer, _read, _require_shapes, _shape
 from cupyq.formats import exl2 as _exl2
 from cupyq.formats import gptq as _gptq
 from cupyq.formats.common import is_int, unit_rows
@@ -21,110 +21,6 @@ from cupyq.formats.common import is_int, unit_rows
 __all__ = ["CheckpointLayer", "shard_gptq", "shard_exl2", "shard_awq", "shard_range", "MODES"]
 
 MODES = ("column", "row")
-
-
-# ------------------------------------------------------------------------------------------------ sources
-class CheckpointLayer(Mapping):
-    """One quantized layer of a :class:`cupyq.checkpoint.Checkpoint`, read lazily.
-
-    A read-only mapping from the layer's tensor keys (``qweight``, ``qzeros``, ``scales``, ``g_idx``, ``bias``
-    for GPTQ; ``q_weight``, ``q_invperm``, ``q_scale``, ``q_scale_max``, ``q_groups``, ``bias`` for EXL2) to
-    NumPy arrays with the dtypes of :meth:`Checkpoint.load_layer` (scales and bias float16, g_idx int32 and
-    ``k // group_size`` when the file has none, q_invperm int32, q_groups int16, EXL2 bias zero-padded to the
-    stored width; a stored ``q_perm`` is left out, being ``argsort(q_invperm)``). :meth:`read` reads a row or
-    column range through a memory map, so a shard touches only the bytes it needs (column slices read the row
-    pieces of each row).
-    """
-
-    def __init__(self, ckpt, name):
-        from cupyq.checkpoint import _ST_DTYPES
-
-        self.checkpoint = ckpt
-        self.name = name
-        self.info = ckpt.layer_info(name)
-        if not self.info.quantized:
-            raise ValueError(f"{ckpt.path}: layer '{name}' is a plain {self.info.format} weight, not a quantized layer")
-        self.format = self.info.format
-        self._records = {t.rsplit(".", 1)[1]: ckpt.tensors[t] for t in self.info.tensors}
-        self._records.pop("q_perm", None)  # rebuilt from q_invperm, as load_layer does
-        self._dtypes = _ST_DTYPES
-        keys = list(self._records)
-        if self.format == "gptq" and "g_idx" not in keys:
-            keys.append("g_idx")
-        self._keys = tuple(keys)
-
-    def __repr__(self):
-        return f"CheckpointLayer({self.name!r}, format={self.format!r})"
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __getitem__(self, key):
-        return self.read(key)
-
-    def shape(self, key) -> tuple:
-        """Shape of tensor ``key`` as :meth:`read` returns it whole."""
-        if key == "g_idx" and key not in self._records:
-            return (self.info.in_features,)
-        if key == "bias" and self.format == "exl2":
-            return (self.info.out_features,)
-        return tuple(self._records[key].shape)
-
-    def read(self, key, rows=None, cols=None) -> np.ndarray:
-        """Tensor ``key`` (or its ``rows`` / ``cols`` slice, Python slices of dims 0 / 1) as a new NumPy array."""
-        if key not in self._keys:
-            raise KeyError(f"{self.checkpoint.path}: layer '{self.name}' has no tensor {key!r} (it has {list(self._keys)})")
-        if key == "g_idx" and key not in self._records:
-            g = _gptq.default_g_idx(self.info.in_features, self.info.group_size)
-            return g[rows or slice(None)].copy()
-        if key == "bias" and self.format == "exl2":
-            stored = self._mapped(key)
-            bias = np.zeros(self.info.out_features, dtype=np.float16)
-            bias[: stored.shape[0]] = stored
-            return bias[rows or slice(None)].copy()
-        view = self._mapped(key)
-        index = (rows or slice(None),) if cols is None else (rows or slice(None), cols)
-        out = np.array(view[index])
-        rec = self._records[key]
-        if rec.dtype == "BF16":
-            out = (out.astype(np.uint32) << 16).view(np.float32)
-        out = out.astype(out.dtype.newbyteorder("="), copy=False)
-        return out.astype(_NORMAL_DTYPES.get(key, out.dtype), copy=False)
-
-    def _mapped(self, key):
-        rec = self._records[key]
-        return np.memmap(rec.file, dtype=self._dtypes[rec.dtype], mode="r", offset=rec.offset, shape=rec.shape)
-
-
-_NORMAL_DTYPES = {
-    "scales": np.float16,
-    "bias": np.float16,
-    "g_idx": np.int32,
-    "q_invperm": np.int32,
-    "q_scale_max": np.float16,
-    "q_groups": np.int16,
-}
-
-
-def _read(tensors, key, rows=None, cols=None):
-    """A NumPy copy of ``tensors[key]`` or of its row / column slice."""
-    if isinstance(tensors, CheckpointLayer):
-        return tensors.read(key, rows, cols)
-    a = tensors[key]
-    if hasattr(a, "detach") or type(a).__module__.split(".", 1)[0] == "cupy":
-        a = a[rows or slice(None)] if cols is None else a[rows or slice(None), cols]
-        return np.array(reference.to_numpy(a))
-    a = np.asarray(a)
-    return np.array(a[rows or slice(None)] if cols is None else a[rows or slice(None), cols])
-
-
-def _shape(tensors, key) -> tuple:
-    if isinstance(tensors, CheckpointLayer):
-        return tensors.shape(key)
-    return tuple(int(s) for s in tensors[key].shape)
 
 
 def _require_keys(tensors, keys, what):
@@ -142,7 +38,7 @@ def _check_int(name, value) -> int:
     return int(value)
 
 
-def _check_rank(rank, world_size, mode):
+def _check_rank(rank, world_size, mode=MODES[0]):
     rank, world_size = _check_int("rank", rank), _check_int("world_size", world_size)
     if world_size < 1:
         raise ValueError(f"world_size: expected at least 1, got {world_size}")
@@ -156,9 +52,14 @@ def _check_rank(rank, world_size, mode):
 def shard_range(size, rank, world_size, *, multiple=1, what="size"):
     """``(start, stop)`` of rank's equal part of ``size`` elements; the part must be a multiple of ``multiple``.
 
-    Raises ValueError naming ``what`` when ``size`` does not split into ``world_size`` such parts.
+    size, multiple: positive ints; rank: ``0 .. world_size - 1``. Raises ValueError naming ``what`` when ``size``
+    does not split into ``world_size`` such parts, TypeError or ValueError naming a bad argument.
     """
-    part, rest = divmod(int(size), int(world_size))
+    rank, world_size = _check_rank(rank, world_size)
+    size, multiple = _check_int("size", size), _check_int("multiple", multiple)
+    if size < 1 or multiple < 1:
+        raise ValueError(f"size, multiple: expected positive ints, got {size} and {multiple}")
+    part, rest = divmod(size, world_size)
     if rest or part % multiple or part == 0:
         raise ValueError(
             f"{what}: {size} does not split into {world_size} equal parts of a multiple of {multiple} "
@@ -207,7 +108,8 @@ def shard_gptq(tensors, *, rank, world_size, mode, bits=None, group_size=None) -
         groups; the rank's QMatrix sorts its own rows by group. ``bias`` is returned whole: add it once,
         after the partial products are summed.
     Returns a dict of new NumPy arrays with the keys of ``tensors`` (a missing g_idx is added when the
-    rank's rows start inside a group, where the implied ``k // group_size`` would be wrong).
+    rank's rows start inside a group, where the implied ``k // group_size`` would be wrong). Raises ValueError
+    naming the tensor when the shapes of qzeros, scales, g_idx or bias do not fit qweight.
     """
     _require_keys(tensors, ("qweight", "qzeros", "scales"), "GPTQ")
     rank, world_size = _check_rank(rank, world_size, mode)
@@ -215,6 +117,11 @@ def shard_gptq(tensors, *, rank, world_size, mode, bits=None, group_size=None) -
     qrows, n = _shape(tensors, "qweight")
     groups = _shape(tensors, "qzeros")[0]
     k = qrows * 32 // bits
+    _require_shapes(tensors, {"qzeros": (groups, -(-n * bits // 32)), "scales": (groups, n), "g_idx": (k,),
+                              "bias": (n,)})
+    if group_size is not None:  # checked in both modes, as the docstring says
+        group_size = _check_int("group_size", group_size)
+        _gptq.check_group_size(k, groups, group_size)
     unit = unit_rows(bits)
     out = {}
     if mode == "column":
@@ -254,7 +161,8 @@ def shard_exl2(tensors, *, rank, world_size, mode) -> dict:
     """One rank's part of an EXL2 layer.
 
     tensors: ``q_weight`` int32 [Q, N], ``q_invperm`` int [K], ``q_scale`` int32 [G, N/8], ``q_scale_max``
-        float16 [G], ``q_groups`` int16 [2G], optional ``q_perm`` int [K] and ``bias`` [N] (N: stored width).
+        float16 [G], ``q_groups`` int16 [2G], optional ``q_perm`` int [K] and ``bias`` [N] (N: stored width; a
+        bias stored unpadded, fewer than 32 short, gets zeros for the padding columns, as checkpoints read it).
     mode ``"column"``: columns ``[r*N/W, (r+1)*N/W)`` of q_weight and bias and the matching q_scale words
         (N/W a multiple of 8); q_invperm, q_perm, q_scale_max and q_groups whole.
     mode ``"row"``: a new EXL2 layer holding the rank's original rows ``[r0, r1) = [r*K/W, (r+1)*K/W)``.
@@ -267,8 +175,8 @@ def shard_exl2(tensors, *, rank, world_size, mode) -> dict:
         ``q_invperm`` (int32) has ``K/W + padding`` entries: build the matrix with
         ``QMatrix.from_exl2(..., in_features=K // W)``, which makes the kernels read no input for them.
         ``bias`` is returned whole (add it once, after the reduce).
-    Returns a dict of new NumPy arrays with the keys of ``tensors``. Reads all of q_weight in row mode (the
-    rank's rows are spread over every group).
+    Returns a dict of new NumPy arrays with the keys of ``tensors``; ValueError naming the tensor when a shape
+    does not fit q_weight. Reads all of q_weight in row mode (the rank's rows are spread over every group).
     """
     parts = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
     _require_keys(tensors, parts, "EXL2")
@@ -276,11 +184,13 @@ def shard_exl2(tensors, *, rank, world_size, mode) -> dict:
     qrows, n = _shape(tensors, "q_weight")
     out = {}
     if mode == "column":
+        groups, k = _shape(tensors, "q_scale_max")[0], _shape(tensors, "q_invperm")[0]
+        _require_shapes(tensors, {"q_scale": (groups, n // 8), "q_groups": (2 * groups,), "q_perm": (k,)})
         c0, c1 = shard_range(n, rank, world_size, multiple=8, what="q_weight out_features")
         out["q_weight"] = _read(tensors, "q_weight", cols=slice(c0, c1))
         out["q_scale"] = _read(tensors, "q_scale", cols=slice(c0 // 8, c1 // 8))
         if "bias" in tensors:
-            out["bias"] = _read(tensors, "bias", rows=slice(c0, c1))
+            out["bias"] = _exl2_bias(tensors, n)[c0:c1]
         return _copy_other(tensors, out, ("q_invperm", "q_perm", "q_scale_max", "q_groups"))
 
     full = {p: _read(tensors, p) for p in parts}
@@ -328,7 +238,24 @@ def shard_exl2(tensors, *, rank, world_size, mode) -> dict:
     out["q_groups"] = q_groups.astype(np.int16)
     if "q_perm" in tensors:
         out["q_perm"] = _exl2.perm_from_invperm(q_invperm, xp=np)
-    return _copy_other(tensors, out, ("bias",))
+    if "bias" in tensors:
+        out["bias"] = _exl2_bias(tensors, n)
+    return out
+
+
+def _exl2_bias(tensors, n):
+    """The bias of an EXL2 layer at the stored width ``n``: one stored unpadded (converters pad N to a multiple
+    of 32) gets zeros for the padding columns, as :meth:`CheckpointLayer.read` and ``Checkpoint.load_layer`` give
+    it, so that every column shard holds the bias of its own columns."""
+    width = _shape(tensors, "bias")
+    if len(width) != 1 or not n - 31 <= width[0] <= n:
+        raise ValueError(f"bias: expected shape ({n},) (q_weight's columns, or fewer than 32 less), got {width}")
+    bias = _read(tensors, "bias")
+    if width[0] == n:
+        return bias
+    padded = np.zeros(n, dtype=bias.dtype)
+    padded[: width[0]] = bias
+    return padded
 
 
 def _padded_widths(group_bits, group_rows):
@@ -368,8 +295,7 @@ def shard_awq(tensors, *, rank, world_size, mode, group_size=None) -> dict:
     groups, n = _shape(tensors, "scales")
     if n != words * 8:
         raise ValueError(f"scales: expected {words * 8} columns (8 per qweight word), got {n}")
-    if _shape(tensors, "qzeros") != (groups, words):
-        raise ValueError(f"qzeros: expected shape ({groups}, {words}), got {_shape(tensors, 'qzeros')}")
+    _require_shapes(tensors, {"qzeros": (groups, words), "bias": (n,)})
     if group_size is None or group_size == -1:
         group_size = k if groups == 1 else k // groups
     if group_size <= 0 or -(-k // group_size) != groups:
