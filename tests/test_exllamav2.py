@@ -837,3 +837,65 @@ def test_lorax_quant_linear_with_a_wrong_groupsize_is_refused():
     tt, _ = _three_groups_of_128(seed=42)
     with pytest.raises(ValueError, match=r"groupsize: 64 gives 5 groups for 320 input features"):
         ex.QuantLinear(tt["qweight"], tt["qzeros"], tt["scales"], None, None, 4, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# TGI weight objects are checked when the layer is constructed, before it joins LAYERS
+# --------------------------------------------------------------------------------------------
+
+
+def _exl2_object(tt, **replace):
+    weight = _tgi_exl2(tt)
+    for name, value in replace.items():
+        setattr(weight, name, value)
+    return weight
+
+
+@pytest.mark.parametrize("replace, error, match", [
+    (lambda tt: {"q_scale": tt["q_scale"].float()}, TypeError, r"q_scale: expected dtype int32, got float32"),
+    (lambda tt: {"q_groups": tt["q_groups"][:2]}, ValueError, r"q_groups: expected shape \(16,\), got \(2,\)"),
+    (lambda tt: {"q_invperm": tt["q_invperm"].flip(0)[:-1]}, ValueError, r"q_invperm: not a permutation"),
+    (lambda tt: {"q_invperm": list(range(256))}, TypeError, r"q_invperm: expected a torch tensor, got list"),
+    (lambda tt: {"q_weight": tt["q_weight"][0]}, ValueError, r"q_weight: expected a 2-D array, got shape \(64,\)"),
+    (lambda tt: {"q_scale_max": torch.full((8,), float("nan"), dtype=torch.float16)}, ValueError,
+     r"q_scale_max: expected finite values"),
+])
+def test_quant_linear_refuses_a_bad_exl2_weight_object_before_joining_layers(replace, error, match):
+    tt, _, _ = _exl2(seed=50, bias=False)
+    weight = _tgi_exl2(tt)
+    good = ex.QuantLinear(weight, None)
+    # the W the object means: its q_scale_max was divided by 256 in float16 (rounded where subnormal)
+    w = reference.dequantize_exl2(tt["q_weight"], tt["q_invperm"], tt["q_scale"], weight.q_scale_max.float() * 256,
+                                  tt["q_groups"])
+    snap = _snapshot(tt)
+    with pytest.raises(error, match=match):
+        ex.QuantLinear(_exl2_object(tt, **replace(tt)), None)
+    _assert_unchanged(tt, snap)
+    assert ex.LAYERS == [good] and ex.FIXED_BYTES == good.temp_dq_size()
+    assert ex.create_exllama_buffers() == {}  # the refused layer does not break the buffers of the others
+    x = _x((3, 256), seed=50)
+    torch.testing.assert_close(good(x), _expected(x, w, None), rtol=1e-5, atol=1e-5)
+
+
+def test_quant_linear_refuses_a_gptq_weight_object_with_a_missing_tensor_or_unknown_format():
+    tt, g_idx, gs, _, _ = _gptq("act_order", seed=51)
+    lacking = _TgiGPTQWeight(tt["qweight"], tt["qzeros"], tt["scales"], g_idx, 4, gs)
+    del lacking.qzeros
+    with pytest.raises(TypeError, match=r"qzeros: expected a torch tensor, got NoneType"):
+        ex.QuantLinear(lacking, None)
+    odd_format = _TgiGPTQWeight(tt["qweight"], tt["qzeros"], tt["scales"], g_idx, 4, gs)
+    odd_format.checkpoint_format = "gptq_v3"
+    with pytest.raises(ValueError, match=r"checkpoint_format: expected one of \('gptq', 'gptq_v2'\), got 'gptq_v3'"):
+        ex.QuantLinear(odd_format, None)
+    assert ex.LAYERS == [] and ex.FIXED_BYTES == 0
+
+
+def test_quant_linear_reads_a_gptq_v2_weight_object():
+    t = quantize_gptq(_weight(256, 64, 52), bits=4, group_size=32, act_order=True, checkpoint_format="gptq_v2", seed=52)
+    w = reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4,
+                                  checkpoint_format="gptq_v2")
+    tt = {name: torch.from_numpy(a) for name, a in t.items()}
+    weight = _TgiGPTQWeight(tt["qweight"], tt["qzeros"], tt["scales"], tt["g_idx"], 4, 32)
+    weight.checkpoint_format = "gptq_v2"
+    x = _x((3, 256), seed=52)
+    torch.testing.assert_close(ex.QuantLinear(weight, None)(x), _expected(x, w, None), rtol=1e-5, atol=1e-5)

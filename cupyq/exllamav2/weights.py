@@ -59,19 +59,48 @@ def _widen_invperm(q_invperm):
     return q_invperm
 
 
-def _make_exl2(fields, scale_max_divided, name):
-    from cupyq.qmatrix import QMatrix
-
+def _missing_exl2(fields) -> list:
+    """Names of the EXL2 tensors absent from ``fields`` (q_invperm counts as present when q_perm is given)."""
     missing = [k for k in ("q_weight", "q_scale", "q_scale_max", "q_groups") if is_absent(fields.get(k))]
     if is_absent(fields.get("q_invperm")) and is_absent(fields.get("q_perm")):
         missing.append("q_invperm (or q_perm)")
-    if missing:
-        raise ValueError(f"{name}: EXL2 weights lack {', '.join(missing)}")
+    return missing
+
+
+def _exl2_invperm(fields):
+    """q_invperm of EXL2 ``fields``: the one given, else the inverse of q_perm; int16 read as unsigned."""
     q_invperm = fields.get("q_invperm")
     if is_absent(q_invperm):
         q_perm = _widen_invperm(fields["q_perm"]).to(torch.int64)
         q_invperm = torch.argsort(q_perm).to(torch.int32)
-    q_invperm = _widen_invperm(q_invperm)
+    return _widen_invperm(q_invperm)
+
+
+def validate_exl2(weight):
+    """The checked EXL2 layout (:class:`cupyq.formats.exl2.Exl2Layout`) of a TGI ``Exl2Weight``-like object given
+    to QuantLinear: ValueError naming ``weight`` for an absent tensor, TypeError naming one that is not a torch
+    tensor, then :func:`cupyq.formats.exl2.check_exl2` (ValueError / TypeError naming the tensor)."""
+    from cupyq.formats import exl2
+
+    fields, _ = weight_fields(weight)
+    missing = _missing_exl2(fields)
+    if missing:
+        raise ValueError(f"weight: EXL2 weight object ({type(weight).__name__}) has no {', '.join(missing)}")
+    for tensor_name in ("q_weight", "q_invperm", "q_perm", "q_scale", "q_scale_max", "q_groups"):
+        t = fields.get(tensor_name)
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{tensor_name}: expected a torch tensor, got {type(t).__name__}")
+    return exl2.check_exl2(fields["q_weight"], _exl2_invperm(fields), fields["q_scale"], fields["q_scale_max"],
+                           fields["q_groups"])
+
+
+def _make_exl2(fields, scale_max_divided, name):
+    from cupyq.qmatrix import QMatrix
+
+    missing = _missing_exl2(fields)
+    if missing:
+        raise ValueError(f"{name}: EXL2 weights lack {', '.join(missing)}")
+    q_invperm = _exl2_invperm(fields)
     q_scale_max = fields["q_scale_max"]
     if scale_max_divided:
         q_scale_max = q_scale_max * 256  # a new tensor; exact (power of two)
@@ -138,8 +167,9 @@ def build_qmatrix(fields, scale_max_divided, name):
     )
 
 
-def validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize):
-    """The checked GPTQ layout of a 4-bit layer given to QuantLinear (TypeError / ValueError naming the argument)."""
+def validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize, checkpoint_format="gptq"):
+    """The checked GPTQ layout of a 4-bit layer given to QuantLinear (TypeError / ValueError naming the argument);
+    checkpoint_format: "gptq" or "gptq_v2" (a TGI weight object may carry one)."""
     from cupyq.formats import gptq
 
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
@@ -155,6 +185,7 @@ def validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize):
     if g_idx is not None and not isinstance(g_idx, torch.Tensor):
         raise TypeError(f"g_idx: expected a torch tensor or None, got {type(g_idx).__name__}")
     layout = gptq.check_gptq(qweight, qzeros, scales, g_idx, 4)
+    gptq._check_format(checkpoint_format)
     if groupsize is not None and groupsize != -1:
         if isinstance(groupsize, bool) or not isinstance(groupsize, (int, np.integer)) or groupsize <= 0:
             raise ValueError(f"groupsize: expected a positive int or -1, got {groupsize!r}")
