@@ -899,3 +899,15 @@ def test_quant_linear_reads_a_gptq_v2_weight_object():
     weight.checkpoint_format = "gptq_v2"
     x = _x((3, 256), seed=52)
     torch.testing.assert_close(ex.QuantLinear(weight, None)(x), _expected(x, w, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("short, match", [
+    ("q_scale", r"q_scale: expected shape \(8, 8\), got \(7, 8\)"),
+    ("q_scale_max", r"q_scale_max: expected shape \(8,\), got \(7,\)"),
+    ("q_groups", r"q_groups: expected shape \(16,\), got \(14,\)"),
+])
+def test_ext_make_q_matrix_names_the_exl2_tensor_with_the_odd_group_count(short, match):
+    tt, _, _ = _exl2(seed=53, bias=False)
+    w = dict(tt, **{short: tt[short][:-2] if short == "q_groups" else tt[short][:-1]})
+    with pytest.raises(ValueError, match="layer.3: " + match):
+        ex.ext_make_q_matrix(w, None, key="layer.3")

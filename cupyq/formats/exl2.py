@@ -329,6 +329,16 @@ def encode_scale_codes(codes, xp=None):
         raise ValueError(str(err).replace("values:", "codes:", 1)) from None
 
 
+def _group_count(q_scale, q_scale_max, q_groups) -> int:
+    """G, the rows of ``q_scale``; unless ``q_scale_max`` ([G]) and ``q_groups`` ([2G]) agree on another count, when
+    ``q_scale`` is the tensor out of step and the shape checks name it."""
+    groups = int(q_scale.shape[0])
+    lengths = [int(t.shape[0]) if len(t.shape) == 1 else None for t in (q_scale_max, q_groups)]
+    if lengths[0] is not None and lengths[0] != groups and lengths[1] == 2 * lengths[0]:
+        return lengths[0]
+    return groups
+
+
 def check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups) -> Exl2Layout:
     """Validate the tensors of one EXL2 layer and return its :class:`Exl2Layout`.
 
@@ -353,7 +363,7 @@ def check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups) -> Exl2Layou
     in_features = int(q_invperm.shape[0])
     if not 1 <= in_features <= MAX_EXL2_ROWS:
         raise ValueError(f"q_invperm: expected 1..{MAX_EXL2_ROWS} rows, got {in_features}")
-    num_groups = int(q_scale.shape[0])
+    num_groups = _group_count(q_scale, q_scale_max, q_groups)
     require_shape("q_scale", q_scale, (num_groups, out_features // 8))
     require_shape("q_scale_max", q_scale_max, (num_groups,))
     require_shape("q_groups", q_groups, (2 * num_groups,))
