@@ -87,7 +87,7 @@ class AWQLinear(torch_ops.QMatrixModule, nn.Module):
         "build a new AWQLinear(w_bit, group_size, qweight, qzeros, scales, bias) with the bias wanted")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):
+        if isinstance(x, torch.Tensor) and x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):
             return torch_ops.apply_qgemm(x.half(), self.handle, False).to(x.dtype)
         return torch_ops.apply_qgemm(x, self.handle, False)
 

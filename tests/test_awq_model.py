@@ -257,6 +257,17 @@ def test_awq_linear_validation():
         AWQLinear(4, 64, tt["qweight"], tt["qzeros"], tt["scales"], torch.zeros(65))
 
 
+def test_awq_linear_refuses_an_x_that_is_not_a_torch_tensor():
+    layer, _, w, b = _layer(seed=5)
+    x = _x((2, 256), seed=5)
+    with pytest.raises(TypeError, match=r"x: expected a torch tensor \[\.\.\., in_features\], got numpy\.ndarray; "
+                                        r"convert NumPy arrays with torch\.from_numpy"):
+        layer(x.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.testing.assert_close(layer(x).double(), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 def test_awq_linear_bias_is_read_only_and_truthful():
     layer, tt, w, b = _layer(seed=7)
     x = _x((3, 256), seed=7)

@@ -911,3 +911,16 @@ def test_ext_make_q_matrix_names_the_exl2_tensor_with_the_odd_group_count(short,
     w = dict(tt, **{short: tt[short][:-2] if short == "q_groups" else tt[short][:-1]})
     with pytest.raises(ValueError, match="layer.3: " + match):
         ex.ext_make_q_matrix(w, None, key="layer.3")
+
+
+def test_forward_and_ext_gemm_refuse_an_x_that_is_not_a_torch_tensor():
+    layer, w, b = _lorax_layer("act_order", seed=54)
+    x = _x((2, 256), seed=54)
+    match = r"x: expected a torch tensor \[\.\.\., in_features\], got numpy\.ndarray; convert NumPy arrays"
+    with pytest.raises(TypeError, match=match):
+        layer(x.numpy())
+    with pytest.raises(TypeError, match=match):
+        ex.ext_gemm_half_q_half(x.numpy(), layer._ensure_handle(), 64)
+    with pytest.raises(TypeError, match=r"x: expected a torch tensor .*got builtins\.list"):
+        layer(x.tolist())
+    torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
