@@ -924,3 +924,10 @@ def test_forward_and_ext_gemm_refuse_an_x_that_is_not_a_torch_tensor():
     with pytest.raises(TypeError, match=r"x: expected a torch tensor .*got builtins\.list"):
         layer(x.tolist())
     torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_handle", ["layer.0", True, torch.zeros(3), {"qweight": None}])
+def test_ext_gemm_names_q_handle_when_it_is_neither_a_matrix_nor_a_handle(q_handle):
+    with pytest.raises(TypeError, match=r"q_handle: expected the cupyq\.QMatrix ext_make_q_matrix returned \(or its "
+                                        rf"int handle\), got {type(q_handle).__name__}"):
+        ex.ext_gemm_half_q_half(_x((2, 256), seed=55), q_handle, 64)

@@ -80,7 +80,11 @@ def _resolve_handle(q_handle):
         raise ValueError("q_handle: no quantized matrix (call post_init() or create_exllama_buffers() first)")
     if isinstance(q_handle, (int, np.integer)) and not isinstance(q_handle, bool):
         return torch_ops.lookup_qmatrix(int(q_handle)), int(q_handle)
-    return q_handle, torch_ops.register_qmatrix(q_handle)
+    try:
+        return q_handle, torch_ops.register_qmatrix(q_handle)
+    except TypeError:
+        raise TypeError(f"q_handle: expected the cupyq.QMatrix ext_make_q_matrix returned (or its int handle), "
+                        f"got {type(q_handle).__name__}") from None
 
 
 def ext_gemm_half_q_half(x, q_handle, q4_width, force_cuda=False):
