@@ -931,3 +931,19 @@ def test_ext_gemm_names_q_handle_when_it_is_neither_a_matrix_nor_a_handle(q_hand
     with pytest.raises(TypeError, match=r"q_handle: expected the cupyq\.QMatrix ext_make_q_matrix returned \(or its "
                                         rf"int handle\), got {type(q_handle).__name__}"):
         ex.ext_gemm_half_q_half(_x((2, 256), seed=55), q_handle, 64)
+
+
+@pytest.mark.parametrize("bound, error", [("4096", TypeError), (2.5, TypeError), (True, TypeError), (0, ValueError),
+                                          (-8, ValueError)])
+def test_create_exllama_buffers_refuses_a_bad_token_bound_without_gpu_layers(bound, error):
+    layer, w, b = _lorax_layer("trivial", seed=56)
+    with pytest.raises(error, match="max_total_tokens"):
+        ex.create_exllama_buffers(bound)
+    ex.LAYERS.clear()
+    with pytest.raises(error, match="max_total_tokens"):
+        ex.create_exllama_buffers(bound)
+    with pytest.raises(error, match="max_total_tokens"):
+        ex.dequant_scratch_budget([], bound)
+    assert ex.create_exllama_buffers(4096) == {} and ex.create_exllama_buffers(np.int64(16)) == {}
+    x = _x((2, 256), seed=56)
+    torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)

@@ -55,7 +55,7 @@ from cupyq.exllamav2.ext import bind_scratch, ext_gemm_half_q_half, ext_make_q_m
 from cupyq.exllamav2.weights import (build_qmatrix, implied_g_idx, is_absent, make_group_map, none_tensor,
                                      validate_exl2, validate_gptq4, weight_fields)
 from cupyq.scratch import (  # the scratch budget lives next to the dense path's buffer layout
-    MIN_DEQUANT_ROWS, ScratchNeed, dequant_scratch_budget, scratch_need,
+    MIN_DEQUANT_ROWS, ScratchNeed, check_token_bound, dequant_scratch_budget, scratch_need,
 )
 
 __all__ = [
@@ -102,8 +102,9 @@ def set_device(device) -> None:
 def create_exllama_buffers(max_total_tokens=None):
     """Size and bind the dequantisation scratch of every layer in ``LAYERS``.
 
-    max_total_tokens: the most rows of x a forward will see (TGI passes its max prefill tokens);
-    ``None`` (LoRAX calls it without argument) sizes for a full copy of the largest layer. The
+    max_total_tokens: the most rows of x a forward will see (TGI passes its max prefill tokens), a positive int;
+    ``None`` (LoRAX calls it without argument) sizes for a full copy of the largest layer; anything else is a
+    TypeError / ValueError naming it, whether or not a layer is on a GPU. The
     scratch per device is :func:`dequant_scratch_budget` of its layers. An existing buffer of the
     device is reused when it is large enough, otherwise a new one replaces it (re-capture CUDA graphs
     made before such a call). Builds every layer's matrix if not done yet. Safe to call again, e.g.
@@ -114,6 +115,7 @@ def create_exllama_buffers(max_total_tokens=None):
     with a row permutation gathers all its input rows first); the large-m path then raises
     ``ValueError`` naming the sizes. Call again with the larger bound.
     """
+    check_token_bound(max_total_tokens)  # also where no layer is on a GPU, so a bad bound shows on the CPU too
     by_device: dict = {}
     for layer in list(LAYERS):
         qm = layer._ensure_handle()
