@@ -947,3 +947,17 @@ def test_create_exllama_buffers_refuses_a_bad_token_bound_without_gpu_layers(bou
     assert ex.create_exllama_buffers(4096) == {} and ex.create_exllama_buffers(np.int64(16)) == {}
     x = _x((2, 256), seed=56)
     torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temp_dq", ["scratch", 4096, np.zeros(64, np.float16)])
+def test_post_init_and_ext_make_q_matrix_refuse_a_temp_dq_of_the_wrong_type_on_the_cpu(temp_dq):
+    layer, w, b = _lorax_layer("act_order", seed=57)
+    match = rf"temp_dq: expected an ExLlamaV2DeviceTensors, a CUDA tensor or None, got {type(temp_dq).__name__}"
+    with pytest.raises(TypeError, match=match):
+        layer.post_init(temp_dq)
+    with pytest.raises(TypeError, match=match):
+        ex.ext_make_q_matrix(layer.q_tensors, temp_dq)
+    assert layer.temp_dq is None
+    layer.post_init(ex.ExLlamaV2DeviceTensors("cpu", 1024))  # the right types still bind (to nothing, on the CPU)
+    x = _x((2, 256), seed=57)
+    torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
