@@ -164,6 +164,17 @@ def test_make_group_map_rejects_arrays():
         ex.make_group_map(np.array([4, 0], dtype=np.int16), 4)
 
 
+@pytest.mark.parametrize("num_qrows", [33.7, "34", None])
+def test_make_group_map_refuses_a_row_count_that_is_not_an_int(num_qrows):
+    t = quantize_exl2(_weight(256, 32, 2), bits=(6, 4), proportions=(0.5, 0.5), seed=2)
+    q_groups = torch.from_numpy(t["q_groups"])
+    match = rf"num_qrows: expected an int \(q_weight.shape\[0\]\), got {type(num_qrows).__name__}"
+    with pytest.raises(TypeError, match=match):
+        ex.make_group_map(q_groups, num_qrows)
+    rows = np.int64(t["q_weight"].shape[0])
+    assert ex.make_group_map(q_groups, rows).tolist() == _group_map_rule(t["q_groups"].tolist(), int(rows))
+
+
 # --------------------------------------------------------------------------------------------
 # QuantLinear construction and sizes
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from cupyq.formats.common import is_int
+
 
 # Placeholder for an absent tensor, as in the original module (which passed it to C++ for "None").
 # Every function of the package also accepts plain None.
@@ -34,6 +36,8 @@ def make_group_map(q_groups, num_qrows) -> torch.Tensor:
 
     if not isinstance(q_groups, torch.Tensor):
         raise TypeError(f"q_groups: expected a torch tensor, got {type(q_groups).__name__}")
+    if not is_int(num_qrows):
+        raise TypeError(f"num_qrows: expected an int (q_weight.shape[0]), got {type(num_qrows).__name__} {num_qrows!r}")
     host = q_groups.detach().cpu().numpy()
     group_map = np.ascontiguousarray(exl2.make_group_map(host, int(num_qrows), xp=np))
     return torch.from_numpy(group_map).to(q_groups.device)
