@@ -972,3 +972,15 @@ def test_post_init_and_ext_make_q_matrix_refuse_a_temp_dq_of_the_wrong_type_on_t
     layer.post_init(ex.ExLlamaV2DeviceTensors("cpu", 1024))  # the right types still bind (to nothing, on the CPU)
     x = _x((2, 256), seed=57)
     torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("meta", ["qweight", "qzeros", "scales"])
+def test_quant_linear_refuses_a_meta_weight_tensor_before_joining_layers(meta):
+    tt, g_idx, gs, _, _ = _gptq("act_order", seed=58, bias=False)
+    given = dict(tt, **{meta: tt[meta].to("meta")})
+    match = rf"{meta}: expected the checkpoint's values, got a meta tensor \(no data\)"
+    with pytest.raises(ValueError, match=match):
+        ex.QuantLinear(given["qweight"], given["qzeros"], given["scales"], g_idx, None, 4, gs)
+    with pytest.raises(ValueError, match=match):
+        ex.QuantLinear(_TgiGPTQWeight(given["qweight"], given["qzeros"], given["scales"], g_idx, 4, gs), None)
+    assert ex.LAYERS == [] and ex.create_exllama_buffers() == {}

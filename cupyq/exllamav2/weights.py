@@ -186,6 +186,8 @@ def validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize, checkpoint_f
     for tensor_name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{tensor_name}: expected a torch tensor, got {type(t).__name__}")
+        if t.is_meta:  # the layer could not be built from it (a meta tensor reads as an absent one)
+            raise ValueError(f"{tensor_name}: expected the checkpoint's values, got a meta tensor (no data)")
     if g_idx is not None and not isinstance(g_idx, torch.Tensor):
         raise TypeError(f"g_idx: expected a torch tensor or None, got {type(g_idx).__name__}")
     layout = gptq.check_gptq(qweight, qzeros, scales, g_idx, 4)
