@@ -984,3 +984,10 @@ def test_quant_linear_refuses_a_meta_weight_tensor_before_joining_layers(meta):
     with pytest.raises(ValueError, match=match):
         ex.QuantLinear(_TgiGPTQWeight(given["qweight"], given["qzeros"], given["scales"], g_idx, 4, gs), None)
     assert ex.LAYERS == [] and ex.create_exllama_buffers() == {}
+
+
+@pytest.mark.parametrize("w", [None, torch.ones(4, 8, dtype=torch.int32)])
+def test_ext_make_q_matrix_names_w_when_it_is_none_or_a_tensor(w):
+    with pytest.raises(TypeError, match=rf"w: expected a mapping or a GPTQ/EXL2 weight object of tensors, "
+                                        rf"got {type(w).__name__}"):
+        ex.ext_make_q_matrix(w, None, key="layer.1")

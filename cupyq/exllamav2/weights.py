@@ -48,9 +48,12 @@ _EXL2_FIELDS = ("q_weight", "q_invperm", "q_perm", "q_scale", "q_scale_max", "q_
 
 
 def weight_fields(w):
-    """``(fields, scale_max_divided)`` from a mapping (LoRAX) or a weight object (TGI)."""
+    """``(fields, scale_max_divided)`` from a mapping (LoRAX) or a weight object (TGI); TypeError naming ``w`` for
+    None or a tensor (whose attributes, such as ``Tensor.q_scale``, would read as fields)."""
     if isinstance(w, Mapping):
         return dict(w), False
+    if w is None or isinstance(w, torch.Tensor):
+        raise TypeError(f"w: expected a mapping or a GPTQ/EXL2 weight object of tensors, got {type(w).__name__}")
     fields = {name: getattr(w, name) for name in _GPTQ_FIELDS + _EXL2_FIELDS if hasattr(w, name)}
     # TGI's Exl2Weight divides q_scale_max by 256 when it is created; the checkpoint value is 256x that.
     return fields, "q_weight" in fields
