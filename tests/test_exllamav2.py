@@ -11,6 +11,7 @@ import copy
 import gc
 import pickle
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -991,3 +992,28 @@ def test_ext_make_q_matrix_names_w_when_it_is_none_or_a_tensor(w):
     with pytest.raises(TypeError, match=rf"w: expected a mapping or a GPTQ/EXL2 weight object of tensors, "
                                         rf"got {type(w).__name__}"):
         ex.ext_make_q_matrix(w, None, key="layer.1")
+
+
+def _q_perm_only(tt, q_perm):
+    return {**{k: v for k, v in tt.items() if k != "q_invperm"}, "q_perm": q_perm}
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda p: torch.cat([p[1:2], p[1:]]), r"q_perm: not a permutation of 0\.\.255: some values repeat"),
+    (lambda p: p + 1, r"q_perm: not a permutation of 0\.\.255: values range over \[1, 256\]"),
+    (lambda p: p.float(), r"q_perm: expected dtype int16, uint16, int32 or int64, got float32"),
+])
+def test_a_q_perm_that_is_not_a_permutation_is_refused(spoil, match):
+    tt, w, _ = _exl2(seed=59, bias=False)
+    q_perm = torch.argsort(tt["q_invperm"].long()).to(torch.int32)
+    x = _x((3, 256), seed=59)
+    for good in (q_perm, q_perm.to(torch.int16), q_perm.long()):  # q_perm alone is enough, in any integer width
+        qm = ex.ext_make_q_matrix(_q_perm_only(tt, good))
+        torch.testing.assert_close(ex.ext_gemm_half_q_half(x, qm, 64), _expected(x, w, None), rtol=1e-5, atol=1e-5)
+    bad = _q_perm_only(tt, spoil(q_perm))
+    with pytest.raises((ValueError, TypeError), match="layer.2: " + match):
+        ex.ext_make_q_matrix(bad, None, key="layer.2")
+    weight = SimpleNamespace(**dict(bad, q_scale_max=tt["q_scale_max"] / 256))  # shaped like TGI's Exl2Weight
+    with pytest.raises((ValueError, TypeError), match=match):
+        ex.QuantLinear(weight, None)
+    assert ex.LAYERS == []

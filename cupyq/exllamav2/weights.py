@@ -75,12 +75,16 @@ def _missing_exl2(fields) -> list:
 
 
 def _exl2_invperm(fields):
-    """q_invperm of EXL2 ``fields``: the one given, else the inverse of q_perm; int16 read as unsigned."""
+    """q_invperm of EXL2 ``fields``: the one given (int16 read as unsigned), else the inverse of q_perm, which must be
+    a permutation (ValueError naming q_perm: the inverse of anything else would be a permutation all the same)."""
+    from cupyq.formats import exl2
+
     q_invperm = fields.get("q_invperm")
-    if is_absent(q_invperm):
-        q_perm = _widen_invperm(fields["q_perm"]).to(torch.int64)
-        q_invperm = torch.argsort(q_perm).to(torch.int32)
-    return _widen_invperm(q_invperm)
+    if not is_absent(q_invperm):
+        return _widen_invperm(q_invperm)
+    q_perm = fields["q_perm"]
+    inverse = exl2.perm_from_invperm(q_perm, name="q_perm")  # one rule inverts either into the other
+    return torch.from_numpy(inverse).to(q_perm.device) if isinstance(q_perm, torch.Tensor) else inverse
 
 
 def validate_exl2(weight):

@@ -166,20 +166,21 @@ def _host_or_self(a):
     return a
 
 
-def perm_from_invperm(q_invperm, xp=None):
+def perm_from_invperm(q_invperm, xp=None, *, name="q_invperm"):
     """``perm`` with ``perm[sorted_row] = original_row`` from ``q_invperm[original_row] = sorted_row``.
 
     q_invperm: int16/uint16/int32/int64 [K], a permutation of ``0..K-1``. 16-bit input is read as unsigned
     (as the kernels read it), then widened to int32 before inverting, so K up to 65535 is safe; the range is
     checked on the stored values, before int64 input is narrowed.
-    Returns int32 [K]. Raises ValueError unless ``q_invperm`` is a permutation.
+    Returns int32 [K]. Raises ValueError unless ``q_invperm`` is a permutation. name: the tensor the errors name
+    (``"q_perm"`` where the same rule inverts a ``q_perm`` into its ``q_invperm``).
     """
     q_invperm = _host_or_self(q_invperm)
     xp = resolve_xp(q_invperm, xp)
-    name = require_dtype("q_invperm", q_invperm, ("int16", "uint16", "int32", "int64"))
-    require_ndim("q_invperm", q_invperm, 1)
+    dtype = require_dtype(name, q_invperm, ("int16", "uint16", "int32", "int64"))
+    require_ndim(name, q_invperm, 1)
     inv = xp.asarray(q_invperm)
-    if name == "int16":
+    if dtype == "int16":
         inv = inv.astype(xp.int32) & 0xFFFF
     k = int(inv.shape[0])
     if k == 0:
@@ -188,14 +189,14 @@ def perm_from_invperm(q_invperm, xp=None):
     if lo < 0 or hi >= k:
         at = int(xp.argmin(inv)) if lo < 0 else int(xp.argmax(inv))
         raise ValueError(
-            f"q_invperm: not a permutation of 0..{k - 1}: values range over [{lo}, {hi}] "
+            f"{name}: not a permutation of 0..{k - 1}: values range over [{lo}, {hi}] "
             f"(value {int(inv[at])} at row {at})"
         )
     inv = inv.astype(xp.int32)
     perm = xp.full(k, -1, dtype=xp.int32)
     perm[inv] = xp.arange(k, dtype=xp.int32)
     if int(perm.min()) < 0:  # K values into K slots: an empty slot means a repeated value
-        raise ValueError(f"q_invperm: not a permutation of 0..{k - 1}: some values repeat")
+        raise ValueError(f"{name}: not a permutation of 0..{k - 1}: some values repeat")
     return perm
 
 
