@@ -1017,3 +1017,17 @@ def test_a_q_perm_that_is_not_a_permutation_is_refused(spoil, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ex.QuantLinear(weight, None)
     assert ex.LAYERS == []
+
+
+def test_ext_make_q_matrix_without_g_idx_says_to_pass_g_idx_when_the_groups_are_not_a_power_of_two():
+    t = quantize_gptq(_weight(256, 64, 60), bits=4, group_size=96, seed=60)  # groups of 96, 96 and 64 rows
+    tt = {name: torch.from_numpy(a) for name, a in t.items()}
+    w_dict = {"qweight": tt["qweight"], "qzeros": tt["qzeros"], "scales": tt["scales"]}
+    with pytest.raises(ValueError, match=r"layer.4: g_idx: none given, so the layer is read with the power-of-two "
+                                         r"group size 128 .* 2 groups for 256 input rows, but qzeros/scales have 3; "
+                                         r"pass the checkpoint's g_idx"):
+        ex.ext_make_q_matrix(w_dict, None, key="layer.4")
+    w = reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)
+    qm = ex.ext_make_q_matrix(dict(w_dict, g_idx=tt["g_idx"]), None)
+    x = _x((2, 256), seed=60)
+    torch.testing.assert_close(ex.ext_gemm_half_q_half(x, qm, 64), _expected(x, w, None), rtol=1e-5, atol=1e-5)

@@ -134,6 +134,8 @@ def _make_gptq(fields, name):
     bits = fields.get("bits", 4)
     checkpoint_format = fields.get("checkpoint_format", "gptq")
     group_size = None if g_idx is not None else _exllamav2_group_size(qweight, fields["qzeros"], bits)
+    if group_size not in (None, -1):
+        _check_power_of_two_groups(qweight, fields["qzeros"], fields["scales"], bits, group_size)
     return QMatrix.from_gptq(
         qweight, fields["qzeros"], fields["scales"], g_idx, bias, bits=bits, checkpoint_format=checkpoint_format,
         group_size=group_size,
@@ -155,6 +157,20 @@ def _exllamav2_group_size(qweight, qzeros, bits):
     while size * groups < in_features:
         size *= 2
     return size
+
+
+def _check_power_of_two_groups(qweight, qzeros, scales, bits, group_size):
+    """ValueError naming g_idx where the power-of-two ``group_size`` read for a layer without g_idx does not give
+    the group count qzeros and scales agree on (a checkpoint with groups of, say, 96 rows: only its g_idx says so);
+    where they disagree, QMatrix.from_gptq names the one that is wrong."""
+    in_features, groups = qweight.shape[0] * 32 // int(bits), qzeros.shape[0]
+    needed = -(-in_features // group_size)
+    if needed != groups and tuple(getattr(scales, "shape", ()))[:1] == (groups,):
+        raise ValueError(
+            f"g_idx: none given, so the layer is read with the power-of-two group size {group_size} (as exllamav2 "
+            f"reads one), which gives {needed} groups for {in_features} input rows, but qzeros/scales have {groups}; "
+            "pass the checkpoint's g_idx (k // group_size)"
+        )
 
 
 def build_qmatrix(fields, scale_max_divided, name):
