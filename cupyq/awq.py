@@ -62,7 +62,11 @@ class AWQLinear(torch_ops.QMatrixModule, nn.Module):
         for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
+            if t.is_meta:
+                raise ValueError(f"{name}: expected the checkpoint's values, got a meta tensor (no data)")
         bias = None if _is_absent(bias) else bias
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch tensor or None, got {type(bias).__name__}")
         tensors = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "bias": bias}
         devices = {str(t.device) for t in tensors.values() if t is not None}
         if len(devices) > 1:
@@ -87,7 +91,7 @@ class AWQLinear(torch_ops.QMatrixModule, nn.Module):
         "build a new AWQLinear(w_bit, group_size, qweight, qzeros, scales, bias) with the bias wanted")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):
+        if isinstance(x, torch.Tensor) and x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):
             return torch_ops.apply_qgemm(x.half(), self.handle, False).to(x.dtype)
         return torch_ops.apply_qgemm(x, self.handle, False)
 

@@ -189,6 +189,18 @@ def scratch_need(qm) -> ScratchNeed:
     return ScratchNeed(int(qm.dequant_scratch_bytes), cols * 2, rows * 2 if gathers else 0)
 
 
+def check_token_bound(max_total_tokens) -> int | None:
+    """``max_total_tokens`` (the most rows of x one forward sees) as an int, or None for no bound; TypeError /
+    ValueError naming it for anything but None or a positive int."""
+    if max_total_tokens is None:
+        return None
+    if isinstance(max_total_tokens, bool) or not isinstance(max_total_tokens, (int, np.integer)):
+        raise TypeError(f"max_total_tokens: expected an int or None, got {type(max_total_tokens).__name__}")
+    if max_total_tokens <= 0:
+        raise ValueError(f"max_total_tokens: expected a positive number of tokens, got {max_total_tokens}")
+    return int(max_total_tokens)
+
+
 def dequant_scratch_budget(needs, max_total_tokens=None) -> int:
     """Bytes of dequantisation scratch for layers that share one region.
 
@@ -203,15 +215,11 @@ def dequant_scratch_budget(needs, max_total_tokens=None) -> int:
     is the largest per-layer figure rounded up to 128.
     """
     needs = [ScratchNeed(*(_check_size("needs", int(v)) for v in need)) for need in needs]
+    tokens = check_token_bound(max_total_tokens)
     if not needs:
         return 0
-    if max_total_tokens is None:
+    if tokens is None:
         return _round_up(max(n.full_bytes for n in needs), SCRATCH_ALIGN)
-    if isinstance(max_total_tokens, bool) or not isinstance(max_total_tokens, (int, np.integer)):
-        raise TypeError(f"max_total_tokens: expected an int or None, got {type(max_total_tokens).__name__}")
-    if max_total_tokens <= 0:
-        raise ValueError(f"max_total_tokens: expected a positive number of tokens, got {max_total_tokens}")
-    tokens = int(max_total_tokens)
     rows = _round_up(max(2 * tokens, MIN_DEQUANT_ROWS), 64)
     per_layer = [
         min(n.full_bytes, _round_up(tokens * n.gather_bytes, 256) + 256 + rows * n.row_bytes + SCRATCH_ALIGN)

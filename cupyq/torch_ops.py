@@ -168,6 +168,9 @@ def apply_qgemm(x: torch.Tensor, handle: int, force_cuda: bool = False) -> torch
     """
     if (_is_compiling() or type(x) is not torch.Tensor or (x.requires_grad and _is_grad_enabled())
             or _is_tracing()):
+        if not isinstance(x, torch.Tensor):  # the dispatcher's own message would print all of x
+            raise TypeError(f"x: expected a torch tensor [..., in_features], got {type(x).__module__}."
+                            f"{type(x).__name__}; convert NumPy arrays with torch.from_numpy")
         return qgemm(x, handle, force_cuda)
     ref = _by_handle.get(handle) if type(handle) is int else None
     qm = ref() if ref is not None else None

@@ -257,6 +257,34 @@ def test_awq_linear_validation():
         AWQLinear(4, 64, tt["qweight"], tt["qzeros"], tt["scales"], torch.zeros(65))
 
 
+@pytest.mark.parametrize("bias", [[0.5] * 64, np.full(64, 0.5, np.float32)])
+def test_awq_linear_refuses_a_bias_that_is_not_a_torch_tensor(bias):
+    t = random_awq(np.random.default_rng(6), 256, 64, 64)
+    tt = {name: torch.from_numpy(a) for name, a in t.items()}
+    with pytest.raises(TypeError, match=rf"bias: expected a torch tensor or None, got {type(bias).__name__}"):
+        AWQLinear(4, 64, tt["qweight"], tt["qzeros"], tt["scales"], bias)
+
+
+@pytest.mark.parametrize("meta", ["qweight", "qzeros", "scales"])
+def test_awq_linear_refuses_a_meta_tensor(meta):
+    t = random_awq(np.random.default_rng(7), 256, 64, 64)
+    tt = {name: torch.from_numpy(a) for name, a in t.items()}
+    tt[meta] = tt[meta].to("meta")
+    with pytest.raises(ValueError, match=rf"{meta}: expected the checkpoint's values, got a meta tensor \(no data\)"):
+        AWQLinear(4, 64, tt["qweight"], tt["qzeros"], tt["scales"], None)
+
+
+def test_awq_linear_refuses_an_x_that_is_not_a_torch_tensor():
+    layer, _, w, b = _layer(seed=5)
+    x = _x((2, 256), seed=5)
+    with pytest.raises(TypeError, match=r"x: expected a torch tensor \[\.\.\., in_features\], got numpy\.ndarray; "
+                                        r"convert NumPy arrays with torch\.from_numpy"):
+        layer(x.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.testing.assert_close(layer(x).double(), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 def test_awq_linear_bias_is_read_only_and_truthful():
     layer, tt, w, b = _layer(seed=7)
     x = _x((3, 256), seed=7)

@@ -11,6 +11,7 @@ import copy
 import gc
 import pickle
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -162,6 +163,17 @@ def test_make_group_map(bits, proportions, k):
 def test_make_group_map_rejects_arrays():
     with pytest.raises(TypeError, match="q_groups"):
         ex.make_group_map(np.array([4, 0], dtype=np.int16), 4)
+
+
+@pytest.mark.parametrize("num_qrows", [33.7, "34", None])
+def test_make_group_map_refuses_a_row_count_that_is_not_an_int(num_qrows):
+    t = quantize_exl2(_weight(256, 32, 2), bits=(6, 4), proportions=(0.5, 0.5), seed=2)
+    q_groups = torch.from_numpy(t["q_groups"])
+    match = rf"num_qrows: expected an int \(q_weight.shape\[0\]\), got {type(num_qrows).__name__}"
+    with pytest.raises(TypeError, match=match):
+        ex.make_group_map(q_groups, num_qrows)
+    rows = np.int64(t["q_weight"].shape[0])
+    assert ex.make_group_map(q_groups, rows).tolist() == _group_map_rule(t["q_groups"].tolist(), int(rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -837,3 +849,185 @@ def test_lorax_quant_linear_with_a_wrong_groupsize_is_refused():
     tt, _ = _three_groups_of_128(seed=42)
     with pytest.raises(ValueError, match=r"groupsize: 64 gives 5 groups for 320 input features"):
         ex.QuantLinear(tt["qweight"], tt["qzeros"], tt["scales"], None, None, 4, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# TGI weight objects are checked when the layer is constructed, before it joins LAYERS
+# --------------------------------------------------------------------------------------------
+
+
+def _exl2_object(tt, **replace):
+    weight = _tgi_exl2(tt)
+    for name, value in replace.items():
+        setattr(weight, name, value)
+    return weight
+
+
+@pytest.mark.parametrize("replace, error, match", [
+    (lambda tt: {"q_scale": tt["q_scale"].float()}, TypeError, r"q_scale: expected dtype int32, got float32"),
+    (lambda tt: {"q_groups": tt["q_groups"][:2]}, ValueError, r"q_groups: expected shape \(16,\), got \(2,\)"),
+    (lambda tt: {"q_invperm": tt["q_invperm"].flip(0)[:-1]}, ValueError, r"q_invperm: not a permutation"),
+    (lambda tt: {"q_invperm": list(range(256))}, TypeError, r"q_invperm: expected a torch tensor, got list"),
+    (lambda tt: {"q_weight": tt["q_weight"][0]}, ValueError, r"q_weight: expected a 2-D array, got shape \(64,\)"),
+    (lambda tt: {"q_scale_max": torch.full((8,), float("nan"), dtype=torch.float16)}, ValueError,
+     r"q_scale_max: expected finite values"),
+])
+def test_quant_linear_refuses_a_bad_exl2_weight_object_before_joining_layers(replace, error, match):
+    tt, _, _ = _exl2(seed=50, bias=False)
+    weight = _tgi_exl2(tt)
+    good = ex.QuantLinear(weight, None)
+    # the W the object means: its q_scale_max was divided by 256 in float16 (rounded where subnormal)
+    w = reference.dequantize_exl2(tt["q_weight"], tt["q_invperm"], tt["q_scale"], weight.q_scale_max.float() * 256,
+                                  tt["q_groups"])
+    snap = _snapshot(tt)
+    with pytest.raises(error, match=match):
+        ex.QuantLinear(_exl2_object(tt, **replace(tt)), None)
+    _assert_unchanged(tt, snap)
+    assert ex.LAYERS == [good] and ex.FIXED_BYTES == good.temp_dq_size()
+    assert ex.create_exllama_buffers() == {}  # the refused layer does not break the buffers of the others
+    x = _x((3, 256), seed=50)
+    torch.testing.assert_close(good(x), _expected(x, w, None), rtol=1e-5, atol=1e-5)
+
+
+def test_quant_linear_refuses_a_gptq_weight_object_with_a_missing_tensor_or_unknown_format():
+    tt, g_idx, gs, _, _ = _gptq("act_order", seed=51)
+    lacking = _TgiGPTQWeight(tt["qweight"], tt["qzeros"], tt["scales"], g_idx, 4, gs)
+    del lacking.qzeros
+    with pytest.raises(TypeError, match=r"qzeros: expected a torch tensor, got NoneType"):
+        ex.QuantLinear(lacking, None)
+    odd_format = _TgiGPTQWeight(tt["qweight"], tt["qzeros"], tt["scales"], g_idx, 4, gs)
+    odd_format.checkpoint_format = "gptq_v3"
+    with pytest.raises(ValueError, match=r"checkpoint_format: expected one of \('gptq', 'gptq_v2'\), got 'gptq_v3'"):
+        ex.QuantLinear(odd_format, None)
+    assert ex.LAYERS == [] and ex.FIXED_BYTES == 0
+
+
+def test_quant_linear_reads_a_gptq_v2_weight_object():
+    t = quantize_gptq(_weight(256, 64, 52), bits=4, group_size=32, act_order=True, checkpoint_format="gptq_v2", seed=52)
+    w = reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4,
+                                  checkpoint_format="gptq_v2")
+    tt = {name: torch.from_numpy(a) for name, a in t.items()}
+    weight = _TgiGPTQWeight(tt["qweight"], tt["qzeros"], tt["scales"], tt["g_idx"], 4, 32)
+    weight.checkpoint_format = "gptq_v2"
+    x = _x((3, 256), seed=52)
+    torch.testing.assert_close(ex.QuantLinear(weight, None)(x), _expected(x, w, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("short, match", [
+    ("q_scale", r"q_scale: expected shape \(8, 8\), got \(7, 8\)"),
+    ("q_scale_max", r"q_scale_max: expected shape \(8,\), got \(7,\)"),
+    ("q_groups", r"q_groups: expected shape \(16,\), got \(14,\)"),
+])
+def test_ext_make_q_matrix_names_the_exl2_tensor_with_the_odd_group_count(short, match):
+    tt, _, _ = _exl2(seed=53, bias=False)
+    w = dict(tt, **{short: tt[short][:-2] if short == "q_groups" else tt[short][:-1]})
+    with pytest.raises(ValueError, match="layer.3: " + match):
+        ex.ext_make_q_matrix(w, None, key="layer.3")
+
+
+def test_forward_and_ext_gemm_refuse_an_x_that_is_not_a_torch_tensor():
+    layer, w, b = _lorax_layer("act_order", seed=54)
+    x = _x((2, 256), seed=54)
+    match = r"x: expected a torch tensor \[\.\.\., in_features\], got numpy\.ndarray; convert NumPy arrays"
+    with pytest.raises(TypeError, match=match):
+        layer(x.numpy())
+    with pytest.raises(TypeError, match=match):
+        ex.ext_gemm_half_q_half(x.numpy(), layer._ensure_handle(), 64)
+    with pytest.raises(TypeError, match=r"x: expected a torch tensor .*got builtins\.list"):
+        layer(x.tolist())
+    torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_handle", ["layer.0", True, torch.zeros(3), {"qweight": None}])
+def test_ext_gemm_names_q_handle_when_it_is_neither_a_matrix_nor_a_handle(q_handle):
+    with pytest.raises(TypeError, match=r"q_handle: expected the cupyq\.QMatrix ext_make_q_matrix returned \(or its "
+                                        rf"int handle\), got {type(q_handle).__name__}"):
+        ex.ext_gemm_half_q_half(_x((2, 256), seed=55), q_handle, 64)
+
+
+@pytest.mark.parametrize("bound, error", [("4096", TypeError), (2.5, TypeError), (True, TypeError), (0, ValueError),
+                                          (-8, ValueError)])
+def test_create_exllama_buffers_refuses_a_bad_token_bound_without_gpu_layers(bound, error):
+    layer, w, b = _lorax_layer("trivial", seed=56)
+    with pytest.raises(error, match="max_total_tokens"):
+        ex.create_exllama_buffers(bound)
+    ex.LAYERS.clear()
+    with pytest.raises(error, match="max_total_tokens"):
+        ex.create_exllama_buffers(bound)
+    with pytest.raises(error, match="max_total_tokens"):
+        ex.dequant_scratch_budget([], bound)
+    assert ex.create_exllama_buffers(4096) == {} and ex.create_exllama_buffers(np.int64(16)) == {}
+    x = _x((2, 256), seed=56)
+    torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temp_dq", ["scratch", 4096, np.zeros(64, np.float16)])
+def test_post_init_and_ext_make_q_matrix_refuse_a_temp_dq_of_the_wrong_type_on_the_cpu(temp_dq):
+    layer, w, b = _lorax_layer("act_order", seed=57)
+    match = rf"temp_dq: expected an ExLlamaV2DeviceTensors, a CUDA tensor or None, got {type(temp_dq).__name__}"
+    with pytest.raises(TypeError, match=match):
+        layer.post_init(temp_dq)
+    with pytest.raises(TypeError, match=match):
+        ex.ext_make_q_matrix(layer.q_tensors, temp_dq)
+    assert layer.temp_dq is None
+    layer.post_init(ex.ExLlamaV2DeviceTensors("cpu", 1024))  # the right types still bind (to nothing, on the CPU)
+    x = _x((2, 256), seed=57)
+    torch.testing.assert_close(layer(x), _expected(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("meta", ["qweight", "qzeros", "scales"])
+def test_quant_linear_refuses_a_meta_weight_tensor_before_joining_layers(meta):
+    tt, g_idx, gs, _, _ = _gptq("act_order", seed=58, bias=False)
+    given = dict(tt, **{meta: tt[meta].to("meta")})
+    match = rf"{meta}: expected the checkpoint's values, got a meta tensor \(no data\)"
+    with pytest.raises(ValueError, match=match):
+        ex.QuantLinear(given["qweight"], given["qzeros"], given["scales"], g_idx, None, 4, gs)
+    with pytest.raises(ValueError, match=match):
+        ex.QuantLinear(_TgiGPTQWeight(given["qweight"], given["qzeros"], given["scales"], g_idx, 4, gs), None)
+    assert ex.LAYERS == [] and ex.create_exllama_buffers() == {}
+
+
+@pytest.mark.parametrize("w", [None, torch.ones(4, 8, dtype=torch.int32)])
+def test_ext_make_q_matrix_names_w_when_it_is_none_or_a_tensor(w):
+    with pytest.raises(TypeError, match=rf"w: expected a mapping or a GPTQ/EXL2 weight object of tensors, "
+                                        rf"got {type(w).__name__}"):
+        ex.ext_make_q_matrix(w, None, key="layer.1")
+
+
+def _q_perm_only(tt, q_perm):
+    return {**{k: v for k, v in tt.items() if k != "q_invperm"}, "q_perm": q_perm}
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda p: torch.cat([p[1:2], p[1:]]), r"q_perm: not a permutation of 0\.\.255: some values repeat"),
+    (lambda p: p + 1, r"q_perm: not a permutation of 0\.\.255: values range over \[1, 256\]"),
+    (lambda p: p.float(), r"q_perm: expected dtype int16, uint16, int32 or int64, got float32"),
+])
+def test_a_q_perm_that_is_not_a_permutation_is_refused(spoil, match):
+    tt, w, _ = _exl2(seed=59, bias=False)
+    q_perm = torch.argsort(tt["q_invperm"].long()).to(torch.int32)
+    x = _x((3, 256), seed=59)
+    for good in (q_perm, q_perm.to(torch.int16), q_perm.long()):  # q_perm alone is enough, in any integer width
+        qm = ex.ext_make_q_matrix(_q_perm_only(tt, good))
+        torch.testing.assert_close(ex.ext_gemm_half_q_half(x, qm, 64), _expected(x, w, None), rtol=1e-5, atol=1e-5)
+    bad = _q_perm_only(tt, spoil(q_perm))
+    with pytest.raises((ValueError, TypeError), match="layer.2: " + match):
+        ex.ext_make_q_matrix(bad, None, key="layer.2")
+    weight = SimpleNamespace(**dict(bad, q_scale_max=tt["q_scale_max"] / 256))  # shaped like TGI's Exl2Weight
+    with pytest.raises((ValueError, TypeError), match=match):
+        ex.QuantLinear(weight, None)
+    assert ex.LAYERS == []
+
+
+def test_ext_make_q_matrix_without_g_idx_says_to_pass_g_idx_when_the_groups_are_not_a_power_of_two():
+    t = quantize_gptq(_weight(256, 64, 60), bits=4, group_size=96, seed=60)  # groups of 96, 96 and 64 rows
+    tt = {name: torch.from_numpy(a) for name, a in t.items()}
+    w_dict = {"qweight": tt["qweight"], "qzeros": tt["qzeros"], "scales": tt["scales"]}
+    with pytest.raises(ValueError, match=r"layer.4: g_idx: none given, so the layer is read with the power-of-two "
+                                         r"group size 128 .* 2 groups for 256 input rows, but qzeros/scales have 3; "
+                                         r"pass the checkpoint's g_idx"):
+        ex.ext_make_q_matrix(w_dict, None, key="layer.4")
+    w = reference.dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4)
+    qm = ex.ext_make_q_matrix(dict(w_dict, g_idx=tt["g_idx"]), None)
+    x = _x((2, 256), seed=60)
+    torch.testing.assert_close(ex.ext_gemm_half_q_half(x, qm, 64), _expected(x, w, None), rtol=1e-5, atol=1e-5)

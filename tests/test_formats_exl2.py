@@ -243,6 +243,7 @@ def _bad_layers():
         (dict(t, q_groups=q_groups.astype(np.int64)), TypeError, "q_groups: expected dtype int16 or int32, got int64"),
         (dict(t, q_scale=t["q_scale"][:, :3]), ValueError, r"q_scale: expected shape \(3, 4\), got \(3, 3\)"),
         (dict(t, q_scale_max=t["q_scale_max"][:2]), ValueError, r"q_scale_max: expected shape \(3,\), got \(2,\)"),
+        (dict(t, q_scale=t["q_scale"][:2]), ValueError, r"q_scale: expected shape \(3, 4\), got \(2, 4\)"),
         (dict(t, q_groups=q_groups[:4]), ValueError, r"q_groups: expected shape \(6,\), got \(4,\)"),
         (dict(t, q_weight=t["q_weight"][:, :30]), ValueError, "q_weight: expected a column count that is a multiple of 8, got 30"),
         (dict(t, q_invperm=np.arange(65536, dtype=np.int32)), ValueError, "q_invperm: expected 1..65535 rows, got 65536"),

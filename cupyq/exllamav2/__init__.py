@@ -53,9 +53,9 @@ from cupyq.formats.exl2 import exl2_out_features
 from cupyq.exllamav2.device_tensors import ExLlamaV2DeviceTensors
 from cupyq.exllamav2.ext import bind_scratch, ext_gemm_half_q_half, ext_make_q_matrix, qmatrix_torch_device
 from cupyq.exllamav2.weights import (build_qmatrix, implied_g_idx, is_absent, make_group_map, none_tensor,
-                                     validate_gptq4, weight_fields)
+                                     validate_exl2, validate_gptq4, weight_fields)
 from cupyq.scratch import (  # the scratch budget lives next to the dense path's buffer layout
-    MIN_DEQUANT_ROWS, ScratchNeed, dequant_scratch_budget, scratch_need,
+    MIN_DEQUANT_ROWS, ScratchNeed, check_token_bound, dequant_scratch_budget, scratch_need,
 )
 
 __all__ = [
@@ -102,8 +102,9 @@ def set_device(device) -> None:
 def create_exllama_buffers(max_total_tokens=None):
     """Size and bind the dequantisation scratch of every layer in ``LAYERS``.
 
-    max_total_tokens: the most rows of x a forward will see (TGI passes its max prefill tokens);
-    ``None`` (LoRAX calls it without argument) sizes for a full copy of the largest layer. The
+    max_total_tokens: the most rows of x a forward will see (TGI passes its max prefill tokens), a positive int;
+    ``None`` (LoRAX calls it without argument) sizes for a full copy of the largest layer; anything else is a
+    TypeError / ValueError naming it, whether or not a layer is on a GPU. The
     scratch per device is :func:`dequant_scratch_budget` of its layers. An existing buffer of the
     device is reused when it is large enough, otherwise a new one replaces it (re-capture CUDA graphs
     made before such a call). Builds every layer's matrix if not done yet. Safe to call again, e.g.
@@ -114,6 +115,7 @@ def create_exllama_buffers(max_total_tokens=None):
     with a row permutation gathers all its input rows first); the large-m path then raises
     ``ValueError`` naming the sizes. Call again with the larger bound.
     """
+    check_token_bound(max_total_tokens)  # also where no layer is on a GPU, so a bad bound shows on the CPU too
     by_device: dict = {}
     for layer in list(LAYERS):
         qm = layer._ensure_handle()
@@ -146,8 +148,9 @@ class QuantLinear(torch_ops.QMatrixModule, nn.Module):
     Attributes as the original: ``infeatures`` (K), ``outfeatures`` (N rounded up to 32),
     ``padding`` (the rounding), ``q_handle`` (the ``cupyq.QMatrix`` once built; forward uses the matrix it
     holds), ``temp_dq``, ``bias`` (read-only: a copy of the bias the matrix adds, see :attr:`bias`).
-    Construction checks the bias (:func:`cupyq.formats.bias.check_bias`; ValueError/TypeError naming ``bias``,
-    before anything is registered), then appends the layer to ``LAYERS`` and raises ``FIXED_BYTES`` to its
+    Construction checks the weight tensors (the GPTQ or EXL2 layout rules of :mod:`cupyq.formats`) and the bias
+    (:func:`cupyq.formats.bias.check_bias`): ValueError/TypeError naming the tensor, before anything is registered;
+    then it appends the layer to ``LAYERS`` and raises ``FIXED_BYTES`` to its
     ``temp_dq_size()``; so does unpickling or ``copy.deepcopy`` (:class:`cupyq.torch_ops.QMatrixModule`: a copy
     shares the matrix and ``temp_dq``; a layer on a GPU refuses to be pickled).
 
@@ -221,17 +224,11 @@ class QuantLinear(torch_ops.QMatrixModule, nn.Module):
     def _init_tgi(self, weight, bias):
         bias = None if is_absent(bias) else bias
         if hasattr(weight, "q_weight"):
-            fields, _ = weight_fields(weight)
-            absent = [k for k in ("q_scale", "q_scale_max", "q_groups") if is_absent(fields.get(k))]
-            perm = fields.get("q_invperm") if not is_absent(fields.get("q_invperm")) else fields.get("q_perm")
-            if is_absent(perm):
-                absent.insert(0, "q_invperm (or q_perm)")
-            if absent:
-                raise ValueError(f"weight: EXL2 weight object ({type(weight).__name__}) has no {', '.join(absent)}")
+            layout = validate_exl2(weight)
             self.bits = None
-            self.infeatures = int(perm.shape[0])
+            self.infeatures = layout.in_features
             # q_weight's columns may include padding; a bias of the true width says where the layer ends
-            self.outfeatures = exl2_out_features(int(weight.q_weight.shape[1]), bias)
+            self.outfeatures = exl2_out_features(layout.out_features, bias)
             self._set_bias(bias, self.outfeatures, weight.q_weight.device)
             self.device = weight.q_weight.device
             self.q_tensors = weight
@@ -242,7 +239,9 @@ class QuantLinear(torch_ops.QMatrixModule, nn.Module):
             groupsize = getattr(weight, "groupsize", -1)
             g_idx = getattr(weight, "g_idx", None)
             g_idx = None if is_absent(g_idx) else g_idx
-            layout = validate_gptq4(weight.qweight, weight.qzeros, weight.scales, g_idx, bits, groupsize)
+            qzeros, scales = getattr(weight, "qzeros", None), getattr(weight, "scales", None)
+            checkpoint_format = getattr(weight, "checkpoint_format", None) or "gptq"
+            layout = validate_gptq4(weight.qweight, qzeros, scales, g_idx, bits, groupsize, checkpoint_format)
             self.bits = 4
             self.maxq = 15
             self.infeatures = layout.in_features
@@ -254,10 +253,10 @@ class QuantLinear(torch_ops.QMatrixModule, nn.Module):
                 g_idx = implied_g_idx(weight.qweight, groupsize, layout.in_features, layout.groups)
             self.q_tensors = {
                 "qweight": weight.qweight,
-                "qzeros": weight.qzeros,
-                "scales": weight.scales,
+                "qzeros": qzeros,
+                "scales": scales,
                 "g_idx": g_idx,
-                "checkpoint_format": getattr(weight, "checkpoint_format", "gptq"),
+                "checkpoint_format": checkpoint_format,
             }
         else:
             raise TypeError(

@@ -27,8 +27,16 @@ def qmatrix_torch_device(qm) -> torch.device:
 
 
 def bind_scratch(qm, temp_dq):
-    """Give ``qm`` its dequantisation scratch from ``temp_dq``; returns the slice used (or None)."""
-    if is_absent(temp_dq) or not getattr(qm, "is_cuda", False):
+    """Give ``qm`` its dequantisation scratch from ``temp_dq``; returns the slice used (or None).
+
+    temp_dq of the wrong type is a TypeError for a CPU matrix too, though a CPU matrix takes no scratch."""
+    if is_absent(temp_dq):
+        return None
+    if not isinstance(temp_dq, (ExLlamaV2DeviceTensors, torch.Tensor)) and not hasattr(temp_dq, "get_scratch_slice"):
+        raise TypeError(
+            f"temp_dq: expected an ExLlamaV2DeviceTensors, a CUDA tensor or None, got {type(temp_dq).__name__}"
+        )
+    if not getattr(qm, "is_cuda", False):
         return None  # CPU matrices need no scratch; without one, gemm uses its bounded default
     device = qmatrix_torch_device(qm)
     if isinstance(temp_dq, ExLlamaV2DeviceTensors):
@@ -37,12 +45,8 @@ def bind_scratch(qm, temp_dq):
         piece = temp_dq.get_dequant_slice(qmatrix_bytes(qm))
     elif isinstance(temp_dq, torch.Tensor):
         piece = temp_dq
-    elif hasattr(temp_dq, "get_scratch_slice"):  # another module's device-tensors object
+    else:  # another module's device-tensors object
         piece = temp_dq.get_scratch_slice(qmatrix_bytes(qm))
-    else:
-        raise TypeError(
-            f"temp_dq: expected an ExLlamaV2DeviceTensors, a CUDA tensor or None, got {type(temp_dq).__name__}"
-        )
     if not isinstance(piece, torch.Tensor) or piece.device != device:
         where = piece.device if isinstance(piece, torch.Tensor) else type(piece).__name__
         raise ValueError(f"temp_dq: expected a scratch tensor on {device}, got {where}")
@@ -80,7 +84,11 @@ def _resolve_handle(q_handle):
         raise ValueError("q_handle: no quantized matrix (call post_init() or create_exllama_buffers() first)")
     if isinstance(q_handle, (int, np.integer)) and not isinstance(q_handle, bool):
         return torch_ops.lookup_qmatrix(int(q_handle)), int(q_handle)
-    return q_handle, torch_ops.register_qmatrix(q_handle)
+    try:
+        return q_handle, torch_ops.register_qmatrix(q_handle)
+    except TypeError:
+        raise TypeError(f"q_handle: expected the cupyq.QMatrix ext_make_q_matrix returned (or its int handle), "
+                        f"got {type(q_handle).__name__}") from None
 
 
 def ext_gemm_half_q_half(x, q_handle, q4_width, force_cuda=False):

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from cupyq.formats.common import is_int
+
 
 # Placeholder for an absent tensor, as in the original module (which passed it to C++ for "None").
 # Every function of the package also accepts plain None.
@@ -34,6 +36,8 @@ def make_group_map(q_groups, num_qrows) -> torch.Tensor:
 
     if not isinstance(q_groups, torch.Tensor):
         raise TypeError(f"q_groups: expected a torch tensor, got {type(q_groups).__name__}")
+    if not is_int(num_qrows):
+        raise TypeError(f"num_qrows: expected an int (q_weight.shape[0]), got {type(num_qrows).__name__} {num_qrows!r}")
     host = q_groups.detach().cpu().numpy()
     group_map = np.ascontiguousarray(exl2.make_group_map(host, int(num_qrows), xp=np))
     return torch.from_numpy(group_map).to(q_groups.device)
@@ -44,9 +48,12 @@ _EXL2_FIELDS = ("q_weight", "q_invperm", "q_perm", "q_scale", "q_scale_max", "q_
 
 
 def weight_fields(w):
-    """``(fields, scale_max_divided)`` from a mapping (LoRAX) or a weight object (TGI)."""
+    """``(fields, scale_max_divided)`` from a mapping (LoRAX) or a weight object (TGI); TypeError naming ``w`` for
+    None or a tensor (whose attributes, such as ``Tensor.q_scale``, would read as fields)."""
     if isinstance(w, Mapping):
         return dict(w), False
+    if w is None or isinstance(w, torch.Tensor):
+        raise TypeError(f"w: expected a mapping or a GPTQ/EXL2 weight object of tensors, got {type(w).__name__}")
     fields = {name: getattr(w, name) for name in _GPTQ_FIELDS + _EXL2_FIELDS if hasattr(w, name)}
     # TGI's Exl2Weight divides q_scale_max by 256 when it is created; the checkpoint value is 256x that.
     return fields, "q_weight" in fields
@@ -59,19 +66,52 @@ def _widen_invperm(q_invperm):
     return q_invperm
 
 
-def _make_exl2(fields, scale_max_divided, name):
-    from cupyq.qmatrix import QMatrix
-
+def _missing_exl2(fields) -> list:
+    """Names of the EXL2 tensors absent from ``fields`` (q_invperm counts as present when q_perm is given)."""
     missing = [k for k in ("q_weight", "q_scale", "q_scale_max", "q_groups") if is_absent(fields.get(k))]
     if is_absent(fields.get("q_invperm")) and is_absent(fields.get("q_perm")):
         missing.append("q_invperm (or q_perm)")
+    return missing
+
+
+def _exl2_invperm(fields):
+    """q_invperm of EXL2 ``fields``: the one given (int16 read as unsigned), else the inverse of q_perm, which must be
+    a permutation (ValueError naming q_perm: the inverse of anything else would be a permutation all the same)."""
+    from cupyq.formats import exl2
+
+    q_invperm = fields.get("q_invperm")
+    if not is_absent(q_invperm):
+        return _widen_invperm(q_invperm)
+    q_perm = fields["q_perm"]
+    inverse = exl2.perm_from_invperm(q_perm, name="q_perm")  # one rule inverts either into the other
+    return torch.from_numpy(inverse).to(q_perm.device) if isinstance(q_perm, torch.Tensor) else inverse
+
+
+def validate_exl2(weight):
+    """The checked EXL2 layout (:class:`cupyq.formats.exl2.Exl2Layout`) of a TGI ``Exl2Weight``-like object given
+    to QuantLinear: ValueError naming ``weight`` for an absent tensor, TypeError naming one that is not a torch
+    tensor, then :func:`cupyq.formats.exl2.check_exl2` (ValueError / TypeError naming the tensor)."""
+    from cupyq.formats import exl2
+
+    fields, _ = weight_fields(weight)
+    missing = _missing_exl2(fields)
+    if missing:
+        raise ValueError(f"weight: EXL2 weight object ({type(weight).__name__}) has no {', '.join(missing)}")
+    for tensor_name in ("q_weight", "q_invperm", "q_perm", "q_scale", "q_scale_max", "q_groups"):
+        t = fields.get(tensor_name)
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{tensor_name}: expected a torch tensor, got {type(t).__name__}")
+    return exl2.check_exl2(fields["q_weight"], _exl2_invperm(fields), fields["q_scale"], fields["q_scale_max"],
+                           fields["q_groups"])
+
+
+def _make_exl2(fields, scale_max_divided, name):
+    from cupyq.qmatrix import QMatrix
+
+    missing = _missing_exl2(fields)
     if missing:
         raise ValueError(f"{name}: EXL2 weights lack {', '.join(missing)}")
-    q_invperm = fields.get("q_invperm")
-    if is_absent(q_invperm):
-        q_perm = _widen_invperm(fields["q_perm"]).to(torch.int64)
-        q_invperm = torch.argsort(q_perm).to(torch.int32)
-    q_invperm = _widen_invperm(q_invperm)
+    q_invperm = _exl2_invperm(fields)
     q_scale_max = fields["q_scale_max"]
     if scale_max_divided:
         q_scale_max = q_scale_max * 256  # a new tensor; exact (power of two)
@@ -94,6 +134,8 @@ def _make_gptq(fields, name):
     bits = fields.get("bits", 4)
     checkpoint_format = fields.get("checkpoint_format", "gptq")
     group_size = None if g_idx is not None else _exllamav2_group_size(qweight, fields["qzeros"], bits)
+    if group_size not in (None, -1):
+        _check_power_of_two_groups(qweight, fields["qzeros"], fields["scales"], bits, group_size)
     return QMatrix.from_gptq(
         qweight, fields["qzeros"], fields["scales"], g_idx, bias, bits=bits, checkpoint_format=checkpoint_format,
         group_size=group_size,
@@ -117,6 +159,20 @@ def _exllamav2_group_size(qweight, qzeros, bits):
     return size
 
 
+def _check_power_of_two_groups(qweight, qzeros, scales, bits, group_size):
+    """ValueError naming g_idx where the power-of-two ``group_size`` read for a layer without g_idx does not give
+    the group count qzeros and scales agree on (a checkpoint with groups of, say, 96 rows: only its g_idx says so);
+    where they disagree, QMatrix.from_gptq names the one that is wrong."""
+    in_features, groups = qweight.shape[0] * 32 // int(bits), qzeros.shape[0]
+    needed = -(-in_features // group_size)
+    if needed != groups and tuple(getattr(scales, "shape", ()))[:1] == (groups,):
+        raise ValueError(
+            f"g_idx: none given, so the layer is read with the power-of-two group size {group_size} (as exllamav2 "
+            f"reads one), which gives {needed} groups for {in_features} input rows, but qzeros/scales have {groups}; "
+            "pass the checkpoint's g_idx (k // group_size)"
+        )
+
+
 def build_qmatrix(fields, scale_max_divided, name):
     """The QMatrix of GPTQ or EXL2 ``fields`` (from :func:`weight_fields`); errors name the layer ``name``."""
     make = None
@@ -138,8 +194,9 @@ def build_qmatrix(fields, scale_max_divided, name):
     )
 
 
-def validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize):
-    """The checked GPTQ layout of a 4-bit layer given to QuantLinear (TypeError / ValueError naming the argument)."""
+def validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize, checkpoint_format="gptq"):
+    """The checked GPTQ layout of a 4-bit layer given to QuantLinear (TypeError / ValueError naming the argument);
+    checkpoint_format: "gptq" or "gptq_v2" (a TGI weight object may carry one)."""
     from cupyq.formats import gptq
 
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
@@ -152,9 +209,12 @@ def validate_gptq4(qweight, qzeros, scales, g_idx, bits, groupsize):
     for tensor_name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{tensor_name}: expected a torch tensor, got {type(t).__name__}")
+        if t.is_meta:  # the layer could not be built from it (a meta tensor reads as an absent one)
+            raise ValueError(f"{tensor_name}: expected the checkpoint's values, got a meta tensor (no data)")
     if g_idx is not None and not isinstance(g_idx, torch.Tensor):
         raise TypeError(f"g_idx: expected a torch tensor or None, got {type(g_idx).__name__}")
     layout = gptq.check_gptq(qweight, qzeros, scales, g_idx, 4)
+    gptq._check_format(checkpoint_format)
     if groupsize is not None and groupsize != -1:
         if isinstance(groupsize, bool) or not isinstance(groupsize, (int, np.integer)) or groupsize <= 0:
             raise ValueError(f"groupsize: expected a positive int or -1, got {groupsize!r}")

@@ -166,20 +166,21 @@ def _host_or_self(a):
     return a
 
 
-def perm_from_invperm(q_invperm, xp=None):
+def perm_from_invperm(q_invperm, xp=None, *, name="q_invperm"):
     """``perm`` with ``perm[sorted_row] = original_row`` from ``q_invperm[original_row] = sorted_row``.
 
     q_invperm: int16/uint16/int32/int64 [K], a permutation of ``0..K-1``. 16-bit input is read as unsigned
     (as the kernels read it), then widened to int32 before inverting, so K up to 65535 is safe; the range is
     checked on the stored values, before int64 input is narrowed.
-    Returns int32 [K]. Raises ValueError unless ``q_invperm`` is a permutation.
+    Returns int32 [K]. Raises ValueError unless ``q_invperm`` is a permutation. name: the tensor the errors name
+    (``"q_perm"`` where the same rule inverts a ``q_perm`` into its ``q_invperm``).
     """
     q_invperm = _host_or_self(q_invperm)
     xp = resolve_xp(q_invperm, xp)
-    name = require_dtype("q_invperm", q_invperm, ("int16", "uint16", "int32", "int64"))
-    require_ndim("q_invperm", q_invperm, 1)
+    dtype = require_dtype(name, q_invperm, ("int16", "uint16", "int32", "int64"))
+    require_ndim(name, q_invperm, 1)
     inv = xp.asarray(q_invperm)
-    if name == "int16":
+    if dtype == "int16":
         inv = inv.astype(xp.int32) & 0xFFFF
     k = int(inv.shape[0])
     if k == 0:
@@ -188,14 +189,14 @@ def perm_from_invperm(q_invperm, xp=None):
     if lo < 0 or hi >= k:
         at = int(xp.argmin(inv)) if lo < 0 else int(xp.argmax(inv))
         raise ValueError(
-            f"q_invperm: not a permutation of 0..{k - 1}: values range over [{lo}, {hi}] "
+            f"{name}: not a permutation of 0..{k - 1}: values range over [{lo}, {hi}] "
             f"(value {int(inv[at])} at row {at})"
         )
     inv = inv.astype(xp.int32)
     perm = xp.full(k, -1, dtype=xp.int32)
     perm[inv] = xp.arange(k, dtype=xp.int32)
     if int(perm.min()) < 0:  # K values into K slots: an empty slot means a repeated value
-        raise ValueError(f"q_invperm: not a permutation of 0..{k - 1}: some values repeat")
+        raise ValueError(f"{name}: not a permutation of 0..{k - 1}: some values repeat")
     return perm
 
 
@@ -329,6 +330,16 @@ def encode_scale_codes(codes, xp=None):
         raise ValueError(str(err).replace("values:", "codes:", 1)) from None
 
 
+def _group_count(q_scale, q_scale_max, q_groups) -> int:
+    """G, the rows of ``q_scale``; unless ``q_scale_max`` ([G]) and ``q_groups`` ([2G]) agree on another count, when
+    ``q_scale`` is the tensor out of step and the shape checks name it."""
+    groups = int(q_scale.shape[0])
+    lengths = [int(t.shape[0]) if len(t.shape) == 1 else None for t in (q_scale_max, q_groups)]
+    if lengths[0] is not None and lengths[0] != groups and lengths[1] == 2 * lengths[0]:
+        return lengths[0]
+    return groups
+
+
 def check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups) -> Exl2Layout:
     """Validate the tensors of one EXL2 layer and return its :class:`Exl2Layout`.
 
@@ -353,7 +364,7 @@ def check_exl2(q_weight, q_invperm, q_scale, q_scale_max, q_groups) -> Exl2Layou
     in_features = int(q_invperm.shape[0])
     if not 1 <= in_features <= MAX_EXL2_ROWS:
         raise ValueError(f"q_invperm: expected 1..{MAX_EXL2_ROWS} rows, got {in_features}")
-    num_groups = int(q_scale.shape[0])
+    num_groups = _group_count(q_scale, q_scale_max, q_groups)
     require_shape("q_scale", q_scale, (num_groups, out_features // 8))
     require_shape("q_scale_max", q_scale_max, (num_groups,))
     require_shape("q_groups", q_groups, (2 * num_groups,))
