@@ -55,11 +55,44 @@ def _materialise_device(device, path):
     return torch.device("cpu") if device == "cpu" else torch.device("cuda", device)
 
 
+def _initialised_buffers(model, module, names, device):
+    """``{buffer name: value}`` of the float ``names`` of ``module`` as the model's ``_init_weights`` sets them.
+
+    transformers models initialise the non-persistent buffers of modules that have no ``config`` to build them
+    again from (Gemma's embedding ``embed_scale``) in ``_init_weights(module)``. It runs on a stand-in for the
+    module: its parameters and other buffers are fresh meta tensors (so nothing of the model is written), the
+    ``names`` NaN-filled tensors on ``device``; a buffer it leaves with a NaN (not set) is left out.
+    """
+    import copy
+
+    import torch
+
+    init = getattr(model, "_init_weights", None)
+    floats = [b for b in names if module._buffers[b].is_floating_point()]
+    if init is None or not floats:
+        return {}
+    probe = copy.copy(module)
+    probe._parameters = {k: None if p is None else torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                         for k, p in module._parameters.items()}
+    probe._buffers = {k: None if b is None else torch.empty_like(b, device="meta") for k, b in module._buffers.items()}
+    probe._modules = {}
+    for b in floats:
+        probe._buffers[b] = torch.full_like(module._buffers[b], float("nan"), device=device)
+    try:
+        with torch.no_grad():
+            init(probe)
+    except Exception:  # noqa: BLE001 - any failure means the buffers cannot be initialised this way
+        return {}
+    values = {b: probe._buffers[b] for b in floats}
+    return {b: v for b, v in values.items() if v is not None and not v.is_meta and bool(torch.isfinite(v).all())}
+
+
 def _recompute_buffers(model, skip, device):
     """Fresh values of the non-persistent buffers on the meta device (rotary ``inv_freq`` and the like).
 
     Such buffers are computed by their module's constructor, never stored; each owning module is built
-    again on ``device`` from its ``config`` (the Hugging Face convention). Modules inside ``skip`` (the
+    again on ``device`` from its ``config`` (the Hugging Face convention), and a buffer that gives none is
+    set by the model's ``_init_weights`` (:func:`_initialised_buffers`). Modules inside ``skip`` (the
     replaced layers) are left out. Returns ({"module.buffer": tensor}, [names that cannot be rebuilt]).
     """
     import torch
@@ -80,13 +113,17 @@ def _recompute_buffers(model, skip, device):
                     fresh = type(module)(config)
             except Exception:  # noqa: BLE001 - any failure means the module cannot be rebuilt this way
                 fresh = None
+        rebuilt = {b: None if fresh is None else fresh._buffers.get(b) for b in names}
+        rebuilt = {b: v for b, v in rebuilt.items()
+                   if v is not None and not v.is_meta and tuple(v.shape) == tuple(module._buffers[b].shape)}
+        if len(rebuilt) < len(names):
+            rebuilt.update(_initialised_buffers(model, module, [b for b in names if b not in rebuilt], device))
         for b in names:
             full = f"{mname}.{b}" if mname else b
-            value = None if fresh is None else fresh._buffers.get(b)
-            if value is None or value.is_meta or tuple(value.shape) != tuple(module._buffers[b].shape):
-                missing.append(full)
+            if b in rebuilt:
+                values[full] = rebuilt[b].to(device)
             else:
-                values[full] = value.to(device)
+                missing.append(full)
     return values, missing
 
 
@@ -169,7 +206,8 @@ def patch_model(model, checkpoint_dir, *, device=None):
     A model built on the meta device (``with torch.device("meta"): model = ...``, so the full-precision
     weights are never allocated) is materialised on ``device``: checkpoint tensors become new parameters
     (tied parameters stay tied), non-persistent buffers such as rotary ``inv_freq`` are recomputed by
-    building their module again from its ``config``; ``device`` is then required.
+    building their module again from its ``config``, or else by the model's ``_init_weights`` (Gemma's
+    embedding ``embed_scale``); ``device`` is then required.
 
     An EXL2 layer whose stored width is the module's ``out_features`` padded (converters pad N to a
     multiple of 32, e.g. a 32001-row ``lm_head`` stored as 32032) is accepted

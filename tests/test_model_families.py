@@ -1,0 +1,79 @@
+"""patch_model on tiny transformers models of families other than Llama (CPU reference path): Gemma's scaled
+embedding on the meta device, tied embeddings, GPT-2's Conv1D layers."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from cupyq.checkpoint import open_checkpoint, save_gptq  # noqa: E402
+from cupyq.model import patch_model  # noqa: E402
+from cupyq.quantize import quantize_gptq  # noqa: E402
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=96, max_position_embeddings=32)
+
+
+def _build(config, meta=False):
+    """A model of ``config`` in eval mode: random float32 weights (norms and biases too, so none is trivial),
+    or on the meta device."""
+    if meta:
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model
+
+
+def _save(path, source, skip=(), drop=()):
+    """GPTQ checkpoint of ``source``: its Linear layers quantized (those named in ``skip`` stored as plain
+    tensors), every other state_dict tensor but ``drop`` stored as it is."""
+    layers = {}
+    for name, module in source.named_modules():
+        if isinstance(module, torch.nn.Linear) and name not in skip:
+            bias = None if module.bias is None else module.bias.detach().numpy()
+            layers[name] = quantize_gptq(module.weight.detach().numpy().T, bits=4, group_size=32, bias=bias)
+    replaced = {f"{n}.{p}" for n in layers for p in ("weight", "bias")}
+    extras = {k: v.detach().numpy() for k, v in source.state_dict().items() if k not in replaced and k not in drop}
+    save_gptq(path, layers, bits=4, group_size=32, desc_act=False, sym=True, extra_tensors=extras)
+    return path
+
+
+def _reference_logits(source, path, ids):
+    """Logits of ``source`` with each quantized layer's weight (its own, untied) dequantised from ``path``."""
+    ckpt = open_checkpoint(path)
+    modules = dict(source.named_modules())
+    with torch.no_grad():
+        for name in ckpt.quantized_layers:
+            modules[name].weight = torch.nn.Parameter(torch.from_numpy(ckpt.dequantize(name).T.copy()))
+            bias = ckpt.load_layer(name).get("bias")
+            if bias is not None:
+                modules[name].bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+        return source(ids).logits
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _close(got, want):
+    """fp16 checkpoint tensors against the float32 reference built from the same fp16 values: float32 rounding."""
+    return float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_gemma_on_the_meta_device_gets_its_embedding_scale(tmp_path):
+    config = transformers.GemmaConfig(**SIZES, head_dim=16)
+    source = _build(config)
+    path = _save(tmp_path, source)
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 5))
+    want = _reference_logits(source, path, ids)
+    model = patch_model(_build(config, meta=True), path, device="cpu")
+    assert float(model.model.embed_tokens.embed_scale) == pytest.approx(SIZES["hidden_size"] ** 0.5)
+    assert _close(_logits(model, ids), want)
