@@ -186,6 +186,25 @@ def _warn_dropped_biases(ckpt, dropped, stacklevel):
         )
 
 
+def _refuse_differing_tied(ckpt, to_load):
+    """ValueError when checkpoint tensors that load into one model tensor (tied parameters, e.g. ``lm_head.weight``
+    and the embedding under ``tie_word_embeddings``) hold different values: the model cannot hold both, and which
+    one it kept would depend on the order of the checkpoint's tensors. ``to_load``: [(tensor name, model tensor)]."""
+    import numpy as np
+
+    names = {}
+    for tname, target in to_load:
+        names.setdefault(id(target), []).append(tname)
+    for tied in names.values():
+        first = ckpt.load_tensor(tied[0])
+        for other in tied[1:]:
+            if not np.array_equal(first, ckpt.load_tensor(other)):
+                raise ValueError(
+                    f"{ckpt.path}: tensors '{tied[0]}' and '{other}' differ, but the model ties them (one shared "
+                    f"parameter, e.g. tie_word_embeddings=True); build the model untied or store one of them"
+                )
+
+
 def patch_model(model, checkpoint_dir, *, device=None):
     """Replace the model's quantized linear layers and load its other weights from a checkpoint.
 
@@ -224,7 +243,8 @@ def patch_model(model, checkpoint_dir, *, device=None):
     Returns the model. Raises ValueError (nothing is modified) when a quantized layer has no
     ``nn.Linear`` of that name (or is a QuantizedLinear already: the model was patched before), its
     features differ, a loaded tensor's shape differs from the model's, or a parameter or buffer would
-    stay on the meta device (naming it); CheckpointError (nothing is modified: every matrix is built
+    stay on the meta device (naming it), or two checkpoint tensors that differ load into one tied
+    parameter; CheckpointError (nothing is modified: every matrix is built
     before the first module is replaced) when a quantized layer's tensors are bad; SetupError or
     ValueError for a ``device`` that cannot be used, before anything is read. Warns about checkpoint
     tensors the model has no place for, about parameters the checkpoint leaves untouched and about
@@ -273,6 +293,7 @@ def patch_model(model, checkpoint_dir, *, device=None):
                 f"but the model's {tname} has shape {list(target.shape)}"
             )
         to_load.append((tname, target))
+    _refuse_differing_tied(ckpt, to_load)
 
     meta_dev, buffers = None, {}
     if any(t.is_meta for _, t in to_load) or any(n not in replaced_params for n in _meta_names(model)):
@@ -333,7 +354,8 @@ def patch_model(model, checkpoint_dir, *, device=None):
         shown = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
         warnings.warn(f"{ckpt.path}: {len(unused)} checkpoint tensor(s) not used by the model: {shown}", stacklevel=2)
     _warn_dropped_biases(ckpt, dropped, stacklevel=2)
-    untouched = [k for k in state if k not in loaded and k not in replaced_params]
+    loaded_ids = {id(state[t]) for t in loaded}  # a tied name is loaded with the tensor it shares
+    untouched = [k for k in state if k not in loaded and k not in replaced_params and id(state[k]) not in loaded_ids]
     if untouched:
         shown = ", ".join(untouched[:5]) + (" ..." if len(untouched) > 5 else "")
         warnings.warn(

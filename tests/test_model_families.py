@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from cupyq.checkpoint import open_checkpoint, save_gptq  # noqa: E402
 from cupyq.model import patch_model  # noqa: E402
 from cupyq.quantize import quantize_gptq  # noqa: E402
+from cupyq.torch_ops import QuantizedLinear  # noqa: E402
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=96, max_position_embeddings=32)
@@ -77,3 +78,50 @@ def test_gemma_on_the_meta_device_gets_its_embedding_scale(tmp_path):
     model = patch_model(_build(config, meta=True), path, device="cpu")
     assert float(model.model.embed_tokens.embed_scale) == pytest.approx(SIZES["hidden_size"] ** 0.5)
     assert _close(_logits(model, ids), want)
+
+
+def _tied_llama():
+    return transformers.LlamaConfig(**SIZES, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_a_tied_head_stored_once_is_loaded_without_an_untouched_warning(tmp_path, meta):
+    config = _tied_llama()
+    source = _build(config)
+    # as save_pretrained writes a tied model: the embedding only
+    path = _save(tmp_path, source, skip=("lm_head",), drop=("lm_head.weight",))
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 5))
+    want = _reference_logits(source, path, ids)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = patch_model(_build(config, meta=meta), path, device="cpu")
+    assert not [w for w in caught if "keep their values" in str(w.message)]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert _close(_logits(model, ids), want)
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_differing_tensors_for_one_tied_parameter_are_refused_and_the_model_is_unchanged(tmp_path, meta):
+    config = _tied_llama()
+    source = _build(config)
+    with torch.no_grad():  # untie: the checkpoint of a model whose head is not its embedding
+        source.lm_head.weight = torch.nn.Parameter(torch.randn_like(source.lm_head.weight))
+    path = _save(tmp_path, source, skip=("lm_head",))
+    model = _build(config, meta=meta)
+    before = {k: v.clone() for k, v in model.state_dict().items()} if not meta else None
+    with pytest.raises(ValueError, match="'lm_head.weight' and 'model.embed_tokens.weight' differ, but the model ties them"):
+        patch_model(model, path, device="cpu")
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    if meta:
+        assert all(p.is_meta for p in model.parameters())
+    else:
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_equal_tensors_for_one_tied_parameter_are_accepted(tmp_path):
+    config = _tied_llama()
+    source = _build(config)
+    path = _save(tmp_path, source, skip=("lm_head",))  # both names stored, with the same values
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 5))
+    want = _reference_logits(source, path, ids)
+    assert _close(_logits(patch_model(_build(config, meta=True), path, device="cpu"), ids), want)
