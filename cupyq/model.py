@@ -263,8 +263,12 @@ def patch_model(model, checkpoint_dir, *, device=None):
     _refuse_patched(ckpt, modules)
     not_linear = [n for n in quantized if not isinstance(modules.get(n), torch.nn.Linear)]
     if not_linear:
-        shown = ", ".join(repr(n) for n in not_linear[:5]) + (" ..." if len(not_linear) > 5 else "")
-        raise ValueError(f"{ckpt.path}: {len(not_linear)} quantized layer(s) match no torch.nn.Linear of the model: {shown}")
+        found = [f"{n!r} ({'no such module' if n not in modules else 'a ' + type(modules[n]).__name__})" for n in not_linear]
+        shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
+        raise ValueError(
+            f"{ckpt.path}: {len(not_linear)} quantized layer(s) match no torch.nn.Linear of the model (only "
+            f"torch.nn.Linear modules are replaced): {shown}"
+        )
     for name in quantized:
         info, linear = ckpt.layers[name], modules[name]
         if info.in_features == linear.in_features and _padded_width(info, linear):

@@ -125,3 +125,26 @@ def test_equal_tensors_for_one_tied_parameter_are_accepted(tmp_path):
     ids = torch.randint(0, SIZES["vocab_size"], (2, 5))
     want = _reference_logits(source, path, ids)
     assert _close(_logits(patch_model(_build(config, meta=True), path, device="cpu"), ids), want)
+
+
+def test_quantized_gpt2_conv1d_layers_are_refused_naming_the_module_type(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=96, n_positions=32)
+    source = _build(config)
+    conv = {n: m for n, m in source.named_modules() if isinstance(m, Conv1D)}
+    # Conv1D.weight is [in, out] already
+    layers = {n: quantize_gptq(m.weight.detach().numpy(), bits=4, group_size=32) for n, m in conv.items()}
+    save_gptq(tmp_path, layers, bits=4, group_size=32, desc_act=False, sym=True)
+    model = _build(config)
+    with pytest.raises(ValueError, match=r"only torch.nn.Linear modules are replaced\): 'transformer.h.0.attn.c_attn' \(a Conv1D\)"):
+        patch_model(model, tmp_path)
+    assert all(isinstance(m, Conv1D) for n, m in model.named_modules() if n in conv)
+
+
+def test_a_quantized_layer_the_model_lacks_is_named_as_missing(tmp_path):
+    source = _build(transformers.Qwen2Config(**SIZES))
+    path = _save(tmp_path, source)
+    other = _build(transformers.Phi3Config(**SIZES, pad_token_id=0))  # fused qkv_proj / gate_up_proj
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj' \(no such module\)"):
+        patch_model(other, path)
