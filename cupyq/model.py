@@ -186,6 +186,19 @@ def _warn_dropped_biases(ckpt, dropped, stacklevel):
         )
 
 
+def _warn_other_model_type(ckpt, model, stacklevel):
+    """Warn when the checkpoint's ``config.json`` names another ``model_type`` than the model's ``config`` (a
+    checkpoint of another family whose layer names and shapes happen to fit), as transformers does when loading."""
+    stored = ckpt.config.get("model_type") if isinstance(ckpt.config, dict) else None
+    built = getattr(getattr(model, "config", None), "model_type", None)
+    if isinstance(stored, str) and isinstance(built, str) and stored and built and stored != built:
+        warnings.warn(
+            f"{ckpt.path}: config.json says model_type {stored!r}, but the model is {built!r}; layers whose names "
+            f"and shapes fit are patched all the same, and may not compute what the model expects",
+            stacklevel=stacklevel + 1,
+        )
+
+
 def _refuse_differing_tied(ckpt, to_load):
     """ValueError when checkpoint tensors that load into one model tensor (tied parameters, e.g. ``lm_head.weight``
     and the embedding under ``tie_word_embeddings``) hold different values: the model cannot hold both, and which
@@ -247,8 +260,9 @@ def patch_model(model, checkpoint_dir, *, device=None):
     parameter; CheckpointError (nothing is modified: every matrix is built
     before the first module is replaced) when a quantized layer's tensors are bad; SetupError or
     ValueError for a ``device`` that cannot be used, before anything is read. Warns about checkpoint
-    tensors the model has no place for, about parameters the checkpoint leaves untouched and about
-    dropped biases.
+    tensors the model has no place for, about parameters the checkpoint leaves untouched, about
+    dropped biases and about a checkpoint whose ``config.json`` names another ``model_type`` than the
+    model's ``config``.
     """
     device = _resolved_device(device)
     from cupyq.device import require_torch
@@ -258,6 +272,7 @@ def patch_model(model, checkpoint_dir, *, device=None):
     ckpt = checkpoint_dir if isinstance(checkpoint_dir, Checkpoint) else open_checkpoint(checkpoint_dir)
     modules = dict(model.named_modules())
     quantized = ckpt.quantized_layers
+    _warn_other_model_type(ckpt, model, stacklevel=2)
 
     # Check everything, and build every matrix, before touching the model, so a bad checkpoint leaves it as it was.
     _refuse_patched(ckpt, modules)

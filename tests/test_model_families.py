@@ -148,3 +148,18 @@ def test_a_quantized_layer_the_model_lacks_is_named_as_missing(tmp_path):
     other = _build(transformers.Phi3Config(**SIZES, pad_token_id=0))  # fused qkv_proj / gate_up_proj
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj' \(no such module\)"):
         patch_model(other, path)
+
+
+def test_a_checkpoint_of_another_model_type_warns_naming_both(tmp_path):
+    qwen2 = transformers.Qwen2Config(**SIZES)
+    source = _build(qwen2)
+    layers = {n: quantize_gptq(m.weight.detach().numpy().T, bits=4, group_size=32, bias=m.bias.detach().numpy()
+                               if m.bias is not None else None)
+              for n, m in source.named_modules() if isinstance(m, torch.nn.Linear)}
+    save_gptq(tmp_path, layers, bits=4, group_size=32, desc_act=False, sym=True, config=qwen2.to_dict())
+    with pytest.warns(UserWarning, match="config.json says model_type 'qwen2', but the model is 'mistral'"):
+        patch_model(_build(transformers.MistralConfig(**SIZES)), tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch_model(_build(qwen2), tmp_path)
+    assert not [w for w in caught if "model_type" in str(w.message)]
