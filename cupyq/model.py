@@ -160,6 +160,16 @@ def _whole_layer(qm, out_features):
     return QuantizedLinear(qm) if qm.out_features == out_features else TrimmedQuantizedLinear(qm, out_features)
 
 
+def _what_is_there(modules, name):
+    """What the model (``modules``: its ``named_modules()``) has under a quantized layer's ``name`` that is no
+    Linear: the module's type, or that there is none (with the module whose name ends in ``.name``, as in a
+    checkpoint of the base model written without the ``model.`` prefix)."""
+    if name in modules:
+        return f"a {type(modules[name]).__name__}"
+    longer = next((m for m in modules if m.endswith("." + name)), None)
+    return "no such module" if longer is None else f"no such module; the model has {longer!r}"
+
+
 def _refuse_patched(ckpt, modules):
     """ValueError when a quantized layer of ``ckpt`` is a cupyq QuantizedLinear of the model already (``modules``:
     its ``named_modules()``): the model was patched before."""
@@ -278,7 +288,7 @@ def patch_model(model, checkpoint_dir, *, device=None):
     _refuse_patched(ckpt, modules)
     not_linear = [n for n in quantized if not isinstance(modules.get(n), torch.nn.Linear)]
     if not_linear:
-        found = [f"{n!r} ({'no such module' if n not in modules else 'a ' + type(modules[n]).__name__})" for n in not_linear]
+        found = [f"{n!r} ({_what_is_there(modules, n)})" for n in not_linear]
         shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
         raise ValueError(
             f"{ckpt.path}: {len(not_linear)} quantized layer(s) match no torch.nn.Linear of the model (only "

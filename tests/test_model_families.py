@@ -163,3 +163,10 @@ def test_a_checkpoint_of_another_model_type_warns_naming_both(tmp_path):
         warnings.simplefilter("always")
         patch_model(_build(qwen2), tmp_path)
     assert not [w for w in caught if "model_type" in str(w.message)]
+
+
+def test_a_checkpoint_of_the_base_model_names_the_module_with_the_prefix(tmp_path):
+    config = transformers.Qwen2Config(**SIZES)
+    path = _save(tmp_path, _build(config).model)  # Qwen2Model's names: no "model." prefix
+    with pytest.raises(ValueError, match=r"'layers.0.mlp.down_proj' \(no such module; the model has 'model.layers.0.mlp.down_proj'\)"):
+        patch_model(_build(config), path)
