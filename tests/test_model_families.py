@@ -32,9 +32,9 @@ def _build(config, meta=False):
     return model
 
 
-def _save(path, source, skip=(), drop=()):
+def _save(path, source, skip=(), drop=(), config=None):
     """GPTQ checkpoint of ``source``: its Linear layers quantized (those named in ``skip`` stored as plain
-    tensors), every other state_dict tensor but ``drop`` stored as it is."""
+    tensors), every other state_dict tensor but ``drop`` stored as it is; ``config`` the config.json dict."""
     layers = {}
     for name, module in source.named_modules():
         if isinstance(module, torch.nn.Linear) and name not in skip:
@@ -42,7 +42,7 @@ def _save(path, source, skip=(), drop=()):
             layers[name] = quantize_gptq(module.weight.detach().numpy().T, bits=4, group_size=32, bias=bias)
     replaced = {f"{n}.{p}" for n in layers for p in ("weight", "bias")}
     extras = {k: v.detach().numpy() for k, v in source.state_dict().items() if k not in replaced and k not in drop}
-    save_gptq(path, layers, bits=4, group_size=32, desc_act=False, sym=True, extra_tensors=extras)
+    save_gptq(path, layers, bits=4, group_size=32, desc_act=False, sym=True, extra_tensors=extras, config=config)
     return path
 
 
@@ -152,11 +152,7 @@ def test_a_quantized_layer_the_model_lacks_is_named_as_missing(tmp_path):
 
 def test_a_checkpoint_of_another_model_type_warns_naming_both(tmp_path):
     qwen2 = transformers.Qwen2Config(**SIZES)
-    source = _build(qwen2)
-    layers = {n: quantize_gptq(m.weight.detach().numpy().T, bits=4, group_size=32, bias=m.bias.detach().numpy()
-                               if m.bias is not None else None)
-              for n, m in source.named_modules() if isinstance(m, torch.nn.Linear)}
-    save_gptq(tmp_path, layers, bits=4, group_size=32, desc_act=False, sym=True, config=qwen2.to_dict())
+    _save(tmp_path, _build(qwen2), config=qwen2.to_dict())
     with pytest.warns(UserWarning, match="config.json says model_type 'qwen2', but the model is 'mistral'"):
         patch_model(_build(transformers.MistralConfig(**SIZES)), tmp_path)
     with warnings.catch_warnings(record=True) as caught:
