@@ -209,19 +209,19 @@ def _warn_other_model_type(ckpt, model, stacklevel):
         )
 
 
-def _refuse_differing_tied(ckpt, to_load):
+def _refuse_differing_tied(ckpt, to_load, values):
     """ValueError when checkpoint tensors that load into one model tensor (tied parameters, e.g. ``lm_head.weight``
     and the embedding under ``tie_word_embeddings``) hold different values: the model cannot hold both, and which
-    one it kept would depend on the order of the checkpoint's tensors. ``to_load``: [(tensor name, model tensor)]."""
+    one it kept would depend on the order of the checkpoint's tensors. ``to_load``: [(tensor name, model tensor)];
+    ``values``: {tensor name: NumPy array read from the checkpoint}."""
     import numpy as np
 
     names = {}
     for tname, target in to_load:
         names.setdefault(id(target), []).append(tname)
-    for tied in names.values():
-        first = ckpt.load_tensor(tied[0])
+    for tied in (t for t in names.values() if len(t) > 1):
         for other in tied[1:]:
-            if not np.array_equal(first, ckpt.load_tensor(other)):
+            if not np.array_equal(values[tied[0]], values[other]):
                 raise ValueError(
                     f"{ckpt.path}: tensors '{tied[0]}' and '{other}' differ, but the model ties them (one shared "
                     f"parameter, e.g. tie_word_embeddings=True); build the model untied or store one of them"
@@ -267,8 +267,8 @@ def patch_model(model, checkpoint_dir, *, device=None):
     ``nn.Linear`` of that name (or is a QuantizedLinear already: the model was patched before), its
     features differ, a loaded tensor's shape differs from the model's, or a parameter or buffer would
     stay on the meta device (naming it), or two checkpoint tensors that differ load into one tied
-    parameter; CheckpointError (nothing is modified: every matrix is built
-    before the first module is replaced) when a quantized layer's tensors are bad; SetupError or
+    parameter; CheckpointError (nothing is modified: every matrix is built, and every other tensor
+    read, before the first module is replaced) when a tensor is bad or cannot be read; SetupError or
     ValueError for a ``device`` that cannot be used, before anything is read. Warns about checkpoint
     tensors the model has no place for, about parameters the checkpoint leaves untouched, about
     dropped biases and about a checkpoint whose ``config.json`` names another ``model_type`` than the
@@ -322,7 +322,6 @@ def patch_model(model, checkpoint_dir, *, device=None):
                 f"but the model's {tname} has shape {list(target.shape)}"
             )
         to_load.append((tname, target))
-    _refuse_differing_tied(ckpt, to_load)
 
     meta_dev, buffers = None, {}
     if any(t.is_meta for _, t in to_load) or any(n not in replaced_params for n in _meta_names(model)):
@@ -348,6 +347,9 @@ def patch_model(model, checkpoint_dir, *, device=None):
     layers = {}
     for name in quantized:
         layers[name] = _whole_layer(ckpt.qmatrix(name, device=devices[name]), modules[name].out_features)
+    # Every other tensor is read before the first module is replaced too, so a failed read changes nothing.
+    values = {tname: ckpt.load_tensor(tname) for tname, _ in to_load}
+    _refuse_differing_tied(ckpt, to_load, values)
     # A Linear bias the checkpoint's layer lacks: its values are no part of the checkpoint (in a model built on the
     # meta device there are none), so the layer computes x @ W, as the checkpoint says, and the loss is said.
     dropped = [f"{name}.bias" for name, layer in layers.items()
@@ -359,7 +361,7 @@ def patch_model(model, checkpoint_dir, *, device=None):
     with torch.no_grad():
         replaced = {}  # id(old meta tensor) -> its materialised replacement, to keep tied parameters tied
         for tname, target in to_load:
-            value = torch.from_numpy(ckpt.load_tensor(tname))
+            value = torch.from_numpy(values.pop(tname))
             if target.is_meta:
                 if id(target) not in replaced:
                     _, new = _set_tensor(model, tname, value.to(device=meta_dev, dtype=target.dtype))

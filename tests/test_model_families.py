@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cupyq.checkpoint import open_checkpoint, save_gptq  # noqa: E402
+from cupyq.checkpoint import CheckpointError, open_checkpoint, save_gptq  # noqa: E402
 from cupyq.model import patch_model  # noqa: E402
 from cupyq.quantize import quantize_gptq  # noqa: E402
 from cupyq.torch_ops import QuantizedLinear  # noqa: E402
@@ -166,3 +166,24 @@ def test_a_checkpoint_of_the_base_model_names_the_module_with_the_prefix(tmp_pat
     path = _save(tmp_path, _build(config).model)  # Qwen2Model's names: no "model." prefix
     with pytest.raises(ValueError, match=r"'layers.0.mlp.down_proj' \(no such module; the model has 'model.layers.0.mlp.down_proj'\)"):
         patch_model(_build(config), path)
+
+
+def test_a_tensor_that_cannot_be_read_leaves_the_model_unpatched(tmp_path):
+    config = transformers.MistralConfig(**SIZES)
+    source = _build(config)
+    layers = {n: quantize_gptq(m.weight.detach().numpy().T, bits=4, group_size=32)
+              for n, m in source.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    # the head alone in the last shard, after every quantized layer
+    save_gptq(tmp_path, layers, bits=4, group_size=32, desc_act=False, sym=True,
+              extra_tensors={"lm_head.weight": source.lm_head.weight.detach().numpy()}, shard_bytes=4096)
+    ckpt = open_checkpoint(tmp_path)
+    head = ckpt.tensors["lm_head.weight"]
+    assert all(r.file != head.file for n, r in ckpt.tensors.items() if n != "lm_head.weight")
+    with open(head.file, "r+b") as f:  # the file changes after it was opened
+        f.truncate(head.offset + 8)
+    model = _build(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"tensor 'lm_head.weight': read 8 of \d+ bytes"):
+        patch_model(model, ckpt)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
