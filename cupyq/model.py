@@ -263,8 +263,9 @@ def patch_model(model, checkpoint_dir, *, device=None):
     it does. ``torch.save(model)`` pickles a model on the CPU; keep the checkpoint (or write one with
     :mod:`cupyq.checkpoint`) to save a model on a GPU.
 
-    Returns the model. Raises ValueError (nothing is modified) when a quantized layer has no
-    ``nn.Linear`` of that name (or is a QuantizedLinear already: the model was patched before), its
+    Returns the model. Raises ValueError (nothing is modified) when the checkpoint has no quantized
+    layer at all, when a quantized layer has no ``nn.Linear`` of that name (or is a QuantizedLinear
+    already: the model was patched before), its
     features differ, a loaded tensor's shape differs from the model's, or a parameter or buffer would
     stay on the meta device (naming it), or two checkpoint tensors that differ load into one tied
     parameter; CheckpointError (nothing is modified: every matrix is built, and every other tensor
@@ -285,6 +286,12 @@ def patch_model(model, checkpoint_dir, *, device=None):
     _warn_other_model_type(ckpt, model, stacklevel=2)
 
     # Check everything, and build every matrix, before touching the model, so a bad checkpoint leaves it as it was.
+    if not quantized:
+        raise ValueError(
+            f"{ckpt.path}: the checkpoint has no GPTQ, EXL2 or AWQ layer ({len(ckpt.tensors)} plain tensor(s)), so "
+            "patch_model would replace nothing; pass a quantized checkpoint (a model's full-precision weights are "
+            "loaded by load_state_dict or from_pretrained)"
+        )
     _refuse_patched(ckpt, modules)
     not_linear = [n for n in quantized if not isinstance(modules.get(n), torch.nn.Linear)]
     if not_linear:

@@ -187,3 +187,13 @@ def test_a_tensor_that_cannot_be_read_leaves_the_model_unpatched(tmp_path):
         patch_model(model, ckpt)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_checkpoint_without_quantized_layers_is_refused(tmp_path):
+    config = transformers.MistralConfig(**SIZES)
+    _build(config).save_pretrained(tmp_path)  # the full-precision model, not a quantized checkpoint
+    model = _build(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="has no GPTQ, EXL2 or AWQ layer"):
+        patch_model(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
