@@ -305,10 +305,13 @@ def patch_model(model, checkpoint_dir, *, device=None):
         if info.in_features == linear.in_features and _padded_width(info, linear):
             continue
         if (info.in_features, info.out_features) != (linear.in_features, linear.out_features):
+            swapped = (info.in_features, info.out_features) == (linear.out_features, linear.in_features)
             raise ValueError(
                 f"{ckpt.path}: layer '{name}' is {info.format} with in_features={info.in_features}, "
                 f"out_features={info.out_features}, but the model's Linear has in_features={linear.in_features}, "
                 f"out_features={linear.out_features}"
+                + (" (the features swapped: the layer was quantized from nn.Linear.weight [out, in] as it is, where "
+                   "the quantizers take the weight [in, out], i.e. weight.T)" if swapped else "")
             )
     devices = {name: _qmatrix_device(device, modules[name].weight) for name in quantized}
 

@@ -197,3 +197,13 @@ def test_a_checkpoint_without_quantized_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no GPTQ, EXL2 or AWQ layer"):
         patch_model(model, tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_layer_quantized_from_the_untransposed_weight_is_named_as_swapped(tmp_path):
+    config = transformers.MistralConfig(**SIZES)
+    source = _build(config)
+    k_proj = source.model.layers[0].self_attn.k_proj  # [32, 64]: out_features 32
+    layers = {"model.layers.0.self_attn.k_proj": quantize_gptq(k_proj.weight.detach().numpy(), bits=4, group_size=32)}
+    save_gptq(tmp_path, layers, bits=4, group_size=32, desc_act=False, sym=True)
+    with pytest.raises(ValueError, match=r"in_features=32, out_features=64, but .* \(the features swapped: .* weight.T\)"):
+        patch_model(_build(config), tmp_path)
