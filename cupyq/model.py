@@ -267,9 +267,10 @@ def patch_model(model, checkpoint_dir, *, device=None):
     layer at all, when a quantized layer has no ``nn.Linear`` of that name (or is a QuantizedLinear
     already: the model was patched before), its features differ, a loaded tensor's shape differs from
     the model's, a parameter or buffer would stay on the meta device (naming it), or two checkpoint
-    tensors that differ load into one tied parameter; CheckpointError (nothing is modified: every matrix is built, and every other tensor
-    read, before the first module is replaced) when a tensor is bad or cannot be read; SetupError or
-    ValueError for a ``device`` that cannot be used, before anything is read. Warns about checkpoint
+    tensors that differ load into one tied parameter; CheckpointError (nothing is modified: every
+    matrix is built, and every other tensor read, before the first module is replaced) when a tensor
+    is bad or cannot be read; SetupError or ValueError for a ``device`` that cannot be used, before
+    anything is read. Warns about checkpoint
     tensors the model has no place for, about parameters the checkpoint leaves untouched, about
     dropped biases and about a checkpoint whose ``config.json`` names another ``model_type`` than the
     model's ``config``.
