@@ -72,7 +72,7 @@ def _initialised_buffers(model, module, names, device):
     if init is None or not floats:
         return {}
     probe = copy.copy(module)
-    probe._parameters = {k: None if p is None else torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    probe._parameters = {k: None if p is None else torch.nn.Parameter(torch.empty_like(p, device="meta"))
                          for k, p in module._parameters.items()}
     probe._buffers = {k: None if b is None else torch.empty_like(b, device="meta") for k, b in module._buffers.items()}
     probe._modules = {}
@@ -270,10 +270,9 @@ def patch_model(model, checkpoint_dir, *, device=None):
     tensors that differ load into one tied parameter; CheckpointError (nothing is modified: every
     matrix is built, and every other tensor read, before the first module is replaced) when a tensor
     is bad or cannot be read; SetupError or ValueError for a ``device`` that cannot be used, before
-    anything is read. Warns about checkpoint
-    tensors the model has no place for, about parameters the checkpoint leaves untouched, about
-    dropped biases and about a checkpoint whose ``config.json`` names another ``model_type`` than the
-    model's ``config``.
+    anything is read. Warns about checkpoint tensors the model has no place for, about parameters the
+    checkpoint leaves untouched, about dropped biases and about a checkpoint whose ``config.json``
+    names another ``model_type`` than the model's ``config``.
     """
     device = _resolved_device(device)
     from cupyq.device import require_torch

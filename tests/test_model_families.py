@@ -109,7 +109,8 @@ def test_differing_tensors_for_one_tied_parameter_are_refused_and_the_model_is_u
     path = _save(tmp_path, source, skip=("lm_head",))
     model = _build(config, meta=meta)
     before = {k: v.clone() for k, v in model.state_dict().items()} if not meta else None
-    with pytest.raises(ValueError, match="'lm_head.weight' and 'model.embed_tokens.weight' differ, but the model ties them"):
+    differ = "'lm_head.weight' and 'model.embed_tokens.weight' differ, but the model ties them"
+    with pytest.raises(ValueError, match=differ):
         patch_model(model, path, device="cpu")
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     if meta:
@@ -137,7 +138,8 @@ def test_quantized_gpt2_conv1d_layers_are_refused_naming_the_module_type(tmp_pat
     layers = {n: quantize_gptq(m.weight.detach().numpy(), bits=4, group_size=32) for n, m in conv.items()}
     save_gptq(tmp_path, layers, bits=4, group_size=32, desc_act=False, sym=True)
     model = _build(config)
-    with pytest.raises(ValueError, match=r"only torch.nn.Linear modules are replaced\): 'transformer.h.0.attn.c_attn' \(a Conv1D\)"):
+    refused = r"only torch.nn.Linear modules are replaced\): 'transformer.h.0.attn.c_attn' \(a Conv1D\)"
+    with pytest.raises(ValueError, match=refused):
         patch_model(model, tmp_path)
     assert all(isinstance(m, Conv1D) for n, m in model.named_modules() if n in conv)
 
@@ -164,7 +166,8 @@ def test_a_checkpoint_of_another_model_type_warns_naming_both(tmp_path):
 def test_a_checkpoint_of_the_base_model_names_the_module_with_the_prefix(tmp_path):
     config = transformers.Qwen2Config(**SIZES)
     path = _save(tmp_path, _build(config).model)  # Qwen2Model's names: no "model." prefix
-    with pytest.raises(ValueError, match=r"'layers.0.mlp.down_proj' \(no such module; the model has 'model.layers.0.mlp.down_proj'\)"):
+    named = r"'layers.0.mlp.down_proj' \(no such module; the model has 'model.layers.0.mlp.down_proj'\)"
+    with pytest.raises(ValueError, match=named):
         patch_model(_build(config), path)
 
 
@@ -205,5 +208,6 @@ def test_a_layer_quantized_from_the_untransposed_weight_is_named_as_swapped(tmp_
     k_proj = source.model.layers[0].self_attn.k_proj  # [32, 64]: out_features 32
     layers = {"model.layers.0.self_attn.k_proj": quantize_gptq(k_proj.weight.detach().numpy(), bits=4, group_size=32)}
     save_gptq(tmp_path, layers, bits=4, group_size=32, desc_act=False, sym=True)
-    with pytest.raises(ValueError, match=r"in_features=32, out_features=64, but .* \(the features swapped: .* weight.T\)"):
+    swapped = r"in_features=32, out_features=64, but .* \(the features swapped: .* weight.T\)"
+    with pytest.raises(ValueError, match=swapped):
         patch_model(_build(config), tmp_path)
