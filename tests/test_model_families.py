@@ -1,5 +1,6 @@
 """patch_model on tiny transformers models of families other than Llama (CPU reference path): Gemma's scaled
-embedding on the meta device, tied embeddings, GPT-2's Conv1D layers."""
+embedding on the meta device, tied embeddings, GPT-2's Conv1D layers, and checkpoints that do not fit the model
+(another model type, the base model's names, swapped features, no quantized layer, a tensor that cannot be read)."""
 
 import warnings
 
