@@ -373,6 +373,24 @@ def test_other_versions_refused_by_name(tmp_path, style, version):
     assert ("config.json" if style == "hf" else "quant_config.json") in str(exc.value)
 
 
+@pytest.mark.parametrize("backend", ["llm-awq", "LLM-AWQ"])
+def test_llm_awq_backend_refused_by_name(tmp_path, backend):
+    # transformers reads backend 'llm-awq' with llm-awq's own layer, not the GEMM packing, even under version gemm
+    path, _ = _awq_dir(tmp_path, extra_config={"backend": backend})
+    with pytest.raises(CheckpointError, match=f"config.json: quantization config key 'backend': '{backend}'.*not "
+                                              "supported") as exc:
+        open_checkpoint(path)
+    assert "GEMM" in str(exc.value)
+
+
+@pytest.mark.parametrize("backend", ["autoawq", "auto", None])
+def test_loading_backends_are_hints(tmp_path, backend):
+    path, layers = _awq_dir(tmp_path, extra_config={"backend": backend})
+    ckpt = open_checkpoint(path)
+    name, t = next(iter(layers.items()))
+    assert np.array_equal(ckpt.dequantize(name), dequant_awq(t["qweight"], t["qzeros"], t["scales"], 64))
+
+
 def test_version_defaults_to_gemm_and_gptqmodel_format_key(tmp_path):
     (tmp_path / "quant_config.json").write_text(json.dumps({"quant_method": "awq", "bits": 4, "group_size": 128}))
     assert read_quant_config(tmp_path).version == "gemm"
