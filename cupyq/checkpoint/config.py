@@ -366,7 +366,8 @@ def read_quant_config(directory):
     that meta.quantizer implies; AWQ bits, group_size, zero_point and version); a setting that only one
     source states is no conflict.
     Raises :class:`CheckpointError` for unparsable JSON, bad values, unsupported methods (Marlin, AWQ
-    versions other than GEMM, AWQ backend ``llm-awq``) or sources that disagree (naming both files and every differing setting).
+    versions other than GEMM, AWQ backend ``llm-awq``) or sources that disagree (naming both files and every
+    differing setting).
     """
     configs = [_parse_quant_config(d, path) for path, d in _config_sources(Path(directory))]
     for other in configs[1:]:
