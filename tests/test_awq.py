@@ -363,6 +363,32 @@ def test_group_size_inferred_and_fp32_scales_cast(tmp_path):
     assert ckpt.load_layer("layer")["scales"].dtype == np.float16
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_wide_scales_beyond_float16_refused_naming_the_value(tmp_path, dtype):
+    import torch
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(43)
+    t = random_awq(rng, 128, 16, 64)
+    scales = torch.from_numpy(t["scales"].astype(np.float32)).to(getattr(torch, dtype))
+    scales[1, 3] = 1.0e5
+    tensors = {"layer.qweight": torch.from_numpy(t["qweight"]), "layer.qzeros": torch.from_numpy(t["qzeros"]),
+               "layer.scales": scales}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "quant_config.json").write_text(json.dumps({"w_bit": 4, "q_group_size": 64, "version": "GEMM"}))
+    ckpt = open_checkpoint(tmp_path)
+    for read in (ckpt.load_layer, ckpt.dequantize, ckpt.qmatrix):
+        with pytest.raises(CheckpointError, match="'layer.scales': scales: expected magnitudes of at most 65504") as exc:
+            read("layer")
+        assert "at index (1, 3)" in str(exc.value) and "NaN" not in str(exc.value)
+    # in range, the wide scales read as their float16 rounding
+    scales[1, 3] = 0.5
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ckpt = open_checkpoint(tmp_path)
+    s16 = scales.float().numpy().astype(np.float16)
+    assert np.array_equal(ckpt.dequantize("layer"), dequant_awq(t["qweight"], t["qzeros"], s16, 64))
+
+
 @pytest.mark.parametrize("style", ["hf", "autoawq"])
 @pytest.mark.parametrize("version", ["gemv", "gemv_fast", "exllama", "ipex", "marlin"])
 def test_other_versions_refused_by_name(tmp_path, style, version):
@@ -371,6 +397,24 @@ def test_other_versions_refused_by_name(tmp_path, style, version):
     with pytest.raises(CheckpointError, match=f"AWQ version '{shown}' is not supported") as exc:
         open_checkpoint(path)
     assert ("config.json" if style == "hf" else "quant_config.json") in str(exc.value)
+
+
+@pytest.mark.parametrize("backend", ["llm-awq", "LLM-AWQ"])
+def test_llm_awq_backend_refused_by_name(tmp_path, backend):
+    # transformers reads backend 'llm-awq' with llm-awq's own layer, not the GEMM packing, even under version gemm
+    path, _ = _awq_dir(tmp_path, extra_config={"backend": backend})
+    with pytest.raises(CheckpointError, match=f"config.json: quantization config key 'backend': '{backend}'.*not "
+                                              "supported") as exc:
+        open_checkpoint(path)
+    assert "GEMM" in str(exc.value)
+
+
+@pytest.mark.parametrize("backend", ["autoawq", "auto", None])
+def test_loading_backends_are_hints(tmp_path, backend):
+    path, layers = _awq_dir(tmp_path, extra_config={"backend": backend})
+    ckpt = open_checkpoint(path)
+    name, t = next(iter(layers.items()))
+    assert np.array_equal(ckpt.dequantize(name), dequant_awq(t["qweight"], t["qzeros"], t["scales"], 64))
 
 
 def test_version_defaults_to_gemm_and_gptqmodel_format_key(tmp_path):

@@ -561,6 +561,20 @@ def test_bf16_and_fp32_scales_cast_to_fp16(tmp_path, scale_dtype):
     np.testing.assert_array_equal(got["scales"], expected)
 
 
+def test_fp32_scales_beyond_fp16_refused(tmp_path):
+    rng = np.random.default_rng(24)
+    _, t = gptq_layer(rng)
+    arrays = {f"{LLAMA}.{k}": v for k, v in t.items()}
+    scales = t["scales"].astype(np.float32)
+    scales[0, 2] = -7.0e4
+    arrays[f"{LLAMA}.scales"] = scales
+    write_tensors(tmp_path / "model.safetensors", arrays)
+    write_config(tmp_path, "quantize_config.json", {"bits": 4, "group_size": 64})
+    with pytest.raises(CheckpointError, match=r"scales': scales: expected magnitudes of at most 65504.*-70000 at "
+                                              r"index \(0, 2\)"):
+        open_checkpoint(tmp_path).load_layer(LLAMA)
+
+
 def test_missing_g_idx_gets_default(tmp_path):
     rng = np.random.default_rng(23)
     _, t = gptq_layer(rng, group_size=64)

@@ -32,6 +32,9 @@ _IGNORED_HINTS = (
 _AWQ_VERSIONS = ("gemm",)
 # Loading hints transformers writes into AWQ configs: not part of the format.
 _AWQ_HINTS = ("backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse", "exllama_config")
+# AWQ backends whose checkpoints transformers reads with another layer (llm-awq's: int16 qweight, scaled_zeros),
+# not GEMM-packed whatever 'version' says.
+_AWQ_OWN_LAYOUT_BACKENDS = ("llm-awq",)
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,10 @@ def _parse_awq_config(d, source) -> QuantConfig:
     if not isinstance(version, str) or version.lower() not in _AWQ_VERSIONS:
         bad(key, f"AWQ version {version!r} is not supported; only GEMM-packed AWQ checkpoints ('gemm') are "
                  "(GEMV, GEMV_FAST and the other versions store different layouts)")
+    backend = d.get("backend")
+    if isinstance(backend, str) and backend.lower() in _AWQ_OWN_LAYOUT_BACKENDS:
+        bad("backend", f"{backend!r} stores llm-awq's own packing, which is not supported; only GEMM-packed AWQ "
+                       "checkpoints (AutoAWQ, backend 'autoawq') are")
     key, bits = one_of("bits", "w_bit")
     if bits is None:
         bad("bits", "missing (an AWQ config gives 'bits' or 'w_bit')")
@@ -359,7 +366,8 @@ def read_quant_config(directory):
     that meta.quantizer implies; AWQ bits, group_size, zero_point and version); a setting that only one
     source states is no conflict.
     Raises :class:`CheckpointError` for unparsable JSON, bad values, unsupported methods (Marlin, AWQ
-    versions other than GEMM) or sources that disagree (naming both files and every differing setting).
+    versions other than GEMM, AWQ backend ``llm-awq``) or sources that disagree (naming both files and every
+    differing setting).
     """
     configs = [_parse_quant_config(d, path) for path, d in _config_sources(Path(directory))]
     for other in configs[1:]:

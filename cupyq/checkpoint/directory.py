@@ -12,6 +12,7 @@ from cupyq.checkpoint.config import _GPTQ_BITS, read_quant_config
 from cupyq.checkpoint.errors import CheckpointError, _fail, _read_json
 from cupyq.checkpoint.layers import LayerInfo, _split, detect_layers
 from cupyq.checkpoint.safetensors_io import INDEX_FILE, _read_record, _safetensors_files, read_safetensors_header
+from cupyq.formats.bias import _FP16_MAX
 
 __all__ = ["Checkpoint", "open_checkpoint", "zero_point_warnings"]
 
@@ -149,6 +150,7 @@ class Checkpoint:
         (zero-padded; :meth:`qmatrix` gives the layer the true width of a bias stored unpadded).
         AWQ: ``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32 ``[G, N/8]`` (as stored), ``scales`` float16
         ``[G, N]`` (bf16/fp32 cast), optional ``bias`` float16 ``[N]``.
+        Scales beyond float16's range (65504) are refused rather than cast to inf.
         Plain: ``weight`` ``[out, in]`` in its stored dtype (bf16 as float32), optional ``bias``.
         Raises :class:`CheckpointError` naming the file and tensor when the tensors are inconsistent.
         """
@@ -165,7 +167,7 @@ class Checkpoint:
     def _load_awq(self, info, raw):
         from cupyq.formats import awq as fa
 
-        out = {"qweight": raw["qweight"], "qzeros": raw["qzeros"], "scales": raw["scales"].astype(np.float16, copy=False)}
+        out = {"qweight": raw["qweight"], "qzeros": raw["qzeros"], "scales": self._float16_scales(info, raw)}
         if "bias" in raw:
             out["bias"] = self._checked_bias(info, raw, info.out_features)
         self._wrap(info.name + ".qweight", lambda: fa.check_awq(out["qweight"], out["qzeros"], out["scales"], info.group_size))
@@ -178,7 +180,7 @@ class Checkpoint:
         out = {
             "qweight": raw["qweight"],
             "qzeros": raw["qzeros"],
-            "scales": raw["scales"].astype(np.float16, copy=False),
+            "scales": self._float16_scales(info, raw),
         }
         # The range of a stored g_idx is checked before it is narrowed to int32, which would wrap int64 values.
         g_idx = raw.get("g_idx")
@@ -221,6 +223,11 @@ class Checkpoint:
             bias[: raw["bias"].shape[0]] = self._checked_bias(info, raw, raw["bias"].shape[0])
             out["bias"] = bias
         return out
+
+    def _float16_scales(self, info, raw):
+        """The layer's stored ``scales`` (float16/bfloat16/float32/float64) as float16, the dtype the matrices
+        use; CheckpointError naming the tensor for a finite value the cast would overflow."""
+        return self._wrap(info.name + ".scales", lambda: _as_float16_scales(raw["scales"]))
 
     def _checked_bias(self, info, raw, width):
         """The layer's bias as float16 [width], checked by the rule of every QMatrix bias
@@ -283,6 +290,17 @@ class Checkpoint:
         if info.format == "awq":
             return reference.dequantize_awq(t["qweight"], t["qzeros"], t["scales"], group_size=info.group_size)
         return np.ascontiguousarray(t["weight"].astype(np.float32).T)
+
+
+def _as_float16_scales(scales):
+    """float16 copy of float ``scales`` as read from a file; ValueError naming the first finite value beyond
+    65504, which the cast would turn into inf (NaN/Inf as stored are left to the format checks)."""
+    over = np.argwhere(np.abs(scales) > _FP16_MAX)  # NaN compares False
+    if over.size:
+        where = tuple(int(i) for i in over[0])
+        raise ValueError(f"scales: expected magnitudes of at most {_FP16_MAX:g} (scales are loaded as float16), "
+                         f"got {float(scales[where]):.6g} at index {where}; {len(over)} of {scales.size} values exceed it")
+    return scales.astype(np.float16, copy=False)
 
 
 def _unsigned_invperm(q_invperm):
