@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cupyq.formats.common import is_int
+
 ALIGNMENT = 128
 SCRATCH_ALIGN = ALIGNMENT  # bytes; every scratch slice starts and ends on this boundary
 DEFAULT_SCRATCH_BYTES = int(os.environ.get("CUPYQ_SCRATCH_BYTES", 512 * 1024 * 1024))
@@ -194,7 +196,7 @@ def check_token_bound(max_total_tokens) -> int | None:
     ValueError naming it for anything but None or a positive int."""
     if max_total_tokens is None:
         return None
-    if isinstance(max_total_tokens, bool) or not isinstance(max_total_tokens, (int, np.integer)):
+    if not is_int(max_total_tokens):
         raise TypeError(f"max_total_tokens: expected an int or None, got {type(max_total_tokens).__name__}")
     if max_total_tokens <= 0:
         raise ValueError(f"max_total_tokens: expected a positive number of tokens, got {max_total_tokens}")

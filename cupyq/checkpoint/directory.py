@@ -12,7 +12,7 @@ from cupyq.checkpoint.config import _GPTQ_BITS, read_quant_config
 from cupyq.checkpoint.errors import CheckpointError, _fail, _read_json
 from cupyq.checkpoint.layers import LayerInfo, _split, detect_layers
 from cupyq.checkpoint.safetensors_io import INDEX_FILE, _read_record, _safetensors_files, read_safetensors_header
-from cupyq.formats.bias import _FP16_MAX
+from cupyq.formats.common import require_fp16_range
 
 __all__ = ["Checkpoint", "open_checkpoint", "zero_point_warnings"]
 
@@ -293,13 +293,9 @@ class Checkpoint:
 
 
 def _as_float16_scales(scales):
-    """float16 copy of float ``scales`` as read from a file; ValueError naming the first finite value beyond
-    65504, which the cast would turn into inf (NaN/Inf as stored are left to the format checks)."""
-    over = np.argwhere(np.abs(scales) > _FP16_MAX)  # NaN compares False
-    if over.size:
-        where = tuple(int(i) for i in over[0])
-        raise ValueError(f"scales: expected magnitudes of at most {_FP16_MAX:g} (scales are loaded as float16), "
-                         f"got {float(scales[where]):.6g} at index {where}; {len(over)} of {scales.size} values exceed it")
+    """float16 copy of float ``scales`` as read from a file; ValueError naming the largest finite value beyond
+    65504, which the cast would turn into inf (NaN as stored is left to the format checks)."""
+    require_fp16_range("scales", scales, "scales are loaded as float16")
     return scales.astype(np.float16, copy=False)
 
 

@@ -158,6 +158,23 @@ def to_host_ints(a, name="values") -> list[int]:
     return [int(v) for v in flat]
 
 
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def require_fp16_range(name: str, values: np.ndarray, why: str) -> None:
+    """ValueError naming ``name`` when a magnitude of the float NumPy array ``values`` exceeds FP16_MAX (``why``: why
+    float16 bounds it), giving the largest such value, its index and how many there are. NaN passes (the finiteness
+    checks own it)."""
+    magnitude = np.abs(values)
+    over = magnitude > FP16_MAX  # NaN compares False
+    count = int(np.count_nonzero(over))
+    if count:
+        where = np.unravel_index(int(np.argmax(np.where(over, magnitude, -1.0))), values.shape)
+        index = int(where[0]) if values.ndim == 1 else tuple(int(i) for i in where)
+        raise ValueError(f"{name}: expected magnitudes of at most {FP16_MAX:g} ({why}), got {float(values[where]):.6g} "
+                         f"at index {index}; {count} of {values.size} values exceed it")
+
+
 def is_int(value) -> bool:
     """Whether ``value`` is a Python or NumPy integer, and not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

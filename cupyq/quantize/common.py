@@ -7,9 +7,9 @@ import warnings
 
 import numpy as np
 
+from cupyq.formats.common import FP16_MAX as _FP16_MAX
 
 _CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
-_FP16_MAX = float(np.finfo(np.float16).max)
 _FP16_TINIEST = 2.0**-24  # the smallest positive float16 (subnormal), the smallest scale a checkpoint can hold
 
 
